@@ -1,0 +1,47 @@
+"""Argument checks shared by the steering dataclasses; each error says how to fix the call."""
+
+from __future__ import annotations
+
+import math
+
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+from .hooks import check_hook_name
+
+
+def check_strength(name: str, value: float) -> float:
+    """A steering strength must be a finite number >= 0 (0 = no steering)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}.") from None
+    if math.isnan(v) or math.isinf(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 = no steering), got {value!r}.")
+    return v
+
+
+def check_positive_int(name: str, value: int, upper: int | None = None, what: str = "") -> int:
+    """An integer in [1, upper]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name}={value} is larger than {what or 'its maximum'} ({upper}); pass at most {upper}.")
+    return value
+
+
+def sae_hook_name(sae: SAE) -> str | None:
+    """The hook an SAE was trained on, from its SAELens metadata (None if the SAE does not say)."""
+    meta = getattr(sae.cfg, "metadata", None)
+    return getattr(meta, "hook_name", None) if meta is not None else None
+
+
+def check_sae_fits(model: HookedTransformer, sae: SAE, hook_name: str) -> None:
+    """The hook must exist and the SAE's d_in must equal the width of the activation at that hook."""
+    check_hook_name(model, hook_name)
+    d_model = model.cfg.d_model
+    if sae.cfg.d_in != d_model:
+        raise ValueError(
+            f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={d_model} at {hook_name!r}; "
+            f"load the SAE trained for this model (e.g. {model.cfg.model_name}) and this hook."
+        )

@@ -1,0 +1,112 @@
+"""Stateless encode/decode arithmetic for any SAELens residual-stream SAE.
+
+SAELens SAEs keep input-normalisation state between ``encode`` and ``decode`` (``layer_norm`` stores
+``ln_mu``/``ln_std`` and deletes them in ``decode``), so a hook that needs one encode and several
+decodes cannot call ``sae.decode`` twice. Every SAELens decoder is affine given that state:
+
+    decode(f) = scale * (f @ W_dec_eff + b_dec) + shift
+
+with ``W_dec_eff = W_dec`` (or ``W_dec / ||W_dec||`` for TopK SAEs with
+``rescale_acts_by_decoder_norm``) and per-token ``scale``/``shift`` from the input normalisation.
+:func:`encode` returns that state with the latents, so a steering edit Δf maps to the residual stream
+as ``scale * (Δf @ W_dec_eff)`` exactly. ``tests/test_sae_ops.py`` checks the reconstruction against
+``sae.decode(sae.encode(x))`` for every architecture and normalisation we accept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from torch import Tensor
+
+SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
+
+
+@dataclass
+class Encoded:
+    """Latents of one encode, with what is needed to decode edits of them without the SAE's state."""
+
+    acts: Float[Tensor, "... d_sae"]
+    pre: Float[Tensor, "... d_sae"]
+    scale: Float[Tensor, "... 1"] | None
+    shift: Float[Tensor, "... 1"] | None
+
+
+def check_supported(sae: SAE) -> None:
+    """Raise a ValueError if ``sae`` is not an SAE whose decoder saesteer can edit exactly."""
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    if norm not in SUPPORTED_NORMALIZATIONS:
+        raise ValueError(
+            f"SAE normalize_activations={norm!r} is not supported for steering; supported: "
+            f"{SUPPORTED_NORMALIZATIONS}. Fold the normalisation into the weights first."
+        )
+    if getattr(sae.cfg, "reshape_activations", "none") != "none":
+        raise ValueError(
+            "saesteer steers residual-stream SAEs; this SAE reshapes its input (hook_z). "
+            "Use an SAE trained on a resid hook such as blocks.L.hook_resid_post."
+        )
+
+
+def decoder_matrix(sae: SAE) -> Float[Tensor, "d_sae d_in"]:
+    """W_dec as the decoder applies it (divided by row norms when ``rescale_acts_by_decoder_norm``)."""
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        return sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    return sae.W_dec
+
+
+def encode(sae: SAE, x: Float[Tensor, "... d_in"]) -> Encoded:
+    """Run ``sae.encode(x)`` and capture its pre-activations and the normalisation state."""
+    captured: dict[str, Tensor] = {}
+    handle = sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: captured.__setitem__("pre", out))
+    try:
+        acts = sae.encode(x)
+    finally:
+        handle.remove()
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    scale = shift = None
+    if norm == "layer_norm":
+        scale, shift = sae.ln_std, sae.ln_mu
+        del sae.ln_std, sae.ln_mu
+    elif norm == "constant_norm_rescale":
+        scale = 1.0 / sae.x_norm_coeff
+        del sae.x_norm_coeff
+    return Encoded(acts=acts, pre=captured["pre"], scale=scale, shift=shift)
+
+
+def decode_delta(sae: SAE, delta: Float[Tensor, "... d_sae"], enc: Encoded) -> Float[Tensor, "... d_in"]:
+    """Residual-stream change caused by changing the latents by ``delta``: scale * (Δf @ W_dec_eff)."""
+    out = delta @ decoder_matrix(sae)
+    return out if enc.scale is None else out * enc.scale
+
+
+def decode(sae: SAE, acts: Float[Tensor, "... d_sae"], enc: Encoded) -> Float[Tensor, "... d_in"]:
+    """decode(f) = scale * (f @ W_dec_eff + b_dec) + shift, with the state captured by :func:`encode`."""
+    out = acts @ decoder_matrix(sae) + sae.b_dec
+    if enc.scale is not None:
+        out = out * enc.scale
+    if enc.shift is not None:
+        out = out + enc.shift
+    return out
+
+
+def active_count(sae: SAE, acts: Float[Tensor, "... d_sae"]) -> int | Tensor:
+    """How many latents are active: the SAE's k for TopK SAEs, else the per-token count of nonzero acts."""
+    k = getattr(sae.cfg, "k", None)
+    if k is not None:
+        return int(k)
+    return (acts > 0).sum(dim=-1)
+
+
+@torch.no_grad()
+def explained_variance(
+    sae: SAE, x: Float[Tensor, "n d_in"]
+) -> float:
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the rows of ``x``."""
+    enc = encode(sae, x)
+    recon = decode(sae, enc.acts, enc).to(x.dtype)
+    resid = (x - recon).pow(2).sum()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    return float(1.0 - resid / total.clamp_min(1e-12))

@@ -1,0 +1,85 @@
+"""Small models, tokenizers and SAEs that the tests build (random weights, fixed seeds, no hub)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from sae_lens import SAE
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+WORDS = (
+    "the a cat dog sat on mat and ran to park is was very good bad kind nice idiot stupid hate love you i "
+    "we they he she it friend day night sun rain happy sad hello world today tomorrow big small red blue "
+    "green tree house car road food water fire book read write go come see look think know"
+).split()
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    # TransformerLens re-loads tokenizers by name_or_path, so give it a folder to load from
+    folder = Path(tempfile.mkdtemp(prefix="saesteer-tok-"))
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_model(
+    *, seed: int = 0, gated: bool = False, rotary: bool = False, n_layers: int = 2, d_model: int = 32,
+    normalization_type: str = "LN", eos_prob_low: bool = True,
+) -> HookedTransformer:
+    """A 2-layer model with a word-level tokenizer; its EOS logit is pushed down so generations run long."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=d_model, n_ctx=128, d_head=8, n_heads=d_model // 8, d_mlp=4 * d_model,
+        d_vocab=len(tok), act_fn="silu" if gated else "gelu", gated_mlp=gated,
+        positional_embedding_type="rotary" if rotary else "standard",
+        rotary_dim=8 if rotary else None, normalization_type=normalization_type, seed=seed,
+        default_prepend_bos=True, init_weights=True,
+    )
+    model = HookedTransformer(cfg, tokenizer=tok)
+    with torch.no_grad():
+        # make the random model's logits sharper so greedy choices are not near-ties
+        model.unembed.W_U.mul_(8.0)
+        if eos_prob_low:
+            model.unembed.b_U[tok.eos_token_id] = -1e4
+    model.eval()
+    return model
+
+
+def tiny_sae(kind: str = "standard", *, d_in: int = 32, d_sae: int = 64, layer: int = 1, seed: int = 1,
+             normalize: str = "none", k: int = 8) -> SAE:
+    torch.manual_seed(seed)
+    meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name="tiny")
+    common = dict(d_in=d_in, d_sae=d_sae, metadata=meta, normalize_activations=normalize)
+    if kind == "standard":
+        sae = StandardSAE(StandardSAEConfig(**common))
+    elif kind == "topk":
+        sae = TopKSAE(TopKSAEConfig(k=k, **common))
+    elif kind == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(**common))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        if kind == "jumprelu":
+            sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.3)
+        sae.b_enc.add_(0.2)  # so that a good share of latents fire on random inputs
+    return sae.eval()
