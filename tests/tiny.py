@@ -82,4 +82,4 @@ def tiny_sae(kind: str = "standard", *, d_in: int = 32, d_sae: int = 64, layer: 
         if kind == "jumprelu":
             sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.3)
         sae.b_enc.add_(0.2)  # so that a good share of latents fire on random inputs
-    return sae.eval()
+    return sae.eval().requires_grad_(False)

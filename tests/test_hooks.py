@@ -1,0 +1,73 @@
+import pytest
+import torch
+from tiny import tiny_model, tiny_sae
+
+from saesteer.decoder_steering import DecoderSteering
+from saesteer.hooks import steering
+
+
+class AddOne:
+    def __init__(self, hook_name):
+        self.hook_name = hook_name
+        self.calls = 0
+
+    def hook_fn(self, act, hook):
+        self.calls += 1
+        return act + 1.0
+
+
+def _n_hooks(model):
+    return sum(len(hp.fwd_hooks) for hp in model.hook_dict.values())
+
+
+def test_hooks_removed_after_exception():
+    model = tiny_model()
+    tokens = model.to_tokens("the cat sat")
+    clean = model(tokens)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steering(model, [AddOne("blocks.0.hook_resid_post")]):
+            assert _n_hooks(model) == 1
+            raise RuntimeError("boom")
+    assert _n_hooks(model) == 0
+    assert torch.equal(model(tokens), clean)
+
+
+def test_several_steerers_compose_in_order():
+    model = tiny_model()
+    tokens = model.to_tokens("the cat sat")
+    a, b = AddOne("blocks.0.hook_resid_post"), AddOne("blocks.0.hook_resid_post")
+    seen = {}
+
+    def grab(act, hook):
+        seen["x"] = act.clone()
+
+    with steering(model, [a, b]):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", grab)])
+    _, cache = model.run_with_cache(tokens)
+    assert a.calls == 1 and b.calls == 1
+    assert torch.allclose(seen["x"], cache["blocks.0.hook_resid_post"] + 2.0)
+
+
+def test_unknown_hook_name_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="blocks.1.hook_resid_post"):
+        with steering(model, [AddOne("blocks.1.hook_resid_pst")]):
+            pass
+    assert _n_hooks(model) == 0
+
+
+def test_not_a_steerer_is_rejected():
+    with pytest.raises(ValueError, match="hook_name"):
+        with steering(tiny_model(), [object()]):
+            pass
+
+
+def test_apply_context_manager():
+    model = tiny_model()
+    sae = tiny_sae()
+    tokens = model.to_tokens("the dog ran")
+    clean = model(tokens)
+    with DecoderSteering(sae, [0, 1], tier="constant", alpha=0.5).apply(model):
+        steered = model(tokens)
+    assert not torch.allclose(steered, clean)
+    assert torch.equal(model(tokens), clean)
