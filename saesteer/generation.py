@@ -11,7 +11,7 @@ tokens), temperature, top-k, top-p; greedy takes the argmax of the processed log
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from .checks import check_positive_int
 from .hooks import Steerer, steering
-from .tokens import pad_id, tokenize
+from .tokens import pad_id, pad_sequences, tokenize
 
 
 @dataclass
@@ -98,6 +98,9 @@ def last_logits(
     return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[:, -1]
 
 
+LogitsProcessor = Callable[[Int[Tensor, "batch pos"], Float[Tensor, "batch vocab"]], Float[Tensor, "batch vocab"]]
+
+
 @dataclass
 class DecodeState:
     """What a decoder may read and update at one step."""
@@ -140,12 +143,14 @@ def _as_batch(model, prompts, attention_mask):
         tokens = prompts if prompts.ndim == 2 else prompts.unsqueeze(0)
         if attention_mask is None:
             attention_mask = torch.ones_like(tokens)
+        attention_mask = torch.as_tensor(attention_mask)
         if attention_mask.shape != tokens.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input shape {tuple(tokens.shape)}.")
         if (attention_mask.sum(-1) == 0).any():
             raise ValueError("A prompt has no unmasked token; every row of attention_mask needs at least one 1.")
-        if (attention_mask[:, -1] == 0).any():
-            raise ValueError("Token prompts must be LEFT-padded (last column unmasked) for generation.")
+        if (attention_mask[:, -1] == 0).any():  # right- or mixed-padded: re-pad on the left
+            rows = [t[m.bool()] for t, m in zip(tokens.cpu(), attention_mask.cpu())]
+            tokens, attention_mask = pad_sequences(rows, pad_id(model), "left")
         return tokens.to(model.cfg.device), attention_mask.to(model.cfg.device).long()
     tokens, mask, _ = tokenize(model, [prompts] if isinstance(prompts, str) else prompts, side="left")
     return tokens, mask
@@ -158,12 +163,16 @@ def generate(
     *,
     steerers: Sequence[Steerer] = (),
     decoder: Decoder | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     use_cache: bool = True,
     sampling: SamplingConfig | None = None,
     **sampling_kwargs,
 ) -> GenerationOutput:
     """Generate continuations of ``prompts`` with ``steerers`` hooked in and ``decoder`` choosing tokens.
+
+    ``logits_processors`` (e.g. :class:`saesteer.word_filter.WordFilter`) edit the raw logits of each
+    step, given the tokens so far (prompt padding included), before the sampling filters.
 
     ``prompts`` are strings (tokenised with BOS as the model expects, left-padded) or left-padded
     token ids with ``attention_mask``. Sampling settings come as a :class:`SamplingConfig` or as
@@ -195,6 +204,8 @@ def generate(
         logits = last_logits(model, tokens, mask, cache)
         for step in range(cfg.max_new_tokens):
             state.step = step
+            for proc in logits_processors:
+                logits = proc(state.tokens, logits)
             chosen = decoder.choose(state, process_logits(logits, seen, cfg))
             chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
             new.append(chosen)

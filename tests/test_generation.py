@@ -151,5 +151,14 @@ def test_bad_prompts():
         generate(model, [])
     with pytest.raises(ValueError, match="str"):
         generate(model, ["ok", 3])
-    with pytest.raises(ValueError, match="LEFT-padded"):
-        generate(model, torch.tensor([[1, 4, 0]]), attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="at least one 1"):
+        generate(model, torch.tensor([[1, 4, 0]]), attention_mask=torch.tensor([[0, 0, 0]]))
+
+
+def test_right_padded_token_prompts_are_repadded_left():
+    model = tiny_model()
+    left = generate(model, torch.tensor([[0, 1, 4, 6]]), attention_mask=torch.tensor([[0, 1, 1, 1]]),
+                    max_new_tokens=5, do_sample=False)
+    right = generate(model, torch.tensor([[1, 4, 6, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]]),
+                     max_new_tokens=5, do_sample=False)
+    assert torch.equal(left.tokens, right.tokens)

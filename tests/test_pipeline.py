@@ -1,0 +1,75 @@
+import pytest
+import torch
+from tiny import tiny_model, tiny_sae
+
+from saesteer import BannedWords, DecoderSteering, SASA, SteeringPipeline
+from saesteer.generation import generate
+from saesteer.sasa_decoding import Attribute, SASADecoder
+
+DATA = {
+    "pos": ["the cat sat on the mat", "a happy day", "i love my friend", "the sun is nice today", "we read a book"],
+    "neg": ["you stupid idiot", "i hate you", "stupid stupid dog", "you are bad idiot", "hate hate you"],
+}
+
+
+def _tokens(model, texts):
+    from saesteer.tokens import tokenize
+
+    tok, mask, _ = tokenize(model, texts, side="left")
+    return tok, mask
+
+
+def test_sasa_and_sae_compose_in_one_generation(tmp_path):
+    model = tiny_model()
+    sae_ctrl = DecoderSteering(tiny_sae(), [1, 2], tier="proportional", alpha=1.0)
+    sasa = SASA(beta=8.0, gen_wv_data=DATA, wv_path=str(tmp_path / "wv.pt"), max_candidates=6)
+    pipe = SteeringPipeline(model, controls=[sasa, sae_ctrl]).steer(progress=False)
+    assert (tmp_path / "wv.pt").exists()
+    ids, mask = _tokens(model, ["the cat", "hello you idiot"])
+    out = pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    sub = pipe.subspaces[id(sasa)]
+    expected = generate(model, ids, attention_mask=mask, steerers=[sae_ctrl],
+                        decoder=SASADecoder([Attribute(sub, 8.0)], max_candidates=6), max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected.tokens)
+    assert out.shape == (2, 6)  # new tokens only
+
+
+def test_changing_beta_reuses_the_subspace(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "wv.pt"
+    pipe = SteeringPipeline(model, controls=[SASA(beta=5.0, gen_wv_data=DATA, wv_path=str(path))]).steer(progress=False)
+    mtime = path.stat().st_mtime_ns
+    ids, mask = _tokens(model, ["the cat"])
+    zero = pipe.generate(input_ids=ids, attention_mask=mask, runtime_kwargs={"beta": 0.0}, max_new_tokens=6,
+                         do_sample=True, seed=0)
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=6, seed=0)
+    assert torch.equal(zero, plain.tokens)
+    # a second pipeline with another beta loads the saved subspace instead of learning again
+    again = SteeringPipeline(model, controls=[SASA(beta=20.0, wv_path=str(path))]).steer(progress=False)
+    assert path.stat().st_mtime_ns == mtime
+    assert torch.equal(again.subspaces[id(again.controls[0])].wv, pipe.subspaces[id(pipe.controls[0])].wv)
+
+
+def test_banned_words_control():
+    model = tiny_model()
+    pipe = SteeringPipeline(model, controls=[BannedWords(["stupid", "idiot"])]).steer()
+    texts = pipe.generate_text(["you are a"] * 6, max_new_tokens=15, do_sample=True, temperature=2.0, seed=0)
+    assert not any(w in t.split() for t in texts for w in ("stupid", "idiot"))
+
+
+def test_pipeline_bad_input():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        SteeringPipeline()
+    with pytest.raises(ValueError, match="not a control"):
+        SteeringPipeline(model, controls=["sasa"])
+    pipe = SteeringPipeline(model, controls=[SASA(beta=1.0, gen_wv_data=DATA)])
+    with pytest.raises(ValueError, match="steer"):
+        pipe.generate(input_ids=torch.tensor([[1, 4]]))
+    pipe.steer(progress=False)
+    with pytest.raises(ValueError, match="Unknown generation arguments"):
+        pipe.generate(input_ids=torch.tensor([[1, 4]]), max_tokens=3)
+    with pytest.raises(ValueError, match="runtime_kwargs"):
+        pipe.generate(input_ids=torch.tensor([[1, 4]]), runtime_kwargs={"alpha": 1})
+    with pytest.raises(ValueError, match="d_in=16"):
+        SteeringPipeline(model, controls=[DecoderSteering(tiny_sae(d_in=16), [0])]).steer()
