@@ -162,3 +162,13 @@ def test_right_padded_token_prompts_are_repadded_left():
     right = generate(model, torch.tensor([[1, 4, 6, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]]),
                      max_new_tokens=5, do_sample=False)
     assert torch.equal(left.tokens, right.tokens)
+
+
+def test_nothing_is_written_to_disk_while_steering(tmp_path, monkeypatch):
+    """The reference code wrote a CSV on every forward pass; ours writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    model, sae = tiny_model(), tiny_sae()
+    steerers = [LatentSteering(sae, torch.rand(64), mode="swap"),
+                DecoderSteering(sae, [1, 2], tier="conditional", alpha=1.0, threshold=0.1)]
+    generate(model, PROMPTS, steerers=steerers, max_new_tokens=4)
+    assert list(tmp_path.iterdir()) == []
