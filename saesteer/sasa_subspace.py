@@ -717,6 +717,9 @@ class SASA:
     max_candidates: int = 50
     margin_transform: Literal["softmax", "raw"] = "softmax"
     gen_wv_data: LabelledTexts | dict | None = None
+    gen_wv_max_length: int | None = 128
+    """Tokens kept per training text (its first ones); None = the model's n_ctx. Long comments would
+    otherwise dominate the cost of learning (attention is quadratic in length)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real):
@@ -735,6 +738,8 @@ class SASA:
             self.gen_wv_data_path = os.fspath(self.gen_wv_data_path)
         self.gen_wv_length = _check_length(self.gen_wv_length)
         check_positive_int("gen_wv_batch_size", self.gen_wv_batch_size)
+        if self.gen_wv_max_length is not None:
+            check_positive_int("gen_wv_max_length", self.gen_wv_max_length)
         self.toxic_threshold = _check_threshold(self.toxic_threshold)
         check_positive_int("max_candidates", self.max_candidates)
         if self.margin_transform not in ("softmax", "raw"):
@@ -777,6 +782,7 @@ class SASA:
             toxic_threshold=self.toxic_threshold,
             length=self.gen_wv_length,
             batch_size=self.gen_wv_batch_size,
+            max_length=self.gen_wv_max_length,
             seed=seed,
             progress=progress,
         )
