@@ -6,6 +6,7 @@ Three methods on one hook layer: SAE latent steering (swap/clamp/weight), SAE de
 
 from .contrast import toxicity_latents
 from .decoder_steering import DecoderSteering
+from .feature_dashboard import feature_dashboard, feature_dashboards, logit_lens, prompt_latents
 from .generation import SamplingConfig, generate
 from .hooks import resid_post, steering
 from .latent_steering import LatentSteering
@@ -14,6 +15,7 @@ from .sae_loading import load_openai_sae, load_sae
 from .sasa_decoding import Attribute, SASADecoder
 from .sasa_subspace import SASA, Subspace, learn_subspace
 from .scoring import LatentScores, score_latents, target_prompts
+from .steering_report import steering_report
 from .word_filter import BannedWords, WordFilter
 
 
@@ -26,7 +28,8 @@ def load_model(*args, **kwargs):
 
 __all__ = [
     "Attribute", "BannedWords", "DecoderSteering", "LatentScores", "LatentSteering", "SASA", "SASADecoder",
-    "SamplingConfig", "SteeringPipeline", "Subspace", "WordFilter", "generate", "learn_subspace",
+    "SamplingConfig", "SteeringPipeline", "Subspace", "WordFilter", "feature_dashboard", "feature_dashboards",
+    "generate", "learn_subspace", "logit_lens", "prompt_latents", "steering_report",
     "load_model", "load_openai_sae", "load_sae", "resid_post", "score_latents", "steering",
     "target_prompts", "toxicity_latents",
 ]

