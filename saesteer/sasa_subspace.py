@@ -718,7 +718,7 @@ class SASA:
     margin_transform: Literal["softmax", "raw"] = "softmax"
     gen_wv_data: LabelledTexts | dict | None = None
     gen_wv_max_length: int | None = 128
-    """Tokens kept per training text (its first ones); None = the model's n_ctx. Long comments would
+    """Tokens kept per training text (its first ones; at most n_ctx); None = n_ctx. Long comments would
     otherwise dominate the cost of learning (attention is quadratic in length)."""
 
     def __post_init__(self) -> None:
@@ -782,7 +782,7 @@ class SASA:
             toxic_threshold=self.toxic_threshold,
             length=self.gen_wv_length,
             batch_size=self.gen_wv_batch_size,
-            max_length=self.gen_wv_max_length,
+            max_length=None if self.gen_wv_max_length is None else min(self.gen_wv_max_length, model.cfg.n_ctx),
             seed=seed,
             progress=progress,
         )
