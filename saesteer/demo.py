@@ -78,24 +78,21 @@ def demo_prompts(cfg: DemoConfig) -> list[str]:
     return [prompts[i] for i in rng.choice(len(prompts), size=min(cfg.n_prompts, len(prompts)), replace=False)]
 
 
-def _balanced(data, n: int, seed: int) -> tuple[list[str], list[str]]:
-    rng = np.random.default_rng(seed)
-    tox = [t for t, y in zip(data.texts, data.labels) if y > 0]
-    clean = [t for t, y in zip(data.texts, data.labels) if y == 0]
-    pick = lambda xs: [xs[i] for i in rng.choice(len(xs), size=min(n, len(xs)), replace=False)]
-    return pick(tox), pick(clean)
+def method_specs(cfg: DemoConfig) -> dict[str, str]:
+    """The :mod:`saesteer.methods` spec of each demo method ("sae" is decoder-vector steering)."""
+    sasa = f"beta={cfg.beta}"
+    dec = f"tier={cfg.tier},alpha={cfg.alpha},n_latents={cfg.n_latents}"
+    specs = {"unsteered": "unsteered", "sasa": f"sasa:{sasa}", "sae": f"decoder:{dec}", "sasa+sae": f"sasa+decoder:{sasa},{dec}"}
+    return {m: specs[m] for m in cfg.methods}
 
 
 def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     """Run the demo and return one row per (prompt, method)."""
     from .assets import cache_dir
-    from .contrast import toxicity_latents
     from .datasets import load_insults
-    from .decoder_steering import DecoderSteering
+    from .methods import build_method, parse_method, prepare_resources
     from .models import load_model
     from .sae_loading import load_sae
-    from .sasa_decoding import Attribute, SASADecoder
-    from .sasa_subspace import SASA
     from .scorers import get_scorer
 
     t0 = time.time()
@@ -103,47 +100,27 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     say(f"loading {cfg.model} ...")
     model = load_model(cfg.model, device=cfg.device)
     prompts = demo_prompts(cfg)
-    insults = load_insults("train")
-    cache = cache_dir() / "demo"
-    cache.mkdir(parents=True, exist_ok=True)
-    decoder = steerers = None
-
-    if {"sasa", "sasa+sae"} & set(cfg.methods):
-        wv = cache / f"{cfg.model}-insults-{cfg.sasa_samples}-seed{cfg.seed}.pt"
-        say(f"SASA subspace: {'loading ' + str(wv) if wv.exists() else f'learning from {cfg.sasa_samples} insults comments'}")
-        sasa = SASA(beta=cfg.beta, wv_path=str(wv), gen_wv_data=insults, gen_wv_length=cfg.sasa_samples)
-        sub = sasa.steer(model, seed=cfg.seed)
-        decoder = SASADecoder([Attribute(sub, cfg.beta)])
-
-    if {"sae", "sasa+sae"} & set(cfg.methods):
+    specs = method_specs(cfg)
+    needs_sae = any("decoder" in parse_method(s).components for s in specs.values())
+    sae = sae_path = None
+    if needs_sae:
         sae_path = Path(cfg.sae) if cfg.sae else default_sae_path()
         sae = load_sae(str(sae_path), model=model, device=cfg.device)
-        table_path = cache / f"latents-{sae_path.name}-{cfg.contrast_samples}-seed{cfg.seed}.csv"
-        if table_path.exists():
-            table = pd.read_csv(table_path)
-        else:
-            say(f"finding toxicity latents in {sae_path.name} by contrast ({cfg.contrast_samples} texts per class)")
-            toxic, clean = _balanced(insults, cfg.contrast_samples, cfg.seed)
-            table = toxicity_latents(model, sae, toxic, clean, top_n=None, progress=True)
-            tmp = table_path.with_suffix(".tmp")
-            table.to_csv(tmp, index=False)
-            tmp.replace(table_path)
-        top = table.head(cfg.n_latents)
+    resources = prepare_resources(
+        model, list(specs.values()), sae=sae, sae_name=sae_path.name if sae_path else None, model_name=cfg.model,
+        data=load_insults("train"), sasa_samples=cfg.sasa_samples, contrast_samples=cfg.contrast_samples,
+        seed=cfg.seed, cache=cache_dir() / "demo", log=say,
+    )
+    if resources.contrast_table is not None:
+        top = resources.contrast_table.head(cfg.n_latents)
         say("toxicity latents: " + ", ".join(f"{int(r.latent)} (diff {r.diff:.2f})" for r in top.itertuples()))
-        steerers = [DecoderSteering(sae, top, tier=cfg.tier, alpha=cfg.alpha)]
+    runs = {m: build_method(spec, resources) for m, spec in specs.items()}
 
-    runs = {
-        "unsteered": dict(),
-        "sasa": dict(decoder=decoder),
-        "sae": dict(steerers=steerers),
-        "sasa+sae": dict(decoder=decoder, steerers=steerers),
-    }
     rows = []
     for method in cfg.methods:
         say(f"generating: {method} ({len(prompts)} prompts)")
-        kw = {k: v for k, v in runs[method].items() if v is not None}
-        out = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, top_p=cfg.top_p,
-                       temperature=cfg.temperature, **kw)
+        out = generate(model, prompts, steerers=runs[method].steerers, decoder=runs[method].decoder,
+                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, top_p=cfg.top_p, temperature=cfg.temperature)
         rows += [dict(prompt=p, method=method, continuation=c) for p, c in zip(prompts, out.texts)]
     df = pd.DataFrame(rows)
     say(f"scoring with the {cfg.scorer!r} toxicity scorer")

