@@ -1,4 +1,4 @@
-"""The ``saesteer`` command line: ``saesteer demo``, ``saesteer assets``."""
+"""The ``saesteer`` command line: ``saesteer demo``, ``saesteer assets``, ``saesteer evaluate run|merge``."""
 
 from __future__ import annotations
 
@@ -59,16 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     assets = sub.add_parser("assets", help="fetch the offline model and data into the cache")
     assets.set_defaults(func=_assets)
+
+    ev = sub.add_parser("evaluate", add_help=False,
+                        help="RealToxicityPrompts-style evaluation of a method (run, merge shards); --help for more")
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    ev.set_defaults(func=_evaluate)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import build_parser as evaluation_parser
+
+    return run_parser(evaluation_parser(prog="saesteer evaluate"), args.rest)
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run the chosen sub-command; a ValueError becomes a one-line error and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ValueError as e:
-        print(f"saesteer: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:  # its own parser, so that `saesteer evaluate --help` shows its options
+        return _evaluate(argparse.Namespace(rest=argv[1:]))
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

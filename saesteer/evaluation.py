@@ -27,10 +27,10 @@ metrics and diversity, and has no perplexity (no token). A NaN or out-of-range s
 prompt, a malformed prompt file and a scorer that cannot start (e.g. Perspective without an API key) all
 raise ValueError before or at the prompt concerned, never silently.
 
-Command line (``python -m saesteer.evaluation --help``)::
+Command line (``saesteer evaluate --help``, or ``python -m saesteer.evaluation``)::
 
-    python -m saesteer.evaluation run --method sasa:beta=20 --n-prompts 100 --k 25 --out-dir runs/sasa --shard 0/8
-    python -m saesteer.evaluation merge runs/sasa
+    saesteer evaluate run --method sasa:beta=20 --n-prompts 100 --k 25 --out-dir runs/sasa --shard 0/8
+    saesteer evaluate merge runs/sasa
 """
 
 from __future__ import annotations
@@ -657,8 +657,8 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saesteer.evaluation", description=__doc__,
+def build_parser(prog: str = "python -m saesteer.evaluation") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="evaluate one method (optionally one shard)")
@@ -695,12 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_parser
+
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,10 @@ def test_merge_checks_the_shards(model, tmp_path):
         merge_shards([tmp_path / "generations.shard-0-of-3.jsonl", tmp_path / "other" / "generations.shard-1-of-3.jsonl"])
     assert main(["merge", str(tmp_path), "--allow-missing"]) == 0
     assert main(["merge", str(tmp_path)]) == 2  # error message, exit code 2
+    from saesteer.cli import main as saesteer_main
+
+    assert saesteer_main(["evaluate", "merge", str(tmp_path), "--allow-missing"]) == 0
+    assert saesteer_main(["evaluate", "merge", str(tmp_path / "nowhere")]) == 2
 
 
 class EOSDecoder(Decoder):
