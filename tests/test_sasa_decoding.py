@@ -118,5 +118,166 @@ def test_bad_arguments():
         SASADecoder([Attribute(sub, 1.0)], max_candidates=0)
     with pytest.raises(ValueError, match="margin_transform"):
         SASADecoder([Attribute(sub, 1.0)], margin_transform="sigmoid")
+    with pytest.raises(ValueError, match="candidate_forward"):
+        SASADecoder([Attribute(sub, 1.0)], candidate_forward="copy")
+    with pytest.raises(ValueError, match="max_rows"):
+        SASADecoder([Attribute(sub, 1.0)], max_rows=0)
     with pytest.raises(ValueError, match="KV cache"):
         generate(model, "the cat", decoder=SASADecoder([Attribute(sub, 1.0)]), use_cache=False)
+
+
+# --- shared-prefix candidate forward == forked single-token forward ---------------------------------
+
+PROMPTS3 = ["the cat sat on the mat and ran to the park", "hello you", "we love big red"]  # left-padded
+
+
+def _variant(kind: str, seed: int = 0):
+    """Tiny variants: Llama-like (rotary, GQA, RMS, gated), rotary with partial rotation and no final norm,
+    GPT-2-like (absolute positions), shortformer, and ALiBi (unsupported by the shared path)."""
+    from tiny import tiny_tokenizer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    pos, kw = {
+        "llama": ("rotary", dict(n_key_value_heads=2, rotary_dim=8, normalization_type="RMS", gated_mlp=True,
+                                 act_fn="silu")),
+        "rotary_nonorm": ("rotary", dict(rotary_dim=4, normalization_type=None, act_fn="gelu")),
+        "gpt2": ("standard", dict(normalization_type="LN", act_fn="gelu")),
+        "shortformer": ("shortformer", dict(normalization_type="LN", act_fn="gelu")),
+        "alibi": ("alibi", dict(normalization_type="LN", act_fn="gelu")),
+    }[kind]
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
+                                  positional_embedding_type=pos, seed=seed, default_prepend_bos=True, **kw)
+    model = HookedTransformer(cfg, tokenizer=tok)
+    with torch.no_grad():
+        model.unembed.W_U.mul_(8.0)
+        model.unembed.b_U[tok.eos_token_id] = -1e4
+    return model.eval()
+
+
+class _Recorder(SASADecoder):
+    """Records every candidate margin, the cache and the next logits after every step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.margins, self.caches, self.next_logits = [], [], []
+
+    def bonus(self, margins, valid):
+        self.margins.append(margins.clone())
+        return super().bonus(margins, valid)
+
+    def choose(self, state, logits):
+        out = super().choose(state, logits)
+        c = state.cache
+        self.caches.append(([(e.past_keys.clone(), e.past_values.clone()) for e in c.entries],
+                            c.previous_attention_mask.clone()))
+        self.next_logits.append(self._next_logits.clone())
+        return out
+
+
+def _run_modes(model, modes, steerers=(), n_cand=6, steps=10, **kw):
+    sub = _subspace(model)
+    outs, decs = [], []
+    for mode, max_rows in modes:
+        dec = _Recorder([Attribute(sub, 5.0)], max_candidates=n_cand, candidate_forward=mode, max_rows=max_rows)
+        outs.append(generate(model, PROMPTS3, steerers=steerers, decoder=dec, max_new_tokens=steps,
+                             stop_at_eos=False, **kw))
+        decs.append(dec)
+    return outs, decs
+
+
+def _assert_same(a, b, atol=1e-5):
+    (out_a, dec_a), (out_b, dec_b) = a, b
+    assert torch.equal(out_a.tokens, out_b.tokens)
+    assert len(dec_a.margins) == len(dec_b.margins) == out_a.tokens.shape[1]
+    for ma, mb in zip(dec_a.margins, dec_b.margins):
+        torch.testing.assert_close(ma, mb, atol=atol, rtol=0)
+    for la, lb in zip(dec_a.next_logits, dec_b.next_logits):
+        torch.testing.assert_close(la, lb, atol=atol, rtol=1e-5)  # logits are O(10): float32 relative error
+    for (kv_a, mask_a), (kv_b, mask_b) in zip(dec_a.caches, dec_b.caches):
+        assert torch.equal(mask_a, mask_b) and mask_a.dtype == mask_b.dtype
+        for (ka, va), (kb, vb) in zip(kv_a, kv_b):
+            assert ka.shape == kb.shape and va.shape == vb.shape
+            torch.testing.assert_close(ka, kb, atol=atol, rtol=0)
+            torch.testing.assert_close(va, vb, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "rotary_nonorm", "gpt2", "shortformer"])
+def test_shared_forward_equals_fork_greedy(kind):
+    model = _variant(kind)
+    assert SASADecoder([Attribute(_subspace(model), 1.0)]).forward_mode(model) == "shared"  # what "auto" picks
+    outs, decs = _run_modes(model, [("shared", None), ("fork", None), ("fork", 4)], do_sample=False)
+    _assert_same((outs[0], decs[0]), (outs[1], decs[1]))
+    _assert_same((outs[2], decs[2]), (outs[1], decs[1]))  # chunked fork == fork
+    assert len(set(outs[0].tokens[:, -1].tolist())) > 1  # the rows really decode differently
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_forward_equals_fork_sampled(kind):
+    model = _variant(kind, seed=1)
+    outs, decs = _run_modes(model, [("shared", None), ("fork", None)], n_cand=8, seed=3, temperature=1.5, top_k=12)
+    _assert_same((outs[0], decs[0]), (outs[1], decs[1]))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_shared_forward_composes_with_sae_steering(kind):
+    from saesteer.latent_steering import LatentSteering
+
+    model = _variant(kind)
+    sae = tiny_sae()
+    steerers = [DecoderSteering(sae, [1, 2, 3], tier="constant", alpha=0.3),
+                LatentSteering(sae, torch.linspace(-1, 1, 64), mode="clamp", strength=2.0, top_n=3)]
+    outs, decs = _run_modes(model, [("shared", None), ("fork", None)], steerers=steerers, do_sample=False)
+    _assert_same((outs[0], decs[0]), (outs[1], decs[1]))
+    plain, _ = _run_modes(model, [("shared", None)], do_sample=False)
+    assert not torch.equal(plain[0].tokens, outs[0].tokens)  # the steerers act during the candidate forward
+
+
+def test_shared_forward_cleans_up_after_an_exception():
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from saesteer.generation import DecodeState, SamplingConfig, last_logits
+
+    model = _variant("llama")
+    dec = SASADecoder([Attribute(_subspace(model), 5.0)], max_candidates=5, candidate_forward="shared")
+    before = generate(model, PROMPTS3, decoder=dec, max_new_tokens=4, do_sample=False)
+    tokens, mask, _ = tokenize(model, PROMPTS3, side="left")
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(PROMPTS3))
+    logits = last_logits(model, tokens, mask, cache)
+    keys, cache_mask = [e.past_keys for e in cache.entries], cache.previous_attention_mask
+    state = DecodeState(model, SamplingConfig(do_sample=False), cache, tokens, mask, None)
+
+    class Boom:
+        hook_name = "blocks.1.hook_mlp_out"
+
+        def hook_fn(self, act, hook):
+            raise RuntimeError("boom")
+
+    with steering(model, [Boom()]), pytest.raises(RuntimeError, match="boom"):
+        dec.choose(state, logits)
+    assert [n for n, hp in model.hook_dict.items() if hp.fwd_hooks] == []
+    assert model.context_level == 0
+    assert state.cache is cache and cache.previous_attention_mask is cache_mask
+    assert all(e.past_keys is k for e, k in zip(cache.entries, keys))
+    after = generate(model, PROMPTS3, decoder=dec, max_new_tokens=4, do_sample=False)
+    assert torch.equal(before.tokens, after.tokens)
+
+
+def test_unsupported_architectures_fall_back_to_fork():
+    from saesteer.sasa_decoding import shared_forward_unsupported
+
+    model = _variant("alibi")
+    sub = _subspace(model)
+    assert "alibi" in shared_forward_unsupported(model)
+    assert SASADecoder([Attribute(sub, 1.0)]).forward_mode(model) == "fork"
+    with pytest.raises(ValueError, match="cannot be exact"):
+        SASADecoder([Attribute(sub, 1.0)], candidate_forward="shared").forward_mode(model)
+    auto, fork = (generate(model, PROMPTS3, decoder=SASADecoder([Attribute(sub, 5.0)], max_candidates=5,
+                                                                candidate_forward=mode),
+                           max_new_tokens=4, do_sample=False) for mode in ("auto", "fork"))
+    assert torch.equal(auto.tokens, fork.tokens)
+    llama = _variant("llama")
+    assert shared_forward_unsupported(llama) is None
+    llama.cfg.use_dynamic_ntk_rope = True
+    assert shared_forward_unsupported(llama) == "dynamic NTK rope"
