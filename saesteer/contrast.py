@@ -7,6 +7,11 @@ Over all real tokens (BOS and padding excluded) of toxic texts T and non-toxic t
     freq_f  = share of tokens with f(t) > 0, per set
 
 Latents are ranked by ``diff``. Streams over the texts: memory is O(d_sae).
+
+:func:`select_latents` picks the ones to steer: the top ``n`` by ``diff`` among latents that fire on at
+most ``max_density`` of the non-toxic tokens. Dense latents (in the shipped SmolLM2 SAE the top one by
+``diff`` fires on 59% of ordinary tokens) carry generic features with large mean activations, so they win
+the raw difference; removing them wrecks fluency without targeting toxicity.
 """
 
 from __future__ import annotations
@@ -21,6 +26,24 @@ from transformer_lens import HookedTransformer
 from .activations import iter_latents
 from .checks import check_positive_int, sae_hook_name
 from .tokens import check_texts
+
+
+def select_latents(table: pd.DataFrame, n: int, max_density: float | None = 0.05) -> pd.DataFrame:
+    """The first ``n`` rows of a :func:`toxicity_latents` table (sorted by ``diff``) whose ``freq_non_toxic``
+    is at most ``max_density`` (None keeps every row)."""
+    check_positive_int("n", n)
+    if "latent" not in table.columns:
+        raise ValueError("the contrast table needs a 'latent' column (saesteer.toxicity_latents output).")
+    if max_density is not None:
+        if not 0 < max_density <= 1:
+            raise ValueError(f"max_density must lie in (0, 1], got {max_density!r}.")
+        if "freq_non_toxic" not in table.columns:
+            raise ValueError("max_density needs the table's 'freq_non_toxic' column; pass max_density=None.")
+        table = table[table["freq_non_toxic"] <= max_density]
+    if n > len(table):
+        raise ValueError(f"{n} latents asked for but only {len(table)} rows qualify (max_density={max_density}); "
+                         "compute the table with top_n=None, or lower n / raise max_density.")
+    return table.head(n)
 
 
 @torch.no_grad()

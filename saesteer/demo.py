@@ -111,10 +111,11 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
         data=load_insults("train"), sasa_samples=cfg.sasa_samples, contrast_samples=cfg.contrast_samples,
         seed=cfg.seed, cache=cache_dir() / "demo", log=say,
     )
-    if resources.contrast_table is not None:
-        top = resources.contrast_table.head(cfg.n_latents)
-        say("toxicity latents: " + ", ".join(f"{int(r.latent)} (diff {r.diff:.2f})" for r in top.itertuples()))
     runs = {m: build_method(spec, resources) for m, spec in specs.items()}
+    steered = next((r.record["decoder_latents"] for r in runs.values() if "decoder_latents" in r.record), None)
+    if steered is not None:
+        diff = resources.contrast_table.set_index("latent")["diff"]
+        say("toxicity latents steered: " + ", ".join(f"{i} (diff {diff[i]:.2f})" for i in steered))
 
     rows = []
     for method in cfg.methods:

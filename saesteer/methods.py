@@ -18,7 +18,7 @@ ValueError listing the accepted ones. Values: numbers, ``true``/``false``, ``non
 
 What each component needs (:class:`Resources`): ``sasa`` a SASA :class:`~saesteer.Subspace`;
 ``decoder`` an SAE and the contrast table of :func:`saesteer.toxicity_latents` (its first ``n_latents``
-rows are steered); ``swap`` / ``clamp`` / ``weight`` an SAE and per-latent scores
+rows that fire on at most ``max_density`` of non-toxic tokens are steered, :func:`saesteer.contrast.select_latents`); ``swap`` / ``clamp`` / ``weight`` an SAE and per-latent scores
 (:func:`saesteer.score_latents` against the ``non-toxic`` target). :func:`prepare_resources` computes
 the ones a list of specs needs and caches them on disk.
 """
@@ -68,6 +68,7 @@ COMPONENTS: dict[str, dict[str, _Key]] = {
         "tier": _Key(("conditional", "proportional", "constant"), "proportional"),
         "alpha": _Key(float, 1.0),
         "n_latents": _Key(int, 10),
+        "max_density": _Key(float, 0.05),
         "threshold": _Key(float, 0.0),
     },
     "swap": {"strength": _Key(float, 1.0), "k": _Key(int, None, optional=True), "use_error_term": _Key(bool, True)},
@@ -254,6 +255,7 @@ def build_method(spec: str | MethodSpec, resources: Resources | None = None) -> 
         ValueError: a bad spec, or a resource the spec needs is missing (the message says which and how to
             get it).
     """
+    from .contrast import select_latents
     from .decoder_steering import DecoderSteering
     from .latent_steering import LatentSteering
     from .sasa_decoding import Attribute, SASADecoder
@@ -281,13 +283,7 @@ def build_method(spec: str | MethodSpec, resources: Resources | None = None) -> 
             decoder = SASADecoder([Attribute(res.subspace, p["beta"])], max_candidates=p["max_candidates"],
                                   margin_transform=p["margin_transform"])
         elif c == "decoder":
-            table = res.contrast_table
-            if "latent" not in table.columns:
-                raise ValueError("resources.contrast_table needs a 'latent' column (saesteer.toxicity_latents output).")
-            if p["n_latents"] > len(table):
-                raise ValueError(f"decoder.n_latents={p['n_latents']} but the contrast table has {len(table)} rows; "
-                                 "compute it with top_n=None or a larger top_n.")
-            top = table.head(p["n_latents"])
+            top = select_latents(res.contrast_table, p["n_latents"], p["max_density"])
             steerers.append(DecoderSteering(res.sae, top, tier=p["tier"], alpha=p["alpha"], threshold=p["threshold"]))
             record["decoder_latents"] = [int(x) for x in top["latent"]]
         else:

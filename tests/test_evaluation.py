@@ -56,7 +56,7 @@ def resources(model):
     g = torch.Generator().manual_seed(0)
     sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0), mu_mu=torch.zeros(32),
                    model_name=model.cfg.model_name, d_model=32)
-    table = pd.DataFrame({"latent": list(range(10))})
+    table = pd.DataFrame({"latent": list(range(10)), "freq_non_toxic": [0.0] * 10})
     return Resources(sae=tiny_sae(), subspace=sub, contrast_table=table, latent_scores=torch.rand(64, generator=g))
 
 

@@ -20,7 +20,7 @@ def test_parse_specs_and_defaults():
                                                                  "margin_transform": "softmax"}
     assert str(ms) == "sasa:beta=20.0" and parse_method(str(ms)).params == ms.params
     ms = parse_method("decoder:tier=constant,alpha=0.5,n_latents=3")
-    assert ms.params["decoder"] == {"tier": "constant", "alpha": 0.5, "n_latents": 3, "threshold": 0.0}
+    assert ms.params["decoder"] == {"tier": "constant", "alpha": 0.5, "n_latents": 3, "max_density": 0.05, "threshold": 0.0}
     ms = parse_method("sasa+decoder:beta=20,alpha=1")
     assert ms.params["sasa"]["beta"] == 20.0 and ms.params["decoder"]["alpha"] == 1.0
     assert parse_method(" Unsteered ").components == ("unsteered",)
@@ -56,7 +56,7 @@ def res():
     g = torch.Generator().manual_seed(0)
     sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0), mu_mu=torch.zeros(32),
                    model_name=model.cfg.model_name, d_model=32)
-    table = pd.DataFrame({"latent": [5, 3, 9, 1], "diff": [0.4, 0.3, 0.2, 0.1]})
+    table = pd.DataFrame({"latent": [5, 3, 9, 1], "diff": [0.4, 0.3, 0.2, 0.1], "freq_non_toxic": [0.01, 0.5, 0.02, 0.05]})
     return model, Resources(sae=sae, subspace=sub, contrast_table=table, latent_scores=torch.rand(64, generator=g))
 
 
@@ -69,7 +69,11 @@ def test_build_methods(res):
     m = build_method("decoder:tier=conditional,alpha=2,n_latents=2,threshold=0.1", r)
     (st,) = m.steerers
     assert isinstance(st, DecoderSteering) and st.tier == "conditional" and st.alpha == 2 and st.threshold == 0.1
-    assert st._idx.tolist() == [5, 3] and m.record["decoder_latents"] == [5, 3]
+    # latent 3 fires on half of the non-toxic tokens: above max_density (0.05), so it is passed over
+    assert st._idx.tolist() == [5, 9] and m.record["decoder_latents"] == [5, 9]
+    assert build_method("decoder:n_latents=2,max_density=1", r).record["decoder_latents"] == [5, 3]
+    with pytest.raises(ValueError, match="only 2 rows qualify"):  # 0.02 itself qualifies, 0.05 does not
+        build_method("decoder:n_latents=3,max_density=0.02", r)
     m = build_method("clamp:strength=4,top_n=3", r)
     (st,) = m.steerers
     assert isinstance(st, LatentSteering) and st.mode == "clamp" and st.strength == 4 and st.top_n == 3
@@ -89,8 +93,10 @@ def test_missing_resources_say_what_to_do(res):
         build_method("decoder", Resources(sae=r.sae))
     with pytest.raises(ValueError, match=r"needs resources.latent_scores.*score_latents"):
         build_method("swap", Resources(sae=r.sae))
-    with pytest.raises(ValueError, match="n_latents=9 but the contrast table has 4 rows"):
+    with pytest.raises(ValueError, match=r"9 latents asked for but only 3 rows qualify \(max_density=0.05\)"):
         build_method("decoder:n_latents=9", r)
+    with pytest.raises(ValueError, match="freq_non_toxic"):
+        build_method("decoder:n_latents=1", Resources(sae=r.sae, contrast_table=r.contrast_table[["latent", "diff"]]))
 
 
 def test_prepare_resources_computes_and_caches(tmp_path):
@@ -130,6 +136,7 @@ def test_demo_builds_its_controls_through_the_registry(tmp_path, monkeypatch):
     import saesteer.datasets
     import saesteer.models
     import saesteer.scorers
+    from saesteer.contrast import select_latents
     from saesteer.decoder_steering import DecoderSteering
     from saesteer.demo import DemoConfig, method_specs, run_demo
     from saesteer.sasa_decoding import Attribute
@@ -161,7 +168,7 @@ def test_demo_builds_its_controls_through_the_registry(tmp_path, monkeypatch):
     sub = Subspace.load(next(cache.glob("*.pt")), model)
     table = pd.read_csv(next(cache.glob("latents-sae-*.csv")))
     dec = SASADecoder([Attribute(sub, 5.0)])
-    steer = [DecoderSteering(sae, table.head(3), tier="constant", alpha=2.0)]
+    steer = [DecoderSteering(sae, select_latents(table, 3, max_density=0.05), tier="constant", alpha=2.0)]
     prompts = ["the dog ran", "i think you are"]
     for method, kw in {"unsteered": {}, "sasa": {"decoder": dec}, "sae": {"steerers": steer},
                        "sasa+sae": {"decoder": dec, "steerers": steer}}.items():
