@@ -1,9 +1,19 @@
 """Generation speed of every steering method, as ratios measured in one run.
 
 Rows: unsteered generation with our loop; each SAE intervention (swap, clamp, weight, and the three
-decoder tiers); SASA with 10 and 50 candidates; the reference-style loop that re-runs the whole prefix
-at every token (no KV cache); and Hugging Face ``generate`` on the same weights. Greedy decoding,
-fixed length (EOS ignored), batch 1 and 8. Each row's time is the best of ``--repeats`` runs.
+decoder tiers); SASA with 10 and 50 candidates; Hugging Face ``generate`` on the same weights; and, at
+batch 1, the reference loop. Greedy decoding, fixed length (EOS ignored), batch 1 and 8. Each row's time
+is the best of ``--repeats`` runs.
+
+The reference loop is a faithful re-implementation of the IBM SAE-steering code's generation: one prompt
+at a time, and for every new token the text is re-tokenised and the WHOLE prefix re-run with the steering
+hook (``run_with_hooks``), so the SAE encodes and decodes every position again; no KV cache. It runs
+``swap`` steering on a stock TransformerLens model (``load_model(fix_layout=False)``, what that code runs
+on) and, to isolate what the KV cache alone buys, on our model too. Unlike the original it writes no
+CSV file per call and decodes greedily (the original picks one of the top 5 at random).
+
+Memory (``--memory-tokens``, default 256): peak RSS while generating that many tokens unsteered at batch
+1 and 8, against the KV cache's size at the end; per-step growth beyond the cache would show as excess.
 
     python experiments/bench_generation.py                # SmolLM2-135M, the shipped SAE
     python experiments/bench_generation.py --new-tokens 64 --batches 1,8 --out figures/bench_generation.json
@@ -16,6 +26,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from saesteer.decoder_steering import DecoderSteering  # noqa: E402
 from saesteer.generation import generate  # noqa: E402
+from saesteer.hooks import steering  # noqa: E402
 from saesteer.latent_steering import LatentSteering  # noqa: E402
 from saesteer.sasa_decoding import Attribute, SASADecoder  # noqa: E402
 from saesteer.sasa_subspace import Subspace  # noqa: E402
@@ -51,6 +63,117 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
+def rss_mb() -> float:
+    """Current resident set size in MB (Linux /proc; falls back to the process peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRSS:
+    """Context manager sampling the RSS every ``interval`` seconds; ``.peak_mb`` after exit."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_mb = rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def random_sae(model, layer: int | None = None, expansion: int = 8, k: int = 32):
+    """A TopK SAE with random weights at ``blocks.{layer}.hook_resid_post`` (shape of the shipped one)."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    d = model.cfg.d_model
+    layer = model.cfg.n_layers // 2 if layer is None else layer
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=expansion * d, k=k,
+                                metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
+    g = torch.Generator().manual_seed(0)
+    sae.W_enc.data = torch.randn(d, expansion * d, generator=g) * d**-0.5
+    sae.W_dec.data = sae.W_enc.data.T.clone()
+    return sae.eval().requires_grad_(False)
+
+
+def load_bench_sae(model, path: str | None = None):
+    """(SAE, note): the SAE at ``path``, else the shipped one, else a random SAE of that shape (with a note)."""
+    from saesteer.sae_loading import load_sae
+
+    try:
+        if path:
+            return load_sae(path, model=model), path
+        from saesteer.demo import default_sae_path
+
+        shipped = default_sae_path()
+        return load_sae(str(shipped), model=model), f"shipped ({shipped.name})"
+    except ValueError as e:
+        print(f"NOTE: no usable SAE ({e}); using a random TopK SAE of the same shape instead.", flush=True)
+        return random_sae(model), "random weights (no SAE shipped)"
+
+
+def steering_settings(model, sae) -> dict[str, dict]:
+    """Name -> extra keyword arguments of ``generate`` for unsteered and every SAE intervention."""
+    scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
+    latents = list(range(10))
+    return {
+        "unsteered": dict(),
+        "swap": dict(steerers=[LatentSteering(sae, scores, mode="swap")]),
+        "clamp": dict(steerers=[LatentSteering(sae, scores, mode="clamp", strength=4.0)]),
+        "weight": dict(steerers=[LatentSteering(sae, scores, mode="weight")]),
+        "conditional": dict(steerers=[DecoderSteering(sae, latents, tier="conditional", threshold=0.5)]),
+        "proportional": dict(steerers=[DecoderSteering(sae, latents, tier="proportional")]),
+        "constant": dict(steerers=[DecoderSteering(sae, latents, tier="constant", alpha=0.1)]),
+    }
+
+
+def random_subspace(model) -> Subspace:
+    g = torch.Generator().manual_seed(0)
+    d = model.cfg.d_model
+    return Subspace(wv=torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0), mu_mu=torch.zeros(d),
+                    model_name=model.cfg.model_name, d_model=d)
+
+
+@torch.no_grad()
+def reference_loop(model, prompts: list[str], steerers: list, new_tokens: int) -> list[str]:
+    """The reference code's generation (see the module docstring): per prompt, per token, re-tokenise the
+    text and re-run the whole prefix with the steering hooks, then append the greedy token."""
+    out = []
+    for prompt in prompts:
+        text = prompt
+        for _ in range(new_tokens):
+            tokens = model.to_tokens(text)
+            with steering(model, steerers):
+                logits = model(tokens)
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            text = model.to_string(tokens[0, 1:] if model.cfg.default_prepend_bos else tokens[0])
+        out.append(text)
+    return out
+
+
+def kv_cache_mb(model, rows: int, length: int) -> float:
+    """Size of a TransformerLens KV cache holding ``length`` positions for ``rows`` sequences."""
+    cfg = model.cfg
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return cfg.n_layers * 2 * rows * length * kv_heads * cfg.d_head * torch.finfo(cfg.dtype).bits / 8 / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -59,101 +182,105 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory-tokens", type=int, default=256, help="tokens for the memory rows (0 skips them)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
-    ap.add_argument("--no-reference", action="store_true", help="skip the no-cache reference loop")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference loops")
+    ap.add_argument("--no-sasa", action="store_true", help="skip the SASA rows")
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench_generation.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from saesteer.models import load_model
-    from saesteer.sae_loading import load_sae
 
     model = load_model(args.model)
-    sae_note = "shipped"
-    try:
-        if args.sae:
-            sae = load_sae(args.sae, model=model)
-        else:
-            from saesteer.demo import default_sae_path
-
-            sae = load_sae(str(default_sae_path()), model=model)
-    except ValueError:
-        from sae_lens.saes.sae import SAEMetadata
-        from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-
-        d = model.cfg.d_model
-        layer = model.cfg.n_layers // 2
-        sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=8 * d, k=32,
-                                    metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
-        torch.nn.init.normal_(sae.W_enc, std=d**-0.5)
-        sae.W_dec.data = sae.W_enc.data.T.clone()
-        sae = sae.eval().requires_grad_(False)
-        sae_note = "random weights (no SAE shipped)"
-    d_sae = sae.cfg.d_sae
-    scores = torch.rand(d_sae, generator=torch.Generator().manual_seed(0))
-    latents = list(range(10))
-    g = torch.Generator().manual_seed(0)
-    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(model.cfg.d_model, generator=g), dim=0),
-                   mu_mu=torch.zeros(model.cfg.d_model), model_name=model.cfg.model_name, d_model=model.cfg.d_model)
+    sae, sae_note = load_bench_sae(model, args.sae)
+    sub = random_subspace(model)
     n = args.new_tokens
     kw = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False)
-    settings = {
-        "unsteered": dict(),
-        "swap": dict(steerers=[LatentSteering(sae, scores, mode="swap")]),
-        "clamp": dict(steerers=[LatentSteering(sae, scores, mode="clamp", strength=4.0)]),
-        "weight": dict(steerers=[LatentSteering(sae, scores, mode="weight")]),
-        "conditional": dict(steerers=[DecoderSteering(sae, latents, tier="conditional", threshold=0.5)]),
-        "proportional": dict(steerers=[DecoderSteering(sae, latents, tier="proportional")]),
-        "constant": dict(steerers=[DecoderSteering(sae, latents, tier="constant", alpha=0.1)]),
-        "sasa-10": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=10)),
-        "sasa-50": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=50)),
-    }
+    settings = steering_settings(model, sae)
+    if not args.no_sasa:
+        settings["sasa-10"] = dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=10))
+        settings["sasa-50"] = dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=50))
     hf = None
-    if not args.no_hf:
+    if not args.no_hf and args.model == "smollm2-135m":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from saesteer.assets import ensure_smollm2
 
-        if args.model == "smollm2-135m":
-            folder = ensure_smollm2()
-            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            hf_tok = AutoTokenizer.from_pretrained(folder)
-            hf_tok.padding_side = "left"
+        folder = ensure_smollm2()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf_tok = AutoTokenizer.from_pretrained(folder)
+        hf_tok.padding_side = "left"
     results = []
+
+    def add(name, b, sec, **extra):
+        results.append(dict(setting=name, batch=b, seconds=sec, tok_per_s=b * n / sec, **extra))
+
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = (PROMPTS * ((b + len(PROMPTS) - 1) // len(PROMPTS)))[:b]
         generate(model, prompts, max_new_tokens=2, do_sample=False)  # warm-up
-        base = None
-        for name, extra in settings.items():
-            sec = timed(lambda: generate(model, prompts, **kw, **extra), args.repeats)
-            base = base or sec
-            results.append(dict(setting=name, batch=b, seconds=sec, tok_per_s=b * n / sec, vs_unsteered=sec / base))
-            print(f"batch {b} {name:>14}: {sec:7.2f} s  {b * n / sec:7.1f} tok/s  x{sec / base:.2f}", flush=True)
-        if not args.no_reference and b == 1:
-            sec = timed(lambda: generate(model, prompts, use_cache=False, **kw), 1)
-            results.append(dict(setting="reference loop (no cache)", batch=b, seconds=sec, tok_per_s=b * n / sec,
-                                vs_unsteered=sec / base))
-            print(f"batch {b} reference loop: {sec:7.2f} s  x{sec / base:.2f} (ours is {sec / base:.1f}x faster)")
+        base = hf_sec = None
         if hf is not None:
             enc = hf_tok(prompts, return_tensors="pt", padding=True)
             with torch.no_grad():
                 hf.generate(**enc, max_new_tokens=2, do_sample=False)
-                sec = timed(lambda: hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                pad_token_id=hf_tok.pad_token_id), args.repeats)
-            results.append(dict(setting="HF transformers generate", batch=b, seconds=sec, tok_per_s=b * n / sec,
-                                vs_unsteered=sec / base))
-            print(f"batch {b} HF generate: {sec:7.2f} s  (ours unsteered is x{base / sec:.2f} of HF's time)")
+                hf_sec = timed(lambda: hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                   pad_token_id=hf_tok.pad_token_id), args.repeats)
+            print(f"batch {b} HF transformers generate: {hf_sec:7.2f} s", flush=True)
+        for name, extra in settings.items():
+            sec = timed(lambda: generate(model, prompts, **kw, **extra), args.repeats)
+            base = base or sec
+            add(name, b, sec, vs_unsteered=sec / base, vs_hf=sec / hf_sec if hf_sec else None)
+            vs_hf = f"  x{sec / hf_sec:.2f} of HF's time" if hf_sec else ""
+            print(f"batch {b} {name:>14}: {sec:7.2f} s  {b * n / sec:7.1f} tok/s  x{sec / base:.2f} unsteered{vs_hf}",
+                  flush=True)
+        if hf_sec:
+            add("HF transformers generate", b, hf_sec, vs_unsteered=hf_sec / base, vs_hf=1.0)
+        if not args.no_reference and b == 1:
+            swap = settings["swap"]["steerers"]
+            ours = next(r["seconds"] for r in results if r["setting"] == "swap" and r["batch"] == b)
+            stock = load_model(args.model, fix_layout=False)
+            for label, m in (("reference loop, swap, stock TransformerLens", stock),
+                             ("reference loop, swap, our model (no KV cache)", model)):
+                sec = timed(lambda: reference_loop(m, prompts, swap, n), 1)
+                add(label, b, sec, vs_unsteered=sec / base, vs_hf=sec / hf_sec if hf_sec else None,
+                    ours_faster=sec / ours)
+                print(f"batch {b} {label}: {sec:7.2f} s; our swap generation is {sec / ours:.1f}x faster", flush=True)
+            del stock
+
+    memory = []
+    for b in ([1, 8] if args.memory_tokens else []):
+        prompts = (PROMPTS * 8)[:b]
+        before = rss_mb()
+        with PeakRSS() as peak:
+            generate(model, prompts, max_new_tokens=args.memory_tokens, do_sample=False, stop_at_eos=False)
+        length = max(len(model.to_tokens(p)[0]) for p in prompts) + args.memory_tokens
+        memory.append(dict(batch=b, new_tokens=args.memory_tokens, rss_before_mb=before, peak_rss_mb=peak.peak_mb,
+                           growth_mb=peak.peak_mb - before, kv_cache_mb=kv_cache_mb(model, b, length)))
+        print(f"memory, batch {b}, {args.memory_tokens} new tokens: RSS {before:.0f} -> peak {peak.peak_mb:.0f} MB "
+              f"(+{peak.peak_mb - before:.0f} MB; the KV cache itself is {memory[-1]['kv_cache_mb']:.0f} MB)", flush=True)
+
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    meta = dict(model=args.model, sae=sae_note, d_sae=d_sae, new_tokens=n, threads=args.threads,
-                device="cpu", cpu_count=os.cpu_count(), peak_rss_mb=peak_mb, torch=torch.__version__)
-    print(f"\npeak RSS {peak_mb:.0f} MB; SAE: {sae_note} (d_sae {d_sae})")
-    print("\n| setting | batch | s | tok/s | × unsteered |\n|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['setting']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | {r['vs_unsteered']:.2f} |")
+    meta = dict(model=args.model, sae=sae_note, d_sae=sae.cfg.d_sae, new_tokens=n, threads=args.threads,
+                device="cpu", cpu_count=os.cpu_count(), peak_rss_mb=peak_mb, torch=torch.__version__,
+                command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]))
+    print(f"\npeak RSS {peak_mb:.0f} MB; SAE: {sae_note}")
+    print(markdown(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+    tmp.write_text(json.dumps(dict(meta=meta, results=results, memory=memory), indent=2))
     tmp.replace(out)
+
+
+def markdown(results: list[dict]) -> str:
+    def f(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+
+    out = ["| setting | batch | s | tok/s | × unsteered | × HF generate |", "|---|---|---|---|---|---|"]
+    for r in results:
+        out.append(f"| {r['setting']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | "
+                   f"{f(r['vs_unsteered'], '.2f')} | {f(r['vs_hf'], '.2f')} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

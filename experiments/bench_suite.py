@@ -20,7 +20,7 @@ set size sampled while the row ran (``/proc/self/statm`` every 5 ms), and the pr
     python experiments/bench_suite.py --new-tokens 16 --repeats 1 --batches 1
 
 Writes ``figures/bench_suite.json`` and prints a markdown table. Reuses ``experiments/bench_generation.py``
-(its prompts and timer; its SAE loading and steering settings once it exposes them as functions).
+(its prompts, timer, memory sampler, SAE loading and steering settings).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,114 +43,14 @@ import bench_generation as bg  # noqa: E402
 
 from saesteer.generation import Decoder, generate  # noqa: E402
 from saesteer.sasa_decoding import Attribute, SASADecoder  # noqa: E402
-from saesteer.sasa_subspace import Subspace  # noqa: E402
 
 PROMPTS = bg.PROMPTS
 timed = bg.timed
+PeakRSS = bg.PeakRSS
+load_bench_sae = bg.load_bench_sae
+random_subspace = bg.random_subspace
+steering_settings = bg.steering_settings
 
-
-# ---------------------------------------------------------------------------------------------------
-# Pieces bench_generation keeps inside its main(); used from there as soon as it exposes them
-# ---------------------------------------------------------------------------------------------------
-
-
-def random_sae(model, layer: int | None = None, expansion: int = 8, k: int = 32):
-    """A TopK SAE with random weights at ``blocks.{layer}.hook_resid_post`` (shape of the shipped one)."""
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-
-    d = model.cfg.d_model
-    layer = model.cfg.n_layers // 2 if layer is None else layer
-    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=expansion * d, k=k,
-                                metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
-    g = torch.Generator().manual_seed(0)
-    sae.W_enc.data = torch.randn(d, expansion * d, generator=g) * d**-0.5
-    sae.W_dec.data = sae.W_enc.data.T.clone()
-    return sae.eval().requires_grad_(False)
-
-
-def load_bench_sae(model, path: str | None = None):
-    """(SAE, note): the SAE at ``path``, else the shipped one, else a random SAE of that shape (with a note)."""
-    if hasattr(bg, "load_bench_sae"):
-        return bg.load_bench_sae(model, path)
-    from saesteer.sae_loading import load_sae
-
-    try:
-        if path:
-            return load_sae(path, model=model), path
-        from saesteer.demo import default_sae_path
-
-        shipped = default_sae_path()
-        return load_sae(str(shipped), model=model), f"shipped ({shipped.name})"
-    except ValueError as e:
-        print(f"NOTE: no usable SAE ({e}); using a random TopK SAE of the same shape instead.", flush=True)
-        return random_sae(model), "random weights (no SAE shipped)"
-
-
-def steering_settings(model, sae) -> dict[str, dict]:
-    """Name -> extra keyword arguments of ``generate`` for every SAE intervention (as bench_generation)."""
-    if hasattr(bg, "steering_settings"):
-        return {k: v for k, v in bg.steering_settings(model, sae).items() if not k.startswith("sasa")}
-    from saesteer.decoder_steering import DecoderSteering
-    from saesteer.latent_steering import LatentSteering
-
-    scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
-    latents = list(range(10))
-    return {
-        "unsteered": dict(),
-        "swap": dict(steerers=[LatentSteering(sae, scores, mode="swap")]),
-        "clamp": dict(steerers=[LatentSteering(sae, scores, mode="clamp", strength=4.0)]),
-        "weight": dict(steerers=[LatentSteering(sae, scores, mode="weight")]),
-        "conditional": dict(steerers=[DecoderSteering(sae, latents, tier="conditional", threshold=0.5)]),
-        "proportional": dict(steerers=[DecoderSteering(sae, latents, tier="proportional")]),
-        "constant": dict(steerers=[DecoderSteering(sae, latents, tier="constant", alpha=0.1)]),
-    }
-
-
-def random_subspace(model) -> Subspace:
-    g = torch.Generator().manual_seed(0)
-    d = model.cfg.d_model
-    return Subspace(wv=torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0), mu_mu=torch.zeros(d),
-                    model_name=model.cfg.model_name, d_model=d)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------------------------------
-
-
-def rss_mb() -> float:
-    """Current resident set size in MB (Linux /proc; falls back to the process peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PeakRSS:
-    """Context manager sampling the RSS every ``interval`` seconds; ``.peak_mb`` after exit."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, rss_mb())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak_mb = rss_mb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, rss_mb())
 
 
 class CandidateCounter(Decoder):
