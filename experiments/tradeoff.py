@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
+from saesteer.contrast import select_latents  # noqa: E402
 from saesteer.evaluation import evaluate, load_prompt_arg, paper_table, to_markdown  # noqa: E402
 from saesteer.methods import parse_method, prepare_resources  # noqa: E402
 
@@ -111,7 +112,7 @@ def method_grid(args: argparse.Namespace, have_sae: bool, table: pd.DataFrame | 
         n = args.n_latents
         thr = args.conditional_threshold
         if thr is None:  # half the mean activation, where they fire, of the steered latents on toxic text
-            top = table.head(n)
+            top = select_latents(table, n)  # the latents the decoder tiers steer (default max_density)
             thr = round(0.5 * float((top["mean_toxic"] / top["freq_toxic"].clip(lower=1e-12)).mean()), 4)
             say(f"conditional tier threshold: {thr} (half the steered latents' mean activation when firing on toxic text)")
         for tier, alphas in (("conditional", args.alphas), ("proportional", args.alphas), ("constant", args.constant_alphas)):
