@@ -15,6 +15,8 @@ position of h = the residual stream at ``hook_name``:
   not the latent fires.
 
 alpha = 0 is exactly the identity. f_i(h) is the SAE's own encoding (TopK/JumpReLU rules included).
+Attention-sink positions (norm above ``sink_factor`` x their row's median, see :mod:`saesteer.hooks`)
+are left as they are.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from transformer_lens.hook_points import HookPoint
 
 from . import sae_ops
 from .checks import check_strength, sae_hook_name
-from .hooks import HookSteerer
+from .hooks import HookSteerer, check_sink_factor, sink_mask
 
 Tier = Literal["conditional", "proportional", "constant"]
 TIERS: tuple[Tier, ...] = ("conditional", "proportional", "constant")
@@ -55,6 +57,7 @@ class DecoderSteering(HookSteerer):
     alpha: float = 1.0
     threshold: float = 0.0
     hook_name: str = field(default="")
+    sink_factor: float | None = 3.0
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -62,6 +65,7 @@ class DecoderSteering(HookSteerer):
         sae_ops.check_supported(self.sae)
         self.alpha = check_strength("alpha", self.alpha)
         self.threshold = check_strength("threshold", self.threshold)
+        self.sink_factor = check_sink_factor(self.sink_factor)
         lat = self.latents["latent"].tolist() if isinstance(self.latents, pd.DataFrame) else self.latents
         idx = torch.as_tensor(list(lat) if not isinstance(lat, Tensor) else lat, dtype=torch.long).flatten()
         d_sae = self.sae.cfg.d_sae
@@ -89,4 +93,8 @@ class DecoderSteering(HookSteerer):
         return (-self.alpha * out).to(h.dtype)
 
     def hook_fn(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        return activation + self.delta(activation)
+        delta = self.delta(activation)
+        sinks = sink_mask(activation, self.sink_factor)
+        if sinks is not None:
+            delta = delta.masked_fill(sinks.unsqueeze(-1), 0.0)
+        return activation + delta

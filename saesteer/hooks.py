@@ -5,6 +5,13 @@ A *steerer* is anything with a ``hook_name`` (a TransformerLens hook point, by d
 attaches any number of them to a ``HookedTransformer`` / ``HookedSAETransformer`` for the duration
 of a ``with`` block and always removes them again, also when the block raises. Hooks see every
 position of every forward pass, so under a KV cache they steer each generated token too.
+
+Attention sinks. The first position (BOS, sometimes the token after it) of most models carries a
+residual stream tens to hundreds of times larger than the others (SmolLM2-135M: ~25,000 vs ~170 at
+layer 15). SAEs are trained without these positions, their latents fire absurdly there, and editing the
+sink wrecks every later token. :func:`sink_mask` finds them (norm above ``factor`` x the median of their
+row); the SAE steerers leave them untouched by default (``sink_factor=3.0``; ``None`` steers them too).
+A single-position forward (a decoding step) has no sink.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
+import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
@@ -59,6 +68,22 @@ def steering(model: HookedTransformer, steerers: Sequence[Steerer]) -> Iterator[
         check_hook_name(model, s.hook_name)
     with model.hooks(fwd_hooks=[(s.hook_name, s.hook_fn) for s in steerers], reset_hooks_end=True):
         yield model
+
+
+def sink_mask(h: Float[Tensor, "batch pos d"], factor: float | None) -> Bool[Tensor, "batch pos"] | None:
+    """Positions whose norm exceeds ``factor`` x the median norm of their row (attention sinks), or None
+    when there is nothing to skip (``factor`` None, one position, no outlier)."""
+    if factor is None or h.dim() < 3 or h.shape[-2] < 2:
+        return None
+    norms = h.float().norm(dim=-1)
+    mask = norms > factor * norms.median(dim=-1, keepdim=True).values
+    return mask if bool(mask.any()) else None
+
+
+def check_sink_factor(factor: float | None) -> float | None:
+    if factor is not None and not (isinstance(factor, (int, float)) and factor > 1):
+        raise ValueError(f"sink_factor must be a number > 1 (3.0 skips attention sinks) or None, got {factor!r}.")
+    return None if factor is None else float(factor)
 
 
 class HookSteerer:

@@ -33,7 +33,7 @@ from transformer_lens.hook_points import HookPoint
 
 from . import sae_ops
 from .checks import check_positive_int, check_strength, sae_hook_name
-from .hooks import HookSteerer
+from .hooks import HookSteerer, check_sink_factor, sink_mask
 from .scoring import LatentScores
 
 Mode = Literal["swap", "clamp", "weight"]
@@ -76,8 +76,10 @@ class LatentSteering(HookSteerer):
     k: int | None = None
     use_error_term: bool = True
     hook_name: str = field(default="")
+    sink_factor: float | None = 3.0
 
     def __post_init__(self) -> None:
+        self.sink_factor = check_sink_factor(self.sink_factor)
         if self.mode not in ("swap", "clamp", "weight"):
             raise ValueError(f"mode must be 'swap', 'clamp' or 'weight', got {self.mode!r}.")
         sae_ops.check_supported(self.sae)
@@ -122,5 +124,8 @@ class LatentSteering(HookSteerer):
         f = enc.acts
         f_new = f + self.strength * (self.target_latents(enc) - f)
         if self.use_error_term:
-            return activation + sae_ops.decode_delta(self.sae, f_new - f, enc).to(activation.dtype)
-        return sae_ops.decode(self.sae, f_new, enc).to(activation.dtype)
+            out = activation + sae_ops.decode_delta(self.sae, f_new - f, enc).to(activation.dtype)
+        else:
+            out = sae_ops.decode(self.sae, f_new, enc).to(activation.dtype)
+        sinks = sink_mask(activation, self.sink_factor)  # attention sinks stay as they are (saesteer.hooks)
+        return out if sinks is None else torch.where(sinks.unsqueeze(-1), activation, out)

@@ -80,3 +80,32 @@ def test_bad_arguments(kwargs, match):
     args = dict(latents=LATENTS) | kwargs
     with pytest.raises(ValueError, match=match):
         DecoderSteering(tiny_sae(), **args)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "clamp", "clamp-no-error"])
+def test_attention_sinks_are_left_alone(kind):
+    """A position whose norm is far above its row's median (BOS, an attention sink) is not steered by default."""
+    from saesteer.latent_steering import LatentSteering
+
+    sae = tiny_sae("standard")
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 32, generator=g)
+    h[0, 0] *= 50.0  # the sink of row 0; row 1 has none
+    scores = torch.rand(sae.cfg.d_sae, generator=g)
+
+    def make(**kw):
+        if kind == "decoder":
+            return DecoderSteering(sae, LATENTS, tier="constant", alpha=0.5, hook_name=HOOK, **kw)
+        return LatentSteering(sae, scores, mode="clamp", strength=4.0, hook_name=HOOK, use_error_term=kind == "clamp", **kw)
+
+    out = make().hook_fn(h.clone(), None)
+    assert torch.equal(out[0, 0], h[0, 0])
+    assert not torch.allclose(out[0, 1:], h[0, 1:]) and not torch.allclose(out[1], h[1])
+    everywhere = make(sink_factor=None).hook_fn(h.clone(), None)
+    assert not torch.allclose(everywhere[0, 0], h[0, 0])
+    torch.testing.assert_close(everywhere[:, 1:], out[:, 1:])  # the other positions are steered the same way
+    # a single position (a decoding step under the KV cache) is always steered
+    one = make().hook_fn(h[:, :1].clone(), None)
+    torch.testing.assert_close(one, everywhere[:, :1])
+    with pytest.raises(ValueError, match="sink_factor"):
+        make(sink_factor=0.5)
