@@ -34,7 +34,7 @@ class DemoConfig:
     methods: tuple[str, ...] = METHODS
     beta: float = 20.0
     tier: str = "proportional"
-    alpha: float = 1.0
+    alpha: float = 2.0
     n_latents: int = 10
     n_prompts: int = 8
     prompts_file: str | None = None
