@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.assets
 
-N_PROMPTS = 16
+N_PROMPTS = 20
 NEW_TOKENS = 16
 
 
