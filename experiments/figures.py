@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from saesteer.contrast import toxicity_latents  # noqa: E402
+from saesteer.contrast import select_latents, toxicity_latents  # noqa: E402
 from saesteer.datasets import LabelledTexts  # noqa: E402
 from saesteer.decoder_steering import DecoderSteering  # noqa: E402
 from saesteer.feature_dashboard import PlotlyView, feature_dashboards, prompt_latents  # noqa: E402
@@ -86,8 +86,8 @@ def write_figures(
     out = Path(out_dir)
     written: list[Path] = []
     t = time.time()
-    table = toxicity_latents(model, sae, toxic, non_toxic, top_n=max(n_latents, 10))
-    latents = [int(i) for i in table["latent"].head(n_latents)]
+    table = select_latents(toxicity_latents(model, sae, toxic, non_toxic, top_n=None), n_latents)  # dense latents out
+    latents = [int(i) for i in table["latent"]]
     _say(f"toxicity latents {latents} ({time.time() - t:.0f} s)")
     alignment = list(alignment) if alignment is not None else list(non_toxic)
     reference = list(reference) if reference is not None else list(toxic) + list(non_toxic)
@@ -106,7 +106,7 @@ def write_figures(
         data = LabelledTexts(list(toxic) + list(non_toxic), [1.0] * len(toxic) + [0.0] * len(non_toxic),
                              source="figures")
         subspace = learn_subspace(model, data, progress=False)
-    steer = DecoderSteering(sae, table.head(n_latents), tier="proportional", alpha=alpha)
+    steer = DecoderSteering(sae, table, tier="proportional", alpha=alpha)
     dec = SASADecoder([Attribute(subspace, beta)])
     report = steering_report(model, prompts[0], steerers=[steer], decoder=dec, max_new_tokens=max_new_tokens,
                              seed=seed, top_p=0.9)
