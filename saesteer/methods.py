@@ -323,10 +323,15 @@ def sae_digest(sae: Any) -> str:
     return h.hexdigest()[:10]
 
 
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
+def _cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The table cached at ``path``, else ``compute()`` written there atomically (temp file + rename)."""
+    if path.exists():
+        return pd.read_csv(path)
+    df = compute()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     df.to_csv(tmp, index=False)
     tmp.replace(path)
+    return df
 
 
 def prepare_resources(
@@ -394,28 +399,25 @@ def prepare_resources(
     if "contrast_table" in needs:
         from .contrast import toxicity_latents
 
-        path = cache / f"latents-{sae_name}-{res.info['sae']['digest']}-{contrast_samples}-seed{seed}.csv"
-        if path.exists():
-            table = pd.read_csv(path)
-        else:
+        def contrast() -> pd.DataFrame:
             say(f"finding toxicity latents in {sae_name} by contrast ({contrast_samples} texts per class)")
             toxic, clean = balanced_texts(labelled(), contrast_samples, seed)
-            table = toxicity_latents(model, sae, toxic, clean, top_n=None, progress=progress)
-            _atomic_csv(table, path)
+            return toxicity_latents(model, sae, toxic, clean, top_n=None, progress=progress)
+
+        path = cache / f"latents-{sae_name}-{res.info['sae']['digest']}-{contrast_samples}-seed{seed}.csv"
+        table = _cached_csv(path, contrast)
         res.contrast_table = table
         res.info["contrast_table"] = {"file": path.name, "samples_per_class": contrast_samples, "seed": seed}
 
     if "latent_scores" in needs:
         from .scoring import score_latents, scores_to_frame, target_prompts
 
-        path = cache / f"scores-{sae_name}-{res.info['sae']['digest']}-non-toxic.csv"
-        if path.exists():
-            frame = pd.read_csv(path)
-        else:
+        def scores() -> pd.DataFrame:
             say(f"scoring the latents of {sae_name} against the non-toxic target")
-            align, ref = target_prompts("non-toxic")
-            frame = scores_to_frame(score_latents(model, sae, align, ref, progress=progress))
-            _atomic_csv(frame, path)
+            return scores_to_frame(score_latents(model, sae, *target_prompts("non-toxic"), progress=progress))
+
+        path = cache / f"scores-{sae_name}-{res.info['sae']['digest']}-non-toxic.csv"
+        frame = _cached_csv(path, scores)
         alive = frame["alive"].astype(bool).to_numpy()
         vals = np.where(alive, frame["score"].to_numpy(dtype=np.float64), 0.0)
         res.latent_scores = torch.tensor(vals, dtype=torch.float32)
