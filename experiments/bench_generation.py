@@ -57,11 +57,19 @@ PROMPTS = [
 ]
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that wall-clock timers measure it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -127,19 +135,44 @@ def random_sae(model, layer: int | None = None, expansion: int = 8, k: int = 32)
 
 
 def load_bench_sae(model, path: str | None = None):
-    """(SAE, note): the SAE at ``path``, else the shipped one, else a random SAE of that shape (with a note)."""
+    """(SAE, note): the SAE at ``path``, else the shipped one, else a random SAE of that shape (with a note),
+    on the model's device and in its dtype."""
     from saesteer.sae_loading import load_sae
 
     try:
         if path:
-            return load_sae(path, model=model), path
+            return load_sae(path, model=model, dtype=model.cfg.dtype), path
         from saesteer.demo import default_sae_path
 
         shipped = default_sae_path()
-        return load_sae(str(shipped), model=model), f"shipped ({shipped.name})"
+        return load_sae(str(shipped), model=model, dtype=model.cfg.dtype), f"shipped ({shipped.name})"
     except ValueError as e:
         print(f"NOTE: no usable SAE ({e}); using a random TopK SAE of the same shape instead.", flush=True)
-        return random_sae(model), "random weights (no SAE shipped)"
+        return random_sae(model).to(model.cfg.device, model.cfg.dtype), "random weights (no SAE shipped)"
+
+
+def hf_folder(model_arg: str) -> str | None:
+    """The Hugging Face folder behind ``--model`` (short name or local folder), else None (official names)."""
+    from saesteer.models import resolve_model_source
+
+    kind, source = resolve_model_source(model_arg)
+    if kind == "short":
+        from saesteer.assets import ensure_smollm2
+
+        return str(ensure_smollm2())
+    return source if kind == "local" else None
+
+
+def random_weights_folder(config_folder: str, dest: Path, seed: int = 0) -> str:
+    """Write a Hugging Face model with ``config_folder``'s config and tokenizer and seeded random weights
+    (the library's own initialisation) to ``dest``. Timing does not depend on the weights' values
+    (fixed-length decoding, EOS ignored), so this times the architecture where its weights cannot be had."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder)).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(config_folder).save_pretrained(dest)
+    return str(dest)
 
 
 def steering_settings(model, sae) -> dict[str, dict]:
@@ -190,7 +223,12 @@ def kv_cache_mb(model, rows: int, length: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m", help="short name, Hugging Face folder or TL model name")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (model, SAE and HF baseline)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="time --model's architecture (a folder with config.json and tokenizer; weights not needed) "
+                         "with seeded random weights, for machines that cannot fetch the weights")
     ap.add_argument("--sae", default=None, help="SAELens folder (default: the shipped SAE, else a random one)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
@@ -200,12 +238,24 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference loops")
     ap.add_argument("--no-sasa", action="store_true", help="skip the SASA rows")
+    ap.add_argument("--settings", default=None,
+                    help="comma-separated rows to run, e.g. swap,sasa-50 (default: all; unsteered always runs)")
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench_generation.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from saesteer.models import load_model
 
-    model = load_model(args.model)
+    dtype = getattr(torch, args.dtype)
+    model_arg, tmp = args.model, None
+    if args.random_weights:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory()
+        model_arg = random_weights_folder(args.model, Path(tmp.name) / "model")
+    load = lambda **kw: load_model(model_arg, device=args.device, dtype=dtype, **kw)  # noqa: E731
+    t0 = time.perf_counter()
+    model = load()
+    print(f"loaded {args.model} on {args.device} ({args.dtype}) in {time.perf_counter() - t0:.1f} s", flush=True)
     sae, sae_note = load_bench_sae(model, args.sae)
     sub = random_subspace(model)
     n = args.new_tokens
@@ -214,14 +264,17 @@ def main() -> None:
     if not args.no_sasa:
         settings["sasa-10"] = dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=10))
         settings["sasa-50"] = dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=50))
+    if args.settings:
+        keep = {"unsteered", *args.settings.split(",")}
+        if unknown := keep - set(settings):
+            raise SystemExit(f"--settings: unknown {sorted(unknown)}; choose from {sorted(settings)}")
+        settings = {k: v for k, v in settings.items() if k in keep}
     hf = None
-    if not args.no_hf and args.model == "smollm2-135m":
+    folder = None if args.no_hf else hf_folder(model_arg)
+    if folder is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from saesteer.assets import ensure_smollm2
-
-        folder = ensure_smollm2()
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         hf_tok = AutoTokenizer.from_pretrained(folder)
         hf_tok.padding_side = "left"
     results = []
@@ -235,7 +288,7 @@ def main() -> None:
         plain = lambda: generate(model, prompts, **kw)  # noqa: E731
         unsteered_vs_hf = None
         if hf is not None:
-            enc = hf_tok(prompts, return_tensors="pt", padding=True)
+            enc = hf_tok(prompts, return_tensors="pt", padding=True).to(args.device)
 
             def hf_run():
                 with torch.no_grad():
@@ -258,10 +311,10 @@ def main() -> None:
                   flush=True)
         base = next(r["seconds"] for r in results if r["setting"] == "unsteered" and r["batch"] == b)
         hf_sec = base / unsteered_vs_hf if unsteered_vs_hf else None
-        if not args.no_reference:
+        if not args.no_reference and "swap" in settings:
             swap = settings["swap"]["steerers"]
             ours = next(r["seconds"] for r in results if r["setting"] == "swap" and r["batch"] == b)
-            stock = load_model(args.model, fix_layout=False)
+            stock = load(fix_layout=False)
             loops = [("reference loop, swap, stock TransformerLens", stock)]
             if b == 1:
                 loops.append(("reference loop, swap, our model (no KV cache)", model))
@@ -272,13 +325,15 @@ def main() -> None:
                 print(f"batch {b} {label}: {sec:7.2f} s; our swap generation is {sec / ours:.1f}x faster", flush=True)
             del stock
 
+    on_gpu = str(model.cfg.device).startswith("cuda")
+    used_mb = (lambda: torch.cuda.memory_allocated() / 2**20) if on_gpu else rss_mb  # noqa: E731
     memory = []
     for b in ([1, 8] if args.memory_tokens else []):
         prompts = (PROMPTS * 8)[:b]
         trace: list[float] = []
 
-        def probe(tokens, logits):  # a logits processor that only records the RSS at every step
-            trace.append(rss_mb())
+        def probe(tokens, logits):  # a logits processor that only records the memory in use at every step
+            trace.append(used_mb())
             return logits
 
         generate(model, prompts, max_new_tokens=args.memory_tokens, do_sample=False, stop_at_eos=False,
@@ -286,17 +341,21 @@ def main() -> None:
         first = min(32, args.memory_tokens // 4)
         prompt_len = max(len(model.to_tokens(p)[0]) for p in prompts)
         cache_growth = kv_cache_mb(model, b, prompt_len + args.memory_tokens) - kv_cache_mb(model, b, prompt_len + first)
-        row = dict(batch=b, new_tokens=args.memory_tokens, rss_at_step_mb=trace[first], rss_last_step_mb=trace[-1],
+        row = dict(batch=b, new_tokens=args.memory_tokens, measure="cuda allocated" if on_gpu else "RSS",
+                   rss_at_step_mb=trace[first], rss_last_step_mb=trace[-1],
                    rss_max_mb=max(trace), growth_mb=trace[-1] - trace[first], kv_cache_growth_mb=cache_growth,
                    kv_cache_final_mb=kv_cache_mb(model, b, prompt_len + args.memory_tokens))
         memory.append(row)
-        print(f"memory, batch {b}: RSS {row['rss_at_step_mb']:.0f} MB at step {first}, {row['rss_last_step_mb']:.0f} MB at "
+        print(f"memory, batch {b}: {row['measure']} {row['rss_at_step_mb']:.0f} MB at step {first}, {row['rss_last_step_mb']:.0f} MB at "
               f"step {args.memory_tokens} (+{row['growth_mb']:.0f} MB; the KV cache grew {cache_growth:.0f} MB, "
               f"to {row['kv_cache_final_mb']:.0f} MB)", flush=True)
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    meta = dict(model=args.model, sae=sae_note, d_sae=sae.cfg.d_sae, new_tokens=n, threads=args.threads,
-                device="cpu", cpu_count=os.cpu_count(), peak_rss_mb=peak_mb, torch=torch.__version__,
+    meta = dict(model=args.model, random_weights=args.random_weights, sae=sae_note, d_sae=sae.cfg.d_sae,
+                new_tokens=n, threads=args.threads, device=args.device, dtype=args.dtype,
+                gpu=torch.cuda.get_device_name() if on_gpu else None,
+                peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
+                cpu_count=os.cpu_count(), peak_rss_mb=peak_mb, torch=torch.__version__,
                 command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]))
     print(f"\npeak RSS {peak_mb:.0f} MB; SAE: {sae_note}")
     print(markdown(results))

@@ -97,14 +97,17 @@ def load_openai_sae(
 
 
 def load_sae(
-    release_or_path: str, sae_id: str | None = None, *, device: str = "cpu",
-    model: HookedTransformer | None = None,
+    release_or_path: str, sae_id: str | None = None, *, device: str | None = None,
+    dtype: str | torch.dtype | None = None, model: HookedTransformer | None = None,
 ) -> SAE:
     """Load an SAE from a folder saved by SAELens (``sae.save_model``) or a SAELens release by name.
 
     ``load_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")``, ``load_sae("path/to/folder")``.
     With ``model``, check that the SAE's hook exists and its width matches (clear error otherwise).
+    ``device`` defaults to the model's device (else CPU); ``dtype`` (e.g. ``"bfloat16"``) to the SAE's own.
     """
+    if device is None:
+        device = str(model.cfg.device) if model is not None else "cpu"
     path = Path(release_or_path)
     if path.is_dir():
         sae = SAE.load_from_disk(path, device=device)
@@ -117,6 +120,11 @@ def load_sae(
                              "(e.g. 'blocks.8.hook_resid_pre' for gpt2-small-res-jb).")
         sae = SAE.from_pretrained(release_or_path, sae_id, device=device)
     sae = sae.eval().requires_grad_(False)
+    if dtype is not None:
+        dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype; pass e.g. 'float32', 'bfloat16' or torch.float16.")
+        sae = sae.to(dt)
     if model is not None:
         check_sae_fits(model, sae, sae_hook_name(sae) or "")
     return sae

@@ -82,3 +82,14 @@ def test_missing_path_and_release_without_id(tmp_path):
         load_sae(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="sae_id"):
         load_sae("gpt2-small-res-jb")
+
+
+def test_load_with_dtype(tmp_path):
+    sae = tiny_sae("topk")
+    sae.save_model(tmp_path / "sae")
+    half = load_sae(str(tmp_path / "sae"), dtype="bfloat16", model=tiny_model())
+    assert half.W_enc.dtype == half.W_dec.dtype == torch.bfloat16
+    assert half.W_enc.device.type == "cpu"  # the model's device
+    assert torch.equal(half.W_dec, sae.W_dec.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        load_sae(str(tmp_path / "sae"), dtype="float33")
