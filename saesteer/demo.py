@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import save_atomic, write_text_atomic
 from .generation import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,9 +136,7 @@ def write_outputs(df: pd.DataFrame, cfg: DemoConfig) -> tuple[Path, Path]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, html_path = out / "demo.csv", out / "demo.html"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(csv_path)
+    save_atomic(csv_path, lambda tmp: df.to_csv(tmp, index=False))
     wide = df.pivot(index="prompt", columns="method", values=["continuation", "toxicity"])
     methods = [m for m in cfg.methods]
     cells = []
@@ -158,9 +157,7 @@ def write_outputs(df: pd.DataFrame, cfg: DemoConfig) -> tuple[Path, Path]:
         f"tier {cfg.tier} alpha {cfg.alpha}, scorer {html.escape(cfg.scorer)}</p>"
         f"<table><tr><th>prompt</th>{summary}</tr>{''.join(cells)}</table>"
     )
-    tmp = html_path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(html_path)
+    write_text_atomic(html_path, page)
     return csv_path, html_path
 
 

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_write, write_text_atomic
 from .metrics import DEFAULT_MAX_PPL, aggregate_perplexity, continuation_nll, distinct_n, toxicity_metrics
 
 __all__ = [
@@ -219,9 +220,7 @@ def _read_jsonl(path: Path, repair: bool = False) -> list[dict]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
 
 
 def _comparable(settings: dict) -> dict:
@@ -548,11 +547,9 @@ def merge_shards(
         if res.paths["jsonl"].exists() and res.paths["jsonl"] not in files:
             raise ValueError(f"{res.paths['jsonl']} exists already; merge into another out_dir.")
         _write_json(res.paths["settings"], merged)
-        tmp = res.paths["jsonl"].with_name(".generations.jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(res.paths["jsonl"]) as f:
             for i in sorted(records):
                 f.write(json.dumps(records[i], ensure_ascii=False) + "\n")
-        tmp.replace(res.paths["jsonl"])
         gens.to_csv(res.paths["csv"], index=False)
         _write_json(res.paths["summary"], {"summary": summary})
     return res

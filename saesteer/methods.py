@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import save_atomic
+
 __all__ = [
     "COMPONENTS",
     "Method",
@@ -328,9 +330,7 @@ def _cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame
     if path.exists():
         return pd.read_csv(path)
     df = compute()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    save_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
     return df
 
 

@@ -22,7 +22,6 @@ import math
 import numbers
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from .atomic import atomic_write
 from .checks import check_positive_int, check_strength
 from .datasets import LabelledTexts, load_jigsaw
 from .tokens import pad_id, pad_sequences
@@ -447,29 +447,16 @@ class Subspace:
         """Write ``{'wv', 'mu_mu', 'saesteer_meta'}`` to ``path`` (must end in ``.pt``) atomically.
 
         ``wv``/``mu_mu`` are float32 CPU tensors, so the reference implementation can read the file too.
-        The file appears complete or not at all (temp file in the same folder + ``os.replace``).
+        The file appears complete or not at all (:func:`saesteer.atomic.atomic_write`).
         """
         path = _check_pt_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "wv": self.wv.detach().to("cpu", torch.float32).contiguous().clone(),
             "mu_mu": self.mu_mu.detach().to("cpu", torch.float32).contiguous().clone(),
             "saesteer_meta": self.metadata(),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a saved subspace is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with atomic_write(path, "wb", permissions=0o644) as f:  # 0644: a saved subspace is meant to be shared
+            torch.save(payload, f)
         return path
 
     @classmethod

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .assets import cache_dir, fetch_package_file
+from .atomic import write_text_atomic
 
 __all__ = [
     "JIGSAW_LABELS",
@@ -695,12 +696,8 @@ def _load_tokenizer(path: Path, spec: _Variant) -> KerasTokenizer:
         pass
     tokenizer = KerasTokenizer.from_keras_pickle(path, spec.tokenizer_sha256, maxlen=spec.maxlen)
     data = {**tokenizer.to_dict(), "source_sha256": spec.tokenizer_sha256}
-    tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.part")
-    try:  # best effort: an unwritable cache only costs the slower load next time
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, json_path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # best effort: an unwritable cache only costs the slower load next time
+        write_text_atomic(json_path, json.dumps(data, ensure_ascii=False))
     return tokenizer
 
 
