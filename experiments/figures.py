@@ -37,6 +37,7 @@ from saesteer.decoder_steering import DecoderSteering  # noqa: E402
 from saesteer.feature_dashboard import PlotlyView, feature_dashboards, prompt_latents  # noqa: E402
 from saesteer.sasa_decoding import Attribute, SASADecoder  # noqa: E402
 from saesteer.sasa_subspace import Subspace, learn_subspace  # noqa: E402
+from saesteer.figure_export import save_figure  # noqa: E402
 from saesteer.scoring import score_latents  # noqa: E402
 from saesteer.steering_report import steering_report  # noqa: E402
 
@@ -46,15 +47,7 @@ def _say(msg: str) -> None:
 
 
 def _write(view: PlotlyView, path: Path, include_plotlyjs, written: list[Path]) -> None:
-    written.append(view.save_html(path, include_plotlyjs=include_plotlyjs))
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
-        return
-    try:
-        written.append(view.save_png(path.with_suffix(".png")))
-    except Exception as e:  # PNG is a bonus: never fail the figures for it
-        _say(f"PNG export of {path.name} failed ({type(e).__name__}: {e}); the HTML is written.")
+    written.extend(save_figure(view.figure(), path, include_plotlyjs=include_plotlyjs, scale=1.0, log=_say))
 
 
 def write_figures(
@@ -131,7 +124,8 @@ def main() -> None:
     ap.add_argument("--prompt", default=None, help="prompt for the prompt view and the steering report")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cdn", action="store_true", help="load plotly.js from its CDN (small files, need internet)")
+    ap.add_argument("--plotlyjs", default="directory", choices=["directory", "embed", "cdn"],
+                    help="plotly.js: one shared plotly.min.js in --out (default), embedded in every page, or the CDN")
     ap.add_argument("--out", default=str(ROOT / "figures"))
     args = ap.parse_args()
     import torch
@@ -155,7 +149,7 @@ def main() -> None:
     written = write_figures(model, sae, corpus=corpus, toxic=tox[:n], non_toxic=clean[:n], prompts=[prompt],
                             out_dir=args.out, alignment=align, reference=ref, n_latents=args.n_latents,
                             max_texts=args.max_texts, max_new_tokens=args.max_new_tokens,
-                            include_plotlyjs="cdn" if args.cdn else True)
+                            include_plotlyjs=True if args.plotlyjs == "embed" else args.plotlyjs)
     for p in written:
         print(p)
 

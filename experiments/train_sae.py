@@ -49,6 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from saesteer.figure_export import save_figure  # noqa: E402
 from saesteer.sae_quality import (  # noqa: E402
     HELDOUT_EVERY,
     collect_hook_activations,
@@ -222,15 +223,8 @@ def write_figure(history: list[dict], path: Path, title: str) -> str | None:
         for c in (1, 2):
             fig.update_xaxes(title_text="training step", row=r, col=c)
     fig.update_layout(title=title, height=700, width=1100)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=True)  # self-contained: viewable offline
-    png = path.with_suffix(".png")
-    try:
-        fig.write_image(str(png), scale=1)
-        return str(png)
-    except Exception as exc:  # kaleido missing or broken: the HTML is the figure
-        say(f"PNG export skipped ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
-        return None
+    written = save_figure(fig, path, scale=1.0, log=say)  # self-contained HTML: viewable offline
+    return str(written[1]) if len(written) > 1 else None
 
 
 def main(argv=None) -> int:

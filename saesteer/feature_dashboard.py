@@ -47,6 +47,7 @@ from transformer_lens import HookedTransformer
 from . import sae_ops
 from .activations import iter_latents, run_to_hook
 from .checks import check_positive_int, check_sae_fits, sae_hook_name
+from .figure_export import write_html, write_png
 from .scoring import LatentScores
 from .tokens import tokenize
 
@@ -94,22 +95,13 @@ class PlotlyView:
         return self.figure()._repr_mimebundle_(include, exclude)
 
     def save_html(self, path: str | os.PathLike, *, include_plotlyjs: bool | str = True) -> Path:
-        """Write a standalone HTML file (plotly.js embedded: opens offline; pass ``"cdn"`` for a small file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure().write_html(str(path), include_plotlyjs=include_plotlyjs, full_html=True)
-        return path
+        """Write a standalone HTML file (plotly.js embedded: opens offline; ``"directory"`` shares one
+        ``plotly.min.js`` beside the pages; ``"cdn"`` for a small file that needs the internet)."""
+        return write_html(self.figure(), path, include_plotlyjs=include_plotlyjs)
 
     def save_png(self, path: str | os.PathLike, *, scale: float = 1.0) -> Path:
-        """Write a PNG with ``kaleido`` (``pip install kaleido``); raises RuntimeError without it."""
-        try:
-            import kaleido  # noqa: F401
-        except ImportError:
-            raise RuntimeError("PNG export needs kaleido: pip install kaleido (HTML export needs nothing).") from None
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure().write_image(str(path), scale=scale)
-        return path
+        """Write a PNG (``pip install 'saesteer[png]'``); raises RuntimeError, saying what to install, without it."""
+        return write_png(self.figure(), path, scale=scale)
 
 
 def token_strings(model: HookedTransformer, ids: Iterable[int]) -> list[str]:
