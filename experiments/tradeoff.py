@@ -1,7 +1,8 @@
 """Toxicity vs perplexity trade-off of every steering method on the default model, as the papers evaluate.
 
-Methods (specs of :mod:`saesteer.methods`): unsteered; SASA with a beta sweep; the three decoder-vector
-tiers with an alpha sweep each; SAE latent ``swap`` and ``clamp``; SASA + decoder steering together.
+Methods (specs of :mod:`saesteer.methods`): unsteered; SASA with a beta sweep, and unsteered sampling with
+top-k = SASA's candidate cap (SASA samples among its candidates only: the control for that truncation); the
+three decoder-vector tiers with an alpha sweep each; SAE latent ``swap`` and ``clamp``; SASA + decoder steering together.
 Each is evaluated by :func:`saesteer.evaluation.evaluate` on the same prompts and seeds: k samples per
 prompt, scored by the default offline toxicity scorer, perplexity under the unsteered host model.
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from saesteer.contrast import select_latents  # noqa: E402
+from saesteer.figure_export import save_figure  # noqa: E402
 from saesteer.evaluation import evaluate, load_prompt_arg, paper_table, to_markdown  # noqa: E402
 from saesteer.methods import parse_method, prepare_resources  # noqa: E402
 
@@ -76,26 +78,6 @@ def find_sae(arg: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def save_figure(fig, path: Path) -> list[Path]:
-    """Write ``path`` (.html, plotly.js embedded) and a .png beside it when kaleido is importable and works.
-    PNG export is optional: a failure prints a note, never an error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=True)
-    written = [path]
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
-        say(f"note: kaleido is not installed, so no PNG next to {path.name} (pip install kaleido==0.2.1); the HTML is written.")
-        return written
-    try:
-        png = path.with_suffix(".png")
-        fig.write_image(str(png), scale=2)
-        written.append(png)
-    except Exception as exc:  # a broken kaleido must not cost the results
-        say(f"note: PNG export failed ({type(exc).__name__}: {exc}); the HTML is written.")
-    return written
-
-
 def method_grid(args: argparse.Namespace, have_sae: bool, table: pd.DataFrame | None) -> list[dict]:
     """(family, parameter, value, spec) of every method to run, in plotting order."""
     if args.methods:
@@ -108,6 +90,9 @@ def method_grid(args: argparse.Namespace, have_sae: bool, table: pd.DataFrame | 
     mc = args.sasa_max_candidates
     rows += [{"family": "sasa", "param": "beta", "value": b, "spec": f"sasa:beta={b:g},max_candidates={mc}"}
              for b in floats(args.betas)]
+    if args.betas or "sasa" in args.combos:  # SASA samples among its mc candidates only: a top-k = mc control
+        rows.append({"family": f"unsteered, top-k={mc}", "param": "top_k", "value": float(mc), "spec": "unsteered",
+                     "label": f"unsteered, top-k={mc} (SASA's candidate cap)", "top_k": mc})
     if have_sae:
         n = args.n_latents
         thr = args.conditional_threshold
@@ -139,13 +124,13 @@ def plot(df: pd.DataFrame, title: str):
                         horizontal_spacing=0.1)
     for fam, g in df.groupby("family", sort=False):
         g = g.sort_values("value")
-        labels = [r.spec.partition(":")[2] or r.spec for r in g.itertuples()]
+        labels = [r.label.partition(":")[2] or r.label for r in g.itertuples()]
         mode = "markers+text" if len(g) == 1 else "lines+markers"
         for col, metric in ((1, "exp_max_toxicity"), (2, "toxicity_prob")):
             fig.add_trace(go.Scatter(
                 x=g["ppl"], y=g[metric], mode=mode, name=fam, legendgroup=fam, showlegend=col == 1,
                 text=labels if len(g) == 1 else None, textposition="top center",
-                hovertext=[f"{r.spec}<br>EMT {r.exp_max_toxicity:.3f} ± {r.exp_max_toxicity_std:.3f}<br>"
+                hovertext=[f"{r.label}<br>EMT {r.exp_max_toxicity:.3f} ± {r.exp_max_toxicity_std:.3f}<br>"
                            f"tox. prob. {r.toxicity_prob:.3f}<br>PPL {r.ppl:.2f}" for r in g.itertuples()],
                 hoverinfo="text", marker=dict(size=11 if fam == "unsteered" else 8,
                                               symbol="star" if fam == "unsteered" else "circle"),
@@ -246,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     grid = sorted(grid, key=lambda g: "sasa" in g["spec"])  # the slow SASA runs last: the rest is ready sooner
     for i, g in enumerate(grid):
         t = time.time()
-        say(f"[{i + 1}/{len(grid)}] {g['spec']}")
+        label = g.get("label", g["spec"])
+        say(f"[{i + 1}/{len(grid)}] {label}")
         r = evaluate(model, prompts, g["spec"], resources=res, k=args.k, max_new_tokens=args.max_new_tokens,
-                     top_p=args.top_p, seed=args.seed, scorer=args.scorer, batch_size=args.batch_size,
-                     out_dir=runs / slug(g["spec"]), model_name=args.model,
+                     top_p=args.top_p, top_k=g.get("top_k"), seed=args.seed, scorer=args.scorer,
+                     batch_size=args.batch_size, out_dir=runs / slug(label), model_name=args.model,
                      extra_settings={"experiment": "tradeoff", **config})
-        rows.append({**g, **r.summary, "seconds": round(time.time() - t, 1)})
+        rows.append({**g, "label": label, **r.summary, "seconds": round(time.time() - t, 1)})
         s = {key: float("nan") if v is None else v for key, v in r.summary.items()}
         say(f"    EMT {s['exp_max_toxicity']:.3f}  tox.prob {s['toxicity_prob']:.3f}  PPL {s['ppl']:.2f}  "
             f"dist-2 {s['dist-2']:.3f}  ({rows[-1]['seconds']:.0f} s)")
@@ -260,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "tradeoff.csv", index=False)
-    table = paper_table([(r["spec"], r) for r in rows])
+    table = paper_table([(r["label"], r) for r in rows])
     table.to_csv(out / "table.csv", index=False)
     header = (f"# Toxicity / fluency / diversity ({args.model}, {len(prompts)} prompts, k={args.k}, "
               f"{args.max_new_tokens} tokens, top-p {args.top_p}, seed {args.seed}, scorer {args.scorer})\n\n"
@@ -270,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": str(runs), "seconds": round(time.time() - t0, 1), "rows": rows}
     (out / "tradeoff.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     fig = plot(df, f"Toxicity vs perplexity: {args.model}, {len(prompts)} RTP prompts x {args.k} samples")
-    written = save_figure(fig, out / "tradeoff.html")
+    written = save_figure(fig, out / "tradeoff.html", log=say)
     print(to_markdown(table))
     files = [out / "tradeoff.csv", out / "tradeoff.json", out / "table.csv", out / "table.md", *written]
     print(f"wrote {', '.join(map(str, files))}")
