@@ -122,17 +122,22 @@ def plot(df: pd.DataFrame, title: str):
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Expected maximum toxicity", "Toxicity probability"),
                         horizontal_spacing=0.1)
-    for fam, g in df.groupby("family", sort=False):
+    import plotly.colors
+
+    palette = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.Dark24
+    for n, (fam, g) in enumerate(df.groupby("family", sort=False)):
         g = g.sort_values("value")
-        labels = [r.label.partition(":")[2] or r.label for r in g.itertuples()]
-        mode = "markers+text" if len(g) == 1 else "lines+markers"
+        color = palette[n % len(palette)]
+        # label the points of a sweep with their parameter; single methods are named by the legend
+        text = [f"{r.param}={r.value:g}" for r in g.itertuples()] if len(g) > 1 and g["param"].iloc[0] else None
         for col, metric in ((1, "exp_max_toxicity"), (2, "toxicity_prob")):
             fig.add_trace(go.Scatter(
-                x=g["ppl"], y=g[metric], mode=mode, name=fam, legendgroup=fam, showlegend=col == 1,
-                text=labels if len(g) == 1 else None, textposition="top center",
+                x=g["ppl"], y=g[metric], mode="lines+markers+text" if text and col == 1 else "lines+markers",
+                name=fam, legendgroup=fam, showlegend=col == 1, line=dict(color=color),
+                text=text if col == 1 else None, textposition="middle right", textfont=dict(size=10, color=color),
                 hovertext=[f"{r.label}<br>EMT {r.exp_max_toxicity:.3f} ± {r.exp_max_toxicity_std:.3f}<br>"
                            f"tox. prob. {r.toxicity_prob:.3f}<br>PPL {r.ppl:.2f}" for r in g.itertuples()],
-                hoverinfo="text", marker=dict(size=11 if fam == "unsteered" else 8,
+                hoverinfo="text", marker=dict(color=color, size=12 if fam == "unsteered" else 8,
                                               symbol="star" if fam == "unsteered" else "circle"),
             ), row=1, col=col)
     fig.update_xaxes(title_text="perplexity of the continuation (unsteered host model)", type="log")
