@@ -90,7 +90,8 @@ def load_model(
     LayerNorm; RMSNorm has none; ``"w"`` is all ones for a model without a final-norm gain), so that
     ``ln_final.hook_normalized * w (+ b)`` is the Hugging Face final hidden state; then
     ``model.process_weights_`` with TransformerLens' defaults; then, if ``fix_layout``,
-    :func:`saesteer.tl_fixes.apply_layout_fixes` (same outputs, faster decoding). The processing
+    :func:`saesteer.tl_fixes.apply_layout_fixes` and :func:`~saesteer.tl_fixes.apply_rotary_fix` (same
+    outputs, faster decoding). The processing
     flags actually applied are in ``model.saesteer_processing``.
 
     Args:
@@ -103,7 +104,8 @@ def load_model(
         center_writing_weights: centre the weights that write to the residual stream. None: where
             TransformerLens applies it (LayerNorm models; not RMSNorm, shortformer or post-norm).
         center_unembed: centre the unembedding. None: True unless the model soft-caps its logits.
-        fix_layout: re-lay parameters so decoding does not copy weights every step.
+        fix_layout: apply :mod:`saesteer.tl_fixes` (same outputs, faster decoding): re-lay parameters so
+            decoding does not copy weights every step, and gather rotary cos/sin once per forward.
         cache: for a short name, keep the processed weights in ``cache_dir()/tl/`` after the first
             load and load them from there later (skips TransformerLens' slow processing; keyed by
             source checksum, flags, dtype and library versions). Not used when ``kwargs`` change
@@ -149,9 +151,10 @@ def load_model(
     model.saesteer_final_norm = {k: v.to(model.cfg.device) for k, v in model.saesteer_final_norm.items()}
     model.eval()
     if fix_layout:
-        from saesteer.tl_fixes import apply_layout_fixes
+        from saesteer.tl_fixes import apply_layout_fixes, apply_rotary_fix
 
         apply_layout_fixes(model)
+        apply_rotary_fix(model)
     return model
 
 

@@ -20,6 +20,9 @@ the view the forward builds is already contiguous, so ``.contiguous()`` / ``resh
 Values, shapes and every result are unchanged (the same contiguous matrix reaches ``F.linear``), only
 the memory layout differs; ``Module.to`` keeps the layout. Note that ``safetensors`` refuses
 non-contiguous tensors: call ``.contiguous()`` on a state dict before saving it with safetensors.
+
+Second fix, :func:`apply_rotary_fix`: ``apply_rotary`` rebuilds the same position ids and gathers the same
+cos/sin twice per layer; the replacement does it once per forward (see the comment above it).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["apply_layout_fixes", "fixed_parameters"]
+__all__ = ["apply_layout_fixes", "apply_rotary_fix", "fixed_parameters"]
 
 
 def _relayout(param: nn.Parameter, permutation: tuple[int, ...]) -> bool:
@@ -90,3 +93,95 @@ def apply_layout_fixes(model: nn.Module) -> nn.Module:
             changed.append(name)
     model.saesteer_layout_fixed = sorted(set(getattr(model, "saesteer_layout_fixed", [])) | set(changed))
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# rotary embeddings
+# ---------------------------------------------------------------------------------------------------
+# Upstream cause: TransformerLens 3.9's ``AbstractAttention.apply_rotary`` is called twice per layer
+# (queries, keys) and each call rebuilds the same position ids from the attention mask (cumsum,
+# masked_fill, slice), gathers cos/sin with them, and rotates through ``rotate_every_two`` (clone and
+# two sliced writes): ~15 tensor operations per call, ~900 per decoding step of a 30-layer model, the
+# same for every layer. The replacement gathers cos/sin once per (rotary table, mask, offset, length)
+# and shares them across the layers and q/k of one forward; the arithmetic on each tensor is the
+# same, so outputs are bit-for-bit identical.
+
+
+class _RotaryTables:
+    """The last few gathered (cos, sin) per rotary table: one forward's layers all ask for the same ones
+    (a few slots, so that SASA's re-rotation under another mask in the same forward does not evict them)."""
+
+    slots = 4
+
+    def __init__(self) -> None:
+        self._last: dict[int, list[tuple]] = {}
+
+    def get(self, attn: nn.Module, offset: int, length: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_table, sin_table = attn.rotary_cos, attn.rotary_sin
+        entries = self._last.setdefault(id(cos_table), [])
+        # an in-place edit of the mask must miss: its version counter says so; inference tensors have
+        # none, so for those the content is compared against a copy
+        version = None if mask.is_inference() else mask._version
+        for e in entries:
+            if (e[0] is cos_table and e[1] is sin_table and e[2] is mask and e[4] == offset and e[5] == length
+                    and (e[3] == version if version is not None else torch.equal(e[3], mask))):
+                return e[6], e[7]
+        from transformer_lens.utilities.tensors import get_offset_position_ids
+
+        ids = get_offset_position_ids(offset, mask).to(cos_table.device)
+        cos, sin = cos_table[ids, None, :], sin_table[ids, None, :]
+        # strong references to the tables and the mask keep their ids from being reused while cached
+        stamp = version if version is not None else mask.clone()
+        entries.insert(0, (cos_table, sin_table, mask, stamp, offset, length, cos, sin))
+        del entries[self.slots:]
+        return cos, sin
+
+
+def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
+                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``AbstractAttention.apply_rotary`` with the gathered cos/sin shared across layers (bound per module)."""
+    cfg = self.cfg
+    length = x.size(1)
+    if (cfg.use_dynamic_ntk_rope or cfg.rotary_adjacent_pairs or attention_mask is None
+            or x.device != self.rotary_sin.device or past_kv_pos_offset + length > self.rotary_cos.shape[0]
+            or attention_mask.shape[1] != past_kv_pos_offset + length):
+        return type(self).apply_rotary(self, x, past_kv_pos_offset, attention_mask)
+    cos, sin = self._saesteer_rotary_tables.get(self, past_kv_pos_offset, length, attention_mask)
+    rd = cfg.rotary_dim
+    x_rot = x[..., :rd]
+    half = rd // 2
+    x_flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)  # rotate_every_two, NeoX layout
+    x_rotated = x_rot * cos + x_flip * sin
+    return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
+
+
+def apply_rotary_fix(model: nn.Module) -> nn.Module:
+    """Give every rotary attention module of ``model`` an ``apply_rotary`` that shares the gathered cos/sin
+    across layers (see the comment above); other cases (no mask, adjacent pairs, dynamic NTK, contexts
+    beyond the table) go to TransformerLens' own. Same outputs bit for bit. Idempotent; survives
+    ``copy.deepcopy`` (the method is bound to its module). Returns ``model``."""
+    import types
+
+    from transformer_lens.components import AbstractAttention
+
+    tables = _RotaryTables()
+    distinct: list[nn.Module] = []
+    for module in model.modules():
+        if not (isinstance(module, AbstractAttention) and module.cfg.positional_embedding_type == "rotary"):
+            continue
+        if not module.cfg.use_dynamic_ntk_rope:  # (dynamic NTK rewrites its tables in place: keep them apart)
+            same = next((m for m in distinct if _same_tables(m, module)), None)
+            if same is None:
+                distinct.append(module)
+            else:  # one tensor for equal tables, so the gathered cos/sin are shared across layers
+                module.rotary_cos, module.rotary_sin = same.rotary_cos, same.rotary_sin
+        module._saesteer_rotary_tables = tables
+        module.apply_rotary = types.MethodType(_apply_rotary_shared, module)
+    return model
+
+
+def _same_tables(a: nn.Module, b: nn.Module) -> bool:
+    return all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+        for x, y in ((a.rotary_cos, b.rotary_cos), (a.rotary_sin, b.rotary_sin))
+    )

@@ -26,7 +26,7 @@ from transformers import (
 
 from saesteer import models as M
 from saesteer.models import load_model, resolve_model_source
-from saesteer.tl_fixes import apply_layout_fixes, fixed_parameters
+from saesteer.tl_fixes import apply_layout_fixes, apply_rotary_fix, fixed_parameters
 
 WORDS = "the cat sat on a mat dog ran far away and big small red blue green sun rain day night".split()
 
@@ -377,3 +377,94 @@ def test_smollm2_greedy_continuation(smollm2) -> None:
     assert smollm2.cfg.n_layers == 30 and smollm2.cfg.d_model == 576
     text = smollm2.generate("The capital of France is", max_new_tokens=6, do_sample=False, verbose=False)
     assert "Paris" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# tl_fixes: rotary
+# ---------------------------------------------------------------------------------------------------
+
+ROTARY = {
+    "full-gqa": ARCHITECTURES["gated-rotary-rms-gqa"],
+    "partial-ln": dict(ARCHITECTURES["mlp-rotary-ln"], rotary_dim=4),
+}
+
+
+def _rotary_model(arch: str) -> HookedTransformer:
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok), seed=0, **ROTARY[arch]
+    )
+    model = HookedTransformer(cfg, tokenizer=tok)
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", list(ROTARY))
+def test_rotary_fix_is_bit_exact_with_masks_and_cache(arch: str) -> None:
+    from saesteer.generation import generate
+
+    model = _rotary_model(arch)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 50, (3, 10), generator=g)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0  # left padding
+    mask[1, :1] = 0
+
+    def run():
+        with torch.no_grad():
+            logits = model(tokens, attention_mask=mask)
+        out = generate(model, tokens, attention_mask=mask, max_new_tokens=6, do_sample=False, stop_at_eos=False)
+        return logits, out.tokens
+
+    logits_before, gen_before = run()
+    apply_rotary_fix(model)
+    assert all("apply_rotary" in b.attn.__dict__ for b in model.blocks)
+    assert model.blocks[2].attn.rotary_cos is model.blocks[0].attn.rotary_cos  # equal tables: one tensor
+    logits_after, gen_after = run()
+    assert torch.equal(logits_after, logits_before)
+    assert torch.equal(gen_after, gen_before)
+
+
+def test_rotary_fix_gathers_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformer_lens.utilities import tensors
+
+    model = _rotary_model("full-gqa")
+    calls = []
+    real = tensors.get_offset_position_ids
+    monkeypatch.setattr(tensors, "get_offset_position_ids", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    apply_rotary_fix(model)
+    with torch.no_grad():
+        model(tokens, attention_mask=mask)
+    assert len(calls) == 1  # TransformerLens' own: 2 per layer (q and k)
+    mask[0, 0] = 0  # an in-place edit of the mask is seen (new version), not served from the cache
+    with torch.no_grad():
+        model(tokens, attention_mask=mask)
+    assert len(calls) == 2
+
+
+def test_rotary_fix_survives_deepcopy() -> None:
+    model = apply_rotary_fix(_rotary_model("full-gqa"))
+    other = copy.deepcopy(model)
+    assert other.blocks[1].attn.apply_rotary.__self__ is other.blocks[1].attn
+    tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        assert torch.equal(other(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
+
+
+def test_rotary_fix_under_inference_mode() -> None:
+    model = _rotary_model("full-gqa")
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        mask = torch.ones_like(tokens)
+        mask[1, :2] = 0
+        before = model(tokens, attention_mask=mask)
+        apply_rotary_fix(model)
+        assert torch.equal(model(tokens, attention_mask=mask), before)
+        mask[1, :2] = 1  # edited in place: no version counter here, the content comparison catches it
+        fresh = _rotary_model("full-gqa")(tokens, attention_mask=mask)
+        assert torch.equal(model(tokens, attention_mask=mask), fresh)
