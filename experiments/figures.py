@@ -3,8 +3,8 @@
     python experiments/figures.py                       # SmolLM2-135M and the shipped SAE -> figures/
     python experiments/figures.py --n-latents 3 --max-texts 300 --out figures/
 
-Writes under ``--out`` (default ``figures/``), as standalone HTML (plotly.js embedded, opens offline) and
-also as PNG when ``kaleido`` is importable:
+Writes under ``--out`` (default ``figures/``) HTML pages sharing one ``plotly.min.js`` (``--plotlyjs embed``:
+standalone pages) and a PNG beside each (when a backend is installed, see :mod:`saesteer.figure_export`):
 
 - ``latent_<i>.html``: the dashboard of each of the ``--n-latents`` top toxicity latents of the SAE
   (contrast of Kaggle insults vs. neutral comments), with their alignment scores against the shipped

@@ -15,8 +15,8 @@ Without an SAE (``--sae`` or the shipped ``storage/sae/smollm2-135m-*``) the SAE
 a note. Every method's generations go to ``--runs`` (resumable: an interrupted run continues where it
 stopped). Writes to ``--out`` (default ``figures/tradeoff``): ``tradeoff.csv`` / ``tradeoff.json`` (every
 metric of every method, the settings and the command), ``table.csv`` / ``table.md`` (the SASA paper's
-table: Exp. Max. Tox., Tox. Prob., PPL, Dist-1/2/3) and ``tradeoff.html`` (+ ``.png`` when kaleido can
-export it). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
+table: Exp. Max. Tox., Tox. Prob., PPL, Dist-1/2/3) and ``tradeoff.html`` (+ ``.png``, see
+:mod:`saesteer.figure_export`). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
 
 Cost, measured on 2 CPU cores shared with other jobs (1 thread): about 6 s per prompt (k=5, 20 tokens) for
 the unsteered and hook-based methods and 18 s for SASA with 20 candidates; 10 prompts x the 12 default

@@ -22,7 +22,7 @@ What it does, in order:
 5. evaluates the float32 SAE and the stored float16 weights on held-out text
    (``saesteer.sae_quality.evaluate_saes``) and writes ``quality.json`` and
    ``training_history.json`` next to the weights, and the training curve to
-   ``figures/sae_training_curve.html`` (and ``.png`` if kaleido can export it).
+   ``figures/sae_training_curve.html`` (and its ``.png``, see :mod:`saesteer.figure_export`).
 
 The defaults reproduce the shipped SAE:
 
@@ -107,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-rows", type=int, default=96,
                    help="held-out rows for the final evaluation (0 skips it)")
     g.add_argument("--figure", type=Path, default=ROOT / "figures" / "sae_training_curve.html",
-                   help="training-curve HTML (a .png beside it when kaleido can export)")
+                   help="training-curve HTML (and a .png beside it)")
     return p.parse_args(argv)
 
 

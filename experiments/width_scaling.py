@@ -10,7 +10,7 @@ With a single SAE it says so and produces the one-point result.
     python experiments/width_scaling.py --sae a,b,c --methods "decoder:tier=proportional,alpha=1;swap:strength=1" --k 25
 
 Writes to ``--out`` (default ``figures/width_scaling``): ``width_scaling.csv`` / ``.json`` (every metric, the
-SAEs, the command) and ``width_scaling.html`` (+ ``.png`` when kaleido can export it).
+SAEs, the command) and ``width_scaling.html`` (+ ``.png``, see :mod:`saesteer.figure_export`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import pandas as pd  # noqa: E402
-from tradeoff import command_line, save_figure, slug  # noqa: E402
+from tradeoff import command_line, slug  # noqa: E402
 
 from saesteer.evaluation import evaluate, load_prompt_arg, to_markdown  # noqa: E402
+from saesteer.figure_export import save_figure  # noqa: E402
 from saesteer.methods import parse_method, prepare_resources  # noqa: E402
 
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "one_point": len(paths) == 1, "rows": rows, "seconds": round(time.time() - t0, 1)}
     (out / "width_scaling.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     written = save_figure(plot(df, base, f"SAE steering vs SAE width: {args.model}, {len(prompts)} prompts x {args.k}"),
-                          out / "width_scaling.html")
+                          out / "width_scaling.html", log=say)
     cols = ["spec", "d_sae", "exp_max_toxicity", "toxicity_prob", "ppl", "dist-2"]
     print(f"unsteered: EMT {base['exp_max_toxicity']:.3f}, tox. prob. {base['toxicity_prob']:.3f}, PPL {base['ppl']:.2f}")
     print(to_markdown(df[cols]))

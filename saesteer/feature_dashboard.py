@@ -19,7 +19,7 @@ A :class:`FeatureDashboard` for latent i of any loaded SAE shows, in one plotly 
 
 Every view is a small dataclass holding the numbers, with ``figure()`` (a ``plotly`` Figure),
 ``show()``, ``_repr_html_()`` (inline in Jupyter), ``save_html(path)`` (standalone HTML, plotly.js
-embedded so it opens offline) and ``save_png(path)`` (needs ``kaleido``).
+embedded so it opens offline) and ``save_png(path)`` (``pip install 'saesteer[png]'``).
 
 :func:`prompt_latents` is the prompt-centric view: for one prompt, the top few latents on each token,
 as a heatmap (latents x tokens) and as a table.
