@@ -90,7 +90,7 @@ def load_model(
     LayerNorm; RMSNorm has none; ``"w"`` is all ones for a model without a final-norm gain), so that
     ``ln_final.hook_normalized * w (+ b)`` is the Hugging Face final hidden state; then
     ``model.process_weights_`` with TransformerLens' defaults; then, if ``fix_layout``,
-    :func:`saesteer.tl_fixes.apply_layout_fixes` and :func:`~saesteer.tl_fixes.apply_rotary_fix` (same
+    :func:`saesteer.tl_fixes.apply_layout_fixes` and :func:`~saesteer.tl_fixes.apply_mask_sharing` (same
     outputs, faster decoding). The processing
     flags actually applied are in ``model.saesteer_processing``.
 
@@ -151,10 +151,10 @@ def load_model(
     model.saesteer_final_norm = {k: v.to(model.cfg.device) for k, v in model.saesteer_final_norm.items()}
     model.eval()
     if fix_layout:
-        from saesteer.tl_fixes import apply_layout_fixes, apply_rotary_fix
+        from saesteer.tl_fixes import apply_layout_fixes, apply_mask_sharing
 
         apply_layout_fixes(model)
-        apply_rotary_fix(model)
+        apply_mask_sharing(model)
     return model
 
 

@@ -21,8 +21,9 @@ Values, shapes and every result are unchanged (the same contiguous matrix reache
 the memory layout differs; ``Module.to`` keeps the layout. Note that ``safetensors`` refuses
 non-contiguous tensors: call ``.contiguous()`` on a state dict before saving it with safetensors.
 
-Second fix, :func:`apply_rotary_fix`: ``apply_rotary`` rebuilds the same position ids and gathers the same
-cos/sin twice per layer; the replacement does it once per forward (see the comment above it).
+Second fix, :func:`apply_mask_sharing`: ``apply_rotary`` and ``apply_causal_mask`` rebuild the same
+position ids, rotary cos/sin and causal mask in every layer; the replacements build them once per forward
+(see the comment above :class:`_MaskMemo`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["apply_layout_fixes", "apply_rotary_fix", "fixed_parameters"]
+__all__ = ["apply_layout_fixes", "apply_mask_sharing", "fixed_parameters"]
 
 
 def _relayout(param: nn.Parameter, permutation: tuple[int, ...]) -> bool:
@@ -96,45 +97,42 @@ def apply_layout_fixes(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# rotary embeddings
+# per-forward work that TransformerLens 3.9 repeats in every layer: rotary cos/sin, causal mask
 # ---------------------------------------------------------------------------------------------------
-# Upstream cause: TransformerLens 3.9's ``AbstractAttention.apply_rotary`` is called twice per layer
-# (queries, keys) and each call rebuilds the same position ids from the attention mask (cumsum,
-# masked_fill, slice), gathers cos/sin with them, and rotates through ``rotate_every_two`` (clone and
-# two sliced writes): ~15 tensor operations per call, ~900 per decoding step of a 30-layer model, the
-# same for every layer. The replacement gathers cos/sin once per (rotary table, mask, offset, length)
-# and shares them across the layers and q/k of one forward; the arithmetic on each tensor is the
-# same, so outputs are bit-for-bit identical.
+# Upstream cause: ``AbstractAttention.apply_rotary`` is called twice per layer (queries, keys) and each
+# call rebuilds the same position ids from the attention mask (cumsum, masked_fill, slice), gathers
+# cos/sin with them, and rotates through ``rotate_every_two`` (clone and two sliced writes);
+# ``apply_causal_mask`` rebuilds the same [batch, 1, query, key] mask in every layer (two aranges, a
+# comparison, the padding mask's rearrange, ``&``). ~25 tensor operations per layer and decoding step,
+# identical in every layer of one forward. The replacements compute each once per (mask, offset,
+# lengths, table or attention type) and share the result across the layers of the forward; the
+# arithmetic on every tensor is unchanged, so outputs are bit-for-bit identical.
 
 
-class _RotaryTables:
-    """The last few gathered (cos, sin) per rotary table: one forward's layers all ask for the same ones
-    (a few slots, so that SASA's re-rotation under another mask in the same forward does not evict them)."""
+class _MaskMemo:
+    """The last few values computed from an attention mask, per key (a few slots, so that SASA's
+    re-rotation under another mask within the same forward does not evict the forward's own)."""
 
     slots = 4
 
     def __init__(self) -> None:
-        self._last: dict[int, list[tuple]] = {}
+        self._entries: dict[tuple, list[tuple]] = {}
 
-    def get(self, attn: nn.Module, offset: int, length: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos_table, sin_table = attn.rotary_cos, attn.rotary_sin
-        entries = self._last.setdefault(id(cos_table), [])
+    def get(self, key: tuple, refs: tuple, mask: torch.Tensor, compute):
+        """``compute()`` for (``key``, ``mask``), or the value cached for them. ``refs`` are the tensors
+        behind the ids in ``key``: held so the ids are not reused while cached, and checked by identity."""
+        entries = self._entries.setdefault(key, [])
         # an in-place edit of the mask must miss: its version counter says so; inference tensors have
         # none, so for those the content is compared against a copy
         version = None if mask.is_inference() else mask._version
-        for e in entries:
-            if (e[0] is cos_table and e[1] is sin_table and e[2] is mask and e[4] == offset and e[5] == length
-                    and (e[3] == version if version is not None else torch.equal(e[3], mask))):
-                return e[6], e[7]
-        from transformer_lens.utilities.tensors import get_offset_position_ids
-
-        ids = get_offset_position_ids(offset, mask).to(cos_table.device)
-        cos, sin = cos_table[ids, None, :], sin_table[ids, None, :]
-        # strong references to the tables and the mask keep their ids from being reused while cached
-        stamp = version if version is not None else mask.clone()
-        entries.insert(0, (cos_table, sin_table, mask, stamp, offset, length, cos, sin))
+        for held, held_mask, stamp, value in entries:
+            if (held_mask is mask and all(a is b for a, b in zip(held, refs))
+                    and (stamp == version if version is not None else torch.equal(stamp, mask))):
+                return value
+        value = compute()
+        entries.insert(0, (refs, mask, version if version is not None else mask.clone(), value))
         del entries[self.slots:]
-        return cos, sin
+        return value
 
 
 def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
@@ -146,7 +144,16 @@ def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
             or x.device != self.rotary_sin.device or past_kv_pos_offset + length > self.rotary_cos.shape[0]
             or attention_mask.shape[1] != past_kv_pos_offset + length):
         return type(self).apply_rotary(self, x, past_kv_pos_offset, attention_mask)
-    cos, sin = self._saesteer_rotary_tables.get(self, past_kv_pos_offset, length, attention_mask)
+    cos_table, sin_table = self.rotary_cos, self.rotary_sin
+
+    def gather() -> tuple[torch.Tensor, torch.Tensor]:
+        from transformer_lens.utilities.tensors import get_offset_position_ids
+
+        ids = get_offset_position_ids(past_kv_pos_offset, attention_mask).to(cos_table.device)
+        return cos_table[ids, None, :], sin_table[ids, None, :]
+
+    key = ("rotary", id(cos_table), id(sin_table), past_kv_pos_offset, length)
+    cos, sin = self._saesteer_memo.get(key, (cos_table, sin_table), attention_mask, gather)
     rd = cfg.rotary_dim
     x_rot = x[..., :rd]
     half = rd // 2
@@ -155,19 +162,43 @@ def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
     return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
 
 
-def apply_rotary_fix(model: nn.Module) -> nn.Module:
-    """Give every rotary attention module of ``model`` an ``apply_rotary`` that shares the gathered cos/sin
-    across layers (see the comment above); other cases (no mask, adjacent pairs, dynamic NTK, contexts
-    beyond the table) go to TransformerLens' own. Same outputs bit for bit. Idempotent; survives
-    ``copy.deepcopy`` (the method is bound to its module). Returns ``model``."""
+def _apply_causal_mask_shared(self, attn_scores: torch.Tensor, past_kv_pos_offset: int = 0,
+                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``AbstractAttention.apply_causal_mask`` with the [batch, 1, query, key] mask shared across layers."""
+    query_len, key_len = attn_scores.size(-2), attn_scores.size(-1)
+    if attention_mask is None or query_len + past_kv_pos_offset != key_len:
+        return type(self).apply_causal_mask(self, attn_scores, past_kv_pos_offset, attention_mask)
+
+    def build() -> torch.Tensor:
+        causal = self._make_causal_mask(query_ctx_length=query_len, key_ctx_length=key_len,
+                                        past_kv_pos_offset=past_kv_pos_offset, device=attention_mask.device)
+        return causal & attention_mask[:, None, None, :].bool()
+
+    window = self.cfg.window_size if self.attn_type == "local" else None
+    key = ("causal", self.attn_type, window, past_kv_pos_offset, query_len, key_len)
+    final_mask = self._saesteer_memo.get(key, (), attention_mask, build)
+    ignore = self.IGNORE.to(final_mask.device)
+    return torch.where(final_mask, attn_scores.to(final_mask.device), ignore)
+
+
+def apply_mask_sharing(model: nn.Module) -> nn.Module:
+    """Give every attention module of ``model`` an ``apply_rotary`` (rotary models) and an
+    ``apply_causal_mask`` that compute their mask-derived tensors once per forward and share them across
+    layers (see the comment above); other cases (no mask, adjacent rotary pairs, dynamic NTK, contexts
+    beyond the rotary table) go to TransformerLens' own. Same outputs bit for bit. Idempotent; survives
+    ``copy.deepcopy`` (the methods are bound to their modules). Returns ``model``."""
     import types
 
     from transformer_lens.components import AbstractAttention
 
-    tables = _RotaryTables()
+    memo = _MaskMemo()
     distinct: list[nn.Module] = []
     for module in model.modules():
-        if not (isinstance(module, AbstractAttention) and module.cfg.positional_embedding_type == "rotary"):
+        if not isinstance(module, AbstractAttention):
+            continue
+        module._saesteer_memo = memo
+        module.apply_causal_mask = types.MethodType(_apply_causal_mask_shared, module)
+        if module.cfg.positional_embedding_type != "rotary":
             continue
         if not module.cfg.use_dynamic_ntk_rope:  # (dynamic NTK rewrites its tables in place: keep them apart)
             same = next((m for m in distinct if _same_tables(m, module)), None)
@@ -175,7 +206,6 @@ def apply_rotary_fix(model: nn.Module) -> nn.Module:
                 distinct.append(module)
             else:  # one tensor for equal tables, so the gathered cos/sin are shared across layers
                 module.rotary_cos, module.rotary_sin = same.rotary_cos, same.rotary_sin
-        module._saesteer_rotary_tables = tables
         module.apply_rotary = types.MethodType(_apply_rotary_shared, module)
     return model
 

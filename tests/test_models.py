@@ -26,7 +26,7 @@ from transformers import (
 
 from saesteer import models as M
 from saesteer.models import load_model, resolve_model_source
-from saesteer.tl_fixes import apply_layout_fixes, apply_rotary_fix, fixed_parameters
+from saesteer.tl_fixes import apply_layout_fixes, apply_mask_sharing, fixed_parameters
 
 WORDS = "the cat sat on a mat dog ran far away and big small red blue green sun rain day night".split()
 
@@ -380,12 +380,15 @@ def test_smollm2_greedy_continuation(smollm2) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# tl_fixes: rotary
+# tl_fixes: rotary cos/sin and causal mask shared across layers
 # ---------------------------------------------------------------------------------------------------
 
 ROTARY = {
     "full-gqa": ARCHITECTURES["gated-rotary-rms-gqa"],
     "partial-ln": dict(ARCHITECTURES["mlp-rotary-ln"], rotary_dim=4),
+    "standard-ln": ARCHITECTURES["mlp-standard-ln"],  # causal mask only
+    "local-global": dict(ARCHITECTURES["gated-rotary-rms-gqa"], use_local_attn=True, attn_types=["local", "global", "local"],
+                         window_size=3),
 }
 
 
@@ -402,7 +405,7 @@ def _rotary_model(arch: str) -> HookedTransformer:
 
 
 @pytest.mark.parametrize("arch", list(ROTARY))
-def test_rotary_fix_is_bit_exact_with_masks_and_cache(arch: str) -> None:
+def test_mask_sharing_is_bit_exact_with_masks_and_cache(arch: str) -> None:
     from saesteer.generation import generate
 
     model = _rotary_model(arch)
@@ -419,51 +422,56 @@ def test_rotary_fix_is_bit_exact_with_masks_and_cache(arch: str) -> None:
         return logits, out.tokens
 
     logits_before, gen_before = run()
-    apply_rotary_fix(model)
-    assert all("apply_rotary" in b.attn.__dict__ for b in model.blocks)
-    assert model.blocks[2].attn.rotary_cos is model.blocks[0].attn.rotary_cos  # equal tables: one tensor
+    apply_mask_sharing(model)
+    assert all("apply_causal_mask" in b.attn.__dict__ for b in model.blocks)
+    if model.cfg.positional_embedding_type == "rotary":
+        assert all("apply_rotary" in b.attn.__dict__ for b in model.blocks)
+        assert model.blocks[2].attn.rotary_cos is model.blocks[0].attn.rotary_cos  # equal tables: one tensor
     logits_after, gen_after = run()
     assert torch.equal(logits_after, logits_before)
     assert torch.equal(gen_after, gen_before)
 
 
-def test_rotary_fix_gathers_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mask_sharing_builds_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformer_lens.components import AbstractAttention
     from transformer_lens.utilities import tensors
 
     model = _rotary_model("full-gqa")
-    calls = []
-    real = tensors.get_offset_position_ids
-    monkeypatch.setattr(tensors, "get_offset_position_ids", lambda *a: calls.append(1) or real(*a))
+    gathers, masks = [], []
+    real_ids, real_mask = tensors.get_offset_position_ids, AbstractAttention._make_causal_mask
+    monkeypatch.setattr(tensors, "get_offset_position_ids", lambda *a: gathers.append(1) or real_ids(*a))
+    monkeypatch.setattr(AbstractAttention, "_make_causal_mask", lambda *a, **k: masks.append(1) or real_mask(*a, **k))
     tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
-    apply_rotary_fix(model)
+    apply_mask_sharing(model)
     with torch.no_grad():
         model(tokens, attention_mask=mask)
-    assert len(calls) == 1  # TransformerLens' own: 2 per layer (q and k)
+    assert (len(gathers), len(masks)) == (1, 1)  # TransformerLens' own: 2 and 1 per layer
     mask[0, 0] = 0  # an in-place edit of the mask is seen (new version), not served from the cache
     with torch.no_grad():
         model(tokens, attention_mask=mask)
-    assert len(calls) == 2
+    assert (len(gathers), len(masks)) == (2, 2)
 
 
-def test_rotary_fix_survives_deepcopy() -> None:
-    model = apply_rotary_fix(_rotary_model("full-gqa"))
+def test_mask_sharing_survives_deepcopy() -> None:
+    model = apply_mask_sharing(_rotary_model("full-gqa"))
     other = copy.deepcopy(model)
     assert other.blocks[1].attn.apply_rotary.__self__ is other.blocks[1].attn
+    assert other.blocks[1].attn.apply_causal_mask.__self__ is other.blocks[1].attn
     tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
     with torch.no_grad():
         assert torch.equal(other(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
 
 
-def test_rotary_fix_under_inference_mode() -> None:
+def test_mask_sharing_under_inference_mode() -> None:
     model = _rotary_model("full-gqa")
     tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         mask = torch.ones_like(tokens)
         mask[1, :2] = 0
         before = model(tokens, attention_mask=mask)
-        apply_rotary_fix(model)
+        apply_mask_sharing(model)
         assert torch.equal(model(tokens, attention_mask=mask), before)
         mask[1, :2] = 1  # edited in place: no version counter here, the content comparison catches it
         fresh = _rotary_model("full-gqa")(tokens, attention_mask=mask)
