@@ -110,28 +110,27 @@ def apply_layout_fixes(model: nn.Module) -> nn.Module:
 
 
 class _MaskMemo:
-    """The last few values computed from an attention mask, per key (a few slots, so that SASA's
-    re-rotation under another mask within the same forward does not evict the forward's own)."""
+    """The last few values computed from attention masks (``slots`` in all, newest first: a forward needs
+    one per kind, SASA's re-rotation under its own mask one more; old steps' entries fall out)."""
 
-    slots = 4
+    slots = 8
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, list[tuple]] = {}
+        self._entries: list[tuple] = []
 
     def get(self, key: tuple, refs: tuple, mask: torch.Tensor, compute):
         """``compute()`` for (``key``, ``mask``), or the value cached for them. ``refs`` are the tensors
         behind the ids in ``key``: held so the ids are not reused while cached, and checked by identity."""
-        entries = self._entries.setdefault(key, [])
         # an in-place edit of the mask must miss: its version counter says so; inference tensors have
         # none, so for those the content is compared against a copy
         version = None if mask.is_inference() else mask._version
-        for held, held_mask, stamp, value in entries:
-            if (held_mask is mask and all(a is b for a, b in zip(held, refs))
+        for held_key, held, held_mask, stamp, value in self._entries:
+            if (held_key == key and held_mask is mask and all(a is b for a, b in zip(held, refs))
                     and (stamp == version if version is not None else torch.equal(stamp, mask))):
                 return value
         value = compute()
-        entries.insert(0, (refs, mask, version if version is not None else mask.clone(), value))
-        del entries[self.slots:]
+        self._entries.insert(0, (key, refs, mask, version if version is not None else mask.clone(), value))
+        del self._entries[self.slots:]
         return value
 
 

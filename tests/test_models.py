@@ -476,3 +476,14 @@ def test_mask_sharing_under_inference_mode() -> None:
         mask[1, :2] = 1  # edited in place: no version counter here, the content comparison catches it
         fresh = _rotary_model("full-gqa")(tokens, attention_mask=mask)
         assert torch.equal(model(tokens, attention_mask=mask), fresh)
+
+
+def test_mask_sharing_holds_a_bounded_number_of_entries() -> None:
+    from saesteer.generation import generate
+
+    model = apply_mask_sharing(_rotary_model("local-global"))
+    tokens = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    generate(model, tokens, max_new_tokens=30, do_sample=False, stop_at_eos=False)
+    memo = model.blocks[0].attn._saesteer_memo
+    assert memo is model.blocks[2].attn._saesteer_memo  # one per model
+    assert len(memo._entries) <= memo.slots  # not one per decoding step
