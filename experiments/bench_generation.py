@@ -13,9 +13,11 @@ hook (``run_with_hooks``), so the SAE encodes and decodes every position again; 
 on) and, to isolate what the KV cache alone buys, on our model too. Unlike the original it writes no
 CSV file per call and decodes greedily (the original picks one of the top 5 at random).
 
-Memory (``--memory-tokens``, default 256): the RSS at every step of an unsteered generation of that many
-tokens at batch 1 and 8; its growth from step 32 to the last step is set against the KV cache's growth
-over the same steps, so per-step growth beyond the cache would show as excess.
+Memory (``--memory-tokens``, default 256): the RSS (on a GPU: CUDA memory allocated) at every step of
+``--memory-runs`` identical unsteered generations of that many tokens at batch 1 and 8. In the last run
+(the allocator's heap has grown in the first), the growth from step 32 to the last step is set against
+the KV cache's growth over the same steps; the RSS at the last step of every run shows any leak from
+one generation to the next.
 
     python experiments/bench_generation.py                # SmolLM2-135M, the shipped SAE
     python experiments/bench_generation.py --new-tokens 64 --batches 1,8 --out figures/bench_generation.json
@@ -235,6 +237,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-tokens", type=int, default=256, help="tokens for the memory rows (0 skips them)")
+    ap.add_argument("--memory-runs", type=int, default=3, help="identical generations per memory row (the last is reported)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference loops")
     ap.add_argument("--no-sasa", action="store_true", help="skip the SASA rows")
@@ -330,25 +333,31 @@ def main() -> None:
     memory = []
     for b in ([1, 8] if args.memory_tokens else []):
         prompts = (PROMPTS * 8)[:b]
-        trace: list[float] = []
+        traces: list[list[float]] = []
+        for _ in range(args.memory_runs):  # the allocator's heap grows in the first run; a leak shows in every run
 
-        def probe(tokens, logits):  # a logits processor that only records the memory in use at every step
-            trace.append(used_mb())
-            return logits
+            def probe(tokens, logits):  # a logits processor that only records the memory in use at every step
+                traces[-1].append(used_mb())
+                return logits
 
-        generate(model, prompts, max_new_tokens=args.memory_tokens, do_sample=False, stop_at_eos=False,
-                 logits_processors=[probe])
+            traces.append([])
+            generate(model, prompts, max_new_tokens=args.memory_tokens, do_sample=False, stop_at_eos=False,
+                     logits_processors=[probe])
+        trace = traces[-1]
         first = min(32, args.memory_tokens // 4)
         prompt_len = max(len(model.to_tokens(p)[0]) for p in prompts)
         cache_growth = kv_cache_mb(model, b, prompt_len + args.memory_tokens) - kv_cache_mb(model, b, prompt_len + first)
         row = dict(batch=b, new_tokens=args.memory_tokens, measure="cuda allocated" if on_gpu else "RSS",
-                   rss_at_step_mb=trace[first], rss_last_step_mb=trace[-1],
+                   runs=args.memory_runs, rss_at_step_mb=trace[first], rss_last_step_mb=trace[-1],
                    rss_max_mb=max(trace), growth_mb=trace[-1] - trace[first], kv_cache_growth_mb=cache_growth,
-                   kv_cache_final_mb=kv_cache_mb(model, b, prompt_len + args.memory_tokens))
+                   kv_cache_final_mb=kv_cache_mb(model, b, prompt_len + args.memory_tokens),
+                   last_step_of_each_run_mb=[t[-1] for t in traces])
         memory.append(row)
-        print(f"memory, batch {b}: {row['measure']} {row['rss_at_step_mb']:.0f} MB at step {first}, {row['rss_last_step_mb']:.0f} MB at "
-              f"step {args.memory_tokens} (+{row['growth_mb']:.0f} MB; the KV cache grew {cache_growth:.0f} MB, "
-              f"to {row['kv_cache_final_mb']:.0f} MB)", flush=True)
+        ends = ", ".join(f"{t[-1]:.0f}" for t in traces)
+        print(f"memory, batch {b}, run {args.memory_runs}: {row['measure']} {row['rss_at_step_mb']:.0f} MB at step {first}, "
+              f"{row['rss_last_step_mb']:.0f} MB at step {args.memory_tokens} (+{row['growth_mb']:.0f} MB; the KV cache "
+              f"grew {cache_growth:.0f} MB, to {row['kv_cache_final_mb']:.0f} MB); at the last step of each run: {ends} MB",
+              flush=True)
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     meta = dict(model=args.model, random_weights=args.random_weights, sae=sae_note, d_sae=sae.cfg.d_sae,
