@@ -214,12 +214,12 @@ def test_shared_forward_equals_fork_greedy(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "rotary_nonorm"])
-def test_shared_forward_under_the_rotary_fix(kind):
+def test_shared_forward_under_mask_sharing(kind):
     from saesteer.tl_fixes import apply_mask_sharing
 
     model = _variant(kind)
     outs, decs = _run_modes(model, [("shared", None)], do_sample=False)
-    apply_mask_sharing(model)  # what load_model applies: cos/sin gathered once per forward, shared by the layers
+    apply_mask_sharing(model)  # what load_model applies: cos/sin and causal mask built once per forward
     fixed_outs, fixed_decs = _run_modes(model, [("shared", None), ("fork", None)], do_sample=False)
     _assert_same((fixed_outs[0], fixed_decs[0]), (outs[0], decs[0]), atol=0)  # bit for bit
     _assert_same((fixed_outs[0], fixed_decs[0]), (fixed_outs[1], fixed_decs[1]))
