@@ -105,7 +105,8 @@ def load_model(
             TransformerLens applies it (LayerNorm models; not RMSNorm, shortformer or post-norm).
         center_unembed: centre the unembedding. None: True unless the model soft-caps its logits.
         fix_layout: apply :mod:`saesteer.tl_fixes` (same outputs, faster decoding): re-lay parameters so
-            decoding does not copy weights every step, and gather rotary cos/sin once per forward.
+            decoding does not copy weights every step, and build rotary cos/sin and the causal mask once
+            per forward.
         cache: for a short name, keep the processed weights in ``cache_dir()/tl/`` after the first
             load and load them from there later (skips TransformerLens' slow processing; keyed by
             source checksum, flags, dtype and library versions). Not used when ``kwargs`` change
