@@ -2,7 +2,8 @@
 
 Methods (specs of :mod:`saesteer.methods`): unsteered; SASA with a beta sweep, and unsteered sampling with
 top-k = SASA's candidate cap (SASA samples among its candidates only: the control for that truncation); the
-three decoder-vector tiers with an alpha sweep each; SAE latent ``swap`` and ``clamp``; SASA + decoder steering together.
+three decoder-vector tiers with an alpha sweep each; SAE latent ``swap`` and ``clamp``; SASA + decoder
+steering together.
 Each is evaluated by :func:`saesteer.evaluation.evaluate` on the same prompts and seeds: k samples per
 prompt, scored by the default offline toxicity scorer, perplexity under the unsteered host model.
 
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from saesteer.contrast import select_latents  # noqa: E402
+from saesteer.atomic import save_atomic, write_text_atomic  # noqa: E402
 from saesteer.figure_export import save_figure  # noqa: E402
 from saesteer.evaluation import evaluate, load_prompt_arg, paper_table, to_markdown  # noqa: E402
 from saesteer.methods import parse_method, prepare_resources  # noqa: E402
@@ -250,16 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "tradeoff.csv", index=False)
+    save_atomic(out / "tradeoff.csv", lambda tmp: df.to_csv(tmp, index=False))
     table = paper_table([(r["label"], r) for r in rows])
-    table.to_csv(out / "table.csv", index=False)
+    save_atomic(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
     header = (f"# Toxicity / fluency / diversity ({args.model}, {len(prompts)} prompts, k={args.k}, "
               f"{args.max_new_tokens} tokens, top-p {args.top_p}, seed {args.seed}, scorer {args.scorer})\n\n"
               f"Produced by `{cmd}`.\n\n")
-    (out / "table.md").write_text(header + to_markdown(table), encoding="utf-8")
+    write_text_atomic(out / "table.md", header + to_markdown(table))
     meta = {"command": cmd, "config": config, "sae": str(sae_path) if sae_path else None, "resources": res.info,
             "runs": str(runs), "seconds": round(time.time() - t0, 1), "rows": rows}
-    (out / "tradeoff.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(out / "tradeoff.json", json.dumps(meta, indent=2, default=str) + "\n")
     fig = plot(df, f"Toxicity vs perplexity: {args.model}, {len(prompts)} RTP prompts x {args.k} samples")
     written = save_figure(fig, out / "tradeoff.html", log=say)
     print(to_markdown(table))

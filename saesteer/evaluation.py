@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_write, write_text_atomic
+from .atomic import atomic_write, save_atomic, write_text_atomic
 from .metrics import DEFAULT_MAX_PPL, aggregate_perplexity, continuation_nll, distinct_n, toxicity_metrics
 
 __all__ = [
@@ -550,7 +550,7 @@ def merge_shards(
         with atomic_write(res.paths["jsonl"]) as f:
             for i in sorted(records):
                 f.write(json.dumps(records[i], ensure_ascii=False) + "\n")
-        gens.to_csv(res.paths["csv"], index=False)
+        save_atomic(res.paths["csv"], lambda tmp: gens.to_csv(tmp, index=False))
         _write_json(res.paths["summary"], {"summary": summary})
     return res
 

@@ -4,7 +4,7 @@ PNG needs a headless browser. plotly >= 6 exports through kaleido >= 1, which dr
 must be installed separately (and fetched from the internet); kaleido 0.2.1 ships its own Chromium in
 its wheel (``pip install 'saesteer[png]'``), so it works on machines that reach only the package index.
 :func:`write_png` uses kaleido 0.2.x directly (with the plotly.js bundled in the installed plotly) and
-falls back to plotly's own ``write_image`` for kaleido >= 1.
+falls back to plotly's own ``to_image`` for kaleido >= 1.
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ def write_html(fig: Any, path: str | os.PathLike, *, include_plotlyjs: bool | st
     from saesteer.atomic import write_text_atomic
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     html = fig.to_html(include_plotlyjs=include_plotlyjs, full_html=True)
     if include_plotlyjs == "directory":
         _write_plotlyjs_beside(path)

@@ -18,7 +18,8 @@ ValueError listing the accepted ones. Values: numbers, ``true``/``false``, ``non
 
 What each component needs (:class:`Resources`): ``sasa`` a SASA :class:`~saesteer.Subspace`;
 ``decoder`` an SAE and the contrast table of :func:`saesteer.toxicity_latents` (its first ``n_latents``
-rows that fire on at most ``max_density`` of non-toxic tokens are steered, :func:`saesteer.contrast.select_latents`); ``swap`` / ``clamp`` / ``weight`` an SAE and per-latent scores
+rows that fire on at most ``max_density`` of non-toxic tokens are steered,
+:func:`saesteer.contrast.select_latents`); ``swap`` / ``clamp`` / ``weight`` an SAE and per-latent scores
 (:func:`saesteer.score_latents` against the ``non-toxic`` target). :func:`prepare_resources` computes
 the ones a list of specs needs and caches them on disk.
 """

@@ -91,8 +91,7 @@ def load_model(
     ``ln_final.hook_normalized * w (+ b)`` is the Hugging Face final hidden state; then
     ``model.process_weights_`` with TransformerLens' defaults; then, if ``fix_layout``,
     :func:`saesteer.tl_fixes.apply_layout_fixes` and :func:`~saesteer.tl_fixes.apply_mask_sharing` (same
-    outputs, faster decoding). The processing
-    flags actually applied are in ``model.saesteer_processing``.
+    outputs, faster decoding). The processing flags actually applied are in ``model.saesteer_processing``.
 
     Args:
         name_or_path: ``"smollm2-135m"``, a local Hugging Face folder, or a TransformerLens official

@@ -184,8 +184,9 @@ def apply_mask_sharing(model: nn.Module) -> nn.Module:
     """Give every attention module of ``model`` an ``apply_rotary`` (rotary models) and an
     ``apply_causal_mask`` that compute their mask-derived tensors once per forward and share them across
     layers (see the comment above); other cases (no mask, adjacent rotary pairs, dynamic NTK, contexts
-    beyond the rotary table) go to TransformerLens' own. Same outputs bit for bit. Idempotent; survives
-    ``copy.deepcopy`` (the methods are bound to their modules). Returns ``model``."""
+    beyond the rotary table) go to TransformerLens' own. Attention classes that override either method
+    keep their own. Same outputs bit for bit. Idempotent; survives ``copy.deepcopy`` (the methods are
+    bound to their modules). Returns ``model``."""
     import types
 
     from transformer_lens.components import AbstractAttention
@@ -196,8 +197,10 @@ def apply_mask_sharing(model: nn.Module) -> nn.Module:
         if not isinstance(module, AbstractAttention):
             continue
         module._saesteer_memo = memo
-        module.apply_causal_mask = types.MethodType(_apply_causal_mask_shared, module)
-        if module.cfg.positional_embedding_type != "rotary":
+        if type(module).apply_causal_mask is AbstractAttention.apply_causal_mask:
+            module.apply_causal_mask = types.MethodType(_apply_causal_mask_shared, module)
+        if (module.cfg.positional_embedding_type != "rotary"
+                or type(module).apply_rotary is not AbstractAttention.apply_rotary):
             continue
         if not module.cfg.use_dynamic_ntk_rope:  # (dynamic NTK rewrites its tables in place: keep them apart)
             same = next((m for m in distinct if _same_tables(m, module)), None)

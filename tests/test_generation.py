@@ -101,7 +101,7 @@ def test_hooks_removed_after_error_in_generation():
 
 
 def test_process_logits_matches_hf():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.generation.logits_process import (
         RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
     )

@@ -487,3 +487,22 @@ def test_mask_sharing_holds_a_bounded_number_of_entries() -> None:
     memo = model.blocks[0].attn._saesteer_memo
     assert memo is model.blocks[2].attn._saesteer_memo  # one per model
     assert len(memo._entries) <= memo.slots  # not one per decoding step
+
+
+def test_mask_sharing_leaves_overriding_classes_alone() -> None:
+    from transformer_lens.components import GroupedQueryAttention
+
+    class Custom(GroupedQueryAttention):  # a subclass with its own rotary and causal mask
+        def apply_rotary(self, x, past_kv_pos_offset=0, attention_mask=None):
+            return super().apply_rotary(x, past_kv_pos_offset, attention_mask)
+
+        def apply_causal_mask(self, attn_scores, past_kv_pos_offset=0, attention_mask=None):
+            return super().apply_causal_mask(attn_scores, past_kv_pos_offset, attention_mask)
+
+    model = _rotary_model("full-gqa")
+    custom = Custom(model.blocks[0].attn.cfg, "global", 0)
+    custom.load_state_dict(model.blocks[0].attn.state_dict())
+    model.blocks[0].attn = custom
+    apply_mask_sharing(model)
+    assert not {"apply_rotary", "apply_causal_mask"} & set(model.blocks[0].attn.__dict__)
+    assert {"apply_rotary", "apply_causal_mask"} <= set(model.blocks[1].attn.__dict__)
