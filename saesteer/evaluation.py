@@ -456,7 +456,7 @@ def evaluate(
     summary = summarize(gens, toxic_threshold=toxic_threshold, max_ppl=max_ppl, fluency=fluency)
     result = EvalResult(generations=gens, summary=summary, settings=settings, paths=paths, seconds=time.time() - t0)
     if paths:
-        gens.to_csv(paths["csv"], index=False)
+        save_atomic(paths["csv"], lambda tmp: gens.to_csv(tmp, index=False))
         _write_json(paths["summary"], {"summary": summary, "seconds_this_run": round(time.time() - t0, 2),
                                        "prompts_computed_this_run": len(todo)})
     return result
