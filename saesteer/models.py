@@ -151,10 +151,11 @@ def load_model(
     model.saesteer_final_norm = {k: v.to(model.cfg.device) for k, v in model.saesteer_final_norm.items()}
     model.eval()
     if fix_layout:
-        from saesteer.tl_fixes import apply_layout_fixes, apply_mask_sharing
+        from saesteer.tl_fixes import apply_layout_fixes, apply_mask_sharing, apply_norm_sharing
 
         apply_layout_fixes(model)
         apply_mask_sharing(model)
+        apply_norm_sharing(model)
     return model
 
 

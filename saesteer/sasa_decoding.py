@@ -22,8 +22,10 @@ TransformerLens hooks make each candidate behave exactly as the single next toke
    attention module's IGNORE value, -inf, at the other candidates' keys, so the softmax is unchanged);
 2. positions: every candidate gets the next token's position. Rotary: the candidates' queries and keys
    are re-rotated by the module's own ``apply_rotary`` under the mask ``[prefix, 1, 0, ..., 0]`` (TL
-   reads positions off the mask's cumsum, so all C get the next position); absolute embeddings: every
-   candidate gets the next position's ``hook_pos_embed``;
+   reads positions off the mask's cumsum, so all C get the next position); on models prepared by
+   :func:`saesteer.tl_fixes.apply_mask_sharing` (``load_model``) they are rotated under that mask in the
+   first place (:func:`saesteer.tl_fixes.rotary_position_mask`), no re-rotation; absolute embeddings:
+   every candidate gets the next position's ``hook_pos_embed``;
 3. afterwards the cache holds C new entries per layer; only the chosen candidate's is kept, so the cache
    equals the fork path's.
 
@@ -35,6 +37,7 @@ before rotary, non-causal attention, other attention classes) fall back to ``"fo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -51,6 +54,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 from .checks import check_positive_int, check_strength
 from .generation import DecodeState, Decoder, pick
 from .sasa_subspace import Subspace, apply_final_norm, embedding_hook_name
+from .tl_fixes import rotary_position_mask, rotary_supports_position_mask
 
 MarginTransform = Literal["softmax", "raw"]
 CandidateForward = Literal["auto", "shared", "fork"]
@@ -261,11 +265,15 @@ class SASADecoder(Decoder):
             return fn
 
         hooks: list[tuple[str, Callable]] = []
+        positions = contextlib.nullcontext()
+        rotary = model.cfg.positional_embedding_type == "rotary"
         if model.cfg.positional_embedding_type in ("standard", "shortformer"):
             hooks.append(("hook_pos_embed", lambda act, hook: act[:, :1].expand_as(act)))
+        elif rotary and rotary_supports_position_mask(model):  # rotated at the right position in the first place
+            positions, rotary = rotary_position_mask(model, same_pos), False
         for i, block in enumerate(model.blocks):
             name = f"blocks.{i}.attn"
-            if model.cfg.positional_embedding_type == "rotary":
+            if rotary:
                 hooks += [(f"{name}.hook_q", save), (f"{name}.hook_k", save),
                           (f"{name}.hook_rot_q", rerotate(block.attn, f"{name}.hook_q")),
                           (f"{name}.hook_rot_k", rerotate(block.attn, f"{name}.hook_k"))]
@@ -273,7 +281,8 @@ class SASADecoder(Decoder):
 
         before = [(e.past_keys, e.past_values) for e in cache.entries], prev_mask
         try:
-            hidden, normed = self._run(model, cand, cache, torch.ones_like(cand), hooks)
+            with positions:
+                hidden, normed = self._run(model, cand, cache, torch.ones_like(cand), hooks)
         except BaseException:  # leave the cache as it was
             for e, (k, v) in zip(cache.entries, before[0]):
                 e.past_keys, e.past_values = k, v

@@ -24,14 +24,23 @@ non-contiguous tensors: call ``.contiguous()`` on a state dict before saving it 
 Second fix, :func:`apply_mask_sharing`: ``apply_rotary`` and ``apply_causal_mask`` rebuild the same
 position ids, rotary cos/sin and causal mask in every layer; the replacements build them once per forward
 (see the comment above :class:`_MaskMemo`).
+
+Third fix, :func:`apply_norm_sharing`: ``TransformerBlock.forward`` computes the pre-attention norm three
+times (for the queries', keys' and values' inputs, one tensor); the replacement computes it once.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-__all__ = ["apply_layout_fixes", "apply_mask_sharing", "fixed_parameters"]
+__all__ = [
+    "apply_layout_fixes", "apply_mask_sharing", "apply_norm_sharing", "fixed_parameters", "rotary_position_mask",
+    "rotary_supports_position_mask",
+]
 
 
 def _relayout(param: nn.Parameter, permutation: tuple[int, ...]) -> bool:
@@ -117,6 +126,7 @@ class _MaskMemo:
 
     def __init__(self) -> None:
         self._entries: list[tuple] = []
+        self.rotary_mask: torch.Tensor | None = None  # set by :func:`rotary_position_mask`
 
     def get(self, key: tuple, refs: tuple, mask: torch.Tensor, compute):
         """``compute()`` for (``key``, ``mask``), or the value cached for them. ``refs`` are the tensors
@@ -139,6 +149,12 @@ def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
     """``AbstractAttention.apply_rotary`` with the gathered cos/sin shared across layers (bound per module)."""
     cfg = self.cfg
     length = x.size(1)
+    override = self._saesteer_memo.rotary_mask
+    if override is not None:  # positions read off another mask (see rotary_position_mask)
+        if override.shape[1] != past_kv_pos_offset + length or override.shape[0] != x.size(0):
+            raise ValueError(f"rotary_position_mask: mask of shape {tuple(override.shape)} does not cover "
+                             f"{past_kv_pos_offset} past + {length} new positions of {x.size(0)} rows.")
+        attention_mask = override.to(x.device)
     if (cfg.use_dynamic_ntk_rope or cfg.rotary_adjacent_pairs or attention_mask is None
             or x.device != self.rotary_sin.device or past_kv_pos_offset + length > self.rotary_cos.shape[0]
             or attention_mask.shape[1] != past_kv_pos_offset + length):
@@ -212,8 +228,109 @@ def apply_mask_sharing(model: nn.Module) -> nn.Module:
     return model
 
 
+def rotary_supports_position_mask(model: nn.Module) -> bool:
+    """True when every attention module of the rotary ``model`` rotates through :func:`apply_mask_sharing`'s
+    replacement, so that :func:`rotary_position_mask` governs all of them."""
+    from transformer_lens.components import AbstractAttention
+
+    attns = [m for m in model.modules() if isinstance(m, AbstractAttention)]
+    return bool(attns) and all(
+        getattr(m.__dict__.get("apply_rotary"), "__func__", None) is _apply_rotary_shared for m in attns
+    )
+
+
+@contextlib.contextmanager
+def rotary_position_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Inside the block, rotary attention takes its positions (``cumsum(mask) - 1``, as TransformerLens)
+    from ``mask`` [batch, past + new] instead of the forward's attention mask; the attention mask still
+    decides what is attended to. SASA's shared candidate forward gives C candidates one position this way
+    (``[prefix mask, 1, 0, ..., 0]``). Needs :func:`rotary_supports_position_mask`; always restored."""
+    if not rotary_supports_position_mask(model):
+        raise ValueError("rotary_position_mask needs a rotary model prepared by apply_mask_sharing "
+                         "(load_model does this).")
+    from transformer_lens.components import AbstractAttention
+
+    memos = {id(m._saesteer_memo): m._saesteer_memo for m in model.modules() if isinstance(m, AbstractAttention)}
+    before = {k: memo.rotary_mask for k, memo in memos.items()}
+    for memo in memos.values():
+        memo.rotary_mask = mask
+    try:
+        yield
+    finally:
+        for k, memo in memos.items():
+            memo.rotary_mask = before[k]
+
+
 def _same_tables(a: nn.Module, b: nn.Module) -> bool:
     return all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
         for x, y in ((a.rotary_cos, b.rotary_cos), (a.rotary_sin, b.rotary_sin))
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pre-attention norm, computed three times per layer
+# ---------------------------------------------------------------------------------------------------
+# Upstream cause: ``TransformerBlock.forward`` (transformer_lens/components/transformer_block.py) passes
+# ``self.ln1(query_input)``, ``self.ln1(key_input)`` and ``self.ln1(value_input)`` to the attention, and
+# without split q/k/v inputs the three are one tensor: the same norm (5 tensor operations and 2 hook
+# points for RMSNormPre) is computed three times in every layer and step. The replacement computes it once
+# per block call and returns that tensor to the second and third call, as long as the norm's hook points
+# (and its own module hooks, and global module hooks) have no hooks: with hooks attached, every call runs
+# as upstream, so hooks see what they always saw. Outputs are bit-for-bit identical.
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    """True when neither ``module`` and its submodules nor the global registries hold any module hook."""
+    from torch.nn.modules import module as module_mod
+
+    registries = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                  "_global_backward_pre_hooks")
+    if any(getattr(module_mod, name, None) for name in registries):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in module.modules())
+
+
+def _block_forward_norm_once(self, *args, **kwargs):
+    """The block's own forward, with ``ln1`` allowed to reuse its output within this call (bound per block).
+    Only without gradients: with them, the three calls stay separate, so backward sums as upstream."""
+    norm = self.ln1
+    norm._saesteer_last = [] if not torch.is_grad_enabled() and _no_hooks(norm) else None
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        norm._saesteer_last = None
+
+
+def _norm_forward_once(self, x: torch.Tensor) -> torch.Tensor:
+    """The norm's own forward, or its output for the same input earlier in the same block call (bound per norm).
+
+    The input must be the same tensor object, and neither it nor the output may have been written to in
+    place since (their version counters say; inference tensors have none, so they are never reused)."""
+    last = getattr(self, "_saesteer_last", None)
+    if last is None or x.is_inference():
+        return type(self).forward(self, x)
+    if last and last[0] is x and last[1] == x._version and last[3] == last[2]._version:
+        return last[2]
+    out = type(self).forward(self, x)
+    last[:] = [x, x._version, out, out._version]
+    return out
+
+
+def apply_norm_sharing(model: nn.Module) -> nn.Module:
+    """Make every ``TransformerBlock`` of ``model`` compute its pre-attention norm once per call instead of
+    three times (see the comment above). Same outputs bit for bit; hooks on the norm see every call, as
+    upstream. Idempotent; survives ``copy.deepcopy``. Returns ``model``."""
+    import types
+
+    from transformer_lens.components import TransformerBlock
+
+    for block in model.modules():
+        norm = getattr(block, "ln1", None)
+        if not isinstance(block, TransformerBlock) or not isinstance(norm, nn.Module):
+            continue
+        block.forward = types.MethodType(_block_forward_norm_once, block)
+        norm.forward = types.MethodType(_norm_forward_once, norm)
+        norm._saesteer_last = None
+    return model

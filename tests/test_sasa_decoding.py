@@ -214,13 +214,18 @@ def test_shared_forward_equals_fork_greedy(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "rotary_nonorm"])
-def test_shared_forward_under_mask_sharing(kind):
+def test_shared_forward_under_mask_sharing(kind, monkeypatch):
+    from saesteer import sasa_decoding
     from saesteer.tl_fixes import apply_mask_sharing
 
     model = _variant(kind)
     outs, decs = _run_modes(model, [("shared", None)], do_sample=False)
     apply_mask_sharing(model)  # what load_model applies: cos/sin and causal mask built once per forward
+    used = []  # the candidates are rotated at their position in the first place, not re-rotated by hooks
+    real = sasa_decoding.rotary_position_mask
+    monkeypatch.setattr(sasa_decoding, "rotary_position_mask", lambda *a: used.append(1) or real(*a))
     fixed_outs, fixed_decs = _run_modes(model, [("shared", None), ("fork", None)], do_sample=False)
+    assert len(used) == fixed_outs[0].tokens.shape[1]
     _assert_same((fixed_outs[0], fixed_decs[0]), (outs[0], decs[0]), atol=0)  # bit for bit
     _assert_same((fixed_outs[0], fixed_decs[0]), (fixed_outs[1], fixed_decs[1]))
 
