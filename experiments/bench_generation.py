@@ -13,6 +13,17 @@ hook (``run_with_hooks``), so the SAE encodes and decodes every position again; 
 on) and, to isolate what the KV cache alone buys, on our model too. Unlike the original it writes no
 CSV file per call and decodes greedily (the original picks one of the top 5 at random).
 
+For each SASA row, "matrix products alone" times what no implementation can skip: every candidate is a
+full-model row, so a step pushes batch × candidates rows through every weight matrix (fresh copies of
+the weights, in layer order) and the batch's rows through the unembedding; that time for all new
+tokens, over HF's best time, is a floor for the row's "× HF".
+
+Operations per decoding step (``--no-op-counts`` skips them): the tensor operations that reach the
+dispatcher during one unsteered decoding step (the difference between a 12- and a 4-token generation,
+over 8), split into views (no data touched, no kernel) and the rest ("compute": each a kernel launch on a
+GPU). For our loop, our loop on a stock TransformerLens model, and HF ``generate``. Unlike the timings,
+these counts do not depend on the machine, so they say what to expect where decoding is launch-bound.
+
 Memory (``--memory-tokens``, default 256): the RSS (on a GPU: CUDA memory allocated) at every step of
 ``--memory-runs`` identical unsteered generations of that many tokens at batch 1 and 8. In the last run
 (the allocator's heap has grown in the first), the growth from step 32 to the last step is set against
@@ -36,10 +47,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from saesteer.atomic import write_text_atomic  # noqa: E402
 from saesteer.decoder_steering import DecoderSteering  # noqa: E402
 from saesteer.generation import generate  # noqa: E402
 from saesteer.hooks import steering  # noqa: E402
@@ -192,6 +205,33 @@ def steering_settings(model, sae) -> dict[str, dict]:
     }
 
 
+def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3) -> float:
+    """Seconds per decoding step for the matrix products alone: ``rows`` rows through fresh copies of every
+    block's weight matrices (the shapes ``F.linear`` gets: q, k, v, o and the MLP's), in layer order, and
+    ``out_rows`` rows through the unembedding; best of ``repeats``. A step of SASA with C candidates at
+    batch b does at least this with rows = b * C (every candidate is a full-model row), whatever the code."""
+    cfg = model.cfg
+    d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
+    shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]
+    shapes += [(cfg.d_mlp, d)] * (2 if cfg.gated_mlp else 1) + [(d, cfg.d_mlp)]
+    kw = dict(device=cfg.device, dtype=cfg.dtype)
+    weights = [[torch.randn(o, i, **kw) for o, i in shapes] for _ in range(cfg.n_layers)]
+    unembed = torch.randn(cfg.d_vocab_out, d, **kw)
+    x = {n: torch.randn(rows, n, **kw) for n in {i for _, i in shapes}}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            for layer in weights:
+                for w in layer:
+                    torch.nn.functional.linear(x[w.shape[1]], w)
+            torch.nn.functional.linear(x[d][:out_rows], unembed)
+            sync()
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
 def random_subspace(model) -> Subspace:
     g = torch.Generator().manual_seed(0)
     d = model.cfg.d_model
@@ -214,6 +254,33 @@ def reference_loop(model, prompts: list[str], steerers: list, new_tokens: int) -
             text = model.to_string(tokens[0, 1:] if model.cfg.default_prepend_bos else tokens[0])
         out.append(text)
     return out
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the tensor operations dispatched inside the block: views and the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = {"view": 0, "compute": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts["view" if func.is_view else "compute"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(run) -> dict[str, float]:
+    """For each SASA row, "matrix products alone" times what no implementation can skip: every candidate is a
+full-model row, so a step pushes batch × candidates rows through every weight matrix (fresh copies of
+the weights, in layer order) and the batch's rows through the unembedding; that time for all new
+tokens, over HF's best time, is a floor for the row's "× HF".
+
+Operations per decoding step of ``run(new_tokens)``: (12 tokens - 4 tokens) / 8."""
+    counts = []
+    for tokens in (4, 12):
+        with CountOps() as mode:
+            run(tokens)
+        counts.append(mode.counts)
+    return {k: (counts[1][k] - counts[0][k]) / 8 for k in counts[0]}
 
 
 def kv_cache_mb(model, rows: int, length: int) -> float:
@@ -241,6 +308,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference loops")
     ap.add_argument("--no-sasa", action="store_true", help="skip the SASA rows")
+    ap.add_argument("--no-op-counts", action="store_true", help="skip the operations-per-step counts")
     ap.add_argument("--settings", default=None,
                     help="comma-separated rows to run, e.g. swap,sasa-50 (default: all; unsteered always runs)")
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench_generation.json"))
@@ -312,6 +380,13 @@ def main() -> None:
             hf_note = f"  x{vs_hf:.2f} of HF's time" if vs_hf else ""
             print(f"batch {b} {name:>14}: {sec:7.2f} s  {b * n / sec:7.1f} tok/s  x{ratio:.2f} unsteered{hf_note}",
                   flush=True)
+            decoder = extra.get("decoder")
+            if isinstance(decoder, SASADecoder) and hf is not None:
+                rows = b * decoder.max_candidates
+                floor = n * matmul_floor(model, rows, b)
+                results[-1].update(matmul_floor_s=floor, matmul_floor_vs_hf=floor / hf_sec)
+                print(f"batch {b} {name:>14}: its matrix products alone ({rows} rows per step through every weight "
+                      f"matrix) take {floor:.2f} s = x{floor / hf_sec:.2f} of HF's best time", flush=True)
         base = next(r["seconds"] for r in results if r["setting"] == "unsteered" and r["batch"] == b)
         hf_sec = base / unsteered_vs_hf if unsteered_vs_hf else None
         if not args.no_reference and "swap" in settings:
@@ -327,6 +402,27 @@ def main() -> None:
                     ours_faster=sec / ours)
                 print(f"batch {b} {label}: {sec:7.2f} s; our swap generation is {sec / ours:.1f}x faster", flush=True)
             del stock
+
+    op_counts = []
+    if not args.no_op_counts:
+        stock = load(fix_layout=False)
+        for b in [int(x) for x in args.batches.split(",")]:
+            prompts = (PROMPTS * ((b + len(PROMPTS) - 1) // len(PROMPTS)))[:b]
+            runs = {"ours": lambda t, m=model: generate(m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False),
+                    "ours on stock TransformerLens": lambda t, m=stock: generate(
+                        m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False)}
+            if hf is not None:
+                enc = hf_tok(prompts, return_tensors="pt", padding=True).to(args.device)
+                runs["HF transformers generate"] = lambda t, enc=enc: hf.generate(
+                    **enc, max_new_tokens=t, min_new_tokens=t, do_sample=False, pad_token_id=hf_tok.pad_token_id)
+            for name, run in runs.items():
+                run(2)  # warm-up
+                with torch.no_grad():
+                    counts = ops_per_step(run)
+                op_counts.append(dict(stack=name, batch=b, **counts))
+                print(f"batch {b} operations per decoding step, {name}: {counts['compute']:.0f} compute, "
+                      f"{counts['view']:.0f} views", flush=True)
+        del stock
 
     on_gpu = str(model.cfg.device).startswith("cuda")
     used_mb = (lambda: torch.cuda.memory_allocated() / 2**20) if on_gpu else rss_mb  # noqa: E731
@@ -368,22 +464,24 @@ def main() -> None:
                 command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]))
     print(f"\npeak RSS {peak_mb:.0f} MB; SAE: {sae_note}")
     print(markdown(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, results=results, memory=memory), indent=2))
-    tmp.replace(out)
+    if op_counts:
+        print("\n| operations per decoding step | batch | compute (kernels) | views |\n|---|---|---|---|")
+        for r in op_counts:
+            print(f"| {r['stack']} | {r['batch']} | {r['compute']:.0f} | {r['view']:.0f} |")
+    write_text_atomic(Path(args.out), json.dumps(dict(meta=meta, results=results, memory=memory,
+                                                      ops_per_step=op_counts), indent=2))
 
 
 def markdown(results: list[dict]) -> str:
     def f(x, fmt):
         return format(x, fmt) if x is not None else "-"
 
-    out = ["| setting | batch | s | tok/s | × unsteered | × HF generate | our swap is × faster |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| setting | batch | s | tok/s | × unsteered | × HF generate | our swap is × faster | "
+           "matrix products alone × HF |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         out.append(f"| {r['setting']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | "
-                   f"{f(r['vs_unsteered'], '.2f')} | {f(r['vs_hf'], '.2f')} | {f(r.get('ours_faster'), '.1f')} |")
+                   f"{f(r['vs_unsteered'], '.2f')} | {f(r['vs_hf'], '.2f')} | {f(r.get('ours_faster'), '.1f')} | "
+                   f"{f(r.get('matmul_floor_vs_hf'), '.2f')} |")
     return "\n".join(out)
 
 

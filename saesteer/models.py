@@ -90,8 +90,8 @@ def load_model(
     LayerNorm; RMSNorm has none; ``"w"`` is all ones for a model without a final-norm gain), so that
     ``ln_final.hook_normalized * w (+ b)`` is the Hugging Face final hidden state; then
     ``model.process_weights_`` with TransformerLens' defaults; then, if ``fix_layout``,
-    :func:`saesteer.tl_fixes.apply_layout_fixes` and :func:`~saesteer.tl_fixes.apply_mask_sharing` (same
-    outputs, faster decoding). The processing flags actually applied are in ``model.saesteer_processing``.
+    :func:`saesteer.tl_fixes.apply_layout_fixes`, :func:`~saesteer.tl_fixes.apply_mask_sharing` and
+    :func:`~saesteer.tl_fixes.apply_norm_sharing` (same outputs, faster decoding). The processing flags actually applied are in ``model.saesteer_processing``.
 
     Args:
         name_or_path: ``"smollm2-135m"``, a local Hugging Face folder, or a TransformerLens official

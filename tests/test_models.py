@@ -655,3 +655,64 @@ def test_norm_sharing_survives_deepcopy_and_inference_mode() -> None:
         assert torch.equal(other(tokens), fresh(tokens))
     with torch.inference_mode():
         assert torch.equal(model(tokens), fresh(tokens))
+
+
+# ---------------------------------------------------------------------------------------------------
+# all three fixes together, on the architecture families load_model hosts
+# ---------------------------------------------------------------------------------------------------
+
+_LOCAL = dict(use_local_attn=True, attn_types=["global", "local", "global"], window_size=4)
+HOSTED = {
+    "llama": ARCHITECTURES["gated-rotary-rms-gqa"],
+    "gpt2": dict(ARCHITECTURES["mlp-standard-ln"], act_fn="gelu_new"),
+    "neox": dict(ARCHITECTURES["mlp-rotary-ln"], rotary_dim=4, parallel_attn_mlp=True, act_fn="gelu"),
+    "gemma2": dict(ARCHITECTURES["gated-rotary-rms-gqa"], act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True,
+                   attn_scores_soft_cap=50.0, output_logits_soft_cap=30.0, **_LOCAL),
+    "gemma3": dict(ARCHITECTURES["gated-rotary-rms-gqa"], act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True,
+                   use_qk_norm=True, rotary_base=1_000_000, rotary_base_local=10_000, **_LOCAL),
+    "qwen3": dict(ARCHITECTURES["gated-rotary-rms-gqa"], use_qk_norm=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(HOSTED))
+def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
+    """What load_model applies (layout, mask and norm sharing) changes no logit and no greedy token, for
+    plain and SASA decoding, on each architecture family (random weights, biases, padded batch)."""
+    from tiny import tiny_tokenizer
+
+    from saesteer.generation import generate
+    from saesteer.sasa_decoding import Attribute, SASADecoder
+    from saesteer.sasa_subspace import Subspace
+
+    tok = tiny_tokenizer()
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
+                                  seed=0, **HOSTED[arch])
+    model = HookedTransformer(cfg, tokenizer=tok)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith(("b_", "w")):  # biases and norm gains, so the test sees them
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    tokens = torch.randint(3, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    g = torch.Generator().manual_seed(1)
+    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0), mu_mu=torch.zeros(32),
+                   model_name=cfg.model_name, d_model=32)
+
+    def run():
+        with torch.no_grad():
+            logits = model(tokens, attention_mask=mask)
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, stop_at_eos=False)
+        plain = generate(model, tokens, **kw).tokens
+        sasa = generate(model, tokens, decoder=SASADecoder([Attribute(sub, 5.0)], max_candidates=5), **kw).tokens
+        return logits, plain, sasa
+
+    before = run()
+    apply_layout_fixes(model)
+    apply_mask_sharing(model)
+    apply_norm_sharing(model)
+    after = run()
+    assert torch.equal(after[0], before[0])
+    assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])
