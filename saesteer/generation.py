@@ -22,7 +22,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from .checks import check_positive_int
-from .hooks import Steerer, steering
+from .hooks import Steerer, forward_positions, steering
 from .tokens import pad_id, pad_sequences, tokenize
 
 
@@ -91,7 +91,8 @@ def last_logits(
     cache: TransformerLensKeyValueCache | None,
 ) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position only (unembedding one row per sequence, not every position)."""
-    resid = model(tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
+    with forward_positions(attention_mask):  # steerers take sink medians over real tokens only
+        resid = model(tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
     resid = resid[:, -1:]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
@@ -189,6 +190,8 @@ def generate(
     gen = torch.Generator(device=tokens.device)
     if cfg.seed is not None:
         gen.manual_seed(cfg.seed)
+    else:  # a fresh generator starts from a fixed default seed: draw a new one, or every call would repeat
+        gen.seed()
     seen = None
     if cfg.repetition_penalty != 1.0:
         counts = torch.zeros(batch, vocab, device=tokens.device)

@@ -11,7 +11,10 @@ residual stream tens to hundreds of times larger than the others (SmolLM2-135M: 
 layer 15). SAEs are trained without these positions, their latents fire absurdly there, and editing the
 sink wrecks every later token. :func:`sink_mask` finds them (norm above ``factor`` x the median of their
 row); the SAE steerers leave them untouched by default (``sink_factor=3.0``; ``None`` steers them too).
-A single-position forward (a decoding step) has no sink.
+A single-position forward (a decoding step) has no sink. The median is taken over the row's real tokens
+when the forward says which they are (:func:`forward_positions`, set by :mod:`saesteer.generation`), so
+left padding does not move it and a prompt is steered the same in any batch; SASA's shared candidate
+forward declares its positions separate decoding steps, so it steers exactly as one forward per candidate.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 from jaxtyping import Bool, Float
@@ -69,13 +73,38 @@ def steering(model: HookedTransformer, steerers: Sequence[Steerer]) -> Iterator[
         yield model
 
 
+_SEPARATE = "separate"
+_POSITIONS: ContextVar[Tensor | str | None] = ContextVar("saesteer_forward_positions", default=None)
+
+
+@contextmanager
+def forward_positions(real: Bool[Tensor, "batch pos"] | None = None, *, separate: bool = False) -> Iterator[None]:
+    """Describe the positions of the forwards run inside the block to :func:`sink_mask`: ``real`` marks
+    the real tokens (False: padding), or ``separate=True`` says every position stands for its own
+    single-token decoding step (none is a sink). Restored on exit."""
+    token = _POSITIONS.set(_SEPARATE if separate else real)
+    try:
+        yield
+    finally:
+        _POSITIONS.reset(token)
+
+
 def sink_mask(h: Float[Tensor, "batch pos d"], factor: float | None) -> Bool[Tensor, "batch pos"] | None:
-    """Positions whose norm exceeds ``factor`` x the median norm of their row (attention sinks), or None
-    when there is nothing to skip (``factor`` None, one position, no outlier)."""
+    """Positions whose norm exceeds ``factor`` x the median norm of their row's real tokens (attention
+    sinks), or None when there is nothing to skip (``factor`` None, one position, separate positions,
+    no outlier). Which tokens are real comes from :func:`forward_positions`; without it, all are."""
     if factor is None or h.dim() < 3 or h.shape[-2] < 2:
         return None
+    described = _POSITIONS.get()
+    if isinstance(described, str):  # separate decoding steps
+        return None
     norms = h.float().norm(dim=-1)
-    mask = norms > factor * norms.median(dim=-1, keepdim=True).values
+    if isinstance(described, Tensor) and tuple(described.shape) == tuple(norms.shape):
+        real = described.to(norms.device).bool()
+        median = norms.masked_fill(~real, float("nan")).nanmedian(dim=-1, keepdim=True).values
+        mask = (norms > factor * median) & real
+    else:
+        mask = norms > factor * norms.median(dim=-1, keepdim=True).values
     return mask if bool(mask.any()) else None
 
 

@@ -65,6 +65,9 @@ def encode(sae: SAE, x: Float[Tensor, "... d_in"]) -> Encoded:
         acts = sae.encode(x)
     finally:
         handle.remove()
+    pre = captured["pre"]
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # SAELens scales after the hook, before TopK
+        pre = pre * sae.W_dec.norm(dim=-1)
     norm = getattr(sae.cfg, "normalize_activations", "none")
     scale = shift = None
     if norm == "layer_norm":
@@ -73,7 +76,7 @@ def encode(sae: SAE, x: Float[Tensor, "... d_in"]) -> Encoded:
     elif norm == "constant_norm_rescale":
         scale = 1.0 / sae.x_norm_coeff
         del sae.x_norm_coeff
-    return Encoded(acts=acts, pre=captured["pre"], scale=scale, shift=shift)
+    return Encoded(acts=acts, pre=pre, scale=scale, shift=shift)
 
 
 def decode_delta(sae: SAE, delta: Float[Tensor, "... d_sae"], enc: Encoded) -> Float[Tensor, "... d_in"]:

@@ -53,6 +53,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from .checks import check_positive_int, check_strength
 from .generation import DecodeState, Decoder, pick
+from .hooks import forward_positions
 from .sasa_subspace import Subspace, apply_final_norm, embedding_hook_name
 from .tl_fixes import rotary_position_mask, rotary_supports_position_mask
 
@@ -178,19 +179,27 @@ class SASADecoder(Decoder):
         cand_logits, cand = logits.topk(n_cand, dim=-1)  # [B, C]
         valid = torch.isfinite(cand_logits)
 
-        shared = self.forward_mode(model) == "shared" and not state.cache.frozen  # shared appends to the cache
+        # shared appends to the cache, and gives the C candidates C positions first (the last of them must
+        # exist: near n_ctx, fork)
+        seen = int(state.cache.previous_attention_mask.sum(-1).max())
+        shared = (self.forward_mode(model) == "shared" and not state.cache.frozen
+                  and seen + n_cand <= model.cfg.n_ctx)
         forward = self._shared if shared else self._fork
-        hidden, normed, keep = forward(model, state.cache, cand)  # [B, C, d] each
-        margins = torch.stack([a.subspace.margin(apply_final_norm(model, hidden)) for a in self.attributes], dim=-1)
-        margins = margins.float()
-        adjusted = cand_logits + self.bonus(margins, valid)
-        adjusted = adjusted.masked_fill(~valid, float("-inf"))
-        full = torch.full_like(logits, float("-inf")).scatter(-1, cand, adjusted)
-        chosen = pick(full, state.cfg, state.gen)
+        hidden, normed, keep, undo = forward(model, state.cache, cand)  # [B, C, d] each
+        try:
+            margins = torch.stack([a.subspace.margin(apply_final_norm(model, hidden)) for a in self.attributes],
+                                  dim=-1).float()
+            adjusted = cand_logits + self.bonus(margins, valid)
+            adjusted = adjusted.masked_fill(~valid, float("-inf"))
+            full = torch.full_like(logits, float("-inf")).scatter(-1, cand, adjusted)
+            chosen = pick(full, state.cfg, state.gen)
 
-        idx = (cand == chosen.unsqueeze(-1)).float().argmax(-1)  # position of the chosen token among candidates
+            idx = (cand == chosen.unsqueeze(-1)).float().argmax(-1)  # position of the chosen token among candidates
+            state.cache = keep(idx)
+        except BaseException:  # the cache as it was before this step
+            undo()
+            raise
         rows = torch.arange(batch, device=logits.device)
-        state.cache = keep(idx)
         self.last_margins = margins[rows, idx]
         next_logits = model.unembed(normed[rows, idx].unsqueeze(1))
         self._next_logits = apply_softcap(next_logits, model.cfg.output_logits_soft_cap)[:, -1]
@@ -205,7 +214,7 @@ class SASADecoder(Decoder):
             captured["x"] = act
             return act
 
-        with model.hooks(fwd_hooks=[*hooks, (embedding_hook_name(model), grab)]):
+        with model.hooks(fwd_hooks=[*hooks, (embedding_hook_name(model), grab)]), forward_positions(separate=True):
             resid = model(tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
             normed = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
         return captured["x"], normed
@@ -236,7 +245,7 @@ class SASADecoder(Decoder):
             return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
 
         shape = (batch, n_cand, -1)
-        return torch.cat(hidden).view(shape), torch.cat(normed).view(shape), keep
+        return torch.cat(hidden).view(shape), torch.cat(normed).view(shape), keep, lambda: None  # cache not touched
 
     def _shared(self, model, cache, cand):
         """The C candidates as C positions of one sequence per row over the uncopied cache (module docstring)."""
@@ -280,13 +289,18 @@ class SASADecoder(Decoder):
             hooks.append((f"{name}.hook_attn_scores", isolate(block.attn)))
 
         before = [(e.past_keys, e.past_values) for e in cache.entries], prev_mask
-        try:
-            with positions:
-                hidden, normed = self._run(model, cand, cache, torch.ones_like(cand), hooks)
-        except BaseException:  # leave the cache as it was
+
+        def undo() -> None:
+            """Put the cache back as it was before the candidates' forward (its old tensors are untouched)."""
             for e, (k, v) in zip(cache.entries, before[0]):
                 e.past_keys, e.past_values = k, v
             cache.previous_attention_mask = before[1]
+
+        try:
+            with positions:
+                hidden, normed = self._run(model, cand, cache, torch.ones_like(cand), hooks)
+        except BaseException:
+            undo()
             raise
 
         def keep(idx: Tensor) -> TransformerLensKeyValueCache:
@@ -300,7 +314,7 @@ class SASADecoder(Decoder):
             cache.previous_attention_mask = cache.previous_attention_mask[:, :past + 1]
             return cache
 
-        return hidden, normed, keep
+        return hidden, normed, keep, undo
 
     def advance(self, state: DecodeState, chosen: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
         if self._next_logits is None:

@@ -32,6 +32,8 @@ times (for the queries', keys' and values' inputs, one tensor); the replacement 
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +43,20 @@ __all__ = [
     "apply_layout_fixes", "apply_mask_sharing", "apply_norm_sharing", "fixed_parameters", "rotary_position_mask",
     "rotary_supports_position_mask",
 ]
+
+
+def _bind(module: nn.Module, name: str, fn) -> None:
+    """Make ``module.<name>`` call ``fn(module, ...)``: a ``functools.partial`` of a module-level function,
+    so the patched module survives ``copy.deepcopy`` and pickling (``torch.save(model)``) with the fix."""
+    setattr(module, name, functools.partial(fn, module))
+
+
+def _bound(module: nn.Module, name: str):
+    """The function :func:`_bind` put behind ``module.<name>``, or None."""
+    patched = module.__dict__.get(name)
+    if isinstance(patched, functools.partial) and patched.args[:1] == (module,):
+        return patched.func
+    return None
 
 
 def _relayout(param: nn.Parameter, permutation: tuple[int, ...]) -> bool:
@@ -120,28 +136,44 @@ def apply_layout_fixes(model: nn.Module) -> nn.Module:
 
 class _MaskMemo:
     """The last few values computed from attention masks (``slots`` in all, newest first: a forward needs
-    one per kind, SASA's re-rotation under its own mask one more; old steps' entries fall out)."""
+    one per kind, SASA's candidate forward one more; old steps' entries fall out). An entry lives no
+    longer than its mask (a weak reference drops it when the mask is freed), so nothing outlives the
+    generation that made it. Copies and pickles of a model get an empty memo."""
 
     slots = 8
 
     def __init__(self) -> None:
-        self._entries: list[tuple] = []
+        self._entries: list[list] = []
         self.rotary_mask: torch.Tensor | None = None  # set by :func:`rotary_position_mask`
+
+    def __reduce__(self):
+        return (_MaskMemo, ())
 
     def get(self, key: tuple, refs: tuple, mask: torch.Tensor, compute):
         """``compute()`` for (``key``, ``mask``), or the value cached for them. ``refs`` are the tensors
         behind the ids in ``key``: held so the ids are not reused while cached, and checked by identity."""
-        # an in-place edit of the mask must miss: its version counter says so; inference tensors have
-        # none, so for those the content is compared against a copy
-        version = None if mask.is_inference() else mask._version
-        for held_key, held, held_mask, stamp, value in self._entries:
-            if (held_key == key and held_mask is mask and all(a is b for a, b in zip(held, refs))
-                    and (stamp == version if version is not None else torch.equal(stamp, mask))):
+        if mask.is_inference():  # no version counter to notice in-place edits by: not shared
+            return compute()
+        version = mask._version  # an in-place edit of the mask must miss
+        for held_key, held, mask_ref, stamp, value in self._entries:
+            if (held_key == key and mask_ref() is mask and stamp == version
+                    and all(a is b for a, b in zip(held, refs))):
                 return value
         value = compute()
-        self._entries.insert(0, (key, refs, mask, version if version is not None else mask.clone(), value))
+        entry = [key, refs, None, version, value]
+        # the callback names the entry by id, not by reference (that would be a cycle holding ``value`` until a
+        # garbage collection); it can only fire while the entry, which holds this weak reference, is alive
+        entry[2] = weakref.ref(mask, functools.partial(_drop_entry, weakref.ref(self), id(entry)))
+        self._entries.insert(0, entry)
         del self._entries[self.slots:]
         return value
+
+
+def _drop_entry(memo_ref, entry_id: int, _dead_mask_ref) -> None:
+    """Weak-reference callback: the entry's mask was freed, so the entry can never be hit again."""
+    memo = memo_ref()
+    if memo is not None:
+        memo._entries = [e for e in memo._entries if id(e) != entry_id]
 
 
 def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
@@ -167,8 +199,14 @@ def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
         ids = get_offset_position_ids(past_kv_pos_offset, attention_mask).to(cos_table.device)
         return cos_table[ids, None, :], sin_table[ids, None, :]
 
-    key = ("rotary", id(cos_table), id(sin_table), past_kv_pos_offset, length)
-    cos, sin = self._saesteer_memo.get(key, (cos_table, sin_table), attention_mask, gather)
+    group = getattr(self, "_saesteer_tables", None)
+    if group is not None and group.holds(cos_table, sin_table):  # equal to the group's tables: share the gather
+        key, refs = ("rotary", "group", group.index, past_kv_pos_offset, length), ()
+    else:  # edited, replaced or moved since apply_mask_sharing: this module's own tables, as they are now
+        key = ("rotary", id(cos_table), id(sin_table), cos_table._version, sin_table._version, past_kv_pos_offset,
+               length)
+        refs = (cos_table, sin_table)
+    cos, sin = self._saesteer_memo.get(key, refs, attention_mask, gather)
     rd = cfg.rotary_dim
     x_rot = x[..., :rd]
     half = rd // 2
@@ -201,20 +239,18 @@ def apply_mask_sharing(model: nn.Module) -> nn.Module:
     ``apply_causal_mask`` that compute their mask-derived tensors once per forward and share them across
     layers (see the comment above); other cases (no mask, adjacent rotary pairs, dynamic NTK, contexts
     beyond the rotary table) go to TransformerLens' own. Attention classes that override either method
-    keep their own. Same outputs bit for bit. Idempotent; survives ``copy.deepcopy`` (the methods are
-    bound to their modules). Returns ``model``."""
-    import types
-
+    keep their own. Same outputs bit for bit. Idempotent; survives ``copy.deepcopy`` and pickling. Returns
+    ``model``."""
     from transformer_lens.components import AbstractAttention
 
     memo = _MaskMemo()
-    distinct: list[nn.Module] = []
+    distinct: list[nn.Module] = []  # one module per group of equal rotary tables
     for module in model.modules():
         if not isinstance(module, AbstractAttention):
             continue
         module._saesteer_memo = memo
         if type(module).apply_causal_mask is AbstractAttention.apply_causal_mask:
-            module.apply_causal_mask = types.MethodType(_apply_causal_mask_shared, module)
+            _bind(module, "apply_causal_mask", _apply_causal_mask_shared)
         if (module.cfg.positional_embedding_type != "rotary"
                 or type(module).apply_rotary is not AbstractAttention.apply_rotary):
             continue
@@ -222,10 +258,33 @@ def apply_mask_sharing(model: nn.Module) -> nn.Module:
             same = next((m for m in distinct if _same_tables(m, module)), None)
             if same is None:
                 distinct.append(module)
-            else:  # one tensor for equal tables, so the gathered cos/sin are shared across layers
-                module.rotary_cos, module.rotary_sin = same.rotary_cos, same.rotary_sin
-        module.apply_rotary = types.MethodType(_apply_rotary_shared, module)
+                same = module
+            module._saesteer_tables = _TableGroup(distinct.index(same), same, module)
+        _bind(module, "apply_rotary", _apply_rotary_shared)
     return model
+
+
+class _TableGroup:
+    """Layers whose rotary tables were equal at :func:`apply_mask_sharing` share one gathered cos/sin. The
+    group holds while the module's tables are the same tensors, and neither they nor the group's first
+    tables have been written to since (version counters); weak references, so nothing is kept alive."""
+
+    def __init__(self, index: int, first: nn.Module, own: nn.Module) -> None:
+        self.index = index
+        tables = (first.rotary_cos, first.rotary_sin, own.rotary_cos, own.rotary_sin)
+        self._refs = [(weakref.ref(t), t._version) for t in tables]
+
+    def holds(self, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        now = [ref() for ref, _ in self._refs]
+        return (now[2] is cos and now[3] is sin and now[0] is not None and now[1] is not None
+                and all(t._version == v for t, (_, v) in zip(now, self._refs)))
+
+    def __reduce__(self):  # a copy or an unpickled model has new tables: each layer gathers from its own
+        return (_no_group, ())
+
+
+def _no_group() -> None:
+    return None
 
 
 def rotary_supports_position_mask(model: nn.Module) -> bool:
@@ -235,7 +294,7 @@ def rotary_supports_position_mask(model: nn.Module) -> bool:
 
     attns = [m for m in model.modules() if isinstance(m, AbstractAttention)]
     return bool(attns) and all(
-        getattr(m.__dict__.get("apply_rotary"), "__func__", None) is _apply_rotary_shared for m in attns
+        _bound(m, "apply_rotary") is _apply_rotary_shared for m in attns
     )
 
 
@@ -321,16 +380,14 @@ def _norm_forward_once(self, x: torch.Tensor) -> torch.Tensor:
 def apply_norm_sharing(model: nn.Module) -> nn.Module:
     """Make every ``TransformerBlock`` of ``model`` compute its pre-attention norm once per call instead of
     three times (see the comment above). Same outputs bit for bit; hooks on the norm see every call, as
-    upstream. Idempotent; survives ``copy.deepcopy``. Returns ``model``."""
-    import types
-
+    upstream. Idempotent; survives ``copy.deepcopy`` and pickling. Returns ``model``."""
     from transformer_lens.components import TransformerBlock
 
     for block in model.modules():
         norm = getattr(block, "ln1", None)
         if not isinstance(block, TransformerBlock) or not isinstance(norm, nn.Module):
             continue
-        block.forward = types.MethodType(_block_forward_norm_once, block)
-        norm.forward = types.MethodType(_norm_forward_once, norm)
+        _bind(block, "forward", _block_forward_norm_once)
+        _bind(norm, "forward", _norm_forward_once)
         norm._saesteer_last = None
     return model

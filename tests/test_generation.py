@@ -80,6 +80,9 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     c = generate(model, PROMPTS, max_new_tokens=10, seed=2)
     assert torch.equal(a.tokens, b.tokens)
     assert not torch.equal(a.tokens, c.tokens)
+    # seed=None: a fresh seed per call (a new torch.Generator alone would start from one fixed seed)
+    free = [generate(model, PROMPTS, max_new_tokens=10, seed=None).tokens for _ in range(3)]
+    assert not (torch.equal(free[0], free[1]) and torch.equal(free[1], free[2]))
 
 
 def test_hooks_removed_after_error_in_generation():

@@ -433,7 +433,9 @@ def test_mask_sharing_is_bit_exact_with_masks_and_cache(arch: str) -> None:
     assert all("apply_causal_mask" in b.attn.__dict__ for b in model.blocks)
     if model.cfg.positional_embedding_type == "rotary":
         assert all("apply_rotary" in b.attn.__dict__ for b in model.blocks)
-        assert model.blocks[2].attn.rotary_cos is model.blocks[0].attn.rotary_cos  # equal tables: one tensor
+        groups = [b.attn._saesteer_tables.index for b in model.blocks]
+        assert groups[2] == groups[0]  # equal tables: one gather of cos/sin for both
+        assert model.blocks[2].attn.rotary_cos is not model.blocks[0].attn.rotary_cos  # but their own buffers
     logits_after, gen_after = run()
     assert torch.equal(logits_after, logits_before)
     assert torch.equal(gen_after, gen_before)
@@ -463,12 +465,48 @@ def test_mask_sharing_builds_once_per_forward(monkeypatch: pytest.MonkeyPatch) -
 def test_mask_sharing_survives_deepcopy() -> None:
     model = apply_mask_sharing(_rotary_model("full-gqa"))
     other = copy.deepcopy(model)
-    assert other.blocks[1].attn.apply_rotary.__self__ is other.blocks[1].attn
-    assert other.blocks[1].attn.apply_causal_mask.__self__ is other.blocks[1].attn
+    assert other.blocks[1].attn.apply_rotary.args[0] is other.blocks[1].attn
+    assert other.blocks[1].attn.apply_causal_mask.args[0] is other.blocks[1].attn
     tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
     with torch.no_grad():
         assert torch.equal(other(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
+
+
+def test_mask_sharing_keeps_buffers_apart_and_sees_table_edits(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = _rotary_model("full-gqa")
+    stock = copy.deepcopy(model)
+    apply_mask_sharing(model)
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        assert torch.equal(model(tokens, attention_mask=mask), stock(tokens, attention_mask=mask))  # memo filled
+        # no two state-dict entries share memory, so safetensors takes it (after .contiguous(), see the module)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+        for m in (model, stock):  # an in-place edit of one layer's table reaches that layer alone
+            m.blocks[1].attn.rotary_cos.mul_(0.5)
+        assert torch.equal(model(tokens, attention_mask=mask), stock(tokens, attention_mask=mask))
+        state = load_file(tmp_path / "m.safetensors")  # and a state dict with other tables in one layer
+        state["blocks.2.attn.rotary_sin"] = state["blocks.2.attn.rotary_sin"].flip(0).contiguous()
+        for m in (model, stock):
+            m.load_state_dict(state)
+        assert torch.equal(model(tokens, attention_mask=mask), stock(tokens, attention_mask=mask))
+
+
+def test_fixed_model_pickles_with_its_fixes() -> None:
+    import pickle
+
+    from saesteer.tl_fixes import _bound
+
+    model = apply_norm_sharing(apply_mask_sharing(apply_layout_fixes(_rotary_model("full-gqa"))))
+    other = pickle.loads(pickle.dumps(model))  # what torch.save(model) does
+    assert _bound(other.blocks[1].attn, "apply_rotary") is not None and _bound(other.blocks[1], "forward") is not None
+    assert rotary_supports_position_mask(other)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(other(tokens), model(tokens))
 
 
 def test_mask_sharing_under_inference_mode() -> None:
@@ -493,7 +531,12 @@ def test_mask_sharing_holds_a_bounded_number_of_entries() -> None:
     generate(model, tokens, max_new_tokens=30, do_sample=False, stop_at_eos=False)
     memo = model.blocks[0].attn._saesteer_memo
     assert memo is model.blocks[2].attn._saesteer_memo  # one per model
-    assert len(memo._entries) <= memo.slots  # not one per decoding step
+    seen = []
+    real_get = memo.get
+    memo.get = lambda *a: seen.append(len(memo._entries)) or real_get(*a)
+    generate(model, tokens, max_new_tokens=30, do_sample=False, stop_at_eos=False)
+    assert 0 < max(seen) <= memo.slots  # not one per decoding step
+    assert memo._entries == []  # and nothing outlives the generation: the entries went with their masks
 
 
 def test_rotary_position_mask_sets_positions_only() -> None:
@@ -647,8 +690,8 @@ def test_norm_sharing_recomputes_after_in_place_edits() -> None:
 def test_norm_sharing_survives_deepcopy_and_inference_mode() -> None:
     model = apply_norm_sharing(_random_model("gated-rotary-rms-gqa"))
     other = copy.deepcopy(model)
-    assert other.blocks[1].forward.__self__ is other.blocks[1]
-    assert other.blocks[1].ln1.forward.__self__ is other.blocks[1].ln1
+    assert other.blocks[1].forward.args[0] is other.blocks[1]
+    assert other.blocks[1].ln1.forward.args[0] is other.blocks[1].ln1
     tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
     fresh = _random_model("gated-rotary-rms-gqa")
     with torch.no_grad():

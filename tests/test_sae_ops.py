@@ -37,6 +37,23 @@ def test_pre_activations_and_active_count():
     assert sae_ops.active_count(tiny_sae("topk", k=5), enc.acts) == 5
 
 
+@pytest.mark.parametrize("kind", ["standard", "topk", "topk-rescaled", "jumprelu"])
+def test_pre_activations_are_what_the_activation_function_sees(kind):
+    """``enc.pre`` is the SAE's hidden pre-activation as its activation function receives it: for TopK SAEs
+    with ``rescale_acts_by_decoder_norm`` that is after the scaling by the decoder row norms."""
+    sae = tiny_sae(kind.split("-")[0])
+    if kind == "topk-rescaled":
+        sae.cfg.rescale_acts_by_decoder_norm = True
+        assert not torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(sae.cfg.d_sae))  # rows of other norms
+    x = torch.randn(6, 32)
+    enc = sae_ops.encode(sae, x)
+    acts = sae.activation_fn(enc.pre)
+    if kind == "jumprelu":
+        acts = acts * (enc.pre > sae.threshold)
+    assert torch.allclose(acts, enc.acts, atol=1e-6)
+    assert torch.allclose(sae_ops.decode(sae, enc.acts, enc), sae.decode(sae.encode(x)), atol=1e-5)
+
+
 def test_explained_variance_matches_formula():
     sae = tiny_sae("standard")
     x = torch.randn(50, 32)

@@ -131,7 +131,7 @@ def test_bad_arguments():
 PROMPTS3 = ["the cat sat on the mat and ran to the park", "hello you", "we love big red"]  # left-padded
 
 
-def _variant(kind: str, seed: int = 0):
+def _variant(kind: str, seed: int = 0, n_ctx: int = 128):
     """Tiny variants: Llama-like (rotary, GQA, RMS, gated), rotary with partial rotation and no final norm,
     GPT-2-like (absolute positions), shortformer, and ALiBi (unsupported by the shared path)."""
     from tiny import tiny_tokenizer
@@ -147,7 +147,7 @@ def _variant(kind: str, seed: int = 0):
     }[kind]
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=n_ctx, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
                                   positional_embedding_type=pos, seed=seed, default_prepend_bos=True, **kw)
     model = HookedTransformer(cfg, tokenizer=tok)
     with torch.no_grad():
@@ -277,6 +277,16 @@ def test_shared_forward_cleans_up_after_an_exception():
     assert model.context_level == 0
     assert state.cache is cache and cache.previous_attention_mask is cache_mask
     assert all(e.past_keys is k for e, k in zip(cache.entries, keys))
+
+    class Failing(SASADecoder):  # an error after the candidates' forward, before the chosen row is kept
+        def bonus(self, margins, valid):
+            raise KeyboardInterrupt
+
+    failing = Failing([Attribute(_subspace(model), 5.0)], max_candidates=5, candidate_forward="shared")
+    with pytest.raises(KeyboardInterrupt):
+        failing.choose(state, logits)
+    assert state.cache is cache and cache.previous_attention_mask is cache_mask
+    assert all(e.past_keys is k for e, k in zip(cache.entries, keys))
     after = generate(model, PROMPTS3, decoder=dec, max_new_tokens=4, do_sample=False)
     assert torch.equal(before.tokens, after.tokens)
 
@@ -298,3 +308,27 @@ def test_unsupported_architectures_fall_back_to_fork():
     assert shared_forward_unsupported(llama) is None
     llama.cfg.use_dynamic_ntk_rope = True
     assert shared_forward_unsupported(llama) == "dynamic NTK rope"
+
+
+def test_candidate_forwards_are_separate_decoding_steps_for_steerers():
+    """Sink detection must not compare candidates with each other: the shared forward declares its
+    positions separate single-token steps, as the fork path's one-position forwards are."""
+    from tiny import PositionsProbe
+
+    model = _variant("llama")
+    probe = PositionsProbe("blocks.1.hook_resid_post")
+    dec = SASADecoder([Attribute(_subspace(model), 5.0)], max_candidates=6, candidate_forward="shared")
+    generate(model, PROMPTS3, steerers=[probe], decoder=dec, max_new_tokens=3, do_sample=False, stop_at_eos=False)
+    candidate_calls = [d for w, d in probe.seen[1:]]
+    assert len(candidate_calls) == 3 and all(d == "separate" for d in candidate_calls)
+    assert probe.seen[0][0] > 1 and not isinstance(probe.seen[0][1], str)  # the prompt: real-token mask
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_shared_forward_near_the_context_end_falls_back_to_fork(kind):
+    """C candidates as C positions would index positions past n_ctx near the end of the context; those steps
+    run the fork path (one position per candidate) instead of failing."""
+    model = _variant(kind, n_ctx=20)  # longest prompt: 12 tokens with BOS; 8 new tokens reach position 19
+    # row 0 fits 6 candidates as positions for 3 steps (12 + 6 <= 20 ... 14 + 6), then forks
+    outs, decs = _run_modes(model, [("shared", None), ("fork", None)], n_cand=6, steps=8, do_sample=False)
+    _assert_same((outs[0], decs[0]), (outs[1], decs[1]))

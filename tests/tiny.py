@@ -83,3 +83,18 @@ def tiny_sae(kind: str = "standard", *, d_in: int = 32, d_sae: int = 64, layer: 
             sae.threshold.copy_(torch.rand_like(sae.threshold) * 0.3)
         sae.b_enc.add_(0.2)  # so that a good share of latents fire on random inputs
     return sae.eval().requires_grad_(False)
+
+
+class PositionsProbe:
+    """A steerer that changes nothing and records, per forward, (positions, what the forward told
+    ``saesteer.hooks.sink_mask`` about them)."""
+
+    def __init__(self, hook_name: str = "blocks.0.hook_resid_post") -> None:
+        self.hook_name = hook_name
+        self.seen: list[tuple[int, object]] = []
+
+    def hook_fn(self, activation, hook):
+        from saesteer.hooks import _POSITIONS
+
+        self.seen.append((activation.shape[1], _POSITIONS.get()))
+        return activation
