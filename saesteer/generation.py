@@ -6,7 +6,9 @@ cached single-token step runs through the same hook points). Decoding-time metho
 as a :class:`Decoder` that chooses the next token and supplies the next step's logits.
 
 Logits are processed as in Hugging Face ``generate``: repetition penalty (over prompt and generated
-tokens), temperature, top-k, top-p; greedy takes the argmax of the processed logits.
+tokens), temperature, top-k, top-p; greedy takes the argmax of the processed logits. One difference:
+the penalty skips a batch's left-padding positions (HF counts the pad token as seen, which matters
+where the pad token is a real token such as EOS), so a prompt decodes the same alone or in a batch.
 """
 
 from __future__ import annotations
