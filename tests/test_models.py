@@ -379,6 +379,36 @@ def test_smollm2_fresh_processing_equals_cached(smollm2_folder: Path, smollm2) -
 
 
 @pytest.mark.assets
+def test_smollm2_fixes_change_no_logit_and_no_token(smollm2) -> None:
+    """Issue 7's check on the real model: load_model's TransformerLens fixes (layout, mask and norm sharing)
+    against the stock model, on a left-padded batch: logits, greedy tokens, SASA tokens."""
+    from saesteer.generation import generate
+    from saesteer.sasa_decoding import Attribute, SASADecoder
+    from saesteer.sasa_subspace import Subspace
+    from saesteer.tokens import tokenize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = load_model("smollm2-135m", fix_layout=False)
+    prompts = ["The capital of France is", "You are such a kind and thoughtful person, and I"]
+    tokens, mask, _ = tokenize(smollm2, prompts, side="left")
+    d = smollm2.cfg.d_model
+    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0),
+                   mu_mu=torch.zeros(d), model_name=smollm2.cfg.model_name, d_model=d)
+    results = []
+    for model in (smollm2, stock):
+        with torch.no_grad():
+            logits = model(tokens, attention_mask=mask)
+        kw = dict(max_new_tokens=10, do_sample=False, stop_at_eos=False)
+        plain = generate(model, prompts, **kw).tokens
+        sasa = generate(model, prompts, decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=8), **kw).tokens
+        results.append((logits, plain, sasa))
+    (fixed_logits, fixed_plain, fixed_sasa), (stock_logits, stock_plain, stock_sasa) = results
+    assert torch.equal(fixed_logits, stock_logits)  # bit for bit (the issue asks 1e-5)
+    assert torch.equal(fixed_plain, stock_plain) and torch.equal(fixed_sasa, stock_sasa)
+
+
+@pytest.mark.assets
 def test_smollm2_greedy_continuation(smollm2) -> None:
     assert type(smollm2).__name__ == "HookedSAETransformer"
     assert smollm2.cfg.n_layers == 30 and smollm2.cfg.d_model == 576
