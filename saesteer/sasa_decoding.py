@@ -275,14 +275,14 @@ class SASADecoder(Decoder):
 
         hooks: list[tuple[str, Callable]] = []
         positions = contextlib.nullcontext()
-        rotary = model.cfg.positional_embedding_type == "rotary"
+        rerotate_by_hooks = model.cfg.positional_embedding_type == "rotary"
         if model.cfg.positional_embedding_type in ("standard", "shortformer"):
             hooks.append(("hook_pos_embed", lambda act, hook: act[:, :1].expand_as(act)))
-        elif rotary and rotary_supports_position_mask(model):  # rotated at the right position in the first place
-            positions, rotary = rotary_position_mask(model, same_pos), False
+        elif rerotate_by_hooks and rotary_supports_position_mask(model):  # rotated at the right position at once
+            positions, rerotate_by_hooks = rotary_position_mask(model, same_pos), False
         for i, block in enumerate(model.blocks):
             name = f"blocks.{i}.attn"
-            if rotary:
+            if rerotate_by_hooks:
                 hooks += [(f"{name}.hook_q", save), (f"{name}.hook_k", save),
                           (f"{name}.hook_rot_q", rerotate(block.attn, f"{name}.hook_q")),
                           (f"{name}.hook_rot_k", rerotate(block.attn, f"{name}.hook_k"))]

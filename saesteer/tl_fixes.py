@@ -293,9 +293,7 @@ def rotary_supports_position_mask(model: nn.Module) -> bool:
     from transformer_lens.components import AbstractAttention
 
     attns = [m for m in model.modules() if isinstance(m, AbstractAttention)]
-    return bool(attns) and all(
-        _bound(m, "apply_rotary") is _apply_rotary_shared for m in attns
-    )
+    return bool(attns) and all(_bound(m, "apply_rotary") is _apply_rotary_shared for m in attns)
 
 
 @contextlib.contextmanager
@@ -334,9 +332,10 @@ def _same_tables(a: nn.Module, b: nn.Module) -> bool:
 # ``self.ln1(query_input)``, ``self.ln1(key_input)`` and ``self.ln1(value_input)`` to the attention, and
 # without split q/k/v inputs the three are one tensor: the same norm (5 tensor operations and 2 hook
 # points for RMSNormPre) is computed three times in every layer and step. The replacement computes it once
-# per block call and returns that tensor to the second and third call, as long as the norm's hook points
-# (and its own module hooks, and global module hooks) have no hooks: with hooks attached, every call runs
-# as upstream, so hooks see what they always saw. Outputs are bit-for-bit identical.
+# per block call and returns that tensor to the second and third call, when gradients are off and neither
+# the norm's hook points, the norm itself nor the global registries hold module hooks; otherwise every call
+# runs as upstream, so hooks see what they always saw and backward sums as it did. Outputs are bit-for-bit
+# identical.
 
 
 def _no_hooks(module: nn.Module) -> bool:
