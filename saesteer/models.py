@@ -91,7 +91,8 @@ def load_model(
     ``ln_final.hook_normalized * w (+ b)`` is the Hugging Face final hidden state; then
     ``model.process_weights_`` with TransformerLens' defaults; then, if ``fix_layout``,
     :func:`saesteer.tl_fixes.apply_layout_fixes`, :func:`~saesteer.tl_fixes.apply_mask_sharing` and
-    :func:`~saesteer.tl_fixes.apply_norm_sharing` (same outputs, faster decoding). The processing flags actually applied are in ``model.saesteer_processing``.
+    :func:`~saesteer.tl_fixes.apply_norm_sharing` (same outputs, faster decoding). The processing flags
+    actually applied are in ``model.saesteer_processing``.
 
     Args:
         name_or_path: ``"smollm2-135m"``, a local Hugging Face folder, or a TransformerLens official
@@ -104,8 +105,8 @@ def load_model(
             TransformerLens applies it (LayerNorm models; not RMSNorm, shortformer or post-norm).
         center_unembed: centre the unembedding. None: True unless the model soft-caps its logits.
         fix_layout: apply :mod:`saesteer.tl_fixes` (same outputs, faster decoding): re-lay parameters so
-            decoding does not copy weights every step, and build rotary cos/sin and the causal mask once
-            per forward.
+            decoding does not copy weights every step, build rotary cos/sin and the causal mask once
+            per forward, and each block's pre-attention norm once per call.
         cache: for a short name, keep the processed weights in ``cache_dir()/tl/`` after the first
             load and load them from there later (skips TransformerLens' slow processing; keyed by
             source checksum, flags, dtype and library versions). Not used when ``kwargs`` change

@@ -181,9 +181,8 @@ class SASADecoder(Decoder):
 
         # shared appends to the cache, and gives the C candidates C positions first (the last of them must
         # exist: near n_ctx, fork)
-        seen = int(state.cache.previous_attention_mask.sum(-1).max())
-        shared = (self.forward_mode(model) == "shared" and not state.cache.frozen
-                  and seen + n_cand <= model.cfg.n_ctx)
+        shared = (self.forward_mode(model) == "shared" and not state.cache.frozen  # (a host sync: asked last)
+                  and int(state.cache.previous_attention_mask.sum(-1).max()) + n_cand <= model.cfg.n_ctx)
         forward = self._shared if shared else self._fork
         hidden, normed, keep, undo = forward(model, state.cache, cand)  # [B, C, d] each
         try:

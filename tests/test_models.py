@@ -441,10 +441,19 @@ def _rotary_model(arch: str) -> HookedTransformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("arch", list(ROTARY))
-def test_mask_sharing_is_bit_exact_with_masks_and_cache(arch: str) -> None:
+def _logits_and_greedy(model, tokens, mask, new_tokens: int, decoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a left-padded batch and its greedy continuation by saesteer.generate (``decoder`` if given)."""
     from saesteer.generation import generate
 
+    with torch.no_grad():
+        logits = model(tokens, attention_mask=mask)
+    out = generate(model, tokens, attention_mask=mask, decoder=decoder, max_new_tokens=new_tokens, do_sample=False,
+                   stop_at_eos=False)
+    return logits, out.tokens
+
+
+@pytest.mark.parametrize("arch", list(ROTARY))
+def test_mask_sharing_is_bit_exact_with_masks_and_cache(arch: str) -> None:
     model = _rotary_model(arch)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 50, (3, 10), generator=g)
@@ -453,10 +462,7 @@ def test_mask_sharing_is_bit_exact_with_masks_and_cache(arch: str) -> None:
     mask[1, :1] = 0
 
     def run():
-        with torch.no_grad():
-            logits = model(tokens, attention_mask=mask)
-        out = generate(model, tokens, attention_mask=mask, max_new_tokens=6, do_sample=False, stop_at_eos=False)
-        return logits, out.tokens
+        return _logits_and_greedy(model, tokens, mask, 6)
 
     logits_before, gen_before = run()
     apply_mask_sharing(model)
@@ -638,18 +644,13 @@ def _count_norm_calls(model: HookedTransformer, monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_norm_sharing_is_bit_exact_and_computes_once(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from saesteer.generation import generate
-
     model = _random_model(arch)
     tokens = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(tokens)
     mask[0, :3] = 0
 
     def run():
-        with torch.no_grad():
-            logits = model(tokens, attention_mask=mask)
-        out = generate(model, tokens, attention_mask=mask, max_new_tokens=5, do_sample=False, stop_at_eos=False)
-        return logits, out.tokens
+        return _logits_and_greedy(model, tokens, mask, 5)
 
     logits_before, gen_before = run()
     calls = _count_norm_calls(model, monkeypatch)
@@ -753,7 +754,6 @@ def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
     plain and SASA decoding, on each architecture family (random weights, biases, padded batch)."""
     from tiny import tiny_tokenizer
 
-    from saesteer.generation import generate
     from saesteer.sasa_decoding import Attribute, SASADecoder
     from saesteer.sasa_subspace import Subspace
 
@@ -775,11 +775,8 @@ def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
                    model_name=cfg.model_name, d_model=32)
 
     def run():
-        with torch.no_grad():
-            logits = model(tokens, attention_mask=mask)
-        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, stop_at_eos=False)
-        plain = generate(model, tokens, **kw).tokens
-        sasa = generate(model, tokens, decoder=SASADecoder([Attribute(sub, 5.0)], max_candidates=5), **kw).tokens
+        logits, plain = _logits_and_greedy(model, tokens, mask, 6)
+        _, sasa = _logits_and_greedy(model, tokens, mask, 6, SASADecoder([Attribute(sub, 5.0)], max_candidates=5))
         return logits, plain, sasa
 
     before = run()
