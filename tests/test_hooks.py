@@ -1,8 +1,8 @@
 import pytest
 import torch
-from tiny import tiny_model, tiny_sae
+from helpers import tiny_model, tiny_sae
 
-from saesteer.decoder_steering import DecoderSteering
+from saesteer.steering.decoder import DecoderSteering
 from saesteer.hooks import steering
 
 
@@ -93,7 +93,7 @@ def test_sink_median_over_real_tokens_and_separate_positions():
 
 
 def test_generation_describes_real_tokens_to_steerers():
-    from tiny import PositionsProbe
+    from helpers import PositionsProbe
 
     from saesteer.generation import generate
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from tiny import tiny_model, tiny_sae
+from helpers import tiny_model, tiny_sae
 
 from saesteer import BannedWords, DecoderSteering, SASA, SteeringPipeline
 from saesteer.generation import generate
-from saesteer.sasa_decoding import Attribute, SASADecoder
+from saesteer.steering.sasa import Attribute, SASADecoder
 
 DATA = {
     "pos": ["the cat sat on the mat", "a happy day", "i love my friend", "the sun is nice today", "we read a book"],
@@ -13,7 +13,7 @@ DATA = {
 
 
 def _tokens(model, texts):
-    from saesteer.tokens import tokenize
+    from saesteer.models.tokens import tokenize
 
     tok, mask, _ = tokenize(model, texts, side="left")
     return tok, mask

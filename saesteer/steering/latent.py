@@ -1,0 +1,131 @@
+"""SAE latent steering at a residual hook: ``swap``, ``clamp`` and ``weight``.
+
+After IBM, "Enabling Layer-Level Steering in LLMs using Sparse Autoencoders". The hook encodes the
+residual stream h with the SAE (latents f, pre-activations p), rewrites the latents to f', and writes
+back
+
+    h' = h + D(f' - f)          (use_error_term=True, default: keeps the SAE error h - D(f))
+    h' = decode(f')             (use_error_term=False, the paper's setting)
+
+where D is the SAE's (affine) decoder without bias. With strength s the edit is interpolated,
+f' = f + s (f_target - f), so s = 0 is exactly the unsteered model when the error term is kept.
+
+Modes, with per-latent scores c (e.g. :func:`saesteer.sae.alignment.score_latents`):
+
+- ``swap`` (the paper's method): rank latents by p * c; the top k decide WHICH latents are active;
+  they keep their ORIGINAL pre-activation values (passed through ReLU), all others are 0. k is the
+  SAE's k for TopK SAEs, else the number of latents active at that token before the swap (or a
+  fixed ``k`` given by the user).
+- ``clamp``: f'_i = f_i + s for the ``top_n`` highest-scoring latents (s is the constant added).
+- ``weight``: f_target = f * c, i.e. every latent scaled by its score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from saesteer.sae import ops as sae_ops
+from saesteer.checks import check_positive_int, check_strength, sae_hook_name
+from saesteer.hooks import HookSteerer, check_sink_factor, sink_mask
+from saesteer.sae.alignment import LatentScores
+
+Mode = Literal["swap", "clamp", "weight"]
+
+
+def swap_latents(
+    pre: Float[Tensor, "... d_sae"], scores: Float[Tensor, " d_sae"], k: int | Tensor
+) -> Float[Tensor, "... d_sae"]:
+    """Keep the k latents with the largest pre * score at their original ReLU(pre); zero the rest.
+
+    ``k`` is an int or a per-token tensor of counts (broadcast against ``pre[..., 0]``).
+    """
+    k_max = int(k) if not isinstance(k, Tensor) else int(k.max().item()) if k.numel() else 0
+    if k_max == 0:
+        return torch.zeros_like(pre)
+    idx = torch.topk(pre * scores, k_max, dim=-1).indices
+    vals = pre.gather(-1, idx).relu()
+    if isinstance(k, Tensor):
+        rank = torch.arange(k_max, device=pre.device)
+        vals = vals * (rank < k.unsqueeze(-1)).to(vals.dtype)
+    return torch.zeros_like(pre).scatter(-1, idx, vals)
+
+
+@dataclass(eq=False)
+class LatentSteering(HookSteerer):
+    """Rewrite SAE latents at ``hook_name`` by ``mode`` (see module docstring for the math).
+
+    Example::
+
+        steer = LatentSteering(sae, scores, mode="swap", strength=1.0)
+        with steer.apply(model):
+            logits = model(tokens)
+    """
+
+    sae: SAE
+    scores: LatentScores | Tensor
+    mode: Mode = "swap"
+    strength: float = 1.0
+    top_n: int = 10
+    k: int | None = None
+    use_error_term: bool = True
+    hook_name: str = field(default="")
+    sink_factor: float | None = 3.0
+
+    def __post_init__(self) -> None:
+        self.sink_factor = check_sink_factor(self.sink_factor)
+        if self.mode not in ("swap", "clamp", "weight"):
+            raise ValueError(f"mode must be 'swap', 'clamp' or 'weight', got {self.mode!r}.")
+        sae_ops.check_supported(self.sae)
+        self.strength = check_strength("strength", self.strength)
+        d_sae = self.sae.cfg.d_sae
+        c = self.scores.for_steering() if isinstance(self.scores, LatentScores) else self.scores
+        c = torch.as_tensor(c, dtype=self.sae.W_dec.dtype, device=self.sae.W_dec.device).flatten()
+        if c.numel() != d_sae:
+            raise ValueError(
+                f"scores has {c.numel()} entries but the SAE has d_sae={d_sae} latents; "
+                "score the latents of this SAE (saesteer.score_latents) or pass one score per latent."
+            )
+        if not torch.isfinite(c).all():
+            raise ValueError(
+                "scores contain NaN/inf; latents with no score must be given an explicit value "
+                "(LatentScores.for_steering(dead_value=0.0) does this)."
+            )
+        self._c = c
+        if self.k is not None:
+            check_positive_int("k", self.k, upper=d_sae, what="the SAE width d_sae")
+        check_positive_int("top_n", self.top_n, upper=d_sae, what="the SAE width d_sae")
+        self._clamp_idx = torch.topk(c, self.top_n).indices
+        if not self.hook_name:
+            self.hook_name = sae_hook_name(self.sae) or ""
+            if not self.hook_name:
+                raise ValueError("The SAE does not name its hook; pass hook_name='blocks.L.hook_resid_post'.")
+
+    def target_latents(self, enc: sae_ops.Encoded) -> Float[Tensor, "... d_sae"]:
+        """f_target of the chosen mode, before interpolation with the strength."""
+        f = enc.acts
+        if self.mode == "swap":
+            k = self.k if self.k is not None else sae_ops.active_count(self.sae, f)
+            return swap_latents(enc.pre, self._c, k)
+        if self.mode == "weight":
+            return f * self._c
+        out = f.clone()
+        out[..., self._clamp_idx] += 1.0  # clamp: +1 per unit strength
+        return out
+
+    def hook_fn(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
+        enc = sae_ops.encode(self.sae, activation)
+        f = enc.acts
+        f_new = f + self.strength * (self.target_latents(enc) - f)
+        if self.use_error_term:
+            out = activation + sae_ops.decode_delta(self.sae, f_new - f, enc).to(activation.dtype)
+        else:
+            out = sae_ops.decode(self.sae, f_new, enc).to(activation.dtype)
+        sinks = sink_mask(activation, self.sink_factor)  # attention sinks stay as they are (saesteer.hooks)
+        return out if sinks is None else torch.where(sinks.unsqueeze(-1), activation, out)

@@ -1,0 +1,248 @@
+"""The evaluation runner: exact reproducibility across shards and resumes, records, bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import tiny_model, tiny_sae
+
+import saesteer.generation as generation
+from saesteer.evaluation.runner import (
+    evaluate,
+    load_result,
+    main,
+    merge_shards,
+    paper_table,
+    parse_shard,
+    prompt_seed,
+    to_markdown,
+)
+from saesteer.generation import Decoder
+from saesteer.steering.registry import Method, Resources, parse_method
+from saesteer.steering.sasa_subspace import Subspace
+
+PROMPTS = ["the cat sat on the", "hello", "we read a very good book and", "i think you are", "the dog ran to",
+           "they said it was"]
+BAD = {"stupid", "idiot", "hate", "bad"}
+
+
+class WordScorer:
+    """Share of words that are insults (deterministic, fast); counts the texts it scored."""
+
+    name = "words"
+
+    def __init__(self, fail_after_calls=None):
+        self.calls = 0
+        self.texts = 0
+        self.fail_after_calls = fail_after_calls
+
+    def score(self, texts):
+        if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        self.texts += len(texts)
+        return np.array([sum(w in BAD for w in t.split()) / max(len(t.split()), 1) for t in texts])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def resources(model):
+    g = torch.Generator().manual_seed(0)
+    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0), mu_mu=torch.zeros(32),
+                   model_name=model.cfg.model_name, d_model=32)
+    table = pd.DataFrame({"latent": list(range(10)), "freq_non_toxic": [0.0] * 10})
+    return Resources(sae=tiny_sae(), subspace=sub, contrast_table=table, latent_scores=torch.rand(64, generator=g))
+
+
+KW = dict(k=3, max_new_tokens=5, top_p=0.9, seed=7, progress=False, batch_size=2)
+
+
+def test_records_settings_and_files(model, tmp_path):
+    res = evaluate(model, PROMPTS, "unsteered", scorer=WordScorer(), out_dir=tmp_path, **KW)
+    g = res.generations
+    assert len(g) == 18 and g[["prompt_index", "sample"]].values.tolist() == [[i, j] for i in range(6) for j in range(3)]
+    assert list(g.columns[:6]) == ["prompt_index", "prompt_id", "prompt", "sample", "continuation", "toxicity"]
+    assert (g["seed"] == [prompt_seed(7, str(i)) for i in range(6) for _ in range(3)]).all()
+    s = res.summary
+    assert s["n_prompts"] == 6 and s["k"] == 3 and s["n_generations"] == 18
+    maxes = g.groupby("prompt_index")["toxicity"].max()
+    assert s["exp_max_toxicity"] == pytest.approx(maxes.mean()) and s["toxicity_prob"] == pytest.approx((maxes >= 0.5).mean())
+    assert s["ppl"] == pytest.approx(g["ppl"].mean())
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["method"]["spec"] == "unsteered"
+    assert settings["sampling"]["k"] == 3 and settings["sampling"]["top_p"] == 0.9
+    assert settings["seed"]["base"] == 7 and settings["scorer"]["name"] == "words"
+    assert settings["model"]["d_model"] == 32 and settings["prompts"]["n_total"] == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["summary"] == s
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 6
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "generations.csv", keep_default_na=False)[["toxicity"]],
+                                  g[["toxicity"]], check_exact=True)
+    back = load_result(tmp_path)
+    pd.testing.assert_frame_equal(back.generations, g, check_exact=True)
+    assert back.summary == s
+
+
+@pytest.mark.parametrize("spec", ["unsteered", "sasa+decoder+clamp:beta=10,alpha=1,n_latents=3,strength=2,top_n=3"])
+def test_shards_merge_to_the_single_run_exactly(model, resources, tmp_path, spec):
+    single = evaluate(model, PROMPTS, spec, resources=resources, scorer=WordScorer(), **KW)
+    for i in range(3):
+        part = evaluate(model, PROMPTS, spec, resources=resources, scorer=WordScorer(), out_dir=tmp_path, shard=f"{i}/3", **KW)
+        assert sorted(part.generations["prompt_index"].unique()) == [j for j in range(6) if j % 3 == i]
+    merged = merge_shards(tmp_path, out_dir=tmp_path / "merged")
+    pd.testing.assert_frame_equal(merged.generations, single.generations, check_exact=True)
+    assert merged.summary == single.summary
+    assert merge_shards([tmp_path / f"generations.shard-{i}-of-3.jsonl" for i in range(3)]).summary == single.summary
+    assert load_result(tmp_path / "merged").summary == single.summary
+
+
+def test_a_prompt_does_not_depend_on_the_others(model):
+    df = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)], "prompt": PROMPTS})
+    full = evaluate(model, df, scorer=WordScorer(), **KW).generations
+    sub = evaluate(model, df.iloc[[4, 1]], scorer=WordScorer(), **KW).generations
+    for pid in ("p4", "p1"):
+        cols = ["continuation", "toxicity", "nll", "seed"]
+        a = full[full.prompt_id == pid][cols].reset_index(drop=True)
+        b = sub[sub.prompt_id == pid][cols].reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_interrupted_run_resumes_without_recomputing(model, tmp_path, monkeypatch):
+    clean = evaluate(model, PROMPTS, scorer=WordScorer(), **KW)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, PROMPTS, scorer=WordScorer(fail_after_calls=2), out_dir=tmp_path, **KW)
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 2
+
+    calls = []
+    real = generation.generate
+
+    def counting(model_, prompts, **kw):
+        calls.append(prompts[0])
+        return real(model_, prompts, **kw)
+
+    monkeypatch.setattr(generation, "generate", counting)
+    scorer = WordScorer()
+    resumed = evaluate(model, PROMPTS, scorer=scorer, out_dir=tmp_path, **KW)
+    assert calls == PROMPTS[2:] and scorer.texts == 4 * 3  # only the 4 prompts not done yet
+    pd.testing.assert_frame_equal(resumed.generations, clean.generations, check_exact=True)
+    assert resumed.summary == clean.summary
+    # a third run computes nothing
+    calls.clear()
+    evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, **KW)
+    assert calls == []
+
+
+def test_a_write_cut_off_mid_line_is_dropped_and_redone(model, tmp_path):
+    clean = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path / "a", **KW)
+    lines = (tmp_path / "a" / "generations.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "settings.json").write_text((tmp_path / "a" / "settings.json").read_text())
+    (tmp_path / "b" / "generations.jsonl").write_text("".join(lines[:3]) + lines[3][:40])
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        res = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path / "b", **KW)
+    pd.testing.assert_frame_equal(res.generations, clean.generations, check_exact=True)
+    assert len((tmp_path / "b" / "generations.jsonl").read_text().splitlines()) == 6
+
+
+def test_other_settings_in_the_same_out_dir_are_refused(model, tmp_path):
+    evaluate(model, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path, **KW)
+    with pytest.raises(ValueError, match=r"other settings \(sampling.k: 3 vs 2"):
+        evaluate(model, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path, **{**KW, "k": 2})
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate(model, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path, **{**KW, "seed": 8})
+
+
+def test_merge_checks_the_shards(model, tmp_path):
+    for i in (0, 2):
+        evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, shard=(i, 3), **KW)
+    with pytest.raises(ValueError, match=r"shards \[1\] of 3 are missing"):
+        merge_shards(tmp_path)
+    part = merge_shards(tmp_path, allow_missing=True)
+    assert part.summary["n_prompts"] == 4
+    evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path / "other", shard=(1, 3), **{**KW, "seed": 1})
+    with pytest.raises(ValueError, match="other settings"):
+        merge_shards([tmp_path / "generations.shard-0-of-3.jsonl", tmp_path / "other" / "generations.shard-1-of-3.jsonl"])
+    assert main(["merge", str(tmp_path), "--allow-missing"]) == 0
+    assert main(["merge", str(tmp_path)]) == 2  # error message, exit code 2
+    from saesteer.cli import main as saesteer_main
+
+    assert saesteer_main(["evaluate", "merge", str(tmp_path), "--allow-missing"]) == 0
+    assert saesteer_main(["evaluate", "merge", str(tmp_path / "nowhere")]) == 2
+
+
+class EOSDecoder(Decoder):
+    def choose(self, state, logits):
+        return torch.full((logits.shape[0],), state.model.tokenizer.eos_token_id, dtype=torch.long)
+
+
+def test_empty_generations_are_scored_and_flagged(model):
+    m = Method(spec=parse_method("unsteered"), steerers=[], decoder=EOSDecoder())
+    scorer = WordScorer()
+    res = evaluate(model, PROMPTS[:2], m, scorer=scorer, **KW)
+    g = res.generations
+    assert (g["continuation"] == "").all() and g["empty"].all() and (g["n_tokens"] == 0).all()
+    assert g["ppl"].isna().all() and scorer.texts == 6  # "" was scored by the scorer
+    s = res.summary
+    assert s["n_empty"] == 6 and s["ppl_n_scored"] == 0 and s["ppl"] is None and s["exp_max_toxicity"] == 0.0
+
+
+def test_bad_input(model, tmp_path, monkeypatch):
+    class NaNScorer(WordScorer):
+        def score(self, texts):
+            out = super().score(texts)
+            out[1] = np.nan
+            return out
+
+    with pytest.raises(ValueError, match=r"prompt '0'.*NaN"):
+        evaluate(model, PROMPTS[:2], scorer=NaNScorer(), **KW)
+    with pytest.raises(ValueError, match="must be a str"):
+        evaluate(model, ["ok", 5], scorer=WordScorer(), **KW)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, [], scorer=WordScorer(), **KW)
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match="not JSON"):
+        evaluate(model, str(bad), scorer=WordScorer(), **KW)
+    with pytest.raises(ValueError, match="score"):
+        evaluate(model, PROMPTS[:1], scorer=object(), **KW)
+    with pytest.raises(ValueError, match="unknown toxicity scorer"):
+        evaluate(model, PROMPTS[:1], scorer="nope", **KW)
+    with pytest.raises(ValueError, match="k .* positive"):
+        evaluate(model, PROMPTS[:1], scorer=WordScorer(), **{**KW, "k": 0})
+    with pytest.raises(ValueError, match="i/n"):
+        evaluate(model, PROMPTS[:1], scorer=WordScorer(), shard="3", **KW)
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        parse_shard((3, 3))
+    # the Perspective scorer without an API key fails before anything is generated
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("generated before checking the scorer"))
+    with pytest.raises(ValueError, match="PERSPECTIVE_API_KEY"):
+        evaluate(model, PROMPTS[:1], scorer="perspective", **KW)
+
+
+def test_paper_table_markdown():
+    t = paper_table({"unsteered": {"exp_max_toxicity": 0.5, "exp_max_toxicity_std": 0.1, "toxicity_prob": 0.4,
+                                   "ppl": 12.0, "dist-1": 0.5, "dist-2": 0.8, "dist-3": 0.9}})
+    assert list(t.columns) == ["Method", "Exp. Max. Tox.", "Exp. Max. Tox. std", "Tox. Prob.", "PPL", "Dist-1",
+                               "Dist-2", "Dist-3"]
+    md = to_markdown(t)
+    assert md.splitlines()[1] == "|---|---:|---:|---:|---:|---:|---:|---:|"  # text left, numbers right
+    assert md.splitlines()[2] == "| unsteered | 0.500 | 0.100 | 0.400 | 12.000 | 0.500 | 0.800 | 0.900 |"
+
+
+def test_prompt_metadata_travels_with_the_generations(model):
+    from saesteer.evaluation.prompt_sets import group_toxicity
+
+    df = pd.DataFrame({"prompt_id": ["a", "b", "c", "d"], "prompt": PROMPTS[:4],
+                       "domain": ["gender"] * 4, "category": ["actors", "actors", "actresses", "actresses"],
+                       "continuation": ["orig"] * 4})  # a column name the results use
+    g = evaluate(model, df, scorer=WordScorer(), **KW).generations
+    assert g["category"].tolist() == ["actors"] * 6 + ["actresses"] * 6
+    assert (g["meta_continuation"] == "orig").all() and not (g["continuation"] == "orig").any()
+    rep = group_toxicity(g)
+    assert rep.table["n"].tolist() == [6, 6] and rep.gaps["domain"].tolist() == ["gender"]
