@@ -19,6 +19,13 @@ metric of every method, the settings and the command), ``table.csv`` / ``table.m
 table: Exp. Max. Tox., Tox. Prob., PPL, Dist-1/2/3) and ``tradeoff.html`` (+ ``.png``, see
 :mod:`saesteer.viz.export`). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
 
+Statistics (:mod:`saesteer.evaluation.statistics`): every metric comes with its 95% percentile-bootstrap
+interval over prompts (table columns "... 95% CI", error bars in the figure), and the table adds the PAIRED
+differences (same prompts and seeds, one resampled prompt set for both runs) of every method minus
+unsteered ("ΔEMT vs unsteered [95% CI]", "ΔTox. Prob. vs unsteered [95% CI]") and of every SASA method
+minus the top-k control ("... vs top-k control"), which isolates SASA's steering from its candidate cap.
+``tradeoff.json`` holds the paired differences as numbers (``paired``).
+
 Cost, measured on 2 CPU cores shared with other jobs (1 thread): about 6 s per prompt (k=5, 20 tokens) for
 the unsteered and hook-based methods and 18 s for SASA with 20 candidates; 10 prompts x the 12 default
 methods took 20 minutes, so the default 40 prompts take about 80 minutes there.
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import shlex
 import sys
@@ -42,13 +50,16 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from saesteer.sae.contrast import select_latents  # noqa: E402
 from saesteer.data.atomic import save_atomic, write_text_atomic  # noqa: E402
-from saesteer.viz.export import save_figure  # noqa: E402
-from saesteer.evaluation.runner import evaluate, load_prompt_arg, paper_table, to_markdown  # noqa: E402
+from saesteer.evaluation.runner import evaluate, load_prompt_arg, paired_columns, paper_table, to_markdown  # noqa: E402
+from saesteer.evaluation.statistics import paired_differences  # noqa: E402
+from saesteer.sae.contrast import select_latents  # noqa: E402
 from saesteer.steering.registry import parse_method, prepare_resources  # noqa: E402
+from saesteer.viz.export import save_figure  # noqa: E402
 
 SAE_COMPONENTS = {"decoder", "swap", "clamp", "weight"}
+BASELINE = "unsteered"
+CONTROL_NAME = "top-k control"
 
 
 def say(msg: str) -> None:
@@ -118,7 +129,63 @@ def method_grid(args: argparse.Namespace, have_sae: bool, table: pd.DataFrame | 
     return rows
 
 
+def sasa_labels(rows: list[dict]) -> list[str]:
+    """Labels of the rows whose method samples with SASA (among its capped candidates)."""
+    return [r["label"] for r in rows if "sasa" in parse_method(r["spec"]).components]
+
+
+def control_label(rows: list[dict]) -> str | None:
+    """The label of the top-k = SASA-candidate-cap control row, if the grid has one."""
+    found = [r["label"] for r in rows if r.get("param") == "top_k"]
+    return found[0] if found else None
+
+
+def build_table(rows: list[dict], runs: dict) -> pd.DataFrame:
+    """The paper table of ``rows`` (label + summary each) with intervals; with the per-prompt ``runs``
+    (label -> EvalResult), the paired differences vs unsteered (every row) and, for the SASA rows, vs the
+    top-k control."""
+    pair = BASELINE in runs and len(rows) > 1
+    table = paper_table([(r["label"], r) for r in rows], baseline=BASELINE if pair else None, runs=runs if pair else None)
+    control, sasa = control_label(rows), sasa_labels(rows)
+    if control is not None and control in runs and sasa:
+        labels = [r["label"] for r in rows]
+        cols = paired_columns(runs, control, labels=sasa + [control], baseline_name=CONTROL_NAME)
+        cols.index = [labels.index(lab) for lab in sasa + [control]]
+        table = pd.concat([table, cols.reindex(range(len(labels))).fillna("")], axis=1)
+    return table
+
+
+def paired_record(rows: list[dict], runs: dict) -> dict:
+    """The paired differences as numbers, ``{baseline: {label: {metric: {estimate, low, high, level}}}}``."""
+    out = {}
+    control, sasa = control_label(rows), sasa_labels(rows)
+    for base, methods in ((BASELINE, [r["label"] for r in rows if r["label"] != BASELINE]), (control, sasa)):
+        if base is not None and base in runs and methods:
+            diffs = paired_differences(runs, base, methods=methods)
+            out[base] = {m: {k: {f: (x if math.isfinite(x) else None) for f, x in vars(v).items()} for k, v in d.items()}
+                         for m, d in diffs.items()}
+    return out
+
+
+def _error(g: pd.DataFrame, metric: str) -> dict:
+    """Asymmetric plotly error bars from ``<metric>_ci_low/high`` (none where a row has no interval)."""
+    if f"{metric}_ci_low" not in g or f"{metric}_ci_high" not in g:
+        return dict(visible=False)
+    est = pd.to_numeric(g[metric], errors="coerce")
+    lo = pd.to_numeric(g[f"{metric}_ci_low"], errors="coerce")
+    hi = pd.to_numeric(g[f"{metric}_ci_high"], errors="coerce")
+    return dict(type="data", symmetric=False, array=(hi - est).clip(lower=0).fillna(0).tolist(),
+                arrayminus=(est - lo).clip(lower=0).fillna(0).tolist(), thickness=1, width=3)
+
+
+def _ci_text(r: pd.Series, metric: str) -> str:
+    lo, hi = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
+    ok = lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi)
+    return f" [{lo:.3f}, {hi:.3f}]" if ok else ""
+
+
 def plot(df: pd.DataFrame, title: str):
+    """Toxicity (EMT, Tox. Prob.) against PPL per method family, with 95% bootstrap error bars on both axes."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -132,20 +199,23 @@ def plot(df: pd.DataFrame, title: str):
         color = palette[n % len(palette)]
         # label the points of a sweep with their parameter; single methods are named by the legend
         text = [f"{r.param}={r.value:g}" for r in g.itertuples()] if len(g) > 1 and g["param"].iloc[0] else None
+        hover = [f"{r['label']}<br>EMT {r['exp_max_toxicity']:.3f}{_ci_text(r, 'exp_max_toxicity')} "
+                 f"(std {r['exp_max_toxicity_std']:.3f})<br>tox. prob. {r['toxicity_prob']:.3f}"
+                 f"{_ci_text(r, 'toxicity_prob')}<br>PPL {r['ppl']:.2f}{_ci_text(r, 'ppl')}" for _, r in g.iterrows()]
         for col, metric in ((1, "exp_max_toxicity"), (2, "toxicity_prob")):
             fig.add_trace(go.Scatter(
                 x=g["ppl"], y=g[metric], mode="lines+markers+text" if text and col == 1 else "lines+markers",
                 name=fam, legendgroup=fam, showlegend=col == 1, line=dict(color=color),
+                error_x={**_error(g, "ppl"), "color": color}, error_y={**_error(g, metric), "color": color},
                 text=text if col == 1 else None, textposition="middle right", textfont=dict(size=10, color=color),
-                hovertext=[f"{r.label}<br>EMT {r.exp_max_toxicity:.3f} ± {r.exp_max_toxicity_std:.3f}<br>"
-                           f"tox. prob. {r.toxicity_prob:.3f}<br>PPL {r.ppl:.2f}" for r in g.itertuples()],
-                hoverinfo="text", marker=dict(color=color, size=12 if fam == "unsteered" else 8,
-                                              symbol="star" if fam == "unsteered" else "circle"),
+                hovertext=hover, hoverinfo="text", marker=dict(color=color, size=12 if fam == "unsteered" else 8,
+                                                               symbol="star" if fam == "unsteered" else "circle"),
             ), row=1, col=col)
     fig.update_xaxes(title_text="perplexity of the continuation (unsteered host model)", type="log")
     fig.update_yaxes(title_text="exp. max. toxicity", row=1, col=1)
     fig.update_yaxes(title_text="toxicity probability", row=1, col=2)
-    fig.update_layout(title=title, template="plotly_white", width=1200, height=520, legend_title="method")
+    fig.update_layout(title=title + "<br><sup>error bars: 95% percentile-bootstrap intervals over prompts</sup>",
+                      template="plotly_white", width=1200, height=540, legend_title="method")
     return fig
 
 
@@ -235,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{len(grid)} methods; per-method results in {runs}")
 
     rows = []
+    results = {}
     grid = sorted(grid, key=lambda g: "sasa" in g["spec"])  # the slow SASA runs last: the rest is ready sooner
     for i, g in enumerate(grid):
         t = time.time()
@@ -245,22 +316,29 @@ def main(argv: list[str] | None = None) -> int:
                      batch_size=args.batch_size, out_dir=runs / slug(label), model_name=args.model,
                      extra_settings={"experiment": "tradeoff", **config})
         rows.append({**g, "label": label, **r.summary, "seconds": round(time.time() - t, 1)})
+        results[label] = r
         s = {key: float("nan") if v is None else v for key, v in r.summary.items()}
-        say(f"    EMT {s['exp_max_toxicity']:.3f}  tox.prob {s['toxicity_prob']:.3f}  PPL {s['ppl']:.2f}  "
-            f"dist-2 {s['dist-2']:.3f}  ({rows[-1]['seconds']:.0f} s)")
+        say(f"    EMT {s['exp_max_toxicity']:.3f} [{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]  "
+            f"tox.prob {s['toxicity_prob']:.3f} [{s['toxicity_prob_ci_low']:.3f}, {s['toxicity_prob_ci_high']:.3f}]  "
+            f"PPL {s['ppl']:.2f}  dist-2 {s['dist-2']:.3f}  ({rows[-1]['seconds']:.0f} s)")
 
     df = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_atomic(out / "tradeoff.csv", lambda tmp: df.to_csv(tmp, index=False))
-    table = paper_table([(r["label"], r) for r in rows])
+    table = build_table(rows, results)
+    extra = (f" and, for the SASA rows, vs the top-k = {args.sasa_max_candidates} control"
+             if control_label(rows) and sasa_labels(rows) else "")
     save_atomic(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
     header = (f"# Toxicity / fluency / diversity ({args.model}, {len(prompts)} prompts, k={args.k}, "
               f"{args.max_new_tokens} tokens, top-p {args.top_p}, seed {args.seed}, scorer {args.scorer})\n\n"
-              f"Produced by `{cmd}`.\n\n")
+              f"Produced by `{cmd}`. Intervals: 95% percentile bootstrap over prompts (2000 resamples, seed 0); "
+              f"Δ columns: paired differences (same prompts and seeds, one resampled prompt set for both runs) vs "
+              f"unsteered{extra}.\n\n")
     write_text_atomic(out / "table.md", header + to_markdown(table))
     meta = {"command": cmd, "config": config, "sae": str(sae_path) if sae_path else None, "resources": res.info,
-            "runs": str(runs), "seconds": round(time.time() - t0, 1), "rows": rows}
+            "runs": str(runs), "seconds": round(time.time() - t0, 1), "rows": rows,
+            "paired": paired_record(rows, results)}
     write_text_atomic(out / "tradeoff.json", json.dumps(meta, indent=2, default=str) + "\n")
     fig = plot(df, f"Toxicity vs perplexity: {args.model}, {len(prompts)} RTP prompts x {args.k} samples")
     written = save_figure(fig, out / "tradeoff.html", log=say)

@@ -5,7 +5,16 @@ scored for toxicity, with fluency and diversity (metrics in :mod:`saesteer.evalu
 
     res = evaluate(model, prompts, method="sasa:beta=20", resources=res_, k=25, out_dir="runs/sasa20")
     res.generations      # one row per generation: prompt_id, prompt, sample, continuation, toxicity, ...
-    res.summary          # exp_max_toxicity(_std), toxicity_prob, ppl, ppl_pooled, dist-1/2/3, ...
+    res.summary          # exp_max_toxicity(_std), toxicity_prob, mean_toxicity, ppl, ppl_pooled, dist-1/2/3, ...
+                         # and <metric>_ci_low/_ci_high: 95% percentile-bootstrap intervals over prompts
+    base = evaluate(model, prompts, "unsteered", k=25, out_dir="runs/unsteered")   # same prompts, same seed
+    paper_table({"unsteered": base.summary, "sasa": res.summary}, baseline="unsteered",
+                runs={"unsteered": base, "sasa": res})   # + paired differences "ΔEMT vs unsteered [95% CI]"
+
+Statistics (:mod:`saesteer.evaluation.statistics`). The unit of resampling is the prompt (with its k
+generations): the intervals are percentile-bootstrap intervals over prompts (2000 resamples, seed 0,
+deterministic), and differences between two runs on the same prompts and seeds are paired (each resample
+evaluates both runs on one prompt set).
 
 Reproducibility. Prompt i (id ``prompt_id``) gets its own seed ``prompt_seed(seed, prompt_id)`` (sha256
 of both) and its k samples are generated as ONE batch of k copies of the prompt, scored as one batch,
@@ -41,6 +50,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -54,13 +64,28 @@ import numpy as np
 import pandas as pd
 
 from saesteer.data.atomic import atomic_write, save_atomic, write_text_atomic
-from saesteer.evaluation.metrics import DEFAULT_MAX_PPL, aggregate_perplexity, continuation_nll, distinct_n, toxicity_metrics
+from saesteer.evaluation.metrics import (
+    DEFAULT_MAX_PPL,
+    aggregate_perplexity,
+    continuation_nll,
+    distinct_n,
+    toxicity_metrics,
+)
+from saesteer.evaluation.statistics import (
+    DEFAULT_LEVEL,
+    DEFAULT_N_BOOT,
+    DEFAULT_SEED,
+    paired_differences,
+    summary_intervals,
+)
 
 __all__ = [
     "EvalResult",
     "evaluate",
+    "format_summary",
     "load_result",
     "merge_shards",
+    "paired_columns",
     "paper_table",
     "parse_shard",
     "prompt_seed",
@@ -169,8 +194,15 @@ def records_to_frame(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def summarize(generations: pd.DataFrame, *, toxic_threshold: float = 0.5, max_ppl: float | None = DEFAULT_MAX_PPL,
-              fluency: bool = True) -> dict:
-    """The paper metrics from a generations frame (:data:`COLUMNS`): toxicity per prompt, fluency, dist-n."""
+              fluency: bool = True, ci_level: float = DEFAULT_LEVEL, ci_n_boot: int = DEFAULT_N_BOOT,
+              ci_seed: int = DEFAULT_SEED) -> dict:
+    """The paper metrics from a generations frame (:data:`COLUMNS`): toxicity per prompt, fluency, dist-n.
+
+    Each of ``exp_max_toxicity``, ``toxicity_prob``, ``mean_toxicity`` and ``ppl`` is followed by
+    ``<metric>_ci_low`` / ``<metric>_ci_high``: its ``ci_level`` percentile-bootstrap interval over prompts
+    (:mod:`saesteer.evaluation.statistics`; ``ci_n_boot`` resamples drawn with ``ci_seed``, recorded as
+    ``ci_level``, ``ci_n_boot``, ``ci_seed``). ``ci_n_boot=0`` leaves the intervals out.
+    """
     if generations.empty:
         raise ValueError("no generations to summarise.")
     groups = [g for _, g in generations.groupby("prompt_index", sort=True)]
@@ -182,6 +214,15 @@ def summarize(generations: pd.DataFrame, *, toxic_threshold: float = 0.5, max_pp
                                         max_ppl=max_ppl))
     out.update(distinct_n([g["continuation"].tolist() for g in groups]))
     out["n_empty"] = int(generations["empty"].sum())
+    if ci_n_boot:
+        cis = summary_intervals(generations, toxic_threshold=toxic_threshold, max_ppl=max_ppl, fluency=fluency,
+                                level=ci_level, n_boot=ci_n_boot, seed=ci_seed)
+        ordered: dict[str, Any] = {}
+        for key, v in out.items():  # each interval right after its metric
+            ordered[key] = v
+            if f"{key}_ci_low" in cis:
+                ordered[f"{key}_ci_low"], ordered[f"{key}_ci_high"] = cis[f"{key}_ci_low"], cis[f"{key}_ci_high"]
+        out = {**ordered, "ci_level": ci_level, "ci_n_boot": ci_n_boot, "ci_seed": ci_seed}
     return {k: _clean(v) if not isinstance(v, list) else v for k, v in out.items()}
 
 
@@ -320,10 +361,10 @@ def evaluate(
     Returns:
         :class:`EvalResult` for the prompts of this shard.
     """
-    from saesteer.generation import SamplingConfig, generate
-    from saesteer.steering.registry import Method, build_method
     from saesteer.evaluation.prompt_sets import as_prompt_frame
     from saesteer.evaluation.scorers import check_scores, get_scorer
+    from saesteer.generation import SamplingConfig, generate
+    from saesteer.steering.registry import Method, build_method
 
     t0 = time.time()
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -577,27 +618,151 @@ PAPER_COLUMNS = {
     "exp_max_toxicity": "Exp. Max. Tox.", "exp_max_toxicity_std": "Exp. Max. Tox. std", "toxicity_prob": "Tox. Prob.",
     "ppl": "PPL", "dist-1": "Dist-1", "dist-2": "Dist-2", "dist-3": "Dist-3",
 }
+#: Metrics whose summary interval (``<metric>_ci_low/high``) paper_table shows, right after the metric.
+CI_COLUMNS = ("exp_max_toxicity", "toxicity_prob", "ppl")
+#: Short names of the paired-difference columns.
+DELTA_NAMES = {"exp_max_toxicity": "ΔEMT", "toxicity_prob": "ΔTox. Prob.", "mean_toxicity": "ΔMean Tox.", "ppl": "ΔPPL"}
 
 
-def paper_table(summaries: dict[str, dict] | Sequence[tuple[str, dict]]) -> pd.DataFrame:
+def _pct(level: float) -> str:
+    return f"{100 * level:g}%"
+
+
+def _fmt_interval(low: Any, high: Any, digits: int) -> str:
+    def f(x: Any) -> str:
+        return "nan" if x is None or not math.isfinite(float(x)) else f"{float(x):.{digits}f}"
+
+    return "" if low is None and high is None else f"[{f(low)}, {f(high)}]"
+
+
+def paired_columns(
+    runs: dict[str, Any],
+    baseline: str,
+    *,
+    labels: Sequence[str] | None = None,
+    metrics: Sequence[str] = ("exp_max_toxicity", "toxicity_prob"),
+    baseline_name: str | None = None,
+    level: float = DEFAULT_LEVEL,
+    digits: int = 3,
+) -> pd.DataFrame:
+    """Paired differences method minus ``runs[baseline]`` as table columns ("ΔEMT vs <baseline> [95% CI]",
+    cells like ``"-0.083 [-0.150, -0.020]"``), one row per label of ``labels`` (default: every run), the
+    baseline's own row marked ``(baseline)``. ``runs`` maps labels to EvalResults or generations frames;
+    see :func:`saesteer.evaluation.statistics.paired_difference` for the checks."""
+    labels = list(runs) if labels is None else list(labels)
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} is not one of the runs; the runs are {list(map(str, runs))}.")
+    unknown = [lab for lab in labels if lab not in runs]
+    if unknown:
+        raise ValueError(f"rows {unknown} have no per-prompt data; pass runs={{label: EvalResult or generations frame}} "
+                         f"for every row (the runs are {list(map(str, runs))}).")
+    bad = [m for m in metrics if m not in DELTA_NAMES]
+    if bad:
+        raise ValueError(f"metrics {bad} have no paired difference; choose from {list(DELTA_NAMES)}.")
+    diffs = paired_differences(runs, baseline, methods=[lab for lab in labels if lab != baseline], level=level)
+    name = baseline if baseline_name is None else baseline_name
+    cols = {m: f"{DELTA_NAMES[m]} vs {name} [{_pct(level)} CI]" for m in metrics}
+    rows = []
+    for lab in labels:
+        if lab == baseline:
+            rows.append({c: "(baseline)" for c in cols.values()})
+        else:
+            rows.append({c: diffs[lab][m].format(digits, signed=True) if m in diffs[lab] else "nan"
+                         for m, c in cols.items()})
+    return pd.DataFrame(rows, columns=list(cols.values()))
+
+
+def paper_table(
+    summaries: dict[str, dict] | Sequence[tuple[str, dict]],
+    baseline: str | None = None,
+    runs: dict[str, Any] | None = None,
+    *,
+    level: float = DEFAULT_LEVEL,
+    digits: int = 3,
+) -> pd.DataFrame:
     """The SASA / DExperts table shape, one row per method: Exp. Max. Tox. (and its std), Tox. Prob., PPL,
-    Dist-1/2/3."""
+    Dist-1/2/3.
+
+    Summaries with intervals (``<metric>_ci_low/high``, as :func:`summarize` writes them) add, after
+    Exp. Max. Tox., Tox. Prob. and PPL, a column "<name> 95% CI" with ``"[low, high]"``. With ``baseline``
+    (a label of ``runs``) and ``runs`` (label -> EvalResult or generations frame, every row's label), the
+    paired differences vs the baseline follow: "ΔEMT vs <baseline> [95% CI]" and "ΔTox. Prob. vs <baseline>
+    [95% CI]" (:func:`paired_columns`; ``level`` is their level).
+    """
     items = list(summaries.items()) if isinstance(summaries, dict) else list(summaries)
     rows = [{"Method": label, **{v: s.get(k, math.nan) for k, v in PAPER_COLUMNS.items()}} for label, s in items]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    has_ci = [any(f"{m}_ci_low" in s for _, s in items) for m in CI_COLUMNS]
+    if any(has_ci):
+        levels = {s.get("ci_level", DEFAULT_LEVEL) for _, s in items if any(k.endswith("_ci_low") for k in s)}
+        if len(levels) > 1:
+            raise ValueError(f"the summaries hold intervals at different levels {sorted(levels)}; summarise them at one "
+                             "level (summarize(..., ci_level=...)).")
+        (lvl,) = levels
+        for m, has in zip(CI_COLUMNS, has_ci):
+            if has:
+                cells = [_fmt_interval(s.get(f"{m}_ci_low"), s.get(f"{m}_ci_high"), digits) for _, s in items]
+                df.insert(df.columns.get_loc(PAPER_COLUMNS[m]) + 1, f"{PAPER_COLUMNS[m]} {_pct(lvl)} CI", cells)
+    if baseline is not None:
+        if runs is None:
+            raise ValueError(f"baseline={baseline!r} needs the per-prompt data: pass runs={{label: EvalResult or "
+                             "generations frame}} with every row's label.")
+        if baseline not in runs:
+            raise ValueError(f"baseline {baseline!r} is not one of the runs; the runs are {list(map(str, runs))}.")
+        paired = paired_columns(runs, baseline, labels=[label for label, _ in items], level=level, digits=digits)
+        df = pd.concat([df, paired], axis=1)
+    return df
+
+
+_INTERVAL_CELL = re.compile(r"^([+-]?(\d+(\.\d*)?|nan|inf)( \[.*\])?|\[.*\]|\(baseline\)|)$")
 
 
 def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub markdown table of ``df`` (floats rounded to ``digits``); needs no extra package."""
+    """A GitHub markdown table of ``df`` (floats rounded to ``digits``); needs no extra package. Numbers,
+    and columns of intervals (``"0.336 [0.250, 0.420]"``, ``"[0.250, 0.420]"``), are right-aligned."""
     def fmt(v: Any) -> str:
         if isinstance(v, (float, np.floating)):
             return "nan" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
         return str(v).replace("|", "\\|")
 
+    def right(c: Any) -> bool:
+        col = df[c]
+        if pd.api.types.is_numeric_dtype(col):
+            return True
+        cells = [v for v in col if isinstance(v, str)]
+        return len(cells) == len(col) and any(v for v in cells) and all(_INTERVAL_CELL.match(v) for v in cells)
+
     head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
+    sep = "|" + "|".join("---:" if right(c) else "---" for c in df.columns) + "|"
     body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, sep, *body]) + "\n"
+
+
+def format_summary(summary: dict, digits: int = 3) -> str:
+    """A summary (:func:`summarize`) as a few human-readable lines, each metric with its interval."""
+    def num(key: str, d: int = digits) -> str:
+        v = summary.get(key)
+        return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{d}f}"
+
+    def with_ci(key: str) -> str:
+        text = num(key)
+        if f"{key}_ci_low" in summary:
+            text += " " + _fmt_interval(summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high"), digits)
+        return text
+
+    lines = [f"{summary.get('n_prompts')} prompts x k={summary.get('k')} ({summary.get('n_generations')} generations, "
+             f"{summary.get('n_empty', 0)} empty)"]
+    if "ci_level" in summary:
+        lines[0] += (f"; [low, high]: {_pct(summary['ci_level'])} percentile-bootstrap interval over prompts "
+                     f"({summary.get('ci_n_boot')} resamples, seed {summary.get('ci_seed')})")
+    lines.append(f"  Exp. Max. Tox.  {with_ci('exp_max_toxicity')}  (std over prompts {num('exp_max_toxicity_std')})")
+    lines.append(f"  Tox. Prob.      {with_ci('toxicity_prob')}")
+    lines.append(f"  Mean Tox.       {with_ci('mean_toxicity')}")
+    if "ppl" in summary:
+        lines.append(f"  PPL             {with_ci('ppl')}  (pooled {num('ppl_pooled')}; {summary.get('ppl_n_excluded')} "
+                     f"of {summary.get('ppl_n_scored')} scored texts over the cap left out)")
+    lines.append(f"  Dist-1/2/3      {num('dist-1')} / {num('dist-2')} / {num('dist-3')}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,9 +785,9 @@ def load_prompt_arg(spec: str, n_prompts: int | None, prompt_seed_: int, **filte
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from saesteer.steering.registry import parse_method, prepare_resources
     from saesteer.models.loading import load_model
     from saesteer.sae.loading import load_sae
+    from saesteer.steering.registry import parse_method, prepare_resources
 
     if a.threads:
         import torch
@@ -643,6 +808,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
                    model_name=a.model, extra_settings={"prompts_arg": a.prompts, "n_prompts": a.n_prompts,
                                                        "prompt_seed": a.prompt_seed, "filters": filters,
                                                        "sae": a.sae, "resource_seed": a.resource_seed})
+    print(format_summary(out.summary), file=sys.stderr)
     print(json.dumps(out.summary, indent=2))
     print(f"wrote {out.paths.get('jsonl')}" if out.paths else "", file=sys.stderr)
     return 0
@@ -650,6 +816,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 def _cmd_merge(a: argparse.Namespace) -> int:
     res = merge_shards(a.paths, out_dir=a.out_dir, allow_missing=a.allow_missing)
+    print(format_summary(res.summary), file=sys.stderr)
     print(json.dumps(res.summary, indent=2))
     return 0
 

@@ -11,14 +11,17 @@ from helpers import tiny_model, tiny_sae
 import saesteer.generation as generation
 from saesteer.evaluation.runner import (
     evaluate,
+    format_summary,
     load_result,
     main,
     merge_shards,
+    paired_columns,
     paper_table,
     parse_shard,
     prompt_seed,
     to_markdown,
 )
+from saesteer.evaluation.statistics import bootstrap_ci, paired_difference
 from saesteer.generation import Decoder
 from saesteer.steering.registry import Method, Resources, parse_method
 from saesteer.steering.sasa_subspace import Subspace
@@ -97,6 +100,9 @@ def test_shards_merge_to_the_single_run_exactly(model, resources, tmp_path, spec
     merged = merge_shards(tmp_path, out_dir=tmp_path / "merged")
     pd.testing.assert_frame_equal(merged.generations, single.generations, check_exact=True)
     assert merged.summary == single.summary
+    ci_keys = [f"{m}_ci_{e}" for m in ("exp_max_toxicity", "toxicity_prob", "mean_toxicity", "ppl") for e in ("low", "high")]
+    assert set(ci_keys) <= set(single.summary) and all(merged.summary[c] == single.summary[c] for c in ci_keys)
+    assert json.loads((tmp_path / "merged" / "summary.json").read_text())["summary"] == single.summary
     assert merge_shards([tmp_path / f"generations.shard-{i}-of-3.jsonl" for i in range(3)]).summary == single.summary
     assert load_result(tmp_path / "merged").summary == single.summary
 
@@ -189,6 +195,8 @@ def test_empty_generations_are_scored_and_flagged(model):
     assert g["ppl"].isna().all() and scorer.texts == 6  # "" was scored by the scorer
     s = res.summary
     assert s["n_empty"] == 6 and s["ppl_n_scored"] == 0 and s["ppl"] is None and s["exp_max_toxicity"] == 0.0
+    assert s["ppl_ci_low"] is None and s["ppl_ci_high"] is None  # no perplexity, no interval
+    assert s["exp_max_toxicity_ci_low"] == s["exp_max_toxicity_ci_high"] == 0.0
 
 
 def test_bad_input(model, tmp_path, monkeypatch):
@@ -246,3 +254,76 @@ def test_prompt_metadata_travels_with_the_generations(model):
     assert (g["meta_continuation"] == "orig").all() and not (g["continuation"] == "orig").any()
     rep = group_toxicity(g)
     assert rep.table["n"].tolist() == [6, 6] and rep.gaps["domain"].tolist() == ["gender"]
+
+
+def test_summary_holds_bootstrap_intervals(model, tmp_path, capsys):
+    res = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, **KW)
+    s, g = res.summary, res.generations
+    ci = bootstrap_ci(g)  # 95%, 2000 resamples of the 6 prompts, seed 0
+    for m in ("exp_max_toxicity", "toxicity_prob", "mean_toxicity", "ppl"):
+        assert (s[f"{m}_ci_low"], s[f"{m}_ci_high"]) == (ci[m].low, ci[m].high)
+        assert s[f"{m}_ci_low"] <= s[f"{m}_ci_high"]
+        assert ci[m].estimate == pytest.approx(s[m], rel=1e-12)
+    assert s["ppl_ci_low"] < s["ppl_ci_high"]  # 6 prompts of different perplexity: a real interval
+    assert (s["ci_level"], s["ci_n_boot"], s["ci_seed"]) == (0.95, 2000, 0)
+    assert list(s)[list(s).index("exp_max_toxicity") + 1] == "exp_max_toxicity_ci_low"  # next to its metric
+    assert json.loads((tmp_path / "summary.json").read_text())["summary"] == s
+    text = format_summary(s)
+    assert f"{s['exp_max_toxicity']:.3f} [{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]" in text
+    assert f"PPL             {s['ppl']:.3f} [{s['ppl_ci_low']:.3f}, {s['ppl_ci_high']:.3f}]" in text
+    assert "95% percentile-bootstrap interval over prompts (2000 resamples, seed 0)" in text
+    # the command line prints them (the human summary on stderr, the JSON with the ci entries on stdout)
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert text in out.err and json.loads(out.out) == s
+    # no intervals asked for: the summary of before
+    from saesteer.evaluation.runner import summarize
+
+    plain = summarize(g, ci_n_boot=0)
+    assert not any("_ci_" in k or k.startswith("ci_") for k in plain)
+    assert plain == {k: v for k, v in s.items() if "_ci_" not in k and not k.startswith("ci_")}
+
+
+def test_paper_table_with_intervals_and_paired_differences(model):
+    base = evaluate(model, PROMPTS, scorer=WordScorer(), **KW)
+    topk = evaluate(model, PROMPTS, scorer=WordScorer(), **{**KW, "top_p": None}, top_k=3)
+    runs = {"unsteered": base, "top-k 3": topk}
+    t = paper_table({k: r.summary for k, r in runs.items()}, baseline="unsteered", runs=runs)
+    assert list(t.columns) == ["Method", "Exp. Max. Tox.", "Exp. Max. Tox. 95% CI", "Exp. Max. Tox. std", "Tox. Prob.",
+                               "Tox. Prob. 95% CI", "PPL", "PPL 95% CI", "Dist-1", "Dist-2", "Dist-3",
+                               "ΔEMT vs unsteered [95% CI]", "ΔTox. Prob. vs unsteered [95% CI]"]
+    s = topk.summary
+    assert t["Exp. Max. Tox. 95% CI"][1] == f"[{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]"
+    d = paired_difference(topk, base)
+    assert t["ΔEMT vs unsteered [95% CI]"].tolist() == ["(baseline)", d["exp_max_toxicity"].format(signed=True)]
+    assert t["ΔTox. Prob. vs unsteered [95% CI]"][1] == d["toxicity_prob"].format(signed=True)
+    assert d["exp_max_toxicity"].estimate == pytest.approx(s["exp_max_toxicity"] - base.summary["exp_max_toxicity"])
+    md = to_markdown(t).splitlines()
+    assert md[1] == "|---|" + "|".join(["---:"] * 12) + "|"  # intervals right-aligned like the numbers
+    cells = md[3].split(" | ")
+    assert cells[2] == t["Exp. Max. Tox. 95% CI"][1] and md[3].endswith(f"| {d['toxicity_prob'].format(signed=True)} |")
+    # only summaries: the intervals, no paired columns; old summaries: the old table
+    assert "ΔEMT vs unsteered [95% CI]" not in paper_table({"unsteered": base.summary}).columns
+    # a column of several differences for SASA-style subsets of rows
+    pc = paired_columns(runs, "top-k 3", labels=["unsteered"], baseline_name="control", metrics=["mean_toxicity", "ppl"])
+    assert list(pc.columns) == ["ΔMean Tox. vs control [95% CI]", "ΔPPL vs control [95% CI]"]
+    assert pc.iloc[0, 1] == paired_difference(base, topk)["ppl"].format(signed=True)
+
+
+def test_paper_table_refuses_what_it_cannot_pair(model):
+    a = evaluate(model, PROMPTS, scorer=WordScorer(), **KW)
+    fewer = evaluate(model, PROMPTS[:4], scorer=WordScorer(), **KW)
+    reseeded = evaluate(model, PROMPTS, scorer=WordScorer(), **{**KW, "seed": 8})
+    sums = {"unsteered": a.summary, "m": fewer.summary}
+    with pytest.raises(ValueError, match=r"baseline 'base' is not one of the runs; the runs are \['unsteered', 'm'\]"):
+        paper_table(sums, baseline="base", runs={"unsteered": a, "m": fewer})
+    with pytest.raises(ValueError, match="needs the per-prompt data: pass runs="):
+        paper_table(sums, baseline="unsteered")
+    with pytest.raises(ValueError, match=r"2 only in 'unsteered' \('4', '5'\).*same prompt set"):
+        paper_table(sums, baseline="unsteered", runs={"unsteered": a, "m": fewer})
+    with pytest.raises(ValueError, match=r"rows \['m'\] have no per-prompt data"):
+        paper_table(sums, baseline="unsteered", runs={"unsteered": a})
+    with pytest.raises(ValueError, match=r"different seeds .*--seed"):
+        paper_table({"unsteered": a.summary, "r": reseeded.summary}, baseline="unsteered",
+                    runs={"unsteered": a, "r": reseeded})
