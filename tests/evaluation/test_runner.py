@@ -9,11 +9,11 @@ import torch
 from helpers import tiny_model, tiny_sae
 
 import saesteer.generation as generation
+from saesteer.cli import main as saesteer_main
 from saesteer.evaluation.runner import (
     evaluate,
     format_summary,
     load_result,
-    main,
     merge_shards,
     paired_columns,
     paper_table,
@@ -173,10 +173,7 @@ def test_merge_checks_the_shards(model, tmp_path):
     evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path / "other", shard=(1, 3), **{**KW, "seed": 1})
     with pytest.raises(ValueError, match="other settings"):
         merge_shards([tmp_path / "generations.shard-0-of-3.jsonl", tmp_path / "other" / "generations.shard-1-of-3.jsonl"])
-    assert main(["merge", str(tmp_path), "--allow-missing"]) == 0
-    assert main(["merge", str(tmp_path)]) == 2  # error message, exit code 2
-    from saesteer.cli import main as saesteer_main
-
+    assert saesteer_main(["evaluate", "merge", str(tmp_path)]) == 2  # error message, exit code 2
     assert saesteer_main(["evaluate", "merge", str(tmp_path), "--allow-missing"]) == 0
     assert saesteer_main(["evaluate", "merge", str(tmp_path / "nowhere")]) == 2
 
@@ -274,7 +271,7 @@ def test_summary_holds_bootstrap_intervals(model, tmp_path, capsys):
     assert "95% percentile-bootstrap interval over prompts (2000 resamples, seed 0)" in text
     # the command line prints them (the human summary on stderr, the JSON with the ci entries on stdout)
     capsys.readouterr()
-    assert main(["merge", str(tmp_path)]) == 0
+    assert saesteer_main(["evaluate", "merge", str(tmp_path)]) == 0
     out = capsys.readouterr()
     assert text in out.err and json.loads(out.out) == s
     # no intervals asked for: the summary of before

@@ -34,7 +34,7 @@ from typing import Any
 
 from saesteer.evaluation.scorers.base import ToxicityScorer
 
-__all__ = ["register_scorer", "scorer_names", "get_scorer"]
+__all__ = ["register_scorer", "resolve_scorer_name", "scorer_names", "get_scorer"]
 
 #: registered name -> factory, in registration order
 _SCORERS: dict[str, Callable[..., ToxicityScorer]] = {}
@@ -137,6 +137,24 @@ def _accepted(sig: inspect.Signature) -> str:
     return ", ".join(names) if names else "no arguments"
 
 
+def resolve_scorer_name(name: str) -> str:
+    """The registered name that ``name`` (any case, or an alias) stands for; nothing is built.
+
+    Raises:
+        ValueError: an unknown name (the message lists the registered names).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"scorer name must be a str, one of {scorer_names()}; got {name!r}.")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _SCORERS:
+        raise ValueError(
+            f"unknown toxicity scorer {name!r}; pick one of {scorer_names()}, or register your own with "
+            "saesteer.evaluation.scorers.register_scorer(name, factory)."
+        )
+    return key
+
+
 def get_scorer(name: str = "default", **kwargs: Any) -> ToxicityScorer:
     """Build the scorer called ``name`` (or one of its aliases), passing ``kwargs`` to its factory.
 
@@ -150,16 +168,7 @@ def get_scorer(name: str = "default", **kwargs: Any) -> ToxicityScorer:
         ValueError: an unknown name (the message lists the registered names), or keyword arguments the
             scorer does not accept (the message names the scorer and the arguments it accepts).
     """
-    if not isinstance(name, str):
-        raise ValueError(f"scorer name must be a str, one of {scorer_names()}; got {name!r}.")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in _SCORERS:
-        raise ValueError(
-            f"unknown toxicity scorer {name!r}; pick one of {scorer_names()}, or register your own with "
-            "saesteer.evaluation.scorers.register_scorer(name, factory)."
-        )
-    factory = _SCORERS[key]
+    factory = _SCORERS[resolve_scorer_name(name)]
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):  # no introspectable signature (some builtins): let the factory check
