@@ -5,16 +5,27 @@ attached for the whole generation, so they act on the prompt AND on every genera
 cached single-token step runs through the same hook points). Decoding-time methods (SASA) plug in
 as a :class:`Decoder` that chooses the next token and supplies the next step's logits.
 
-Logits are processed as in Hugging Face ``generate``: repetition penalty (over prompt and generated
-tokens), temperature, top-k, top-p; greedy takes the argmax of the processed logits. One difference:
-the penalty skips a batch's left-padding positions (HF counts the pad token as seen, which matters
-where the pad token is a real token such as EOS), so a prompt decodes the same alone or in a batch.
+The generation arguments are Hugging Face ``generate``'s (:class:`SamplingConfig` lists them, with
+their defaults): greedy unless ``do_sample=True``; ``max_new_tokens`` or ``max_length`` (prompt + new
+tokens); ``min_new_tokens``; ``num_return_sequences``; ``eos_token_id`` (one id or a list);
+``pad_token_id``; ``output_scores``. Logits are processed as HF does: EOS suppressed before
+``min_new_tokens``, repetition penalty (over prompt and generated tokens), then, when sampling,
+temperature, top-k, top-p; greedy takes the argmax of the processed logits. One difference: the
+penalty skips a batch's left-padding positions (HF counts the pad token as seen, which matters where
+the pad token is a real token such as EOS), so a prompt decodes the same alone or in a batch.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import numbers
+import sys
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -27,36 +38,190 @@ from saesteer.checks import check_positive_int
 from saesteer.hooks import Steerer, forward_positions, steering
 from saesteer.models.tokens import pad_id, pad_sequences, tokenize
 
+DEFAULT_MAX_NEW_TOKENS = 30
+"""New tokens generated when neither ``max_new_tokens`` nor ``max_length`` is given."""
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised in the calling function that points at the first line outside saesteer."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith("<")  # a dataclass' generated __init__
+                                 or str(frame.f_globals.get("__name__")).split(".")[0] in ("saesteer", "torch")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_token_id(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a token id (an integer >= 0), got {value!r}.")
+    return int(value)
+
 
 @dataclass
 class SamplingConfig:
-    """Decoding settings; validated on construction. ``do_sample=False`` is greedy."""
+    """Generation settings, with Hugging Face ``generate``'s names and meanings; validated on construction.
 
-    max_new_tokens: int = 30
-    do_sample: bool = True
+    Attributes:
+        max_new_tokens: new tokens to generate at most (default 30 when ``max_length`` is not given either).
+        max_length: prompt + new tokens at most (the prompt counted as the width of the left-padded
+            batch, as HF counts ``input_ids.shape[-1]``). Given with ``max_new_tokens``, ``max_new_tokens``
+            wins and a warning says so (as in transformers).
+        min_new_tokens: EOS (every id of ``eos_token_id``) is forbidden before this many new tokens.
+        do_sample: False (the default, as in transformers) is greedy decoding; True samples.
+        temperature, top_k, top_p: sampling filters (ignored when greedy; ``temperature=0`` is accepted
+            then, and refused when sampling).
+        repetition_penalty: HF's (CTRL) penalty on every token already in the prompt or generated; 1.0 = off.
+        num_return_sequences: continuations per prompt; each prompt is repeated this many times and the
+            outputs come grouped per prompt, in order (needs ``do_sample=True``, as in transformers).
+        num_beams: only 1; beam search is not supported.
+        eos_token_id: an id or a list of ids; a row stops at the first of any of them. Default: the
+            tokenizer's EOS.
+        pad_token_id: fills a finished row's remaining positions and the prompts' left padding.
+            Default: the tokenizer's pad token, else its EOS, else 0.
+        seed: seed of the sampling generator (None: a fresh random seed per call).
+        stop_at_eos: False generates all ``max_new_tokens`` whatever is drawn.
+        output_scores: also return, per step, the [batch, vocab] logits the next token was chosen from
+            (after every processor, penalty and sampling filter), as HF's ``scores``.
+        return_dict_in_generate: :func:`generate` always returns a :class:`GenerationOutput`; for
+            :meth:`saesteer.SteeringPipeline.generate` it returns that object instead of the token tensor.
+        truncate_prompt: ``"left"`` cuts prompts longer than ``n_ctx - new tokens`` from the left (a
+            leading BOS is kept) instead of refusing them; None (default) refuses them.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_new_tokens: int = 0
+    do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    num_beams: int = 1
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
     seed: int | None = 0
     stop_at_eos: bool = True
+    output_scores: bool = False
+    return_dict_in_generate: bool = False
+    truncate_prompt: Literal["left"] | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SamplingConfig:
+        """``SamplingConfig(**kwargs)``, with a ValueError naming the accepted arguments for an unknown one."""
+        check_generation_kwargs(kwargs)
+        return cls(**kwargs)
 
     def __post_init__(self) -> None:
-        check_positive_int("max_new_tokens", self.max_new_tokens)
-        if not (self.temperature > 0):
-            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature!r}.")
+        if self.max_new_tokens is None and self.max_length is None:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        if self.max_new_tokens is not None:
+            check_positive_int("max_new_tokens", self.max_new_tokens)
+        if self.max_length is not None:
+            check_positive_int("max_length", self.max_length)
+            if self.max_new_tokens is not None:
+                warnings.warn(
+                    f"Both max_new_tokens (={self.max_new_tokens}) and max_length (={self.max_length}) are set; "
+                    "max_new_tokens takes precedence (as in transformers). Pass only one of them.",
+                    UserWarning, stacklevel=_caller_stacklevel())
+                self.max_length = None
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}.")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} is more than max_new_tokens={self.max_new_tokens}; "
+                             "lower min_new_tokens or raise max_new_tokens.")
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True (sample) or False (greedy), got {self.do_sample!r}.")
+        if not isinstance(self.temperature, numbers.Real) or math.isnan(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}.")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {self.temperature!r}; "
+                             "use do_sample=False for greedy decoding.")
         if self.top_k is not None:
             check_positive_int("top_k", self.top_k)
         if self.top_p is not None and not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}.")
         if not (self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}.")
+        check_positive_int("num_return_sequences", self.num_return_sequences)
+        check_positive_int("num_beams", self.num_beams)
+        if self.num_beams > 1:
+            raise ValueError(f"num_beams={self.num_beams}: beam search is not supported; pass num_beams=1 and "
+                             "do_sample=False for greedy decoding (or do_sample=True to sample).")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError(f"num_return_sequences={self.num_return_sequences} needs do_sample=True: greedy decoding "
+                             "would return the same sequence every time (transformers refuses this too).")
+        if self.eos_token_id is not None:
+            ids = [self.eos_token_id] if isinstance(self.eos_token_id, numbers.Integral) else self.eos_token_id
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
+                raise ValueError(f"eos_token_id must be a token id or a non-empty list of ids, got {self.eos_token_id!r}.")
+            for i in ids:
+                _check_token_id("eos_token_id", i)
+        if self.pad_token_id is not None:
+            _check_token_id("pad_token_id", self.pad_token_id)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"seed must be an integer or None (a fresh seed per call), got {self.seed!r}.")
+        if self.truncate_prompt not in (None, "left"):
+            raise ValueError(f"truncate_prompt must be None (refuse prompts that do not fit n_ctx) or 'left' "
+                             f"(cut them from the left), got {self.truncate_prompt!r}.")
+        if not self.do_sample:
+            ignored = {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p), ("top_k", self.top_k))
+                       if v is not None and not (k == "temperature" and v in (0, 1)) and not (k == "top_p" and v == 1)}
+            if ignored:
+                warnings.warn(
+                    f"do_sample=False (greedy, the default), so {', '.join(f'{k}={v}' for k, v in ignored.items())} "
+                    "(sampling settings) will be ignored; pass do_sample=True to sample.",
+                    UserWarning, stacklevel=_caller_stacklevel())
+
+    def eos_ids(self, model: HookedTransformer) -> list[int]:
+        """``eos_token_id`` as a list, or the tokenizer's EOS; [] if neither exists."""
+        if self.eos_token_id is not None:
+            ids = [self.eos_token_id] if isinstance(self.eos_token_id, numbers.Integral) else self.eos_token_id
+            return [int(i) for i in ids]
+        tok = model.tokenizer
+        return [int(tok.eos_token_id)] if tok is not None and tok.eos_token_id is not None else []
+
+    def stop_ids(self, model: HookedTransformer) -> list[int]:
+        """The ids that end a row: :meth:`eos_ids`, or none with ``stop_at_eos=False``."""
+        return self.eos_ids(model) if self.stop_at_eos else []
+
+    def new_tokens(self, prompt_width: int) -> int:
+        """New tokens at most for a left-padded prompt batch ``prompt_width`` wide."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        n = self.max_length - prompt_width
+        if n < 1:
+            raise ValueError(f"The prompt is {prompt_width} tokens long, but max_length={self.max_length} (prompt + new "
+                             "tokens) leaves no room to generate; raise max_length or, better, pass max_new_tokens.")
+        if self.min_new_tokens > n:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} is more than the {n} new tokens that max_length="
+                             f"{self.max_length} allows after the {prompt_width}-token prompt; raise max_length or "
+                             "lower min_new_tokens.")
+        return n
+
+
+GENERATION_ARGUMENTS: tuple[str, ...] = tuple(f.name for f in fields(SamplingConfig))
+"""Every keyword argument :func:`generate` accepts besides its own named parameters."""
+
+
+def check_generation_kwargs(kwargs: dict, what: str = "generation arguments") -> None:
+    """A ValueError naming the unknown keys (with a close match if there is one) and the accepted ones."""
+    unknown = sorted(set(kwargs) - set(GENERATION_ARGUMENTS))
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, GENERATION_ARGUMENTS, n=1, cutoff=0.75)
+        if close:
+            hints.append(f"{k!r}: did you mean {close[0]!r}?")
+    raise ValueError(f"Unknown {what} {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+                     + f"; accepted: {', '.join(GENERATION_ARGUMENTS)}.")
 
 
 def process_logits(
     logits: Float[Tensor, "batch vocab"], seen: Bool[Tensor, "batch vocab"] | None, cfg: SamplingConfig
 ) -> Float[Tensor, "batch vocab"]:
-    """Repetition penalty, temperature, top-k, top-p (HF semantics); removed tokens get -inf."""
+    """Repetition penalty, then (when sampling) temperature, top-k, top-p (HF semantics); removed tokens get -inf."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
@@ -77,8 +242,15 @@ def process_logits(
     return logits
 
 
+_PICKED: ContextVar[list[Tensor] | None] = ContextVar("saesteer_picked_logits", default=None)
+"""While :func:`generate` records ``output_scores``: the logits each :func:`pick` chose from."""
+
+
 def pick(logits: Float[Tensor, "batch vocab"], cfg: SamplingConfig, gen: torch.Generator | None) -> Int[Tensor, " batch"]:
     """Argmax (greedy) or a draw from softmax(logits) with the seeded generator."""
+    sink = _PICKED.get()
+    if sink is not None:
+        sink.append(logits)
     if not cfg.do_sample:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
@@ -133,12 +305,24 @@ class Decoder:
 
 @dataclass
 class GenerationOutput:
-    """New tokens only (``pad`` after a row's EOS), their texts, and the padded prompt."""
+    """New tokens only (``pad_token_id`` after a row's EOS), their texts, and the padded prompt.
+
+    With ``num_return_sequences=n`` there are ``n`` rows per prompt, grouped per prompt in order (rows
+    ``i*n .. i*n+n-1`` continue prompt ``i``), and the prompt rows are repeated to match.
+    ``scores`` (with ``output_scores=True``): one [batch, vocab] float tensor per generated position,
+    the logits the token was chosen from (HF's ``scores``); None otherwise.
+    """
 
     tokens: Int[Tensor, "batch new"]
     texts: list[str]
     prompt_tokens: Int[Tensor, "batch pos"] = field(repr=False)
     prompt_mask: Int[Tensor, "batch pos"] = field(repr=False)
+    scores: tuple[Float[Tensor, "batch vocab"], ...] | None = field(default=None, repr=False)
+
+    @property
+    def sequences(self) -> Int[Tensor, "batch pos_new"]:
+        """Left-padded prompt followed by the new tokens (HF's ``sequences``)."""
+        return torch.cat([self.prompt_tokens, self.tokens.to(self.prompt_tokens.device)], dim=1)
 
 
 def _as_batch(model, prompts, attention_mask):
@@ -159,6 +343,37 @@ def _as_batch(model, prompts, attention_mask):
     return tokens, mask
 
 
+def _fit_context(model, tokens, mask, new: int, cfg: SamplingConfig, pad: int):
+    """Refuse (or, with ``truncate_prompt='left'``, cut) prompts whose tokens + ``new`` exceed ``n_ctx``.
+
+    Positions count real tokens only (TransformerLens numbers them from the attention mask), so the
+    longest prompt's unpadded length is what must fit.
+    """
+    n_ctx = model.cfg.n_ctx
+    longest = int(mask.sum(-1).max())
+    if longest + new <= n_ctx:
+        return tokens, mask
+    room = n_ctx - new
+    if room < 1:
+        raise ValueError(f"{new} new tokens leave no room for a prompt in the model's context (n_ctx={n_ctx}); "
+                         f"generate at most {n_ctx - 1} new tokens (lower max_new_tokens).")
+    if cfg.truncate_prompt != "left":
+        lower = f", or lower max_new_tokens to {n_ctx - longest}" if n_ctx - longest >= 1 else ""
+        raise ValueError(f"The longest prompt has {longest} tokens; with {new} new tokens that is {longest + new} "
+                         f"positions, more than the model's context (n_ctx={n_ctx}). Shorten the prompts to at most "
+                         f"{room} tokens, pass truncate_prompt='left' to keep their last {room}{lower}.")
+    tok = model.tokenizer
+    bos = tok.bos_token_id if tok is not None else None
+    rows = []
+    for t, m in zip(tokens.cpu(), mask.cpu()):
+        r = t[m.bool()]
+        if len(r) > room:
+            head = 1 if bos is not None and int(r[0]) == bos else 0  # keep a leading BOS
+            r = torch.cat([r[:head], r[len(r) - room + head:]])
+        rows.append(r)
+    return pad_sequences(rows, pad, "left", device=tokens.device)
+
+
 @torch.no_grad()
 def generate(
     model: HookedTransformer,
@@ -170,7 +385,7 @@ def generate(
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     use_cache: bool = True,
     sampling: SamplingConfig | None = None,
-    **sampling_kwargs,
+    **generation_kwargs,
 ) -> GenerationOutput:
     """Generate continuations of ``prompts`` with ``steerers`` hooked in and ``decoder`` choosing tokens.
 
@@ -178,17 +393,36 @@ def generate(
     step, given the tokens so far (prompt padding included), before the sampling filters.
 
     ``prompts`` are strings (tokenised with BOS as the model expects, left-padded) or left-padded
-    token ids with ``attention_mask``. Sampling settings come as a :class:`SamplingConfig` or as
-    keyword arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-    ``repetition_penalty``, ``seed``, ``stop_at_eos``). ``use_cache=False`` re-runs the whole prefix
-    at every step (the reference implementations' loop; slow, for checks and baselines).
+    token ids with ``attention_mask``. Generation settings come as a :class:`SamplingConfig` or as
+    keyword arguments with Hugging Face's names (see :class:`SamplingConfig`: ``max_new_tokens``,
+    ``max_length``, ``min_new_tokens``, ``do_sample`` (default False: greedy), ``temperature``,
+    ``top_k``, ``top_p``, ``repetition_penalty``, ``num_return_sequences``, ``eos_token_id``,
+    ``pad_token_id``, ``seed``, ``stop_at_eos``, ``output_scores``, ``truncate_prompt``, ...); an
+    unknown keyword is a ValueError that lists them. The longest prompt plus the new tokens must fit
+    the model's ``n_ctx`` (checked before generating), or pass ``truncate_prompt='left'``.
+    ``use_cache=False`` re-runs the whole prefix at every step (the reference implementations' loop;
+    slow, for checks and baselines).
     """
-    cfg = sampling if sampling is not None else SamplingConfig(**sampling_kwargs)
-    if sampling is not None and sampling_kwargs:
-        raise ValueError("Pass either sampling=SamplingConfig(...) or sampling keyword arguments, not both.")
+    if sampling is not None and generation_kwargs:
+        raise ValueError("Pass either sampling=SamplingConfig(...) or generation keyword arguments, not both.")
+    cfg = sampling if sampling is not None else SamplingConfig.from_kwargs(**generation_kwargs)
     decoder = decoder or Decoder()
+    vocab = model.cfg.d_vocab
+    pad = pad_id(model) if cfg.pad_token_id is None else cfg.pad_token_id
+    eos_ids, stop_ids = cfg.eos_ids(model), cfg.stop_ids(model)
+    for name, ids in (("pad_token_id", [cfg.pad_token_id]), ("eos_token_id", eos_ids)):  # ids the caller gave
+        if getattr(cfg, name) is not None and any(i >= vocab for i in ids):
+            raise ValueError(f"{name} {ids} is outside the model's vocabulary (d_vocab={vocab}); pass an id < {vocab}.")
+
     tokens, mask = _as_batch(model, prompts, attention_mask)
-    batch, vocab = tokens.shape[0], model.cfg.d_vocab
+    new_max = cfg.new_tokens(tokens.shape[1])
+    tokens, mask = _fit_context(model, tokens, mask, new_max, cfg, pad)
+    if cfg.pad_token_id is not None:  # the prompts' padding too (masked out, so only the returned ids change)
+        tokens = tokens.masked_fill(mask == 0, pad)
+    if cfg.num_return_sequences > 1:
+        tokens = tokens.repeat_interleave(cfg.num_return_sequences, dim=0)
+        mask = mask.repeat_interleave(cfg.num_return_sequences, dim=0)
+    batch = tokens.shape[0]
     gen = torch.Generator(device=tokens.device)
     if cfg.seed is not None:
         gen.manual_seed(cfg.seed)
@@ -198,37 +432,50 @@ def generate(
     if cfg.repetition_penalty != 1.0:
         counts = torch.zeros(batch, vocab, device=tokens.device)
         seen = counts.scatter_add_(1, tokens.clamp(0, vocab - 1), mask.float()) > 0
-    eos = model.tokenizer.eos_token_id if (model.tokenizer is not None and cfg.stop_at_eos) else None
-    pad = pad_id(model)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=tokens.device)
+    suppress = torch.tensor(eos_ids, dtype=torch.long, device=tokens.device)
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     new: list[Tensor] = []
+    scores: list[Tensor] | None = [] if cfg.output_scores else None
+    sink: list[Tensor] = []
+    sink_token = _PICKED.set(sink) if cfg.output_scores else None
 
-    with steering(model, steerers):
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch) if use_cache else None
-        state = DecodeState(model, cfg, cache, tokens, mask, gen)
-        logits = last_logits(model, tokens, mask, cache)
-        for step in range(cfg.max_new_tokens):
-            state.step = step
-            for proc in logits_processors:
-                logits = proc(state.tokens, logits)
-            chosen = decoder.choose(state, process_logits(logits, seen, cfg))
-            chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
-            new.append(chosen)
-            if eos is not None:
-                done |= chosen == eos
-            if seen is not None:
-                seen[torch.arange(batch, device=seen.device), chosen] = True
-            if bool(done.all()) or step == cfg.max_new_tokens - 1:
-                break
-            state.tokens = torch.cat([state.tokens, chosen.unsqueeze(-1)], dim=1)
-            state.mask = torch.cat([state.mask, torch.ones_like(chosen).unsqueeze(-1)], dim=1)
-            logits = decoder.advance(state, chosen)
+    try:
+        with steering(model, steerers):
+            cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch) if use_cache else None
+            state = DecodeState(model, cfg, cache, tokens, mask, gen)
+            logits = last_logits(model, tokens, mask, cache)
+            for step in range(new_max):
+                state.step = step
+                for proc in logits_processors:
+                    logits = proc(state.tokens, logits)
+                if step < cfg.min_new_tokens and len(suppress):
+                    logits = logits.float().index_fill(-1, suppress, float("-inf"))
+                processed = process_logits(logits, seen, cfg)
+                sink.clear()
+                chosen = decoder.choose(state, processed)
+                if scores is not None:  # what the decoder drew from (SASA re-weights its candidates)
+                    scores.append(sink[-1] if sink else processed)
+                chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
+                new.append(chosen)
+                if len(stop):
+                    done |= torch.isin(chosen, stop)
+                if seen is not None:
+                    seen[torch.arange(batch, device=seen.device), chosen] = True
+                if bool(done.all()) or step == new_max - 1:
+                    break
+                state.tokens = torch.cat([state.tokens, chosen.unsqueeze(-1)], dim=1)
+                state.mask = torch.cat([state.mask, torch.ones_like(chosen).unsqueeze(-1)], dim=1)
+                logits = decoder.advance(state, chosen)
+    finally:
+        if sink_token is not None:
+            _PICKED.reset(sink_token)
 
     out = torch.stack(new, dim=1)
     texts = []
     for row in out:
         ids = row.tolist()
-        if eos is not None and eos in ids:
-            ids = ids[: ids.index(eos)]
-        texts.append(model.tokenizer.decode(ids) if model.tokenizer is not None else "")
-    return GenerationOutput(tokens=out, texts=texts, prompt_tokens=tokens, prompt_mask=mask)
+        cut = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))
+        texts.append(model.tokenizer.decode(ids[:cut]) if model.tokenizer is not None else "")
+    return GenerationOutput(tokens=out, texts=texts, prompt_tokens=tokens, prompt_mask=mask,
+                            scores=tuple(scores) if scores is not None else None)

@@ -10,12 +10,15 @@ same call to :func:`saesteer.generation.generate`::
     pipe.steer()                          # learns (or loads) the SASA subspace
     new_tokens = pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30,
                                do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=1.05)
+
+Generation arguments are Hugging Face's, with its defaults (greedy unless ``do_sample=True``); see
+:class:`saesteer.generation.SamplingConfig`. ``return_dict_in_generate=True`` makes ``generate`` return
+the whole :class:`~saesteer.generation.GenerationOutput` (``scores`` with ``output_scores=True``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -24,14 +27,12 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from saesteer.checks import check_sae_fits
-from saesteer.generation import Decoder, GenerationOutput, SamplingConfig, generate
+from saesteer.generation import Decoder, GenerationOutput, check_generation_kwargs, generate
 from saesteer.hooks import Steerer
 from saesteer.steering.sasa import Attribute, SASADecoder
 from saesteer.steering.sasa import SASA
 from saesteer.steering.sasa_subspace import Subspace
 from saesteer.steering.word_filter import BannedWords
-
-_SAMPLING_KEYS = {f.name for f in fields(SamplingConfig)}
 
 
 class SteeringPipeline:
@@ -110,10 +111,7 @@ class SteeringPipeline:
     ) -> GenerationOutput:
         """Generate with every control active; returns tokens and texts (see :func:`generate`)."""
         model = self._require_steered()
-        unknown = set(gen_kwargs) - _SAMPLING_KEYS
-        if unknown:
-            raise ValueError(f"Unknown generation arguments {sorted(unknown)}; supported: {sorted(_SAMPLING_KEYS)}.")
-        gen_kwargs.setdefault("do_sample", False)  # Hugging Face's default
+        check_generation_kwargs(gen_kwargs)
         steerers = [c for c in self.controls if isinstance(c, Steerer)]
         processors = [BannedWords.processor(c, model) for c in self.controls if isinstance(c, BannedWords)]
         return generate(model, prompts, attention_mask=attention_mask, steerers=steerers,
@@ -125,12 +123,17 @@ class SteeringPipeline:
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         runtime_kwargs: dict | None = None,
         **gen_kwargs: Any,
-    ) -> Int[Tensor, "batch new"]:
-        """The new tokens only (padded after EOS), like the SASA reference and AISteer360."""
+    ) -> Int[Tensor, "batch new"] | GenerationOutput:
+        """The new tokens only (padded after EOS), like the SASA reference and AISteer360.
+
+        With ``return_dict_in_generate=True``, the whole :class:`GenerationOutput` instead (texts, prompt,
+        ``sequences``, and ``scores`` when ``output_scores=True``), as Hugging Face's ``generate`` does.
+        """
         if input_ids is None:
             raise ValueError("Pass input_ids (and attention_mask); for strings use pipe.generate_text(prompts).")
         ids = torch.as_tensor(input_ids)
-        return self.run(ids, attention_mask=attention_mask, runtime_kwargs=runtime_kwargs, **gen_kwargs).tokens
+        out = self.run(ids, attention_mask=attention_mask, runtime_kwargs=runtime_kwargs, **gen_kwargs)
+        return out if gen_kwargs.get("return_dict_in_generate") else out.tokens
 
     def generate_text(self, prompts: str | Sequence[str], runtime_kwargs: dict | None = None, **gen_kwargs: Any) -> list[str]:
         """Continuations of ``prompts`` as strings."""

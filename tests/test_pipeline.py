@@ -42,7 +42,7 @@ def test_changing_beta_reuses_the_subspace(tmp_path):
     ids, mask = _tokens(model, ["the cat"])
     zero = pipe.generate(input_ids=ids, attention_mask=mask, runtime_kwargs={"beta": 0.0}, max_new_tokens=6,
                          do_sample=True, seed=0)
-    plain = generate(model, ids, attention_mask=mask, max_new_tokens=6, seed=0)
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=6, do_sample=True, seed=0)
     assert torch.equal(zero, plain.tokens)
     # a second pipeline with another beta loads the saved subspace instead of learning again
     again = SteeringPipeline(model, controls=[SASA(beta=20.0, wv_path=str(path))]).steer(progress=False)
@@ -73,3 +73,35 @@ def test_pipeline_bad_input():
         pipe.generate(input_ids=torch.tensor([[1, 4]]), runtime_kwargs={"alpha": 1})
     with pytest.raises(ValueError, match="d_in=16"):
         SteeringPipeline(model, controls=[DecoderSteering(tiny_sae(d_in=16), [0])]).steer()
+
+
+def test_pipeline_takes_the_hugging_face_generation_arguments(tmp_path):
+    from saesteer.generation import GenerationOutput
+
+    model = tiny_model()
+    sasa = SASA(beta=8.0, gen_wv_data=DATA, wv_path=str(tmp_path / "wv.pt"), max_candidates=6)
+    pipe = SteeringPipeline(model, controls=[sasa]).steer(progress=False)
+    ids, mask = _tokens(model, ["the cat", "hello you idiot"])
+    dec = SASADecoder([Attribute(pipe.subspaces[id(sasa)], 8.0)], max_candidates=6)
+    # the default is greedy, the same as saesteer.generate's
+    assert torch.equal(pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5),
+                       generate(model, ids, attention_mask=mask, decoder=dec, max_new_tokens=5).tokens)
+    # return_dict_in_generate: the whole output, with the scores SASA chose from
+    out = pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, output_scores=True,
+                        return_dict_in_generate=True)
+    assert isinstance(out, GenerationOutput) and len(out.scores) == out.tokens.shape[1]
+    assert torch.equal(torch.stack([s.argmax(-1) for s in out.scores], dim=1), out.tokens)
+    # num_return_sequences: each prompt repeated, grouped per prompt, as generating the repeated prompts
+    kw = dict(max_new_tokens=5, do_sample=True, temperature=2.0, seed=1)
+    many = pipe.generate(input_ids=ids, attention_mask=mask, num_return_sequences=2, **kw)
+    rep = generate(model, ids.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0), decoder=dec, **kw)
+    assert many.shape[0] == 4 and torch.equal(many, rep.tokens)
+    # max_length; refusals with the fix in the message
+    assert pipe.generate(input_ids=ids, attention_mask=mask, max_length=ids.shape[1] + 3).shape == (2, 3)
+    with pytest.raises(ValueError, match="beam search is not supported"):
+        pipe.generate(input_ids=ids, attention_mask=mask, num_beams=3)
+    with pytest.raises(ValueError, match=r"Unknown generation arguments \['length_penalty'\]; accepted: .*num_return_sequences"):
+        pipe.generate(input_ids=ids, attention_mask=mask, length_penalty=1.0)
+    with pytest.raises(ValueError, match=r"n_ctx=128.*truncate_prompt='left'"):
+        pipe.generate_text([" ".join(["the cat"] * 70)], max_new_tokens=4)
+    assert len(pipe.generate_text([" ".join(["the cat"] * 70)], max_new_tokens=4, truncate_prompt="left")) == 1

@@ -205,12 +205,14 @@ class SteeringReport(PlotlyView):
         return fig
 
 
-def _sequence(out, eos: int | None) -> tuple[Tensor, int]:
-    """Prompt (BOS kept, padding dropped) + generated tokens up to and including EOS; and the prompt length."""
+def _sequence(out, eos: Sequence[int]) -> tuple[Tensor, int]:
+    """Prompt (BOS kept, padding dropped) + generated tokens up to and including the first EOS (any of ``eos``);
+    and the prompt length."""
     prompt = out.prompt_tokens[0][out.prompt_mask[0].bool()].cpu()
     new = out.tokens[0].cpu().tolist()
-    if eos is not None and eos in new:
-        new = new[: new.index(eos) + 1]
+    end = next((j for j, t in enumerate(new) if t in eos), None)
+    if end is not None:
+        new = new[: end + 1]
     return torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)]), len(prompt)
 
 
@@ -251,7 +253,7 @@ def steering_report(
     ``steerers``/``decoder`` as in :func:`saesteer.generate` (at least one must steer). ``sae``: the SAE
     whose latent changes are shown (default: the first steerer's ``sae``). ``subspaces``: the SASA
     subspaces whose margins are shown (default: those of a ``SASADecoder``). Sampling settings as in
-    :func:`saesteer.generate` (``max_new_tokens``, ``do_sample``, ``seed``, ...).
+    :func:`saesteer.generate` (``max_new_tokens``, ``do_sample`` (default False: greedy), ``seed``, ...).
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be one non-empty string, got {prompt!r}.")
@@ -261,7 +263,10 @@ def steering_report(
     atol = check_strength("atol", atol)
     if sampling is not None and sampling_kwargs:
         raise ValueError("Pass either sampling=SamplingConfig(...) or sampling keyword arguments, not both.")
-    cfg = sampling if sampling is not None else SamplingConfig(**sampling_kwargs)
+    cfg = sampling if sampling is not None else SamplingConfig.from_kwargs(**sampling_kwargs)
+    if cfg.num_return_sequences != 1:
+        raise ValueError(f"A steering report follows one generation; pass num_return_sequences=1, got "
+                         f"{cfg.num_return_sequences}.")
 
     if subspaces is None:
         subspaces = [a.subspace for a in getattr(decoder, "attributes", [])]
@@ -284,7 +289,7 @@ def steering_report(
     out_s = generate(model, prompt, steerers=steerers, decoder=recorder, sampling=cfg)
     out_u = generate(model, prompt, sampling=cfg)
     _, _, n_bos = tokenize(model, [prompt])
-    eos = model.tokenizer.eos_token_id if (model.tokenizer is not None and cfg.stop_at_eos) else None
+    eos = cfg.stop_ids(model)
 
     hooks = ([embedding_hook_name(model)] if subspaces else []) + ([sae_hook] if sae_hook else [])
     names = [s.source if s.source != "memory" else f"subspace{j}" for j, s in enumerate(subspaces)]
