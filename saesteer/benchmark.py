@@ -1,0 +1,158 @@
+"""Timing and memory helpers, and the shared rows, of the benchmarks under ``experiments/``.
+
+- :func:`best_of`: the best wall-clock time of ``repeats`` runs (waits for queued GPU work);
+- :func:`paired`: (base, setting) run back to back ``repeats`` times, the per-pair ratio's median: a slow
+  spell of a shared machine then lands on both sides of a ratio, not on one row;
+- :func:`rss_mb` / :class:`PeakRSS`: the resident set size now / its peak while a block runs;
+- :data:`PROMPTS`, :func:`batch_prompts`, :func:`random_subspace`, :func:`steering_settings`: the prompts,
+  the SASA subspace and the SAE interventions every generation benchmark times.
+
+On a shared machine interference only ever adds time, so best-of times are what it leaves alone.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+from saesteer.checks import check_positive_int
+
+__all__ = [
+    "PROMPTS",
+    "PeakRSS",
+    "batch_prompts",
+    "best_of",
+    "paired",
+    "random_subspace",
+    "rss_mb",
+    "steering_settings",
+    "sync",
+]
+
+PROMPTS = [
+    "So I told him that he was nothing but a",
+    "The weather in the mountains this time of year is",
+    "My neighbour keeps parking in front of my house and I",
+    "Scientists announced today that the new telescope",
+    "If you ask me, people who drive like that are",
+    "The recipe calls for two cups of flour and",
+    "She looked at the screen and could not believe",
+    "After the game the coach said that the referee",
+]
+"""Eight prompts, half of them inviting a toxic continuation."""
+
+
+def batch_prompts(batch: int) -> list[str]:
+    """``batch`` prompts: :data:`PROMPTS` repeated as often as needed, in order."""
+    check_positive_int("batch", batch)
+    return (PROMPTS * -(-batch // len(PROMPTS)))[:batch]
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that wall-clock timers measure it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest wall-clock seconds of ``repeats`` calls of ``fn``."""
+    check_positive_int("repeats", repeats)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def paired(fn_base: Callable[[], object], fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    """Run ``fn_base`` then ``fn`` back to back, ``repeats`` times: (best base s, best s, median of the
+    per-pair ratios fn / fn_base)."""
+    check_positive_int("repeats", repeats)
+    base, other, ratios = [], [], []
+    for _ in range(repeats):
+        base.append(best_of(fn_base, 1))
+        other.append(best_of(fn, 1))
+        ratios.append(other[-1] / base[-1])
+    return min(base), min(other), statistics.median(ratios)
+
+
+def rss_mb() -> float:
+    """Current resident set size in MB (Linux /proc; falls back to the process peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRSS:
+    """Context manager sampling the RSS every ``interval`` seconds; ``.peak_mb`` after exit."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval must be > 0 seconds, got {interval!r}.")
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._stop.clear()
+        self.peak_mb = rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def random_subspace(model: HookedTransformer, seed: int = 0):
+    """A SASA :class:`~saesteer.steering.sasa_subspace.Subspace` with a seeded random unit normal, for timing."""
+    from saesteer.steering.sasa_subspace import Subspace
+
+    g = torch.Generator().manual_seed(seed)
+    d = model.cfg.d_model
+    return Subspace(
+        wv=torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0),
+        mu_mu=torch.zeros(d),
+        model_name=model.cfg.model_name,
+        d_model=d,
+    )
+
+
+def steering_settings(model: HookedTransformer, sae: SAE) -> dict[str, dict]:
+    """Name -> extra keyword arguments of :func:`saesteer.generate` for unsteered generation and every SAE
+    intervention (swap, clamp, weight; the conditional, proportional and constant decoder tiers), with seeded
+    random latent scores and latents 0..9."""
+    from saesteer.steering.decoder import DecoderSteering
+    from saesteer.steering.latent import LatentSteering
+
+    scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
+    latents = list(range(10))
+    return {
+        "unsteered": dict(),
+        "swap": dict(steerers=[LatentSteering(sae, scores, mode="swap")]),
+        "clamp": dict(steerers=[LatentSteering(sae, scores, mode="clamp", strength=4.0)]),
+        "weight": dict(steerers=[LatentSteering(sae, scores, mode="weight")]),
+        "conditional": dict(steerers=[DecoderSteering(sae, latents, tier="conditional", threshold=0.5)]),
+        "proportional": dict(steerers=[DecoderSteering(sae, latents, tier="proportional")]),
+        "constant": dict(steerers=[DecoderSteering(sae, latents, tier="constant", alpha=0.1)]),
+    }

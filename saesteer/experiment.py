@@ -1,0 +1,222 @@
+"""What the scripts under ``experiments/`` share: logging, seeding, the command line, and finding the SAE.
+
+- :func:`logger` / :data:`say`: one progress line on stderr, ``[HH:MM:SS tag] message``, flushed.
+- :func:`seed_everything`: seed Python's ``random``, NumPy and torch (CPU and CUDA) and, optionally, set
+  torch's CPU thread count (matrix reductions, hence sampled tokens, can differ between thread counts).
+- :func:`command_line`: the command that is running, to print and to store with the results.
+- :func:`slug`: a method spec made safe as a file name.
+- :func:`load_project_sae`: an SAE by registered name or folder, by default the project's SAE for the
+  model (:func:`saesteer.sae.registry.default_project_sae`), checked against the model (hook and width).
+- :func:`project_or_random_sae`: that SAE, or, where the project has none for the model, a random TopK SAE
+  of the same shape (benchmarks time shapes, not weights).
+
+The SAE is always found through the registry (``storage/sae/registry.yaml``, sha256-checked) or a folder
+the caller names, never by searching folders.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+Say = Callable[[str], None]
+
+__all__ = [
+    "ExperimentSAE",
+    "Say",
+    "command_line",
+    "load_project_sae",
+    "logger",
+    "project_or_random_sae",
+    "random_sae",
+    "registered_sae_names",
+    "say",
+    "seed_everything",
+    "slug",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# logging, seeding, the command
+# ---------------------------------------------------------------------------------------------------
+
+
+def logger(tag: str | None = None) -> Say:
+    """A ``say(message)`` that prints ``[HH:MM:SS tag] message`` to stderr (flushed, so a log file follows
+    a long run); without ``tag``, ``[HH:MM:SS] message``. stderr is looked up at every call."""
+    prefix = f" {tag}" if tag else ""
+
+    def say(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}{prefix}] {msg}", file=sys.stderr, flush=True)
+
+    return say
+
+
+say: Say = logger()
+"""``logger()`` without a tag."""
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device) with ``seed``;
+    with ``threads``, also ``torch.set_num_threads(threads)`` (None keeps torch's current setting).
+
+    Raises:
+        ValueError: ``seed`` is not an integer in [0, 2**32) (NumPy's range), or ``threads`` is not None
+            nor an integer >= 1.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1, or None to keep torch's thread count; got {threads!r}.")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """``python <script> <arguments>`` as it was typed (``argv`` defaults to ``sys.argv``), shell-quoted: the
+    command to print and to record with the results."""
+    return "python " + shlex.join(list(sys.argv if argv is None else argv))
+
+
+def slug(spec: str) -> str:
+    """A steering-method spec as a file name: ``sasa+decoder:beta=20`` -> ``sasa-plus-decoder_beta-20``."""
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", spec.replace("+", "-plus-").replace("=", "-")).strip("_")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the SAE
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExperimentSAE:
+    """An SAE an experiment runs with: ``name`` (registry name, folder name, or ``random-<d_sae>``) names its
+    caches and files; ``note`` says in one line where it came from."""
+
+    sae: SAE
+    name: str
+    note: str
+
+
+def registered_sae_names(model_name: str) -> list[str]:
+    """Names of the project's SAEs for ``model_name`` (registry ``model`` field), narrowest first; [] if none."""
+    from saesteer.sae.registry import project_saes
+
+    found = [e for e in project_saes().values() if e.model == model_name]
+    return [e.name for e in sorted(found, key=lambda e: (e.width, e.name))]
+
+
+def load_project_sae(
+    model: HookedTransformer,
+    name: str | None = None,
+    *,
+    model_name: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> ExperimentSAE:
+    """Load the SAE ``name`` (a registered name, e.g. ``"smollm2-135m-res-15-4608"``, or an SAELens folder),
+    by default the project's SAE for ``model_name`` (default ``model.cfg.model_name``; the widest if several),
+    on the model's device, in ``dtype`` (default the model's), checked against ``model``.
+
+    Raises:
+        ValueError: no SAE is registered for ``model_name`` (``name=None``); ``name`` is neither registered
+            nor a folder; or the SAE does not fit the model (its hook is missing or its ``d_in`` differs from
+            ``d_model``). The message names the SAE, the model and what to pass instead.
+        saesteer.sae.registry.RegistryChecksumError: a registered SAE's file differs from its pinned sha256.
+    """
+    from saesteer.sae.loading import load_sae
+    from saesteer.sae.registry import RegistryChecksumError, default_project_sae, project_saes
+
+    model_name = model_name or model.cfg.model_name
+    if name is None:
+        name = default_project_sae(model_name).name  # ValueError naming what is registered
+    name = str(name)
+    registered = name in project_saes()
+    try:
+        sae = load_sae(name, model=model, dtype=model.cfg.dtype if dtype is None else dtype)
+    except RegistryChecksumError:
+        raise
+    except ValueError as e:
+        have = registered_sae_names(model_name)
+        hint = f"the project's SAEs for {model_name!r}: {have}" if have else f"no SAE is registered for {model_name!r}"
+        raise ValueError(
+            f"cannot load SAE {name!r} for model {model_name!r}: {e} Pass an SAE trained for this "
+            f"model and hook (a registered name or an SAELens folder; {hint})."
+        ) from e
+    if registered:
+        return ExperimentSAE(sae, name, f"project SAE {name}")
+    return ExperimentSAE(sae, Path(name).name, f"SAE folder {name}")
+
+
+def random_sae(
+    model: HookedTransformer, *, layer: int | None = None, expansion: int = 8, k: int = 64, seed: int = 0
+) -> SAE:
+    """A TopK SAE with seeded random weights at ``blocks.{layer}.hook_resid_post`` (default the middle block),
+    ``expansion * d_model`` latents and ``k`` active ones (the project SAE's shape: 8 x 576, k=64, at the
+    middle block of SmolLM2-135M), on the model's device and in its dtype."""
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    from saesteer.checks import check_positive_int
+
+    d = model.cfg.d_model
+    layer = model.cfg.n_layers // 2 if layer is None else layer
+    if not (isinstance(layer, int) and 0 <= layer < model.cfg.n_layers):
+        raise ValueError(f"layer must be in [0, {model.cfg.n_layers}) for this model; got {layer!r}.")
+    check_positive_int("expansion", expansion)
+    check_positive_int("k", k, expansion * d, "the number of latents")
+    sae = TopKSAE(
+        TopKSAEConfig(
+            d_in=d,
+            d_sae=expansion * d,
+            k=k,
+            metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name=model.cfg.model_name),
+        )
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, expansion * d, generator=g) * d**-0.5)
+        sae.W_dec.copy_(sae.W_enc.T)
+    return sae.to(model.cfg.device, model.cfg.dtype).eval().requires_grad_(False)
+
+
+def project_or_random_sae(
+    model: HookedTransformer,
+    name: str | None = None,
+    *,
+    model_name: str | None = None,
+    log: Say | None = None,
+) -> ExperimentSAE:
+    """For benchmarks and example figures: :func:`load_project_sae`, or, when ``name`` is None and the
+    project has no SAE for the model that fits it, :func:`random_sae` (``name`` ``random-<d_sae>``; ``log``,
+    default :data:`say`, prints why). Timing does not depend on the weights' values.
+
+    Raises:
+        ValueError: an explicit ``name`` cannot be loaded or does not fit (never replaced by random weights).
+        saesteer.sae.registry.RegistryChecksumError: a registered SAE's file is damaged (never replaced either).
+    """
+    from saesteer.sae.registry import RegistryChecksumError
+
+    if name is not None:
+        return load_project_sae(model, name, model_name=model_name)
+    try:
+        return load_project_sae(model, model_name=model_name)
+    except RegistryChecksumError:
+        raise
+    except ValueError as e:
+        (log or say)(f"note: no usable project SAE ({e}); using a random TopK SAE of the same shape instead.")
+        sae = random_sae(model)
+        return ExperimentSAE(sae, f"random-{sae.cfg.d_sae}", "random weights (no project SAE for this model)")
