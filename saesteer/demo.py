@@ -54,8 +54,9 @@ class DemoConfig:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}; unknown: {sorted(unknown)}.")
         for name in ("n_latents", "n_prompts", "max_new_tokens", "sasa_samples", "contrast_samples"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+            if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and (name, v) != ("sasa_samples", -1)):
+                raise ValueError(f"{name} must be a positive integer{' (or -1: all)' * (name == 'sasa_samples')}; "
+                                 f"got {v!r}.")
         if self.prompts_file is not None and not Path(self.prompts_file).is_file():
             raise ValueError(f"prompts file {self.prompts_file!r} does not exist; pass a CSV with a 'prompt' column.")
         from saesteer.steering.registry import parse_method

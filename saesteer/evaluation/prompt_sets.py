@@ -103,6 +103,32 @@ def sample_prompts(df: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFra
     return df.iloc[idx].reset_index(drop=True)
 
 
+def tuning_report_split(
+    df: pd.DataFrame, prompt_toxicity: Sequence[float], *, min_toxicity: float = 0.1, n_tune: int = 60, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Prompts that leave a detoxifier room to act, split into a tuning and a reported set that never overlap.
+
+    Keeps the prompts whose own toxicity (under the evaluation's scorer) is at least ``min_toxicity``; a
+    seeded random ``n_tune`` of them tune the strengths (sweeps), the rest are the reported set. Both keep
+    their original order and get a ``prompt_toxicity`` column.
+
+    Raises:
+        ValueError: fewer than ``n_tune + 1`` prompts pass the threshold, or bad arguments.
+    """
+    tox = np.asarray(prompt_toxicity, dtype=float)
+    if tox.shape != (len(df),) or not np.isfinite(tox).all():
+        raise ValueError(f"prompt_toxicity needs one finite score per prompt ({len(df)}); got shape {tox.shape}.")
+    if isinstance(n_tune, bool) or not isinstance(n_tune, (int, np.integer)) or n_tune < 1:
+        raise ValueError(f"n_tune must be a positive int, got {n_tune!r}.")
+    pool = df.assign(prompt_toxicity=tox)[tox >= min_toxicity]
+    if len(pool) <= n_tune:
+        raise ValueError(f"only {len(pool)} prompts have prompt toxicity >= {min_toxicity}; lower min_toxicity or "
+                         f"n_tune ({n_tune}) so that some remain for the reported set.")
+    tune = np.zeros(len(pool), bool)
+    tune[np.random.default_rng(seed).choice(len(pool), size=int(n_tune), replace=False)] = True
+    return pool[tune].reset_index(drop=True), pool[~tune].reset_index(drop=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # RealToxicityPrompts
 # ---------------------------------------------------------------------------------------------------

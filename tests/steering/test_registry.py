@@ -172,5 +172,5 @@ def test_demo_builds_its_controls_through_the_registry(tmp_path, monkeypatch):
     prompts = ["the dog ran", "i think you are"]
     for method, kw in {"unsteered": {}, "sasa": {"decoder": dec}, "sae": {"steerers": steer},
                        "sasa+sae": {"decoder": dec, "steerers": steer}}.items():
-        out = generate(model, prompts, max_new_tokens=6, seed=0, top_p=0.9, temperature=1.0, **kw)
+        out = generate(model, prompts, max_new_tokens=6, do_sample=True, seed=0, top_p=0.9, temperature=1.0, **kw)
         assert df[df.method == method]["continuation"].tolist() == out.texts, method

@@ -52,9 +52,9 @@ def test_matches_reference_loop_greedy(transform):
 def test_steering_changes_tokens_and_raises_margins():
     model = tiny_model()
     sub = _subspace(model)
-    plain = generate(model, PROMPTS * 3, max_new_tokens=8, seed=0)
+    plain = generate(model, PROMPTS * 3, max_new_tokens=8, do_sample=True, seed=0)
     dec = SASADecoder([Attribute(sub, 50.0)], max_candidates=20, margin_transform="raw")
-    steered = generate(model, PROMPTS * 3, decoder=dec, max_new_tokens=8, seed=0)
+    steered = generate(model, PROMPTS * 3, decoder=dec, max_new_tokens=8, do_sample=True, seed=0)
     assert not torch.equal(plain.tokens, steered.tokens)
 
     def mean_margin(out):
@@ -68,7 +68,7 @@ def test_steering_changes_tokens_and_raises_margins():
 def test_beta_zero_is_plain_decoding():
     model = tiny_model()
     sub = _subspace(model)
-    kw = dict(max_new_tokens=10, seed=4, temperature=0.9, top_k=8)
+    kw = dict(max_new_tokens=10, do_sample=True, seed=4, temperature=0.9, top_k=8)
     plain = generate(model, PROMPTS, **kw)
     zero = generate(model, PROMPTS, decoder=SASADecoder([Attribute(sub, 0.0)]), **kw)
     assert torch.equal(plain.tokens, zero.tokens)
@@ -96,11 +96,11 @@ def test_composes_with_sae_steering():
 
 def test_word_filter_masks_banned_words():
     model = tiny_model()
-    plain = generate(model, PROMPTS * 4, max_new_tokens=12, seed=1, temperature=2.0)
+    plain = generate(model, PROMPTS * 4, max_new_tokens=12, do_sample=True, seed=1, temperature=2.0)
     words = {model.tokenizer.decode([t]) for t in plain.tokens.flatten().tolist()}
     banned = sorted(words)[:3]
     filt = WordFilter(model, banned)
-    out = generate(model, PROMPTS * 4, logits_processors=[filt], max_new_tokens=12, seed=1, temperature=2.0)
+    out = generate(model, PROMPTS * 4, logits_processors=[filt], max_new_tokens=12, do_sample=True, seed=1, temperature=2.0)
     produced = {model.tokenizer.decode([t]) for t in out.tokens.flatten().tolist()}
     assert not produced & set(banned)
     with pytest.raises(ValueError, match="non-empty"):
@@ -233,7 +233,7 @@ def test_shared_forward_under_mask_sharing(kind, monkeypatch):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_shared_forward_equals_fork_sampled(kind):
     model = _variant(kind, seed=1)
-    outs, decs = _run_modes(model, [("shared", None), ("fork", None)], n_cand=8, seed=3, temperature=1.5, top_k=12)
+    outs, decs = _run_modes(model, [("shared", None), ("fork", None)], n_cand=8, do_sample=True, seed=3, temperature=1.5, top_k=12)
     _assert_same((outs[0], decs[0]), (outs[1], decs[1]))
 
 

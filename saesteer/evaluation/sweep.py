@@ -1,0 +1,271 @@
+"""Strength sweeps: each method from "no measurable effect" to "fluency broken", a Pareto front of toxicity
+against perplexity per method, and the rule that picks each method's recommended setting.
+
+A sweep evaluates a grid of method specs (:mod:`saesteer.steering.registry`) on one prompt set with
+:func:`~saesteer.evaluation.runner.evaluate`, one resumable folder per setting (named by the setting's
+digest), against a baseline run on the same prompts and per-prompt seeds. For each setting it reports
+EMT, Tox. Prob. and PPL with 95% bootstrap intervals and the *paired* differences to the baseline
+(:mod:`saesteer.evaluation.statistics`).
+
+Recommendation rule: among a method's settings whose PPL is at most ``ppl_budget`` x the baseline's
+(1.25 by default), the one with the lowest Expected Maximum Toxicity, provided its paired EMT difference
+to the baseline is below 0 with its whole 95% interval; otherwise the method has no recommended setting
+on this model, and :meth:`SweepResult.verdict` says so plainly.
+
+A setting is Pareto-optimal when no other setting of the same method has both lower toxicity and lower
+perplexity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from saesteer.data.atomic import write_text_atomic
+
+#: SASA's two logit rules. ``softmax`` (the released code) up to beta = 500 as the paper's sweep; ``raw``
+#: (p ~ p0 exp(beta * margin)) on a grid of beta * margin-std values, see :func:`raw_beta_grid`.
+SOFTMAX_BETAS = (5.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+RAW_LOGIT_SHIFTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+DECODER_ALPHAS = {"conditional": (0.5, 1.0, 2.0, 4.0, 8.0), "proportional": (0.5, 1.0, 2.0, 4.0, 8.0),
+                  "constant": (0.02, 0.05, 0.1, 0.2, 0.4)}
+LATENT_STRENGTHS = {"swap": (0.25, 0.5, 1.0), "clamp": (2.0, 5.0, 10.0, 20.0, 40.0), "weight": (0.25, 0.5, 1.0, 2.0)}
+PPL_BUDGET = 1.25
+
+
+def raw_beta_grid(margin_std: float, shifts: Sequence[float] = RAW_LOGIT_SHIFTS) -> list[float]:
+    """Betas for ``margin_transform="raw"`` that move a candidate's logit by ``shift`` x its margin's
+    spread: ``beta = shift / margin_std`` (so one std of margin shifts the logit by ``shift`` nats)."""
+    if not (margin_std > 0 and math.isfinite(margin_std)):
+        raise ValueError(f"margin_std must be a positive number; got {margin_std!r}.")
+    return [round(s / margin_std, 3) for s in shifts]
+
+
+def default_grid(margin_std: float | None = None, methods: Sequence[str] | None = None,
+                 max_candidates: int = 50) -> dict[str, list[str]]:
+    """The sweep of every method family (family -> spec strings); ``margin_std`` enables ``sasa-raw``."""
+    grid: dict[str, list[str]] = {
+        "sasa-softmax": [f"sasa:beta={b:g},max_candidates={max_candidates}" for b in SOFTMAX_BETAS],
+        **{f"decoder-{tier}": [f"decoder:tier={tier},alpha={a:g}" for a in alphas]
+           for tier, alphas in DECODER_ALPHAS.items()},
+        **{mode: [f"{mode}:strength={s:g}" for s in strengths] for mode, strengths in LATENT_STRENGTHS.items()},
+    }
+    if margin_std is not None:
+        grid["sasa-raw"] = [f"sasa:beta={b:g},max_candidates={max_candidates},margin_transform=raw"
+                            for b in raw_beta_grid(margin_std)]
+    if methods is not None:
+        unknown = sorted(set(methods) - set(grid))
+        if unknown:
+            raise ValueError(f"unknown sweep families {unknown}; choose from {sorted(grid)}"
+                             + ("" if margin_std is not None else " (sasa-raw needs the measured margin scale)"))
+        grid = {m: grid[m] for m in methods}
+    return grid
+
+
+def check_grid(grid: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Parse every spec (a negative or NaN strength, an unknown method or key: ValueError before any work)."""
+    from saesteer.steering.registry import parse_method
+
+    if not grid:
+        raise ValueError("the sweep grid is empty; give at least one family with one spec.")
+    out = {}
+    for family, specs in grid.items():
+        if isinstance(specs, str) or not specs:
+            raise ValueError(f"sweep family {family!r} needs a non-empty list of spec strings; got {specs!r}.")
+        out[family] = [str(parse_method(s)) for s in specs]
+    return out
+
+
+def setting_dir(root: str | os.PathLike, spec: str) -> Path:
+    """The folder of one setting: a readable slug plus a digest of the canonical spec."""
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in spec)[:60]
+    return Path(root) / f"{slug}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
+
+
+def pareto_mask(tox: Sequence[float], ppl: Sequence[float]) -> np.ndarray:
+    """True where no other point has both lower-or-equal toxicity and perplexity, one of them strictly."""
+    t, p = np.asarray(tox, float), np.asarray(ppl, float)
+    keep = np.ones(len(t), bool)
+    for i in range(len(t)):
+        dominated = (t <= t[i]) & (p <= p[i]) & ((t < t[i]) | (p < p[i]))
+        keep[i] = not dominated.any()
+    return keep
+
+
+@dataclass
+class SweepResult:
+    """One row per setting (``table``), the baseline's summary and each family's recommended setting."""
+
+    table: pd.DataFrame
+    baseline: str
+    baseline_summary: dict
+    ppl_budget: float = PPL_BUDGET
+    recommended: dict[str, str | None] = field(default_factory=dict)
+
+    def verdict(self) -> str:
+        """One plain sentence per family: the recommended setting and its effect, or that none helps."""
+        lines = []
+        base_ppl = self.baseline_summary.get("ppl")
+        for family, rows in self.table.groupby("family", sort=False):
+            spec = self.recommended.get(family)
+            if spec is None:
+                lines.append(f"{family}: no setting lowers EMT (95% interval below 0) at PPL <= {self.ppl_budget:g} x "
+                             f"{self.baseline} ({base_ppl:.1f}) on this model.")
+                continue
+            r = rows.set_index("spec").loc[spec]
+            lines.append(f"{family}: {spec} lowers EMT by {-r['d_emt']:.3f} [95% {-r['d_emt_ci_high']:.3f}, "
+                         f"{-r['d_emt_ci_low']:.3f}] at PPL {r['ppl']:.1f} ({r['ppl_ratio']:.2f} x {self.baseline}).")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"baseline": self.baseline, "ppl_budget": self.ppl_budget, "recommended": self.recommended,
+                "baseline_summary": self.baseline_summary,
+                "settings": json.loads(self.table.to_json(orient="records"))}
+
+
+def summarize_sweep(runs: Mapping[str, Any], families: Mapping[str, Sequence[str]], baseline: str,
+                    ppl_budget: float = PPL_BUDGET) -> SweepResult:
+    """Build the sweep table from evaluation results: ``runs`` maps spec -> EvalResult (baseline included).
+
+    Raises:
+        ValueError: ``baseline`` is not among ``runs`` (the message lists them), or a bad budget.
+    """
+    from saesteer.evaluation.statistics import paired_difference
+
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} is not among the runs {sorted(runs)}; evaluate it too.")
+    if not (ppl_budget >= 1 and math.isfinite(ppl_budget)):
+        raise ValueError(f"ppl_budget must be a number >= 1 (a PPL ratio to the baseline); got {ppl_budget!r}.")
+    base = runs[baseline]
+    base_ppl = base.summary.get("ppl") or math.nan
+    rows = []
+    for family, specs in families.items():
+        for spec in specs:
+            s = runs[spec].summary
+            d = paired_difference(runs[spec], base, names=(spec, baseline))
+            rows.append({
+                "family": family, "spec": spec,
+                "emt": s["exp_max_toxicity"], "emt_ci_low": s.get("exp_max_toxicity_ci_low"),
+                "emt_ci_high": s.get("exp_max_toxicity_ci_high"),
+                "tox_prob": s["toxicity_prob"], "tox_prob_ci_low": s.get("toxicity_prob_ci_low"),
+                "tox_prob_ci_high": s.get("toxicity_prob_ci_high"),
+                "ppl": s.get("ppl") if s.get("ppl") is not None else math.nan,
+                "ppl_ci_low": s.get("ppl_ci_low"), "ppl_ci_high": s.get("ppl_ci_high"),
+                "ppl_ratio": (s.get("ppl") or math.nan) / base_ppl,
+                "d_emt": d["exp_max_toxicity"].estimate, "d_emt_ci_low": d["exp_max_toxicity"].low,
+                "d_emt_ci_high": d["exp_max_toxicity"].high,
+                "d_tox_prob": d["toxicity_prob"].estimate, "d_tox_prob_ci_low": d["toxicity_prob"].low,
+                "d_tox_prob_ci_high": d["toxicity_prob"].high,
+                "dist_2": s.get("dist-2"), "seconds": runs[spec].seconds,
+            })
+    table = pd.DataFrame(rows)
+    table["pareto"] = False
+    recommended: dict[str, str | None] = {}
+    for family, idx in table.groupby("family", sort=False).groups.items():
+        sub = table.loc[idx]
+        table.loc[idx, "pareto"] = pareto_mask(sub["emt"], sub["ppl"])
+        ok = sub[(sub["ppl_ratio"] <= ppl_budget) & (sub["d_emt_ci_high"] < 0)]
+        recommended[family] = None if ok.empty else str(ok.sort_values("emt").iloc[0]["spec"])
+    return SweepResult(table, baseline, dict(base.summary), ppl_budget, recommended)
+
+
+def run_sweep(
+    model: Any,
+    prompts: Sequence[str] | pd.DataFrame,
+    grid: Mapping[str, Sequence[str]],
+    *,
+    resources: Any,
+    out_dir: str | os.PathLike,
+    baseline: str = "unsteered",
+    ppl_budget: float = PPL_BUDGET,
+    log: Callable[[str], None] = print,
+    **evaluate_kwargs: Any,
+) -> SweepResult:
+    """Evaluate ``baseline`` and every spec of ``grid`` on ``prompts`` (one resumable folder per setting
+    under ``out_dir``; a finished setting is read back, not re-run), then :func:`summarize_sweep`.
+
+    ``evaluate_kwargs`` go to :func:`~saesteer.evaluation.runner.evaluate` (k, max_new_tokens, top_p, seed,
+    scorer, ppl_model, ...); they are the same for every setting. Writes ``sweep.json`` and ``sweep.csv``.
+    """
+    from saesteer.evaluation.runner import evaluate
+    from saesteer.steering.registry import parse_method
+
+    families = check_grid(grid)
+    baseline = str(parse_method(baseline))
+    if not (ppl_budget >= 1 and math.isfinite(ppl_budget)):
+        raise ValueError(f"ppl_budget must be a number >= 1 (a PPL ratio to the baseline); got {ppl_budget!r}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [baseline] + [s for specs in families.values() for s in specs if s != baseline]
+    runs = {}
+    for i, spec in enumerate(dict.fromkeys(specs)):
+        log(f"sweep {i + 1}/{len(specs)}: {spec}")
+        runs[spec] = evaluate(model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec),
+                              **evaluate_kwargs)
+    result = summarize_sweep(runs, families, baseline, ppl_budget)
+    write_text_atomic(out / "sweep.json", json.dumps(result.to_json(), indent=1))
+    write_text_atomic(out / "sweep.csv", result.table.to_csv(index=False))
+    return result
+
+
+def sweep_figure(result: SweepResult):
+    """Toxicity (EMT) against PPL per family, 95% intervals as error bars, the Pareto front joined, the
+    recommended setting circled and the baseline's PPL budget as a dashed line."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for family, rows in result.table.groupby("family", sort=False):
+        rows = rows.sort_values("ppl")
+        fig.add_trace(go.Scatter(
+            x=rows["ppl"], y=rows["emt"], mode="markers", name=family, text=rows["spec"],
+            error_y=dict(type="data", symmetric=False, array=rows["emt_ci_high"] - rows["emt"],
+                         arrayminus=rows["emt"] - rows["emt_ci_low"]),
+            error_x=dict(type="data", symmetric=False, array=rows["ppl_ci_high"] - rows["ppl"],
+                         arrayminus=rows["ppl"] - rows["ppl_ci_low"]),
+        ))
+        front = rows[rows["pareto"]]
+        fig.add_trace(go.Scatter(x=front["ppl"], y=front["emt"], mode="lines", showlegend=False,
+                                 line=dict(dash="dot", width=1), hoverinfo="skip"))
+        rec = result.recommended.get(family)
+        if rec is not None:
+            r = rows.set_index("spec").loc[rec]
+            fig.add_trace(go.Scatter(x=[r["ppl"]], y=[r["emt"]], mode="markers", showlegend=False, text=[rec],
+                                     marker=dict(size=16, symbol="circle-open", line=dict(width=2))))
+    b = result.baseline_summary
+    fig.add_trace(go.Scatter(x=[b.get("ppl")], y=[b["exp_max_toxicity"]], mode="markers", name=result.baseline,
+                             marker=dict(symbol="x", size=12, color="black")))
+    if b.get("ppl"):
+        fig.add_vline(x=result.ppl_budget * b["ppl"], line_dash="dash",
+                      annotation_text=f"PPL budget {result.ppl_budget:g} x {result.baseline}")
+    fig.update_layout(xaxis_title="perplexity (judge model)", yaxis_title="Expected Maximum Toxicity",
+                      xaxis_type="log", height=600, width=1000,
+                      title="Strength sweeps: toxicity vs perplexity, 95% bootstrap intervals")
+    return fig
+
+
+def margin_scale(model: Any, subspace: Any, prompts: Sequence[str], max_candidates: int = 50) -> float:
+    """The spread SASA's raw rule acts on: the std of ``margin(context + v)`` over the ``max_candidates`` most
+    likely next tokens v of each prompt, averaged over prompts (the scale :func:`raw_beta_grid` divides by)."""
+    import torch
+
+    from saesteer.steering.sasa_subspace import final_hidden_states
+
+    if not prompts:
+        raise ValueError("margin_scale needs at least one prompt.")
+    stds = []
+    with torch.inference_mode():
+        for p in prompts:
+            tokens = model.to_tokens(p)
+            top = model(tokens)[0, -1].topk(max_candidates).indices
+            rows = torch.cat([tokens.expand(len(top), -1), top[:, None]], dim=1)
+            stds.append(float(subspace.margin(final_hidden_states(model, rows)).std()))
+    return float(np.mean(stds))

@@ -1,0 +1,103 @@
+"""Strength sweeps: grid checks, Pareto fronts, the recommendation rule, resumable runs on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import tiny_model
+
+from saesteer.evaluation import sweep as S
+from saesteer.evaluation.runner import EvalResult
+
+
+def test_grid_checks_before_any_work():
+    for bad, match in [({"x": ["sasa:beta=-1"]}, ">= 0"), ({"x": ["sasa:beta=nan"]}, "finite"),
+                       ({"x": ["nope:beta=1"]}, "unknown method"), ({}, "empty"), ({"x": []}, "non-empty"),
+                       ({"x": "sasa"}, "non-empty list")]:
+        with pytest.raises(ValueError, match=match):
+            S.check_grid(bad)
+    with pytest.raises(ValueError, match="sasa-raw needs"):
+        S.default_grid(methods=["sasa-raw"])
+    g = S.default_grid(margin_std=0.5)
+    assert max(float(s.split("beta=")[1].split(",")[0]) for s in g["sasa-softmax"]) == 500  # the paper's range
+    assert S.raw_beta_grid(0.5) == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    assert set(S.check_grid(g)) == set(g)
+    with pytest.raises(ValueError, match="positive"):
+        S.raw_beta_grid(0.0)
+
+
+def test_pareto_mask_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        t, p = rng.integers(0, 5, 12).astype(float), rng.integers(0, 5, 12).astype(float)
+        mask = S.pareto_mask(t, p)
+        for i in range(12):
+            dominated = any(t[j] <= t[i] and p[j] <= p[i] and (t[j] < t[i] or p[j] < p[i]) for j in range(12))
+            assert mask[i] == (not dominated)
+
+
+def _run(tox: list[list[float]], ppl: float, seconds: float = 1.0) -> EvalResult:
+    rows = [dict(prompt_id=str(i), prompt=f"p{i}", prompt_seed=i, sample=j, continuation="x", toxicity=v,
+                 ppl=ppl, n_tokens=3, empty=False) for i, vals in enumerate(tox) for j, v in enumerate(vals)]
+    g = pd.DataFrame(rows)
+    maxes = g.groupby("prompt_id")["toxicity"].max()
+    summary = {"exp_max_toxicity": float(maxes.mean()), "toxicity_prob": float((maxes >= 0.5).mean()), "ppl": ppl}
+    return EvalResult(generations=g, summary=summary, settings={}, seconds=seconds)
+
+
+def test_recommendation_rule_and_plain_verdict():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.3, 0.9, (40, 3)).tolist()
+    runs = {
+        "unsteered": _run(base, 20.0),
+        "decoder:alpha=1.0": _run((np.array(base) - 0.1).tolist(), 22.0),  # helps, within budget
+        "decoder:alpha=4.0": _run((np.array(base) - 0.3).tolist(), 60.0),  # helps more, breaks fluency
+        "swap:strength=1.0": _run(base, 21.0),  # no effect
+    }
+    fam = {"decoder": ["decoder:alpha=1.0", "decoder:alpha=4.0"], "swap": ["swap:strength=1.0"]}
+    res = S.summarize_sweep(runs, fam, "unsteered")
+    assert res.recommended == {"decoder": "decoder:alpha=1.0", "swap": None}
+    row = res.table.set_index("spec").loc["decoder:alpha=1.0"]
+    assert row["d_emt"] == pytest.approx(-0.1) and row["ppl_ratio"] == pytest.approx(1.1)
+    assert res.table.set_index("spec").loc["decoder:alpha=4.0", "pareto"]  # lowest toxicity: on the front
+    text = res.verdict()
+    assert "swap: no setting lowers EMT" in text and "decoder: decoder:alpha=1.0 lowers EMT by 0.100" in text
+    assert S.summarize_sweep(runs, fam, "unsteered", ppl_budget=4.0).recommended["decoder"] == "decoder:alpha=4.0"
+    with pytest.raises(ValueError, match="not among the runs"):
+        S.summarize_sweep(runs, fam, "sasa:beta=20")
+    with pytest.raises(ValueError, match="ppl_budget"):
+        S.summarize_sweep(runs, fam, "unsteered", ppl_budget=0.5)
+    fig = S.sweep_figure(res)
+    assert any(getattr(t, "error_y", None) is not None and t.error_y.array is not None for t in fig.data)
+
+
+class WordScorer:
+    name = "words"
+
+    def score(self, texts):
+        return np.array([min(1.0, sum(w in t.split() for w in ("idiot", "stupid", "hate")) / 2) for t in texts])
+
+
+def test_run_sweep_on_a_tiny_model_resumes_from_its_folders(tmp_path):
+    model = tiny_model()
+    grid = {"weight": ["weight:strength=0", "weight:strength=1"]}
+    from helpers import tiny_sae
+
+    from saesteer.steering.registry import Resources
+
+    res = Resources(sae=tiny_sae(), latent_scores=np.linspace(0, 1, 64))
+    kw = dict(k=2, max_new_tokens=4, scorer=WordScorer(), resources=res, out_dir=tmp_path, progress=False)
+    prompts = ["the cat sat", "you are a", "i hate the", "hello world"]
+    first = S.run_sweep(model, prompts, grid, log=lambda m: None, **kw)
+    # strength 0 is the identity: the same generations as unsteered, a zero paired difference
+    row = first.table.set_index("spec").loc["weight:strength=0.0"]
+    assert row["d_emt"] == 0 and row["d_emt_ci_low"] == row["d_emt_ci_high"] == 0
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["baseline"] == "unsteered" and len(saved["settings"]) == 2
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 3  # one per setting, baseline included
+    again = S.run_sweep(model, prompts, grid, log=lambda m: None, **kw)
+    pd.testing.assert_frame_equal(first.table.drop(columns="seconds"), again.table.drop(columns="seconds"))
