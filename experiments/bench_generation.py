@@ -160,23 +160,35 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="short name, Hugging Face folder or TL model name")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (model, SAE and HF baseline)")
-    ap.add_argument("--random-weights", action="store_true",
-                    help="time --model's architecture (a folder with config.json and tokenizer; weights not needed) "
-                         "with seeded random weights, for machines that cannot fetch the weights")
-    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
-                    "for --model, else a random TopK SAE of the same shape)")
+    ap.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="time --model's architecture (a folder with config.json and tokenizer; weights not needed) "
+        "with seeded random weights, for machines that cannot fetch the weights",
+    )
+    ap.add_argument(
+        "--sae",
+        default=None,
+        help="registered SAE name or SAELens folder (default: the project's SAE "
+        "for --model, else a random TopK SAE of the same shape)",
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-tokens", type=int, default=256, help="tokens for the memory rows (0 skips them)")
-    ap.add_argument("--memory-runs", type=int, default=3, help="identical generations per memory row (the last is reported)")
+    ap.add_argument(
+        "--memory-runs", type=int, default=3, help="identical generations per memory row (the last is reported)"
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference loops")
     ap.add_argument("--no-sasa", action="store_true", help="skip the SASA rows")
     ap.add_argument("--no-op-counts", action="store_true", help="skip the operations-per-step counts")
-    ap.add_argument("--settings", default=None,
-                    help="comma-separated rows to run, e.g. swap,sasa-50 (default: all; unsteered always runs)")
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="comma-separated rows to run, e.g. swap,sasa-50 (default: all; unsteered always runs)",
+    )
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_generation.json"))
     args = ap.parse_args()
     seed_everything(0, threads=args.threads)
@@ -230,12 +242,16 @@ def main() -> None:
 
             def hf_run():
                 with torch.no_grad():
-                    hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=hf_tok.pad_token_id)
+                    hf.generate(
+                        **enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=hf_tok.pad_token_id
+                    )
 
             hf_sec, _, unsteered_vs_hf = paired(hf_run, plain, args.repeats)
-            print(f"batch {b} HF transformers generate: {hf_sec:7.2f} s; our unsteered loop takes "
-                  f"x{unsteered_vs_hf:.2f} its time (median of {args.repeats} back-to-back pairs)", flush=True)
+            print(
+                f"batch {b} HF transformers generate: {hf_sec:7.2f} s; our unsteered loop takes "
+                f"x{unsteered_vs_hf:.2f} its time (median of {args.repeats} back-to-back pairs)",
+                flush=True,
+            )
             add("HF transformers generate", b, hf_sec, vs_unsteered=1 / unsteered_vs_hf, vs_hf=1.0, best_vs_hf=1.0)
         for name, extra in settings.items():
             if name == "unsteered":
@@ -245,15 +261,20 @@ def main() -> None:
             vs_hf = ratio * unsteered_vs_hf if unsteered_vs_hf else None
             add(name, b, sec, vs_unsteered=ratio, vs_hf=vs_hf, best_vs_hf=sec / hf_sec if hf is not None else None)
             hf_note = f"  x{vs_hf:.2f} of HF's time" if vs_hf else ""
-            print(f"batch {b} {name:>14}: {sec:7.2f} s  {b * n / sec:7.1f} tok/s  x{ratio:.2f} unsteered{hf_note}",
-                  flush=True)
+            print(
+                f"batch {b} {name:>14}: {sec:7.2f} s  {b * n / sec:7.1f} tok/s  x{ratio:.2f} unsteered{hf_note}",
+                flush=True,
+            )
             decoder = extra.get("decoder")
             if isinstance(decoder, SASADecoder) and hf is not None:
                 rows = b * decoder.max_candidates
                 floor = n * matmul_floor(model, rows, b)
                 results[-1].update(matmul_floor_s=floor, matmul_floor_vs_hf=floor / hf_sec)
-                print(f"batch {b} {name:>14}: its matrix products alone ({rows} rows per step through every weight "
-                      f"matrix) take {floor:.2f} s = x{floor / hf_sec:.2f} of HF's best time", flush=True)
+                print(
+                    f"batch {b} {name:>14}: its matrix products alone ({rows} rows per step through every weight "
+                    f"matrix) take {floor:.2f} s = x{floor / hf_sec:.2f} of HF's best time",
+                    flush=True,
+                )
         base = next(r["seconds"] for r in results if r["setting"] == "unsteered" and r["batch"] == b)
         hf_sec = base / unsteered_vs_hf if unsteered_vs_hf else None
         if not args.no_reference and "swap" in settings:
@@ -265,8 +286,14 @@ def main() -> None:
                 loops.append(("reference loop, swap, our model (no KV cache)", model))
             for label, m in loops:
                 sec = best_of(lambda: reference_loop(m, prompts, swap, n), 1)
-                add(label, b, sec, vs_unsteered=sec / base, vs_hf=sec / hf_sec if hf_sec else None,
-                    ours_faster=sec / ours)
+                add(
+                    label,
+                    b,
+                    sec,
+                    vs_unsteered=sec / base,
+                    vs_hf=sec / hf_sec if hf_sec else None,
+                    ours_faster=sec / ours,
+                )
                 print(f"batch {b} {label}: {sec:7.2f} s; our swap generation is {sec / ours:.1f}x faster", flush=True)
             del stock
 
@@ -275,26 +302,33 @@ def main() -> None:
         stock = load(fix_layout=False)
         for b in [int(x) for x in args.batches.split(",")]:
             prompts = batch_prompts(b)
-            runs = {"ours": lambda t, m=model: generate(m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False),
-                    "ours on stock TransformerLens": lambda t, m=stock: generate(
-                        m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False)}
+            runs = {
+                "ours": lambda t, m=model: generate(m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False),
+                "ours on stock TransformerLens": lambda t, m=stock: generate(
+                    m, prompts, max_new_tokens=t, do_sample=False, stop_at_eos=False
+                ),
+            }
             if hf is not None:
                 enc = hf_tok(prompts, return_tensors="pt", padding=True).to(args.device)
                 runs["HF transformers generate"] = lambda t, enc=enc: hf.generate(
-                    **enc, max_new_tokens=t, min_new_tokens=t, do_sample=False, pad_token_id=hf_tok.pad_token_id)
+                    **enc, max_new_tokens=t, min_new_tokens=t, do_sample=False, pad_token_id=hf_tok.pad_token_id
+                )
             for name, run in runs.items():
                 run(2)  # warm-up
                 with torch.no_grad():
                     counts = ops_per_step(run)
                 op_counts.append(dict(stack=name, batch=b, **counts))
-                print(f"batch {b} operations per decoding step, {name}: {counts['compute']:.0f} compute, "
-                      f"{counts['view']:.0f} views", flush=True)
+                print(
+                    f"batch {b} operations per decoding step, {name}: {counts['compute']:.0f} compute, "
+                    f"{counts['view']:.0f} views",
+                    flush=True,
+                )
         del stock
 
     on_gpu = str(model.cfg.device).startswith("cuda")
     used_mb = (lambda: torch.cuda.memory_allocated() / 2**20) if on_gpu else rss_mb  # noqa: E731
     memory = []
-    for b in ([1, 8] if args.memory_tokens else []):
+    for b in [1, 8] if args.memory_tokens else []:
         prompts = batch_prompts(b)
         traces: list[list[float]] = []
         for _ in range(args.memory_runs):  # the allocator's heap grows in the first run; a leak shows in every run
@@ -304,51 +338,85 @@ def main() -> None:
                 return logits
 
             traces.append([])
-            generate(model, prompts, max_new_tokens=args.memory_tokens, do_sample=False, stop_at_eos=False,
-                     logits_processors=[probe])
+            generate(
+                model,
+                prompts,
+                max_new_tokens=args.memory_tokens,
+                do_sample=False,
+                stop_at_eos=False,
+                logits_processors=[probe],
+            )
         trace = traces[-1]
         first = min(32, args.memory_tokens // 4)
         prompt_len = max(len(model.to_tokens(p)[0]) for p in prompts)
-        cache_growth = kv_cache_mb(model, b, prompt_len + args.memory_tokens) - kv_cache_mb(model, b, prompt_len + first)
-        row = dict(batch=b, new_tokens=args.memory_tokens, measure="cuda allocated" if on_gpu else "RSS",
-                   runs=args.memory_runs, rss_at_step_mb=trace[first], rss_last_step_mb=trace[-1],
-                   rss_max_mb=max(trace), growth_mb=trace[-1] - trace[first], kv_cache_growth_mb=cache_growth,
-                   kv_cache_final_mb=kv_cache_mb(model, b, prompt_len + args.memory_tokens),
-                   last_step_of_each_run_mb=[t[-1] for t in traces])
+        cache_growth = kv_cache_mb(model, b, prompt_len + args.memory_tokens) - kv_cache_mb(
+            model, b, prompt_len + first
+        )
+        row = dict(
+            batch=b,
+            new_tokens=args.memory_tokens,
+            measure="cuda allocated" if on_gpu else "RSS",
+            runs=args.memory_runs,
+            rss_at_step_mb=trace[first],
+            rss_last_step_mb=trace[-1],
+            rss_max_mb=max(trace),
+            growth_mb=trace[-1] - trace[first],
+            kv_cache_growth_mb=cache_growth,
+            kv_cache_final_mb=kv_cache_mb(model, b, prompt_len + args.memory_tokens),
+            last_step_of_each_run_mb=[t[-1] for t in traces],
+        )
         memory.append(row)
         ends = ", ".join(f"{t[-1]:.0f}" for t in traces)
-        print(f"memory, batch {b}, run {args.memory_runs}: {row['measure']} {row['rss_at_step_mb']:.0f} MB at step {first}, "
-              f"{row['rss_last_step_mb']:.0f} MB at step {args.memory_tokens} (+{row['growth_mb']:.0f} MB; the KV cache "
-              f"grew {cache_growth:.0f} MB, to {row['kv_cache_final_mb']:.0f} MB); at the last step of each run: {ends} MB",
-              flush=True)
+        print(
+            f"memory, batch {b}, run {args.memory_runs}: {row['measure']} {row['rss_at_step_mb']:.0f} MB at step {first}, "
+            f"{row['rss_last_step_mb']:.0f} MB at step {args.memory_tokens} (+{row['growth_mb']:.0f} MB; the KV cache "
+            f"grew {cache_growth:.0f} MB, to {row['kv_cache_final_mb']:.0f} MB); at the last step of each run: {ends} MB",
+            flush=True,
+        )
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    meta = dict(model=args.model, random_weights=args.random_weights, sae=sae_note, d_sae=sae.cfg.d_sae,
-                new_tokens=n, threads=args.threads, device=args.device, dtype=args.dtype,
-                gpu=torch.cuda.get_device_name() if on_gpu else None,
-                peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
-                cpu_count=os.cpu_count(), peak_rss_mb=peak_mb, torch=torch.__version__,
-                command=command_line())
+    meta = dict(
+        model=args.model,
+        random_weights=args.random_weights,
+        sae=sae_note,
+        d_sae=sae.cfg.d_sae,
+        new_tokens=n,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        gpu=torch.cuda.get_device_name() if on_gpu else None,
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
+        cpu_count=os.cpu_count(),
+        peak_rss_mb=peak_mb,
+        torch=torch.__version__,
+        command=command_line(),
+    )
     print(f"\npeak RSS {peak_mb:.0f} MB; SAE: {sae_note}")
     print(markdown(results))
     if op_counts:
         print("\n| operations per decoding step | batch | compute (kernels) | views |\n|---|---|---|---|")
         for r in op_counts:
             print(f"| {r['stack']} | {r['batch']} | {r['compute']:.0f} | {r['view']:.0f} |")
-    write_text_atomic(Path(args.out), json.dumps(dict(meta=meta, results=results, memory=memory,
-                                                      ops_per_step=op_counts), indent=2))
+    write_text_atomic(
+        Path(args.out), json.dumps(dict(meta=meta, results=results, memory=memory, ops_per_step=op_counts), indent=2)
+    )
 
 
 def markdown(results: list[dict]) -> str:
     def f(x, fmt):
         return format(x, fmt) if x is not None else "-"
 
-    out = ["| setting | batch | s | tok/s | × unsteered | × HF generate | best s / HF's best s | our swap is × faster | "
-           "matrix products alone × HF |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| setting | batch | s | tok/s | × unsteered | × HF generate | best s / HF's best s | our swap is × faster | "
+        "matrix products alone × HF |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        out.append(f"| {r['setting']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | "
-                   f"{f(r['vs_unsteered'], '.2f')} | {f(r['vs_hf'], '.2f')} | {f(r.get('best_vs_hf'), '.2f')} | "
-                   f"{f(r.get('ours_faster'), '.1f')} | {f(r.get('matmul_floor_vs_hf'), '.2f')} |")
+        out.append(
+            f"| {r['setting']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | "
+            f"{f(r['vs_unsteered'], '.2f')} | {f(r['vs_hf'], '.2f')} | {f(r.get('best_vs_hf'), '.2f')} | "
+            f"{f(r.get('ours_faster'), '.1f')} | {f(r.get('matmul_floor_vs_hf'), '.2f')} |"
+        )
     return "\n".join(out)
 
 

@@ -33,8 +33,10 @@ def english_sentences(paths: list[str] | None, n: int, seed: int) -> list[str]:
     """``n`` sentences sampled without replacement from ``english_corpus(paths)`` (None: its default corpus)."""
     lines = list(english_corpus(paths or None))
     if len(lines) < n:
-        raise ValueError(f"the English corpus has {len(lines)} sentences, fewer than the {n} requested; "
-                         f"pass --n {len(lines)} or more text with --english.")
+        raise ValueError(
+            f"the English corpus has {len(lines)} sentences, fewer than the {n} requested; "
+            f"pass --n {len(lines)} or more text with --english."
+        )
     return random.Random(seed).sample(lines, n)
 
 
@@ -64,8 +66,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=10_000, help="texts to score (default 10,000)")
     parser.add_argument("--insult-share", type=float, default=0.3, help="share of the texts taken from insults")
-    parser.add_argument("--english", action="append", default=[], help="text file or folder of *.txt, one sentence a "
-                        "line (repeatable; default: english_corpus()'s: $SAESTEER_TEXT_DATA, else the fetched corpus)")
+    parser.add_argument(
+        "--english",
+        action="append",
+        default=[],
+        help="text file or folder of *.txt, one sentence a "
+        "line (repeatable; default: english_corpus()'s: $SAESTEER_TEXT_DATA, else the fetched corpus)",
+    )
     parser.add_argument("--scorers", nargs="+", default=OFFLINE, help=f"scorer names (default {OFFLINE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

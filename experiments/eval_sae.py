@@ -34,16 +34,34 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (cfg.json + "
-                   f"sae_weights.safetensors); default: the project's SAE for --model, else for {DEFAULT_MODEL}")
-    p.add_argument("--model", default=None, help="model for saesteer.models.loading.load_model (default: the SAE's metadata.model_name)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--sae",
+        default=None,
+        help="registered SAE name or SAELens folder (cfg.json + "
+        f"sae_weights.safetensors); default: the project's SAE for --model, else for {DEFAULT_MODEL}",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model for saesteer.models.loading.load_model (default: the SAE's metadata.model_name)",
+    )
     p.add_argument("--rows", type=int, default=96, help="held-out rows to evaluate")
     p.add_argument("--offset", type=int, default=24, help="skip this many held-out rows first")
-    p.add_argument("--heldout-every", type=int, default=HELDOUT_EVERY, help="held-out rule: sentence i when i %% N == N-1")
-    p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the SAE's metadata.context_size)")
-    p.add_argument("--max-norm", type=float, default=None,
-                   help="exclude tokens with a larger residual norm (default: the SAE's metadata.max_token_norm)")
+    p.add_argument(
+        "--heldout-every", type=int, default=HELDOUT_EVERY, help="held-out rule: sentence i when i %% N == N-1"
+    )
+    p.add_argument(
+        "--context-size", type=int, default=None, help="tokens per row (default: the SAE's metadata.context_size)"
+    )
+    p.add_argument(
+        "--max-norm",
+        type=float,
+        default=None,
+        help="exclude tokens with a larger residual norm (default: the SAE's metadata.max_token_norm)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--no-ce", action="store_true", help="skip the cross-entropy splice (much faster)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -59,8 +77,10 @@ def sae_folder(name: str) -> Path:
         return project_saes()[name].verify()
     folder = Path(name)
     if not (folder / "cfg.json").is_file() or not (folder / "sae_weights.safetensors").is_file():
-        raise SystemExit(f"--sae {name!r} is neither a registered SAE ({sorted(project_saes())}) nor an SAELens folder "
-                         "(cfg.json + sae_weights.safetensors); pass one of those names or such a folder.")
+        raise SystemExit(
+            f"--sae {name!r} is neither a registered SAE ({sorted(project_saes())}) nor an SAELens folder "
+            "(cfg.json + sae_weights.safetensors); pass one of those names or such a folder."
+        )
     return folder
 
 
@@ -87,22 +107,35 @@ def main(argv=None) -> int:
     hook = meta.hook_name
     ctx = args.context_size or meta.context_size or 128
     max_norm = args.max_norm if args.max_norm is not None else meta.get("max_token_norm")
-    print(f"SAE {name} ({folder}): {sae.cfg.architecture()} d_in {sae.cfg.d_in} d_sae {sae.cfg.d_sae}, hook {hook}, "
-          f"weights on disk {disk_dtype}, loaded as {sae.W_enc.dtype}", flush=True)
+    print(
+        f"SAE {name} ({folder}): {sae.cfg.architecture()} d_in {sae.cfg.d_in} d_sae {sae.cfg.d_sae}, hook {hook}, "
+        f"weights on disk {disk_dtype}, loaded as {sae.W_enc.dtype}",
+        flush=True,
+    )
 
     model = load_model(model_name)
     check_sae_fits(model, sae, hook)  # the hook exists and d_in == d_model (the error says what to load instead)
     _, heldout = split_heldout(english_corpus(), args.heldout_every)
     rows = pack_token_rows(heldout, model.tokenizer, ctx, max_rows=args.offset + args.rows)[args.offset :]
     print(f"evaluating on {rows.shape[0]} held-out rows of {ctx} tokens (max_norm {max_norm})", flush=True)
-    q = evaluate_saes(model, {"sae": sae}, rows, hook, batch_size=args.batch_size, compute_ce=not args.no_ce,
-                      progress=True, max_norm=max_norm)["sae"]
+    q = evaluate_saes(
+        model,
+        {"sae": sae},
+        rows,
+        hook,
+        batch_size=args.batch_size,
+        compute_ce=not args.no_ce,
+        progress=True,
+        max_norm=max_norm,
+    )["sae"]
     print(f"explained variance      {q.explained_variance:.4f}")
     print(f"L0                      {q.l0:.1f}")
     print(f"dead latents            {q.n_dead} / {q.d_sae} ({q.dead_share:.2%}) on {q.n_tokens} tokens")
     if q.ce_increase is not None:
         print(f"CE clean / spliced      {q.ce_clean:.4f} / {q.ce_spliced:.4f} nats")
-        print(f"CE increase             {q.ce_increase:.4f} nats (sinks spliced too: {q.ce_increase_all_positions:.4f})")
+        print(
+            f"CE increase             {q.ce_increase:.4f} nats (sinks spliced too: {q.ce_increase_all_positions:.4f})"
+        )
     print(f"excluded sink tokens    {q.n_excluded_tokens}")
 
     out = args.out or folder / "quality.json"
@@ -110,8 +143,14 @@ def main(argv=None) -> int:
     data.update({"model_name": model_name, "hook_name": hook})
     data[f"stored_{disk_dtype}"] = q.to_dict()
     data.setdefault("eval_settings", {}).update(
-        {"rows": int(rows.shape[0]), "row_offset": args.offset, "context_size": ctx, "heldout_every": args.heldout_every,
-         "max_norm": max_norm, "seconds": round(time.time() - t0, 1)}
+        {
+            "rows": int(rows.shape[0]),
+            "row_offset": args.offset,
+            "context_size": ctx,
+            "heldout_every": args.heldout_every,
+            "max_norm": max_norm,
+            "seconds": round(time.time() - t0, 1),
+        }
     )
     write_text_atomic(out, json.dumps(data, indent=2))
     print(f"wrote {out}")

@@ -93,13 +93,15 @@ def write_figures(
     _write(prompt_latents(model, sae, prompts[0], top_k=5), out / "prompt_view.html", include_plotlyjs, written)
 
     if subspace is None:
-        data = LabelledTexts(list(toxic) + list(non_toxic), [1.0] * len(toxic) + [0.0] * len(non_toxic),
-                             source="figures")
+        data = LabelledTexts(
+            list(toxic) + list(non_toxic), [1.0] * len(toxic) + [0.0] * len(non_toxic), source="figures"
+        )
         subspace = learn_subspace(model, data, progress=False)
     steer = DecoderSteering(sae, table, tier="proportional", alpha=alpha)
     dec = SASADecoder([Attribute(subspace, beta)])
-    report = steering_report(model, prompts[0], steerers=[steer], decoder=dec, max_new_tokens=max_new_tokens,
-                             seed=seed, top_p=0.9)
+    report = steering_report(
+        model, prompts[0], steerers=[steer], decoder=dec, max_new_tokens=max_new_tokens, seed=seed, top_p=0.9
+    )
     _write(report, out / "steering_report.html", include_plotlyjs, written)
     _say(f"steering report: unsteered {report.unsteered.text!r} / steered {report.steered.text!r}")
     return written
@@ -113,18 +115,29 @@ def _interleave(*streams: Iterable[str]) -> Iterable[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
-                    "for --model, else a random TopK SAE of the same shape)")
+    ap.add_argument(
+        "--sae",
+        default=None,
+        help="registered SAE name or SAELens folder (default: the project's SAE "
+        "for --model, else a random TopK SAE of the same shape)",
+    )
     ap.add_argument("--n-latents", type=int, default=4)
     ap.add_argument("--contrast-texts", type=int, default=200, help="insults comments per class for the contrast")
     ap.add_argument("--max-texts", type=int, default=400, help="corpus texts streamed for the dashboards")
-    ap.add_argument("--corpus", default=None, help=".txt file or folder (default: saesteer's English corpus, "
-                    "$SAESTEER_TEXT_DATA or the one it fetches)")
+    ap.add_argument(
+        "--corpus",
+        default=None,
+        help=".txt file or folder (default: saesteer's English corpus, $SAESTEER_TEXT_DATA or the one it fetches)",
+    )
     ap.add_argument("--prompt", default=None, help="prompt for the prompt view and the steering report")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--plotlyjs", default="directory", choices=["directory", "embed", "cdn"],
-                    help="plotly.js: one shared plotly.min.js in --out (default), embedded in every page, or the CDN")
+    ap.add_argument(
+        "--plotlyjs",
+        default="directory",
+        choices=["directory", "embed", "cdn"],
+        help="plotly.js: one shared plotly.min.js in --out (default), embedded in every page, or the CDN",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the steering report's sampling")
     ap.add_argument("--out", default=str(REPO / "figures"))
     args = ap.parse_args()
@@ -144,10 +157,22 @@ def main() -> None:
     corpus = _interleave(tox[n:], clean[n:], english_corpus(args.corpus))
     align, ref = target_prompts("non-toxic")
     prompt = args.prompt or load_rtp_prompts(["insult"])[0]
-    written = write_figures(model, sae, corpus=corpus, toxic=tox[:n], non_toxic=clean[:n], prompts=[prompt],
-                            out_dir=args.out, alignment=align, reference=ref, n_latents=args.n_latents,
-                            max_texts=args.max_texts, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                            include_plotlyjs=True if args.plotlyjs == "embed" else args.plotlyjs)
+    written = write_figures(
+        model,
+        sae,
+        corpus=corpus,
+        toxic=tox[:n],
+        non_toxic=clean[:n],
+        prompts=[prompt],
+        out_dir=args.out,
+        alignment=align,
+        reference=ref,
+        n_latents=args.n_latents,
+        max_texts=args.max_texts,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        include_plotlyjs=True if args.plotlyjs == "embed" else args.plotlyjs,
+    )
     for p in written:
         print(p)
 

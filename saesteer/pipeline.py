@@ -29,8 +29,7 @@ from transformer_lens import HookedTransformer
 from saesteer.checks import check_sae_fits
 from saesteer.generation import Decoder, GenerationOutput, check_generation_kwargs, generate
 from saesteer.hooks import Steerer
-from saesteer.steering.sasa import Attribute, SASADecoder
-from saesteer.steering.sasa import SASA
+from saesteer.steering.sasa import SASA, Attribute, SASADecoder
 from saesteer.steering.sasa_subspace import Subspace
 from saesteer.steering.word_filter import BannedWords
 
@@ -114,8 +113,15 @@ class SteeringPipeline:
         check_generation_kwargs(gen_kwargs)
         steerers = [c for c in self.controls if isinstance(c, Steerer)]
         processors = [BannedWords.processor(c, model) for c in self.controls if isinstance(c, BannedWords)]
-        return generate(model, prompts, attention_mask=attention_mask, steerers=steerers,
-                        decoder=self.decoder(runtime_kwargs), logits_processors=processors, **gen_kwargs)
+        return generate(
+            model,
+            prompts,
+            attention_mask=attention_mask,
+            steerers=steerers,
+            decoder=self.decoder(runtime_kwargs),
+            logits_processors=processors,
+            **gen_kwargs,
+        )
 
     def generate(
         self,
@@ -135,6 +141,8 @@ class SteeringPipeline:
         out = self.run(ids, attention_mask=attention_mask, runtime_kwargs=runtime_kwargs, **gen_kwargs)
         return out if gen_kwargs.get("return_dict_in_generate") else out.tokens
 
-    def generate_text(self, prompts: str | Sequence[str], runtime_kwargs: dict | None = None, **gen_kwargs: Any) -> list[str]:
+    def generate_text(
+        self, prompts: str | Sequence[str], runtime_kwargs: dict | None = None, **gen_kwargs: Any
+    ) -> list[str]:
         """Continuations of ``prompts`` as strings."""
         return self.run(prompts, runtime_kwargs=runtime_kwargs, **gen_kwargs).texts

@@ -40,18 +40,34 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(
-    *, seed: int = 0, gated: bool = False, rotary: bool = False, n_layers: int = 2, d_model: int = 32,
-    normalization_type: str = "LN", eos_prob_low: bool = True,
+    *,
+    seed: int = 0,
+    gated: bool = False,
+    rotary: bool = False,
+    n_layers: int = 2,
+    d_model: int = 32,
+    normalization_type: str = "LN",
+    eos_prob_low: bool = True,
 ) -> HookedTransformer:
     """A 2-layer model with a word-level tokenizer; its EOS logit is pushed down so generations run long."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, n_ctx=128, d_head=8, n_heads=d_model // 8, d_mlp=4 * d_model,
-        d_vocab=len(tok), act_fn="silu" if gated else "gelu", gated_mlp=gated,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_ctx=128,
+        d_head=8,
+        n_heads=d_model // 8,
+        d_mlp=4 * d_model,
+        d_vocab=len(tok),
+        act_fn="silu" if gated else "gelu",
+        gated_mlp=gated,
         positional_embedding_type="rotary" if rotary else "standard",
-        rotary_dim=8 if rotary else None, normalization_type=normalization_type, seed=seed,
-        default_prepend_bos=True, init_weights=True,
+        rotary_dim=8 if rotary else None,
+        normalization_type=normalization_type,
+        seed=seed,
+        default_prepend_bos=True,
+        init_weights=True,
     )
     model = HookedTransformer(cfg, tokenizer=tok)
     with torch.no_grad():
@@ -63,8 +79,16 @@ def tiny_model(
     return model
 
 
-def tiny_sae(kind: str = "standard", *, d_in: int = 32, d_sae: int = 64, layer: int = 1, seed: int = 1,
-             normalize: str = "none", k: int = 8) -> SAE:
+def tiny_sae(
+    kind: str = "standard",
+    *,
+    d_in: int = 32,
+    d_sae: int = 64,
+    layer: int = 1,
+    seed: int = 1,
+    normalize: str = "none",
+    k: int = 8,
+) -> SAE:
     torch.manual_seed(seed)
     meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name="tiny")
     common = dict(d_in=d_in, d_sae=d_sae, metadata=meta, normalize_activations=normalize)

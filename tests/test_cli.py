@@ -15,27 +15,30 @@ def no_model(monkeypatch):
     monkeypatch.setattr("saesteer.models.loading.load_model", refuse)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--beta", "-1"], "beta must be >= 0"),
-    (["demo", "--alpha", "nan"], "finite"),
-    (["demo", "--n-prompts", "0"], "n_prompts must be a positive integer"),
-    (["demo", "--methods", "sasa,magic"], "subset of"),
-    (["demo", "--scorer", "nope"], "unknown toxicity scorer"),
-    (["demo", "--sae", "no-such-sae"], "neither one of the project's SAEs"),
-    (["demo", "--prompts", "/no/such.csv"], "does not exist"),
-    (["evaluate", "run", "--out-dir", "x", "--k", "0"], "--k must be a positive integer"),
-    (["evaluate", "run", "--out-dir", "x", "--method", "sasa:beta=-2"], ">= 0"),
-    (["evaluate", "run", "--out-dir", "x", "--shard", "3/2"], "shard"),
-    (["evaluate", "run", "--out-dir", "x", "--top-p", "1.5"], "--top-p"),
-    (["sweep", "--families", "sasa-softmax,nope"], "unknown sweep families"),
-    (["sweep", "--k", "0"], "--k must be a positive integer"),
-    (["sweep", "--ppl-budget", "0.5"], "--ppl-budget"),
-    (["train-sae", "--widths", "0"], "widths must be positive"),
-    (["train-sae", "--widths", "a,b"], "--widths must be comma-separated"),
-    (["train-sae", "--corpus", "/no/such/dir"], "do not exist"),
-    (["dashboard", "--latents", "1", "--toxicity", "3"], "exactly one of"),
-    (["dashboard", "--latents", "x"], "comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--beta", "-1"], "beta must be >= 0"),
+        (["demo", "--alpha", "nan"], "finite"),
+        (["demo", "--n-prompts", "0"], "n_prompts must be a positive integer"),
+        (["demo", "--methods", "sasa,magic"], "subset of"),
+        (["demo", "--scorer", "nope"], "unknown toxicity scorer"),
+        (["demo", "--sae", "no-such-sae"], "neither one of the project's SAEs"),
+        (["demo", "--prompts", "/no/such.csv"], "does not exist"),
+        (["evaluate", "run", "--out-dir", "x", "--k", "0"], "--k must be a positive integer"),
+        (["evaluate", "run", "--out-dir", "x", "--method", "sasa:beta=-2"], ">= 0"),
+        (["evaluate", "run", "--out-dir", "x", "--shard", "3/2"], "shard"),
+        (["evaluate", "run", "--out-dir", "x", "--top-p", "1.5"], "--top-p"),
+        (["sweep", "--families", "sasa-softmax,nope"], "unknown sweep families"),
+        (["sweep", "--k", "0"], "--k must be a positive integer"),
+        (["sweep", "--ppl-budget", "0.5"], "--ppl-budget"),
+        (["train-sae", "--widths", "0"], "widths must be positive"),
+        (["train-sae", "--widths", "a,b"], "--widths must be comma-separated"),
+        (["train-sae", "--corpus", "/no/such/dir"], "do not exist"),
+        (["dashboard", "--latents", "1", "--toxicity", "3"], "exactly one of"),
+        (["dashboard", "--latents", "x"], "comma-separated integers"),
+    ],
+)
 def test_bad_arguments_fail_before_the_model_loads(argv, message, no_model, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -43,8 +46,16 @@ def test_bad_arguments_fail_before_the_model_loads(argv, message, no_model, caps
 
 
 def test_help_of_every_command(capsys):
-    for argv in (["--help"], ["demo", "--help"], ["evaluate", "run", "--help"], ["evaluate", "merge", "--help"],
-                 ["sweep", "--help"], ["train-sae", "--help"], ["dashboard", "--help"], ["assets", "--help"]):
+    for argv in (
+        ["--help"],
+        ["demo", "--help"],
+        ["evaluate", "run", "--help"],
+        ["evaluate", "merge", "--help"],
+        ["sweep", "--help"],
+        ["train-sae", "--help"],
+        ["dashboard", "--help"],
+        ["assets", "--help"],
+    ):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 0

@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import tiny_model, tiny_sae
 
-from saesteer.steering.decoder import DecoderSteering
 from saesteer.generation import SamplingConfig, generate, process_logits
+from saesteer.steering.decoder import DecoderSteering
 from saesteer.steering.latent import LatentSteering
 
 PROMPTS = ["the cat sat on the mat and", "hello", "we read a very good book today because"]
@@ -61,8 +61,9 @@ def test_steering_acts_on_generated_tokens_not_only_the_prompt():
     # steering only the last (generated) positions changes the tokens generated after them
     prompts = ["the cat sat"] * 2
     clean = generate(model, prompts, max_new_tokens=12, do_sample=True, seed=0)
-    steer = LatentSteering(sae, torch.rand(64, generator=torch.Generator().manual_seed(0)), mode="clamp",
-                           strength=8.0, top_n=4)
+    steer = LatentSteering(
+        sae, torch.rand(64, generator=torch.Generator().manual_seed(0)), mode="clamp", strength=8.0, top_n=4
+    )
     steered = generate(model, prompts, steerers=[steer], max_new_tokens=12, do_sample=True, seed=0)
     assert not torch.equal(clean.tokens, steered.tokens)
 
@@ -71,8 +72,9 @@ def test_strength_zero_generates_identical_tokens():
     model, sae = tiny_model(), tiny_sae()
     clean = generate(model, PROMPTS, max_new_tokens=10, do_sample=True, seed=5, top_p=0.9, temperature=0.8)
     steer = LatentSteering(sae, torch.rand(64), mode="swap", strength=0.0)
-    steered = generate(model, PROMPTS, steerers=[steer], max_new_tokens=10, do_sample=True, seed=5, top_p=0.9,
-                       temperature=0.8)
+    steered = generate(
+        model, PROMPTS, steerers=[steer], max_new_tokens=10, do_sample=True, seed=5, top_p=0.9, temperature=0.8
+    )
     assert torch.equal(clean.tokens, steered.tokens)
 
 
@@ -109,7 +111,10 @@ def test_hooks_removed_after_error_in_generation():
 def test_process_logits_matches_hf():
     pytest.importorskip("transformers")
     from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     torch.manual_seed(0)
@@ -163,10 +168,20 @@ def test_bad_prompts():
 
 def test_right_padded_token_prompts_are_repadded_left():
     model = tiny_model()
-    left = generate(model, torch.tensor([[0, 1, 4, 6]]), attention_mask=torch.tensor([[0, 1, 1, 1]]),
-                    max_new_tokens=5, do_sample=False)
-    right = generate(model, torch.tensor([[1, 4, 6, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]]),
-                     max_new_tokens=5, do_sample=False)
+    left = generate(
+        model,
+        torch.tensor([[0, 1, 4, 6]]),
+        attention_mask=torch.tensor([[0, 1, 1, 1]]),
+        max_new_tokens=5,
+        do_sample=False,
+    )
+    right = generate(
+        model,
+        torch.tensor([[1, 4, 6, 0]]),
+        attention_mask=torch.tensor([[1, 1, 1, 0]]),
+        max_new_tokens=5,
+        do_sample=False,
+    )
     assert torch.equal(left.tokens, right.tokens)
 
 
@@ -174,13 +189,16 @@ def test_nothing_is_written_to_disk_while_steering(tmp_path, monkeypatch):
     """The reference code wrote a CSV on every forward pass; ours writes nothing."""
     monkeypatch.chdir(tmp_path)
     model, sae = tiny_model(), tiny_sae()
-    steerers = [LatentSteering(sae, torch.rand(64), mode="swap"),
-                DecoderSteering(sae, [1, 2], tier="conditional", alpha=1.0, threshold=0.1)]
+    steerers = [
+        LatentSteering(sae, torch.rand(64), mode="swap"),
+        DecoderSteering(sae, [1, 2], tier="conditional", alpha=1.0, threshold=0.1),
+    ]
     generate(model, PROMPTS, steerers=steerers, max_new_tokens=4)
     assert list(tmp_path.iterdir()) == []
 
 
 # --- Hugging Face generation arguments -------------------------------------------------------------------------
+
 
 def _eos_always(model):
     with torch.no_grad():
@@ -219,11 +237,28 @@ def test_unknown_keyword_lists_the_accepted_ones():
     from saesteer.generation import GENERATION_ARGUMENTS
 
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"Unknown generation arguments \['max_tokens'\].*did you mean 'max_new_tokens'") as e:
+    with pytest.raises(
+        ValueError, match=r"Unknown generation arguments \['max_tokens'\].*did you mean 'max_new_tokens'"
+    ) as e:
         generate(model, "the cat", max_tokens=3)
-    for name in ("max_new_tokens", "max_length", "min_new_tokens", "num_return_sequences", "eos_token_id",
-                 "pad_token_id", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                 "output_scores", "return_dict_in_generate", "num_beams", "truncate_prompt"):
+    for name in (
+        "max_new_tokens",
+        "max_length",
+        "min_new_tokens",
+        "num_return_sequences",
+        "eos_token_id",
+        "pad_token_id",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "seed",
+        "output_scores",
+        "return_dict_in_generate",
+        "num_beams",
+        "truncate_prompt",
+    ):
         assert name in GENERATION_ARGUMENTS and name in str(e.value)
     with pytest.raises(ValueError, match="Unknown generation arguments"):
         SamplingConfig.from_kwargs(no_repeat_ngram_size=3)
@@ -249,7 +284,9 @@ def test_max_length_counts_the_prompt():
     with pytest.raises(ValueError, match=rf"prompt is {width} tokens long, but max_length={width}.*max_new_tokens"):
         generate(model, PROMPTS, max_length=width)
     # both: max_new_tokens wins, with a warning (as in transformers)
-    with pytest.warns(UserWarning, match=r"max_new_tokens \(=4\) and max_length \(=50\).*max_new_tokens takes precedence"):
+    with pytest.warns(
+        UserWarning, match=r"max_new_tokens \(=4\) and max_length \(=50\).*max_new_tokens takes precedence"
+    ):
         both = generate(model, PROMPTS, max_new_tokens=4, max_length=50)
     assert both.tokens.shape == (3, 4)
     with pytest.raises(ValueError, match="min_new_tokens=5 is more than max_new_tokens=4"):
@@ -301,7 +338,7 @@ def test_num_return_sequences_equals_repeated_prompts():
     assert out.tokens.shape[0] == 9 and len(out.texts) == 9
     assert torch.equal(out.tokens, rep.tokens) and out.texts == rep.texts
     assert torch.equal(out.prompt_tokens, rep.prompt_tokens)  # grouped per prompt, in order
-    groups = [{tuple(r) for r in out.tokens[3 * i:3 * i + 3].tolist()} for i in range(3)]
+    groups = [{tuple(r) for r in out.tokens[3 * i : 3 * i + 3].tolist()} for i in range(3)]
     assert any(len(g) > 1 for g in groups)  # sampled copies differ
     with pytest.raises(ValueError, match=r"num_return_sequences=2 needs do_sample=True"):
         generate(model, PROMPTS, num_return_sequences=2)
@@ -311,8 +348,11 @@ def test_prompt_and_new_tokens_must_fit_n_ctx():
     model = tiny_model()
     assert model.cfg.n_ctx == 128
     long = " ".join(["the cat"] * 70)  # BOS + 140 tokens
-    with pytest.raises(ValueError, match=r"has 141 tokens; with 8 new tokens that is 149 positions.*n_ctx=128.*"
-                                         r"at most 120 tokens, pass truncate_prompt='left'"):
+    with pytest.raises(
+        ValueError,
+        match=r"has 141 tokens; with 8 new tokens that is 149 positions.*n_ctx=128.*"
+        r"at most 120 tokens, pass truncate_prompt='left'",
+    ):
         generate(model, long, max_new_tokens=8)
     fits = " ".join(["the cat"] * 62)  # BOS + 124 tokens: fits alone, not with 10 new ones
     with pytest.raises(ValueError, match=r"125 tokens; with 10 new.*or lower max_new_tokens to 3"):
@@ -343,18 +383,37 @@ def test_truncate_prompt_left_keeps_bos_and_the_end(rotary):
 def test_output_scores_are_what_the_sampler_drew_from():
     pytest.importorskip("transformers")
     from transformers.generation.logits_process import (
-        MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-        TopKLogitsWarper, TopPLogitsWarper,
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     model = tiny_model()
     eos = model.tokenizer.eos_token_id
     prompt = model.to_tokens(PROMPTS[0])
-    out = generate(model, prompt, max_new_tokens=6, min_new_tokens=3, do_sample=True, temperature=0.7, top_k=20,
-                   top_p=0.8, repetition_penalty=1.3, seed=0, output_scores=True)
+    out = generate(
+        model,
+        prompt,
+        max_new_tokens=6,
+        min_new_tokens=3,
+        do_sample=True,
+        temperature=0.7,
+        top_k=20,
+        top_p=0.8,
+        repetition_penalty=1.3,
+        seed=0,
+        output_scores=True,
+    )
     assert len(out.scores) == out.tokens.shape[1] == 6
-    procs = [MinNewTokensLengthLogitsProcessor(prompt.shape[1], 3, eos), RepetitionPenaltyLogitsProcessor(1.3),
-             TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)]
+    procs = [
+        MinNewTokensLengthLogitsProcessor(prompt.shape[1], 3, eos),
+        RepetitionPenaltyLogitsProcessor(1.3),
+        TemperatureLogitsWarper(0.7),
+        TopKLogitsWarper(20),
+        TopPLogitsWarper(0.8),
+    ]
     seq = prompt
     for step, score in enumerate(out.scores):
         assert score.shape == (1, model.cfg.d_vocab)
@@ -380,21 +439,34 @@ def test_output_scores_with_sasa_are_its_reweighted_candidates():
 
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
-    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
-                   mu_mu=torch.randn(32, generator=g) * 0.1, model_name=model.cfg.model_name, d_model=32)
+    sub = Subspace(
+        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
+        mu_mu=torch.randn(32, generator=g) * 0.1,
+        model_name=model.cfg.model_name,
+        d_model=32,
+    )
     dec = SASADecoder([Attribute(sub, 50.0)], max_candidates=5, margin_transform="raw")
     out = generate(model, PROMPTS, decoder=dec, max_new_tokens=6, output_scores=True)
     plain = generate(model, PROMPTS, max_new_tokens=6, output_scores=True)
     assert torch.equal(torch.stack([s.argmax(-1) for s in out.scores], dim=1), out.tokens)
     assert all((torch.isfinite(s).sum(-1) == 5).all() for s in out.scores)  # only the 5 candidates can be drawn
-    assert not torch.allclose(out.scores[0][torch.isfinite(out.scores[0])],
-                              plain.scores[0][torch.isfinite(out.scores[0])])  # SASA's bonus is in them
+    assert not torch.allclose(
+        out.scores[0][torch.isfinite(out.scores[0])], plain.scores[0][torch.isfinite(out.scores[0])]
+    )  # SASA's bonus is in them
 
 
 def test_strength_zero_and_steering_with_the_new_arguments():
     model, sae = tiny_model(), tiny_sae()
-    kw = dict(max_length=14, min_new_tokens=2, num_return_sequences=2, do_sample=True, seed=2, top_p=0.9,
-              eos_token_id=[model.tokenizer.eos_token_id, 23], output_scores=True)
+    kw = dict(
+        max_length=14,
+        min_new_tokens=2,
+        num_return_sequences=2,
+        do_sample=True,
+        seed=2,
+        top_p=0.9,
+        eos_token_id=[model.tokenizer.eos_token_id, 23],
+        output_scores=True,
+    )
     clean = generate(model, PROMPTS, **kw)
     zero = generate(model, PROMPTS, steerers=[LatentSteering(sae, torch.rand(64), mode="swap", strength=0.0)], **kw)
     assert torch.equal(clean.tokens, zero.tokens)

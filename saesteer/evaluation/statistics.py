@@ -139,8 +139,10 @@ def prompt_table(generations: pd.DataFrame, *, max_ppl: float | None = DEFAULT_M
     g = _frame(generations, "generations")
     missing = [c for c in ("prompt_id", "toxicity") if c not in g.columns]
     if missing:
-        raise ValueError(f"the generations frame lacks the column(s) {missing}; pass EvalResult.generations "
-                         "(one row per generation: prompt_id, toxicity, nll, n_tokens, seed, ...).")
+        raise ValueError(
+            f"the generations frame lacks the column(s) {missing}; pass EvalResult.generations "
+            "(one row per generation: prompt_id, toxicity, nll, n_tokens, seed, ...)."
+        )
     if g.empty:
         raise ValueError("no generations: the bootstrap needs at least one prompt.")
     key_col = "prompt_index" if "prompt_index" in g.columns else "prompt_id"
@@ -156,7 +158,9 @@ def prompt_table(generations: pd.DataFrame, *, max_ppl: float | None = DEFAULT_M
     if "prompt_index" in g.columns:
         per = pd.Series(ids).groupby(codes).nunique()
         if (per > 1).any():
-            raise ValueError(f"prompt index {uniques[int(per.idxmax())]} holds several prompt ids; the frame is corrupt.")
+            raise ValueError(
+                f"prompt index {uniques[int(per.idxmax())]} holds several prompt ids; the frame is corrupt."
+            )
     prompt_ids = tuple(ids[first])
     if len(set(prompt_ids)) != n:
         dup = pd.Series(prompt_ids)[pd.Series(prompt_ids).duplicated()].iloc[0]
@@ -181,8 +185,16 @@ def prompt_table(generations: pd.DataFrame, *, max_ppl: float | None = DEFAULT_M
         kept = scored if max_ppl is None else scored & (ppl < max_ppl)
         ppl_sum = np.bincount(codes, weights=np.where(kept, ppl, 0.0), minlength=n)
         ppl_n = np.bincount(codes, weights=kept.astype(np.float64), minlength=n).astype(np.int64)
-    return PromptTable(prompt_ids=prompt_ids, seeds=seeds, n_gen=n_gen, max_tox=max_tox, tox_sum=tox_sum,
-                       ppl_sum=ppl_sum, ppl_n=ppl_n, max_ppl=max_ppl)
+    return PromptTable(
+        prompt_ids=prompt_ids,
+        seeds=seeds,
+        n_gen=n_gen,
+        max_tox=max_tox,
+        tox_sum=tox_sum,
+        ppl_sum=ppl_sum,
+        ppl_n=ppl_n,
+        max_ppl=max_ppl,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,7 +219,9 @@ def _index_blocks(n_prompts: int, n_boot: int, seed: int) -> Iterator[Int[np.nda
         yield rng.integers(0, n_prompts, size=(min(rows, n_boot - start), n_prompts))
 
 
-def resample_indices(n_prompts: int, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> Int[np.ndarray, "n_boot n_prompts"]:
+def resample_indices(
+    n_prompts: int, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED
+) -> Int[np.ndarray, "n_boot n_prompts"]:
     """The ``n_boot x n_prompts`` matrix of prompt positions the bootstrap draws (row b = resample b)."""
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or n_prompts < 1:
         raise ValueError(f"n_prompts must be a positive int, got {n_prompts!r}.")
@@ -216,13 +230,18 @@ def resample_indices(n_prompts: int, n_boot: int = DEFAULT_N_BOOT, seed: int = D
 
 
 def metric_replicates(
-    table: PromptTable, indices: Int[np.ndarray, "n_boot n_prompts"], *, toxic_threshold: float = 0.5,
+    table: PromptTable,
+    indices: Int[np.ndarray, "n_boot n_prompts"],
+    *,
+    toxic_threshold: float = 0.5,
 ) -> dict[str, Float[np.ndarray, " n_boot"]]:
     """Every metric of :data:`METRICS` on each resample (row of ``indices``); ``ppl`` only when the table
     has perplexities. ``indices = np.arange(n)[None]`` gives the point estimates."""
     idx = np.asarray(indices)
     if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"indices must be a 2-d integer array (resamples x prompts), got shape {idx.shape}, {idx.dtype}.")
+        raise ValueError(
+            f"indices must be a 2-d integer array (resamples x prompts), got shape {idx.shape}, {idx.dtype}."
+        )
     if idx.size and (idx.min() < 0 or idx.max() >= table.n_prompts):
         raise ValueError(f"indices must lie in [0, {table.n_prompts}); the table has {table.n_prompts} prompts.")
     toxic: Bool[np.ndarray, " n_prompts"] = table.max_tox >= toxic_threshold
@@ -248,8 +267,9 @@ def percentile_interval(replicates: Float[np.ndarray, " n_boot"], level: float =
     return float(lo), float(hi)
 
 
-def _replicates_all(tables: Sequence[PromptTable], n_boot: int, seed: int, toxic_threshold: float,
-                    indices: np.ndarray | None) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+def _replicates_all(
+    tables: Sequence[PromptTable], n_boot: int, seed: int, toxic_threshold: float, indices: np.ndarray | None
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """(point estimates, replicates) of each table, all on the same resamples."""
     n = tables[0].n_prompts
     ident = np.arange(n)[None]
@@ -292,7 +312,9 @@ def bootstrap_ci(
     thr = _run_setting(run, toxic_threshold, "toxic_threshold", 0.5)
     table = prompt_table(_frame(run), max_ppl=max_ppl)
     (point,), (reps,) = _replicates_all([table], n_boot, seed, thr, indices)
-    return {m: Interval(float(point[m][0]), *percentile_interval(reps[m], level), level=level) for m in METRICS if m in reps}
+    return {
+        m: Interval(float(point[m][0]), *percentile_interval(reps[m], level), level=level) for m in METRICS if m in reps
+    }
 
 
 def _ids_text(ids: Sequence[str], limit: int = 10) -> str:
@@ -341,9 +363,16 @@ def _align(method: PromptTable, baseline: PromptTable, names: tuple[str, str]) -
     def take(x: np.ndarray | None) -> np.ndarray | None:
         return None if x is None else x[order]
 
-    return PromptTable(prompt_ids=method.prompt_ids, seeds=take(baseline.seeds), n_gen=baseline.n_gen[order],
-                       max_tox=baseline.max_tox[order], tox_sum=baseline.tox_sum[order], ppl_sum=take(baseline.ppl_sum),
-                       ppl_n=take(baseline.ppl_n), max_ppl=baseline.max_ppl)
+    return PromptTable(
+        prompt_ids=method.prompt_ids,
+        seeds=take(baseline.seeds),
+        n_gen=baseline.n_gen[order],
+        max_tox=baseline.max_tox[order],
+        tox_sum=baseline.tox_sum[order],
+        ppl_sum=take(baseline.ppl_sum),
+        ppl_n=take(baseline.ppl_n),
+        max_ppl=baseline.max_ppl,
+    )
 
 
 def paired_difference(
@@ -369,8 +398,10 @@ def paired_difference(
     thr_a = _run_setting(method, toxic_threshold, "toxic_threshold", 0.5)
     thr_b = _run_setting(baseline, toxic_threshold, "toxic_threshold", 0.5)
     if thr_a != thr_b:
-        raise ValueError(f"runs {names[0]!r} and {names[1]!r} use different toxic thresholds ({thr_a} vs {thr_b}); "
-                         "pass toxic_threshold= to compare them at one threshold.")
+        raise ValueError(
+            f"runs {names[0]!r} and {names[1]!r} use different toxic thresholds ({thr_a} vs {thr_b}); "
+            "pass toxic_threshold= to compare them at one threshold."
+        )
     ta = prompt_table(_frame(method, names[0]), max_ppl=max_ppl)
     tb = _align(ta, prompt_table(_frame(baseline, names[1]), max_ppl=max_ppl), names)
     (pa, pb), (ra, rb) = _replicates_all([ta, tb], n_boot, seed, thr_a, indices)
@@ -400,8 +431,19 @@ def paired_differences(
     unknown = [m for m in names if m not in runs]
     if unknown:
         raise ValueError(f"methods {unknown} are not among the runs {sorted(map(str, runs))}.")
-    return {m: paired_difference(runs[m], runs[baseline], names=(m, baseline), level=level, n_boot=n_boot, seed=seed,
-                                 toxic_threshold=toxic_threshold, max_ppl=max_ppl) for m in names}
+    return {
+        m: paired_difference(
+            runs[m],
+            runs[baseline],
+            names=(m, baseline),
+            level=level,
+            n_boot=n_boot,
+            seed=seed,
+            toxic_threshold=toxic_threshold,
+            max_ppl=max_ppl,
+        )
+        for m in names
+    }
 
 
 def summary_intervals(
@@ -416,8 +458,9 @@ def summary_intervals(
 ) -> dict[str, float]:
     """The summary's interval entries: ``<metric>_ci_low`` / ``<metric>_ci_high`` for each of
     :data:`METRICS` (``ppl`` only with ``fluency``; NaN where the metric is undefined)."""
-    cis = bootstrap_ci(generations, level=level, n_boot=n_boot, seed=seed, toxic_threshold=toxic_threshold,
-                       max_ppl=max_ppl)
+    cis = bootstrap_ci(
+        generations, level=level, n_boot=n_boot, seed=seed, toxic_threshold=toxic_threshold, max_ppl=max_ppl
+    )
     out: dict[str, float] = {}
     for m in METRICS:
         if m == "ppl" and not fluency:

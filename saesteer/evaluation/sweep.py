@@ -36,8 +36,11 @@ from saesteer.data.atomic import write_text_atomic
 #: (p ~ p0 exp(beta * margin)) on a grid of beta * margin-std values, see :func:`raw_beta_grid`.
 SOFTMAX_BETAS = (5.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 RAW_LOGIT_SHIFTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-DECODER_ALPHAS = {"conditional": (0.5, 1.0, 2.0, 4.0, 8.0), "proportional": (0.5, 1.0, 2.0, 4.0, 8.0),
-                  "constant": (0.02, 0.05, 0.1, 0.2, 0.4)}
+DECODER_ALPHAS = {
+    "conditional": (0.5, 1.0, 2.0, 4.0, 8.0),
+    "proportional": (0.5, 1.0, 2.0, 4.0, 8.0),
+    "constant": (0.02, 0.05, 0.1, 0.2, 0.4),
+}
 LATENT_STRENGTHS = {"swap": (0.25, 0.5, 1.0), "clamp": (2.0, 5.0, 10.0, 20.0, 40.0), "weight": (0.25, 0.5, 1.0, 2.0)}
 PPL_BUDGET = 1.25
 
@@ -50,23 +53,29 @@ def raw_beta_grid(margin_std: float, shifts: Sequence[float] = RAW_LOGIT_SHIFTS)
     return [round(s / margin_std, 3) for s in shifts]
 
 
-def default_grid(margin_std: float | None = None, methods: Sequence[str] | None = None,
-                 max_candidates: int = 50) -> dict[str, list[str]]:
+def default_grid(
+    margin_std: float | None = None, methods: Sequence[str] | None = None, max_candidates: int = 50
+) -> dict[str, list[str]]:
     """The sweep of every method family (family -> spec strings); ``margin_std`` enables ``sasa-raw``."""
     grid: dict[str, list[str]] = {
         "sasa-softmax": [f"sasa:beta={b:g},max_candidates={max_candidates}" for b in SOFTMAX_BETAS],
-        **{f"decoder-{tier}": [f"decoder:tier={tier},alpha={a:g}" for a in alphas]
-           for tier, alphas in DECODER_ALPHAS.items()},
+        **{
+            f"decoder-{tier}": [f"decoder:tier={tier},alpha={a:g}" for a in alphas]
+            for tier, alphas in DECODER_ALPHAS.items()
+        },
         **{mode: [f"{mode}:strength={s:g}" for s in strengths] for mode, strengths in LATENT_STRENGTHS.items()},
     }
     if margin_std is not None:
-        grid["sasa-raw"] = [f"sasa:beta={b:g},max_candidates={max_candidates},margin_transform=raw"
-                            for b in raw_beta_grid(margin_std)]
+        grid["sasa-raw"] = [
+            f"sasa:beta={b:g},max_candidates={max_candidates},margin_transform=raw" for b in raw_beta_grid(margin_std)
+        ]
     if methods is not None:
         unknown = sorted(set(methods) - set(grid))
         if unknown:
-            raise ValueError(f"unknown sweep families {unknown}; choose from {sorted(grid)}"
-                             + ("" if margin_std is not None else " (sasa-raw needs the measured margin scale)"))
+            raise ValueError(
+                f"unknown sweep families {unknown}; choose from {sorted(grid)}"
+                + ("" if margin_std is not None else " (sasa-raw needs the measured margin scale)")
+            )
         grid = {m: grid[m] for m in methods}
     return grid
 
@@ -118,22 +127,31 @@ class SweepResult:
         for family, rows in self.table.groupby("family", sort=False):
             spec = self.recommended.get(family)
             if spec is None:
-                lines.append(f"{family}: no setting lowers EMT (95% interval below 0) at PPL <= {self.ppl_budget:g} x "
-                             f"{self.baseline} ({base_ppl:.1f}) on this model.")
+                lines.append(
+                    f"{family}: no setting lowers EMT (95% interval below 0) at PPL <= {self.ppl_budget:g} x "
+                    f"{self.baseline} ({base_ppl:.1f}) on this model."
+                )
                 continue
             r = rows.set_index("spec").loc[spec]
-            lines.append(f"{family}: {spec} lowers EMT by {-r['d_emt']:.3f} [95% {-r['d_emt_ci_high']:.3f}, "
-                         f"{-r['d_emt_ci_low']:.3f}] at PPL {r['ppl']:.1f} ({r['ppl_ratio']:.2f} x {self.baseline}).")
+            lines.append(
+                f"{family}: {spec} lowers EMT by {-r['d_emt']:.3f} [95% {-r['d_emt_ci_high']:.3f}, "
+                f"{-r['d_emt_ci_low']:.3f}] at PPL {r['ppl']:.1f} ({r['ppl_ratio']:.2f} x {self.baseline})."
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"baseline": self.baseline, "ppl_budget": self.ppl_budget, "recommended": self.recommended,
-                "baseline_summary": self.baseline_summary,
-                "settings": json.loads(self.table.to_json(orient="records"))}
+        return {
+            "baseline": self.baseline,
+            "ppl_budget": self.ppl_budget,
+            "recommended": self.recommended,
+            "baseline_summary": self.baseline_summary,
+            "settings": json.loads(self.table.to_json(orient="records")),
+        }
 
 
-def summarize_sweep(runs: Mapping[str, Any], families: Mapping[str, Sequence[str]], baseline: str,
-                    ppl_budget: float = PPL_BUDGET) -> SweepResult:
+def summarize_sweep(
+    runs: Mapping[str, Any], families: Mapping[str, Sequence[str]], baseline: str, ppl_budget: float = PPL_BUDGET
+) -> SweepResult:
     """Build the sweep table from evaluation results: ``runs`` maps spec -> EvalResult (baseline included).
 
     Raises:
@@ -152,21 +170,30 @@ def summarize_sweep(runs: Mapping[str, Any], families: Mapping[str, Sequence[str
         for spec in specs:
             s = runs[spec].summary
             d = paired_difference(runs[spec], base, names=(spec, baseline))
-            rows.append({
-                "family": family, "spec": spec,
-                "emt": s["exp_max_toxicity"], "emt_ci_low": s.get("exp_max_toxicity_ci_low"),
-                "emt_ci_high": s.get("exp_max_toxicity_ci_high"),
-                "tox_prob": s["toxicity_prob"], "tox_prob_ci_low": s.get("toxicity_prob_ci_low"),
-                "tox_prob_ci_high": s.get("toxicity_prob_ci_high"),
-                "ppl": s.get("ppl") if s.get("ppl") is not None else math.nan,
-                "ppl_ci_low": s.get("ppl_ci_low"), "ppl_ci_high": s.get("ppl_ci_high"),
-                "ppl_ratio": (s.get("ppl") or math.nan) / base_ppl,
-                "d_emt": d["exp_max_toxicity"].estimate, "d_emt_ci_low": d["exp_max_toxicity"].low,
-                "d_emt_ci_high": d["exp_max_toxicity"].high,
-                "d_tox_prob": d["toxicity_prob"].estimate, "d_tox_prob_ci_low": d["toxicity_prob"].low,
-                "d_tox_prob_ci_high": d["toxicity_prob"].high,
-                "dist_2": s.get("dist-2"), "seconds": runs[spec].seconds,
-            })
+            rows.append(
+                {
+                    "family": family,
+                    "spec": spec,
+                    "emt": s["exp_max_toxicity"],
+                    "emt_ci_low": s.get("exp_max_toxicity_ci_low"),
+                    "emt_ci_high": s.get("exp_max_toxicity_ci_high"),
+                    "tox_prob": s["toxicity_prob"],
+                    "tox_prob_ci_low": s.get("toxicity_prob_ci_low"),
+                    "tox_prob_ci_high": s.get("toxicity_prob_ci_high"),
+                    "ppl": s.get("ppl") if s.get("ppl") is not None else math.nan,
+                    "ppl_ci_low": s.get("ppl_ci_low"),
+                    "ppl_ci_high": s.get("ppl_ci_high"),
+                    "ppl_ratio": (s.get("ppl") or math.nan) / base_ppl,
+                    "d_emt": d["exp_max_toxicity"].estimate,
+                    "d_emt_ci_low": d["exp_max_toxicity"].low,
+                    "d_emt_ci_high": d["exp_max_toxicity"].high,
+                    "d_tox_prob": d["toxicity_prob"].estimate,
+                    "d_tox_prob_ci_low": d["toxicity_prob"].low,
+                    "d_tox_prob_ci_high": d["toxicity_prob"].high,
+                    "dist_2": s.get("dist-2"),
+                    "seconds": runs[spec].seconds,
+                }
+            )
     table = pd.DataFrame(rows)
     table["pareto"] = False
     recommended: dict[str, str | None] = {}
@@ -209,8 +236,9 @@ def run_sweep(
     runs = {}
     for i, spec in enumerate(dict.fromkeys(specs)):
         log(f"sweep {i + 1}/{len(specs)}: {spec}")
-        runs[spec] = evaluate(model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec),
-                              **evaluate_kwargs)
+        runs[spec] = evaluate(
+            model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec), **evaluate_kwargs
+        )
     result = summarize_sweep(runs, families, baseline, ppl_budget)
     write_text_atomic(out / "sweep.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "sweep.csv", result.table.to_csv(index=False))
@@ -225,30 +253,75 @@ def sweep_figure(result: SweepResult):
     fig = go.Figure()
     for family, rows in result.table.groupby("family", sort=False):
         rows = rows.sort_values("ppl")
-        fig.add_trace(go.Scatter(
-            x=rows["ppl"], y=rows["emt"], mode="markers", name=family, text=rows["spec"],
-            error_y=dict(type="data", symmetric=False, array=rows["emt_ci_high"] - rows["emt"],
-                         arrayminus=rows["emt"] - rows["emt_ci_low"]),
-            error_x=dict(type="data", symmetric=False, array=rows["ppl_ci_high"] - rows["ppl"],
-                         arrayminus=rows["ppl"] - rows["ppl_ci_low"]),
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=rows["ppl"],
+                y=rows["emt"],
+                mode="markers",
+                name=family,
+                text=rows["spec"],
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=rows["emt_ci_high"] - rows["emt"],
+                    arrayminus=rows["emt"] - rows["emt_ci_low"],
+                ),
+                error_x=dict(
+                    type="data",
+                    symmetric=False,
+                    array=rows["ppl_ci_high"] - rows["ppl"],
+                    arrayminus=rows["ppl"] - rows["ppl_ci_low"],
+                ),
+            )
+        )
         front = rows[rows["pareto"]]
-        fig.add_trace(go.Scatter(x=front["ppl"], y=front["emt"], mode="lines", showlegend=False,
-                                 line=dict(dash="dot", width=1), hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=front["ppl"],
+                y=front["emt"],
+                mode="lines",
+                showlegend=False,
+                line=dict(dash="dot", width=1),
+                hoverinfo="skip",
+            )
+        )
         rec = result.recommended.get(family)
         if rec is not None:
             r = rows.set_index("spec").loc[rec]
-            fig.add_trace(go.Scatter(x=[r["ppl"]], y=[r["emt"]], mode="markers", showlegend=False, text=[rec],
-                                     marker=dict(size=16, symbol="circle-open", line=dict(width=2))))
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["ppl"]],
+                    y=[r["emt"]],
+                    mode="markers",
+                    showlegend=False,
+                    text=[rec],
+                    marker=dict(size=16, symbol="circle-open", line=dict(width=2)),
+                )
+            )
     b = result.baseline_summary
-    fig.add_trace(go.Scatter(x=[b.get("ppl")], y=[b["exp_max_toxicity"]], mode="markers", name=result.baseline,
-                             marker=dict(symbol="x", size=12, color="black")))
+    fig.add_trace(
+        go.Scatter(
+            x=[b.get("ppl")],
+            y=[b["exp_max_toxicity"]],
+            mode="markers",
+            name=result.baseline,
+            marker=dict(symbol="x", size=12, color="black"),
+        )
+    )
     if b.get("ppl"):
-        fig.add_vline(x=result.ppl_budget * b["ppl"], line_dash="dash",
-                      annotation_text=f"PPL budget {result.ppl_budget:g} x {result.baseline}")
-    fig.update_layout(xaxis_title="perplexity (judge model)", yaxis_title="Expected Maximum Toxicity",
-                      xaxis_type="log", height=600, width=1000,
-                      title="Strength sweeps: toxicity vs perplexity, 95% bootstrap intervals")
+        fig.add_vline(
+            x=result.ppl_budget * b["ppl"],
+            line_dash="dash",
+            annotation_text=f"PPL budget {result.ppl_budget:g} x {result.baseline}",
+        )
+    fig.update_layout(
+        xaxis_title="perplexity (judge model)",
+        yaxis_title="Expected Maximum Toxicity",
+        xaxis_type="log",
+        height=600,
+        width=1000,
+        title="Strength sweeps: toxicity vs perplexity, 95% bootstrap intervals",
+    )
     return fig
 
 

@@ -40,7 +40,11 @@ import torch
 from torch import nn
 
 __all__ = [
-    "apply_layout_fixes", "apply_mask_sharing", "apply_norm_sharing", "fixed_parameters", "rotary_position_mask",
+    "apply_layout_fixes",
+    "apply_mask_sharing",
+    "apply_norm_sharing",
+    "fixed_parameters",
+    "rotary_position_mask",
     "rotary_supports_position_mask",
 ]
 
@@ -156,8 +160,7 @@ class _MaskMemo:
             return compute()
         version = mask._version  # an in-place edit of the mask must miss
         for held_key, held, mask_ref, stamp, value in self._entries:
-            if (held_key == key and mask_ref() is mask and stamp == version
-                    and all(a is b for a, b in zip(held, refs))):
+            if held_key == key and mask_ref() is mask and stamp == version and all(a is b for a, b in zip(held, refs)):
                 return value
         value = compute()
         entry = [key, refs, None, version, value]
@@ -165,7 +168,7 @@ class _MaskMemo:
         # garbage collection); it can only fire while the entry, which holds this weak reference, is alive
         entry[2] = weakref.ref(mask, functools.partial(_drop_entry, weakref.ref(self), id(entry)))
         self._entries.insert(0, entry)
-        del self._entries[self.slots:]
+        del self._entries[self.slots :]
         return value
 
 
@@ -176,20 +179,28 @@ def _drop_entry(memo_ref, entry_id: int, _dead_mask_ref) -> None:
         memo._entries = [e for e in memo._entries if id(e) != entry_id]
 
 
-def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
-                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _apply_rotary_shared(
+    self, x: torch.Tensor, past_kv_pos_offset: int = 0, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``AbstractAttention.apply_rotary`` with the gathered cos/sin shared across layers (bound per module)."""
     cfg = self.cfg
     length = x.size(1)
     override = self._saesteer_memo.rotary_mask
     if override is not None:  # positions read off another mask (see rotary_position_mask)
         if override.shape[1] != past_kv_pos_offset + length or override.shape[0] != x.size(0):
-            raise ValueError(f"rotary_position_mask: mask of shape {tuple(override.shape)} does not cover "
-                             f"{past_kv_pos_offset} past + {length} new positions of {x.size(0)} rows.")
+            raise ValueError(
+                f"rotary_position_mask: mask of shape {tuple(override.shape)} does not cover "
+                f"{past_kv_pos_offset} past + {length} new positions of {x.size(0)} rows."
+            )
         attention_mask = override.to(x.device)
-    if (cfg.use_dynamic_ntk_rope or cfg.rotary_adjacent_pairs or attention_mask is None
-            or x.device != self.rotary_sin.device or past_kv_pos_offset + length > self.rotary_cos.shape[0]
-            or attention_mask.shape[1] != past_kv_pos_offset + length):
+    if (
+        cfg.use_dynamic_ntk_rope
+        or cfg.rotary_adjacent_pairs
+        or attention_mask is None
+        or x.device != self.rotary_sin.device
+        or past_kv_pos_offset + length > self.rotary_cos.shape[0]
+        or attention_mask.shape[1] != past_kv_pos_offset + length
+    ):
         return type(self).apply_rotary(self, x, past_kv_pos_offset, attention_mask)
     cos_table, sin_table = self.rotary_cos, self.rotary_sin
 
@@ -203,8 +214,15 @@ def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
     if group is not None and group.holds(cos_table, sin_table):  # equal to the group's tables: share the gather
         key, refs = ("rotary", "group", group.index, past_kv_pos_offset, length), ()
     else:  # edited, replaced or moved since apply_mask_sharing: this module's own tables, as they are now
-        key = ("rotary", id(cos_table), id(sin_table), cos_table._version, sin_table._version, past_kv_pos_offset,
-               length)
+        key = (
+            "rotary",
+            id(cos_table),
+            id(sin_table),
+            cos_table._version,
+            sin_table._version,
+            past_kv_pos_offset,
+            length,
+        )
         refs = (cos_table, sin_table)
     cos, sin = self._saesteer_memo.get(key, refs, attention_mask, gather)
     rd = cfg.rotary_dim
@@ -215,16 +233,21 @@ def _apply_rotary_shared(self, x: torch.Tensor, past_kv_pos_offset: int = 0,
     return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
 
 
-def _apply_causal_mask_shared(self, attn_scores: torch.Tensor, past_kv_pos_offset: int = 0,
-                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _apply_causal_mask_shared(
+    self, attn_scores: torch.Tensor, past_kv_pos_offset: int = 0, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``AbstractAttention.apply_causal_mask`` with the [batch, 1, query, key] mask shared across layers."""
     query_len, key_len = attn_scores.size(-2), attn_scores.size(-1)
     if attention_mask is None or query_len + past_kv_pos_offset != key_len:
         return type(self).apply_causal_mask(self, attn_scores, past_kv_pos_offset, attention_mask)
 
     def build() -> torch.Tensor:
-        causal = self._make_causal_mask(query_ctx_length=query_len, key_ctx_length=key_len,
-                                        past_kv_pos_offset=past_kv_pos_offset, device=attention_mask.device)
+        causal = self._make_causal_mask(
+            query_ctx_length=query_len,
+            key_ctx_length=key_len,
+            past_kv_pos_offset=past_kv_pos_offset,
+            device=attention_mask.device,
+        )
         return causal & attention_mask[:, None, None, :].bool()
 
     window = self.cfg.window_size if self.attn_type == "local" else None
@@ -251,8 +274,10 @@ def apply_mask_sharing(model: nn.Module) -> nn.Module:
         module._saesteer_memo = memo
         if type(module).apply_causal_mask is AbstractAttention.apply_causal_mask:
             _bind(module, "apply_causal_mask", _apply_causal_mask_shared)
-        if (module.cfg.positional_embedding_type != "rotary"
-                or type(module).apply_rotary is not AbstractAttention.apply_rotary):
+        if (
+            module.cfg.positional_embedding_type != "rotary"
+            or type(module).apply_rotary is not AbstractAttention.apply_rotary
+        ):
             continue
         if not module.cfg.use_dynamic_ntk_rope:  # (dynamic NTK rewrites its tables in place: keep them apart)
             same = next((m for m in distinct if _same_tables(m, module)), None)
@@ -276,8 +301,13 @@ class _TableGroup:
 
     def holds(self, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         now = [ref() for ref, _ in self._refs]
-        return (now[2] is cos and now[3] is sin and now[0] is not None and now[1] is not None
-                and all(t._version == v for t, (_, v) in zip(now, self._refs)))
+        return (
+            now[2] is cos
+            and now[3] is sin
+            and now[0] is not None
+            and now[1] is not None
+            and all(t._version == v for t, (_, v) in zip(now, self._refs))
+        )
 
     def __reduce__(self):  # a copy or an unpickled model has new tables: each layer gathers from its own
         return (_no_group, ())
@@ -303,8 +333,9 @@ def rotary_position_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]
     decides what is attended to. SASA's shared candidate forward gives C candidates one position this way
     (``[prefix mask, 1, 0, ..., 0]``). Needs :func:`rotary_supports_position_mask`; always restored."""
     if not rotary_supports_position_mask(model):
-        raise ValueError("rotary_position_mask needs a rotary model prepared by apply_mask_sharing "
-                         "(load_model does this).")
+        raise ValueError(
+            "rotary_position_mask needs a rotary model prepared by apply_mask_sharing (load_model does this)."
+        )
     from transformer_lens.components import AbstractAttention
 
     memos = {id(m._saesteer_memo): m._saesteer_memo for m in model.modules() if isinstance(m, AbstractAttention)}
@@ -342,12 +373,17 @@ def _no_hooks(module: nn.Module) -> bool:
     """True when neither ``module`` and its submodules nor the global registries hold any module hook."""
     from torch.nn.modules import module as module_mod
 
-    registries = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                  "_global_backward_pre_hooks")
+    registries = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
     if any(getattr(module_mod, name, None) for name in registries):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in module.modules())
+    return not any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in module.modules()
+    )
 
 
 def _block_forward_norm_once(self, *args, **kwargs):

@@ -13,9 +13,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from saesteer.sae import ops as sae_ops
 from saesteer.checks import check_positive_int, check_sae_fits
 from saesteer.models.tokens import check_texts, tokenize
+from saesteer.sae import ops as sae_ops
 
 
 @dataclass

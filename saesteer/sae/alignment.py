@@ -29,11 +29,11 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from saesteer.sae import ops as sae_ops
-from saesteer.sae.activations import iter_latents
 from saesteer.checks import sae_hook_name
 from saesteer.data.package_files import storage_path
 from saesteer.models.tokens import check_texts
+from saesteer.sae import ops as sae_ops
+from saesteer.sae.activations import iter_latents
 
 Embedder = Callable[[list[str]], Tensor]
 
@@ -95,14 +95,19 @@ class LatentScores:
         return (
             f"coverage {self.coverage:.1%} of latents fire on the reference prompts; "
             f"explained variance on the alignment prompts {self.explained_variance:.3f}"
-            + (" (low: this SAE reconstructs the target poorly, treat the scores with care)"
-               if self.explained_variance < 0.5 else "")
+            + (
+                " (low: this SAE reconstructs the target poorly, treat the scores with care)"
+                if self.explained_variance < 0.5
+                else ""
+            )
         )
 
 
 def _profile_batches(model, sae, texts, hook_name, batch_size, max_length, progress):
     """Yield (mean latent vector per text, resid rows of real tokens) batch by batch."""
-    for b in iter_latents(model, sae, texts, hook_name, batch_size=batch_size, max_length=max_length, progress=progress):
+    for b in iter_latents(
+        model, sae, texts, hook_name, batch_size=batch_size, max_length=max_length, progress=progress
+    ):
         m = b.mask.to(b.acts.dtype).unsqueeze(-1)
         n = m.sum(1)
         if (n == 0).any():
@@ -140,7 +145,9 @@ def score_latents(
         return torch.nn.functional.normalize(torch.as_tensor(e, dtype=torch.float32), dim=-1)
 
     align_emb, align_resid = [], []
-    for i, (prof, resid) in enumerate(_profile_batches(model, sae, alignment, hook_name, batch_size, max_length, False)):
+    for i, (prof, resid) in enumerate(
+        _profile_batches(model, sae, alignment, hook_name, batch_size, max_length, False)
+    ):
         align_emb.append(embed_batch(prof.float(), alignment[i * batch_size : (i + 1) * batch_size]))
         align_resid.append(resid.float())
     align_emb_t = torch.cat(align_emb)
@@ -167,16 +174,22 @@ def score_latents(
         lo, hi = raw[alive].min(), raw[alive].max()
         scores[alive] = 1.0 - (raw[alive] - lo) / (hi - lo) if hi > lo else torch.ones_like(raw[alive])
     return LatentScores(
-        scores=scores.float(), alive=alive, raw=raw.float(), distances=torch.cat(distances).float(),
-        explained_variance=ev, hook_name=hook_name,
+        scores=scores.float(),
+        alive=alive,
+        raw=raw.float(),
+        distances=torch.cat(distances).float(),
+        explained_variance=ev,
+        hook_name=hook_name,
     )
 
 
 def scores_to_frame(scores: LatentScores) -> pd.DataFrame:
     """All latents as a table: latent, alive, score, raw (NaN for dead latents)."""
-    return pd.DataFrame({
-        "latent": np.arange(len(scores.scores)),
-        "alive": scores.alive.numpy(),
-        "score": scores.scores.numpy(),
-        "raw": scores.raw.numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "latent": np.arange(len(scores.scores)),
+            "alive": scores.alive.numpy(),
+            "score": scores.scores.numpy(),
+            "raw": scores.raw.numpy(),
+        }
+    )

@@ -23,9 +23,9 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from saesteer.sae.activations import iter_latents
 from saesteer.checks import check_positive_int, sae_hook_name
 from saesteer.models.tokens import check_texts
+from saesteer.sae.activations import iter_latents
 
 
 def select_latents(table: pd.DataFrame, n: int, max_density: float | None = 0.05) -> pd.DataFrame:
@@ -41,17 +41,23 @@ def select_latents(table: pd.DataFrame, n: int, max_density: float | None = 0.05
             raise ValueError("max_density needs the table's 'freq_non_toxic' column; pass max_density=None.")
         table = table[table["freq_non_toxic"] <= max_density]
     if n > len(table):
-        raise ValueError(f"{n} latents asked for but only {len(table)} rows qualify (max_density={max_density}); "
-                         "compute the table with top_n=None, or lower n / raise max_density.")
+        raise ValueError(
+            f"{n} latents asked for but only {len(table)} rows qualify (max_density={max_density}); "
+            "compute the table with top_n=None, or lower n / raise max_density."
+        )
     return table.head(n)
 
 
 @torch.no_grad()
-def _token_stats(model, sae, texts, hook_name, batch_size, max_length, progress) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _token_stats(
+    model, sae, texts, hook_name, batch_size, max_length, progress
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     n = 0
-    for b in iter_latents(model, sae, texts, hook_name, batch_size=batch_size, max_length=max_length, progress=progress):
+    for b in iter_latents(
+        model, sae, texts, hook_name, batch_size=batch_size, max_length=max_length, progress=progress
+    ):
         acts = b.acts[b.mask].double().cpu()
         total += acts.sum(0)
         fired += (acts > 0).sum(0)
@@ -88,14 +94,16 @@ def toxicity_latents(
         raise ValueError("The SAE does not name its hook; pass hook_name='blocks.L.hook_resid_post'.")
     mt, ft, _ = _token_stats(model, sae, toxic, hook_name, batch_size, max_length, progress and "toxic texts")
     mn, fn, _ = _token_stats(model, sae, non_toxic, hook_name, batch_size, max_length, progress and "non-toxic texts")
-    df = pd.DataFrame({
-        "latent": range(sae.cfg.d_sae),
-        "diff": (mt - mn).numpy(),
-        "mean_toxic": mt.numpy(),
-        "mean_non_toxic": mn.numpy(),
-        "ratio": (mt / (mn + eps)).numpy(),
-        "freq_toxic": ft.numpy(),
-        "freq_non_toxic": fn.numpy(),
-    })
+    df = pd.DataFrame(
+        {
+            "latent": range(sae.cfg.d_sae),
+            "diff": (mt - mn).numpy(),
+            "mean_toxic": mt.numpy(),
+            "mean_non_toxic": mn.numpy(),
+            "ratio": (mt / (mn + eps)).numpy(),
+            "freq_toxic": ft.numpy(),
+            "freq_non_toxic": fn.numpy(),
+        }
+    )
     df = df.sort_values("diff", ascending=False, kind="stable").reset_index(drop=True)
     return df if top_n is None else df.head(top_n)

@@ -61,8 +61,11 @@ def openai_to_saelens(state_dict: dict, hook_name: str, device: str = "cpu") -> 
         raise ValueError(f"Not an OpenAI sparse_autoencoder state dict: missing {e}.") from None
     n_latents, d_model = w_enc.shape
     activation = state_dict.get("activation", "ReLU")
-    meta = SAEMetadata(hook_name=hook_name, model_name="gpt2-small", model_from_pretrained_kwargs={
-        "fold_ln": False, "center_writing_weights": False, "center_unembed": False})
+    meta = SAEMetadata(
+        hook_name=hook_name,
+        model_name="gpt2-small",
+        model_from_pretrained_kwargs={"fold_ln": False, "center_writing_weights": False, "center_unembed": False},
+    )
     common = dict(d_in=d_model, d_sae=n_latents, apply_b_dec_to_input=True, metadata=meta, device=device)
     if activation == "TopK":
         k = int(state_dict.get("activation_state_dict", {}).get("k", 32))
@@ -80,8 +83,12 @@ def openai_to_saelens(state_dict: dict, hook_name: str, device: str = "cpu") -> 
 
 
 def load_openai_sae(
-    layer: int, size: Literal["32k", "128k"] = "32k", location: str = "resid_post_mlp", *,
-    device: str = "cpu", path: str | None = None,
+    layer: int,
+    size: Literal["32k", "128k"] = "32k",
+    location: str = "resid_post_mlp",
+    *,
+    device: str = "cpu",
+    path: str | None = None,
 ) -> SAE:
     """Read an OpenAI GPT-2 small SAE with blobfile (``path`` overrides the public location)."""
     import blobfile as bf
@@ -97,8 +104,12 @@ def load_openai_sae(
 
 
 def load_sae(
-    release_or_path: str, sae_id: str | None = None, *, device: str | None = None,
-    dtype: str | torch.dtype | None = None, model: HookedTransformer | None = None,
+    release_or_path: str,
+    sae_id: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    model: HookedTransformer | None = None,
 ) -> SAE:
     """Load one of the project's SAEs by name, an SAE folder saved by SAELens, or a SAELens release.
 
@@ -118,13 +129,17 @@ def load_sae(
     elif path.is_dir():
         sae = SAE.load_from_disk(path, device=device)
     elif "/" in release_or_path or release_or_path.startswith("."):
-        raise ValueError(f"{release_or_path} is not an existing SAE folder (cfg.json + weights); check the path, "
-                         "or pass a SAELens release name such as 'gpt2-small-res-jb'.")
+        raise ValueError(
+            f"{release_or_path} is not an existing SAE folder (cfg.json + weights); check the path, "
+            "or pass a SAELens release name such as 'gpt2-small-res-jb'."
+        )
     else:
         if sae_id is None:
-            raise ValueError(f"{release_or_path!r} is not one of the project's SAEs ({sorted(project_saes())}) nor a "
-                             "folder; for a SAELens release pass sae_id= (e.g. 'blocks.8.hook_resid_pre' for "
-                             "gpt2-small-res-jb).")
+            raise ValueError(
+                f"{release_or_path!r} is not one of the project's SAEs ({sorted(project_saes())}) nor a "
+                "folder; for a SAELens release pass sae_id= (e.g. 'blocks.8.hook_resid_pre' for "
+                "gpt2-small-res-jb)."
+            )
         sae = SAE.from_pretrained(release_or_path, sae_id, device=device)
     sae = sae.eval().requires_grad_(False)
     if dtype is not None:

@@ -104,9 +104,7 @@ def active_count(sae: SAE, acts: Float[Tensor, "... d_sae"]) -> int | Tensor:
 
 
 @torch.no_grad()
-def explained_variance(
-    sae: SAE, x: Float[Tensor, "n d_in"]
-) -> float:
+def explained_variance(sae: SAE, x: Float[Tensor, "n d_in"]) -> float:
     """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the rows of ``x``."""
     enc = encode(sae, x)
     recon = decode(sae, enc.acts, enc).to(x.dtype)

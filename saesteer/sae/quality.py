@@ -120,7 +120,11 @@ def _resid_up_to(model, tokens: Tensor, hook_name: str) -> Tensor:
 
 @torch.inference_mode()
 def collect_hook_activations(
-    model, tokens: Int[Tensor, "n_rows pos"], hook_name: str, batch_size: int = 32, drop_bos: bool = True,
+    model,
+    tokens: Int[Tensor, "n_rows pos"],
+    hook_name: str,
+    batch_size: int = 32,
+    drop_bos: bool = True,
     progress: bool = False,
 ) -> Float[Tensor, "n_tokens d_model"]:
     """Activations at ``hook_name`` for every row of ``tokens`` (running the model only up to that
@@ -275,8 +279,13 @@ def evaluate_saes(
 
 
 def evaluate_sae(
-    model, sae: SAE, tokens: Int[Tensor, "n_rows pos"], hook_name: str | None = None, batch_size: int = 16,
-    compute_ce: bool = True, max_norm: float | None = None,
+    model,
+    sae: SAE,
+    tokens: Int[Tensor, "n_rows pos"],
+    hook_name: str | None = None,
+    batch_size: int = 16,
+    compute_ce: bool = True,
+    max_norm: float | None = None,
 ) -> SAEQuality:
     """:func:`evaluate_saes` for one SAE."""
     return evaluate_saes(model, {"sae": sae}, tokens, hook_name, batch_size, compute_ce, max_norm=max_norm)["sae"]

@@ -93,7 +93,8 @@ def default_project_sae(model_name: str, width: int | None = None) -> ProjectSAE
     if not found:
         have = sorted(f"{e.name} ({e.model}, {e.width})" for e in project_saes().values())
         raise ValueError(
-            f"The project ships no SAE for model {model_name!r}" + (f" of width {width}" if width else "")
+            f"The project ships no SAE for model {model_name!r}"
+            + (f" of width {width}" if width else "")
             + f"; shipped: {have}. Pass an SAE folder or a SAELens release instead."
         )
     return max(found, key=lambda e: e.width)

@@ -97,8 +97,18 @@ class TrainingConfig:
         self.widths = tuple(int(w) for w in self.widths)
         if not self.widths or any(w <= 0 for w in self.widths):
             raise ValueError(f"widths must be positive numbers of latents, e.g. 1152,4608; got {self.widths}.")
-        for name in ("k", "train_tokens", "context_size", "forward_batch", "chunk_rows", "batch_size",
-                     "checkpoint_every", "threads", "log_every", "dead_window_tokens"):
+        for name in (
+            "k",
+            "train_tokens",
+            "context_size",
+            "forward_batch",
+            "chunk_rows",
+            "batch_size",
+            "checkpoint_every",
+            "threads",
+            "log_every",
+            "dead_window_tokens",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}.")
@@ -157,8 +167,10 @@ def build_rows(cfg: TrainingConfig, tokenizer) -> TrainingRows:
     held = pack_token_rows(en_held, tokenizer, ctx, max_rows=cfg.val_rows + cfg.eval_rows)
     val, eval_en = held[: cfg.val_rows], held[cfg.val_rows : cfg.val_rows + cfg.eval_rows]
     if eval_en.shape[0] == 0:
-        raise ValueError(f"the held-out English text fills {held.shape[0]} rows of {ctx} tokens, not more than "
-                         f"val_rows={cfg.val_rows}: none is left to evaluate on; give more text or lower val_rows.")
+        raise ValueError(
+            f"the held-out English text fills {held.shape[0]} rows of {ctx} tokens, not more than "
+            f"val_rows={cfg.val_rows}: none is left to evaluate on; give more text or lower val_rows."
+        )
     g = torch.Generator().manual_seed(cfg.seed)
     parts, sources, evals = [], {}, {"english": eval_en}
     if cfg.register == "insults-train":
@@ -171,8 +183,10 @@ def build_rows(cfg: TrainingConfig, tokenizer) -> TrainingRows:
     want = max(0, cfg.train_tokens // (ctx - 1) - sum(p.shape[0] for p in parts))
     en_rows = pack_token_rows(en_train, tokenizer, ctx)
     if want > en_rows.shape[0]:
-        raise ValueError(f"the English corpus holds {en_rows.shape[0]} training rows, fewer than the {want} that "
-                         f"train_tokens={cfg.train_tokens} needs; lower train_tokens or give more text.")
+        raise ValueError(
+            f"the English corpus holds {en_rows.shape[0]} training rows, fewer than the {want} that "
+            f"train_tokens={cfg.train_tokens} needs; lower train_tokens or give more text."
+        )
     pick = torch.randperm(en_rows.shape[0], generator=g)[:want].sort().values
     parts.append(en_rows[pick])
     sources["english"] = want
@@ -209,8 +223,11 @@ def collect_activations(
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if manifest.get("format") != ACTS_FORMAT or manifest.get("model_digest") != model_digest \
-            or manifest.get("hook") != cfg.hook:
+    if (
+        manifest.get("format") != ACTS_FORMAT
+        or manifest.get("model_digest") != model_digest
+        or manifest.get("hook") != cfg.hook
+    ):
         if manifest:
             say(f"{manifest_path}: activations of another model, hook or format; collecting afresh")
         manifest = {"format": ACTS_FORMAT, "model_digest": model_digest, "hook": cfg.hook, "chunks": {}}
@@ -234,8 +251,10 @@ def collect_activations(
             done_tokens += acts.shape[0]
             rate = done_tokens / (time.time() - t0)
             left = (n - start - chunk_rows.shape[0]) * (rows.shape[1] - 1) / rate
-            say(f"activations: chunk {c} ({start + chunk_rows.shape[0]}/{n} rows) {rate:.0f} tok/s, "
-                f"eta {left / 60:.1f} min")
+            say(
+                f"activations: chunk {c} ({start + chunk_rows.shape[0]}/{n} rows) {rate:.0f} tok/s, "
+                f"eta {left / 60:.1f} min"
+            )
         out.append(acts)
     return torch.cat(out)
 
@@ -283,18 +302,24 @@ def _trainer_class():
             if step % self.log_every == 0 or step == total:
                 d = self.build_train_step_log_dict(step_output, self.n_training_samples)
                 rec = {
-                    "step": step, "tokens": self.n_training_samples, "loss": d["losses/overall_loss"],
+                    "step": step,
+                    "tokens": self.n_training_samples,
+                    "loss": d["losses/overall_loss"],
                     "mse_loss": float(d.get("losses/mse_loss", float("nan"))),
                     "aux_loss": float(d.get("losses/auxiliary_reconstruction_loss", 0.0)),
                     "explained_variance_train_batch": d["metrics/explained_variance"],
                     "explained_variance_heldout": self.val_explained_variance(),
-                    "l0": d["metrics/l0"], "dead_latents": int(d["sparsity/dead_features"]),
-                    "lr": d["details/current_learning_rate"], "elapsed_s": time.time() - self.t0,
+                    "l0": d["metrics/l0"],
+                    "dead_latents": int(d["sparsity/dead_features"]),
+                    "lr": d["details/current_learning_rate"],
+                    "elapsed_s": time.time() - self.t0,
                 }
                 self.history.append(rec)
-                say(f"[{self.sae.cfg.d_sae}] step {step}/{total} loss {rec['loss']:.3f} (aux {rec['aux_loss']:.3f}) "
+                say(
+                    f"[{self.sae.cfg.d_sae}] step {step}/{total} loss {rec['loss']:.3f} (aux {rec['aux_loss']:.3f}) "
                     f"EV held-out {rec['explained_variance_heldout']:.3f} L0 {rec['l0']:.1f} "
-                    f"dead {rec['dead_latents']} lr {rec['lr']:.2e}")
+                    f"dead {rec['dead_latents']} lr {rec['lr']:.2e}"
+                )
             if step % self.checkpoint_every == 0 and step < total:
                 self.checkpoint()
 
@@ -330,8 +355,9 @@ def _trainer_class():
     return CheckpointingSAETrainer
 
 
-def train_width(cfg: TrainingConfig, width: int, acts: Tensor, val_acts: Tensor, d_in: int,
-                metadata: dict, run_digest: str):
+def train_width(
+    cfg: TrainingConfig, width: int, acts: Tensor, val_acts: Tensor, d_in: int, metadata: dict, run_digest: str
+):
     """Train (or resume) one width; return (sae, trainer, seconds)."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -341,16 +367,32 @@ def train_width(cfg: TrainingConfig, width: int, acts: Tensor, val_acts: Tensor,
     total_steps = total_samples // cfg.batch_size
     dead_window = max(1, math.ceil(cfg.dead_window_tokens / cfg.batch_size))
     torch.manual_seed(cfg.seed + width)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=width, k=cfg.k, aux_loss_coefficient=cfg.aux_coef, rescale_acts_by_decoder_norm=True,
-        normalize_activations="expected_average_only_in", dtype="float32", device="cpu",
-        metadata=SAEMetadata(**metadata),
-    ))
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=width,
+            k=cfg.k,
+            aux_loss_coefficient=cfg.aux_coef,
+            rescale_acts_by_decoder_norm=True,
+            normalize_activations="expected_average_only_in",
+            dtype="float32",
+            device="cpu",
+            metadata=SAEMetadata(**metadata),
+        )
+    )
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=total_samples, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
-        lr_end=cfg.lr / 10, lr_scheduler_name="constant", lr_warm_up_steps=max(1, int(cfg.warmup_frac * total_steps)),
-        lr_decay_steps=int(cfg.decay_frac * total_steps), adam_beta1=0.9, adam_beta2=0.999, device="cpu",
-        dead_feature_window=dead_window, feature_sampling_window=max(dead_window, 100),
+        total_training_samples=total_samples,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=max(1, int(cfg.warmup_frac * total_steps)),
+        lr_decay_steps=int(cfg.decay_frac * total_steps),
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        device="cpu",
+        dead_feature_window=dead_window,
+        feature_sampling_window=max(dead_window, 100),
         n_batches_for_norm_estimate=max(1, min(50, acts.shape[0] // cfg.batch_size)),
     )
     ckpt_dir = Path(cfg.work_dir) / f"sae-{width}"
@@ -361,8 +403,15 @@ def train_width(cfg: TrainingConfig, width: int, acts: Tensor, val_acts: Tensor,
         shutil.rmtree(ckpt_dir / "latest", ignore_errors=True)
     write_text_atomic(ident, json.dumps({"run_digest": run_digest}))
     Trainer = _trainer_class()
-    trainer = Trainer(trainer_cfg, sae, None, val_acts=val_acts, log_every=cfg.log_every, ckpt_dir=ckpt_dir,
-                      checkpoint_every=cfg.checkpoint_every)
+    trainer = Trainer(
+        trainer_cfg,
+        sae,
+        None,
+        val_acts=val_acts,
+        log_every=cfg.log_every,
+        ckpt_dir=ckpt_dir,
+        checkpoint_every=cfg.checkpoint_every,
+    )
     if trainer.resume():
         say(f"[{width}] resuming at step {trainer.n_training_steps}/{total_steps}")
     else:
@@ -384,15 +433,28 @@ def write_figure(history: list[dict], path: Path, title: str) -> list[Path]:
     from saesteer.viz.export import save_figure
 
     steps = [h["step"] for h in history]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=(
-        "training loss (normalised units)", "explained variance", "L0 (active latents / token)",
-        "dead latents (no firing in the dead window)"))
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        subplot_titles=(
+            "training loss (normalised units)",
+            "explained variance",
+            "L0 (active latents / token)",
+            "dead latents (no firing in the dead window)",
+        ),
+    )
     fig.add_trace(go.Scatter(x=steps, y=[h["mse_loss"] for h in history], name="MSE loss"), row=1, col=1)
     fig.add_trace(go.Scatter(x=steps, y=[h["aux_loss"] for h in history], name="aux-k loss"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=steps, y=[h["explained_variance_train_batch"] for h in history],
-                             name="EV, training batch"), row=1, col=2)
-    fig.add_trace(go.Scatter(x=steps, y=[h["explained_variance_heldout"] for h in history],
-                             name="EV, held-out tokens"), row=1, col=2)
+    fig.add_trace(
+        go.Scatter(x=steps, y=[h["explained_variance_train_batch"] for h in history], name="EV, training batch"),
+        row=1,
+        col=2,
+    )
+    fig.add_trace(
+        go.Scatter(x=steps, y=[h["explained_variance_heldout"] for h in history], name="EV, held-out tokens"),
+        row=1,
+        col=2,
+    )
     fig.add_trace(go.Scatter(x=steps, y=[h["l0"] for h in history], name="L0"), row=2, col=1)
     fig.add_trace(go.Scatter(x=steps, y=[h["dead_latents"] for h in history], name="dead latents"), row=2, col=2)
     fig.update_yaxes(type="log", row=1, col=1)
@@ -405,7 +467,6 @@ def save_sae(sae, cfg: TrainingConfig, out: Path, metadata: dict):
     import tempfile
 
     from sae_lens import SAE
-    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_inference_model(tmp)
@@ -441,8 +502,10 @@ def run(cfg: TrainingConfig, model=None) -> dict[int, Path]:
         raise ValueError(f"layer must be in [0, {model.cfg.n_layers}); got {cfg.layer}.")
     model_digest = state_dict_digest(model)
     rows = build_rows(cfg, model.tokenizer)
-    say(f"mix: {rows.train.shape[0]} rows x {cfg.context_size} tokens ({rows.sources}); held-out eval rows "
-        + ", ".join(f"{k}: {v.shape[0]}" for k, v in rows.eval.items()))
+    say(
+        f"mix: {rows.train.shape[0]} rows x {cfg.context_size} tokens ({rows.sources}); held-out eval rows "
+        + ", ".join(f"{k}: {v.shape[0]}" for k, v in rows.eval.items())
+    )
     t_acts = time.time()
     acts = collect_activations(model, rows.train, cfg, model_digest)
     acts_seconds = time.time() - t_acts
@@ -453,16 +516,41 @@ def run(cfg: TrainingConfig, model=None) -> dict[int, Path]:
     val_acts = val_acts[val_acts.norm(dim=-1) <= max_norm]
     say(f"activations: {tuple(acts.shape)} ({int(sink.sum())} sink tokens above {max_norm:.1f} dropped)")
     metadata = {
-        "model_name": cfg.model, "hook_name": cfg.hook, "hook_head_index": None, "context_size": cfg.context_size,
-        "prepend_bos": True, "exclude_special_tokens": True, "seqpos_slice": [1, None], "max_token_norm": max_norm,
+        "model_name": cfg.model,
+        "hook_name": cfg.hook,
+        "hook_head_index": None,
+        "context_size": cfg.context_size,
+        "prepend_bos": True,
+        "exclude_special_tokens": True,
+        "seqpos_slice": [1, None],
+        "max_token_norm": max_norm,
         "dataset_path": f"english corpus + {cfg.register} ({rows.sources} rows); item i of each source held out "
         f"when i % {cfg.heldout_every} == {cfg.heldout_every - 1}",
         "excluded_tokens": f"BOS and tokens with residual norm > max_token_norm ({cfg.sink_factor:g} x the median "
         "training norm): attention sinks, not trained on",
     }
-    run_digest = tensor_digest(rows.train) + model_digest[:16] + json.dumps(
-        {k: v for k, v in asdict(cfg).items() if k not in ("widths", "threads", "work_dir", "out_dir", "figures_dir",
-                                                          "log_every", "checkpoint_every", "extra")}, sort_keys=True)
+    run_digest = (
+        tensor_digest(rows.train)
+        + model_digest[:16]
+        + json.dumps(
+            {
+                k: v
+                for k, v in asdict(cfg).items()
+                if k
+                not in (
+                    "widths",
+                    "threads",
+                    "work_dir",
+                    "out_dir",
+                    "figures_dir",
+                    "log_every",
+                    "checkpoint_every",
+                    "extra",
+                )
+            },
+            sort_keys=True,
+        )
+    )
     out_folders = {}
     for width in cfg.widths:
         out = Path(cfg.out_dir) / cfg.sae_name(width)
@@ -474,22 +562,38 @@ def run(cfg: TrainingConfig, model=None) -> dict[int, Path]:
         sae32, stored = save_sae(sae, cfg, out, metadata)
         write_text_atomic(out / "training_history.json", json.dumps(trainer.history, indent=1))
         fig_dir = Path(cfg.figures_dir) if cfg.figures_dir else out
-        write_figure(trainer.history, fig_dir / f"sae_training_curve-{width}.html",
-                     f"SAE training: {cfg.model} {cfg.hook}, TopK k={cfg.k}, {width} latents, "
-                     f"{acts.shape[0]:,} tokens x {cfg.epochs:g} passes")
-        quality = {"hook_name": cfg.hook, "model_name": cfg.model, "training": {
-            "train_tokens": int(acts.shape[0]), "sources_rows": rows.sources, "passes": cfg.epochs,
-            "steps": trainer.n_training_steps, "activation_seconds": round(acts_seconds, 1),
-            "training_seconds_last_sitting": round(seconds, 1), "sink_tokens_dropped": int(sink.sum()),
-            "max_token_norm": max_norm, "final_dead_latents_in_training_window": int(trainer.dead_neurons.sum()),
-        }, "heldout": {}}
+        write_figure(
+            trainer.history,
+            fig_dir / f"sae_training_curve-{width}.html",
+            f"SAE training: {cfg.model} {cfg.hook}, TopK k={cfg.k}, {width} latents, "
+            f"{acts.shape[0]:,} tokens x {cfg.epochs:g} passes",
+        )
+        quality = {
+            "hook_name": cfg.hook,
+            "model_name": cfg.model,
+            "training": {
+                "train_tokens": int(acts.shape[0]),
+                "sources_rows": rows.sources,
+                "passes": cfg.epochs,
+                "steps": trainer.n_training_steps,
+                "activation_seconds": round(acts_seconds, 1),
+                "training_seconds_last_sitting": round(seconds, 1),
+                "sink_tokens_dropped": int(sink.sum()),
+                "max_token_norm": max_norm,
+                "final_dead_latents_in_training_window": int(trainer.dead_neurons.sum()),
+            },
+            "heldout": {},
+        }
         for source, eval_rows in rows.eval.items():
-            res = evaluate_saes(model, {"float32": sae32, cfg.save_dtype: stored}, eval_rows, cfg.hook,
-                                batch_size=16, max_norm=max_norm)
+            res = evaluate_saes(
+                model, {"float32": sae32, cfg.save_dtype: stored}, eval_rows, cfg.hook, batch_size=16, max_norm=max_norm
+            )
             quality["heldout"][source] = {"rows": int(eval_rows.shape[0]), **{n: q.to_dict() for n, q in res.items()}}
             q = res[cfg.save_dtype]
-            say(f"[{width}] {source}: EV {q.explained_variance:.4f} L0 {q.l0:.1f} dead {q.dead_share:.2%} "
-                f"CE increase {q.ce_increase:.4f} nats")
+            say(
+                f"[{width}] {source}: EV {q.explained_variance:.4f} L0 {q.l0:.1f} dead {q.dead_share:.2%} "
+                f"CE increase {q.ce_increase:.4f} nats"
+            )
         write_text_atomic(out / "quality.json", json.dumps(quality, indent=2))
         shutil.rmtree(Path(cfg.work_dir) / f"sae-{width}", ignore_errors=True)
         out_folders[width] = out
@@ -503,10 +607,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=d.layer, help="block whose hook_resid_post is encoded")
     p.add_argument("--widths", default=",".join(map(str, d.widths)), help="latents per SAE, comma-separated")
     p.add_argument("--k", type=int, default=d.k, help="TopK: active latents per token")
-    p.add_argument("--corpus", action="append", default=[], help="English text file or folder (repeatable; "
-                   "default: saesteer.data.datasets.english_corpus's default)")
-    p.add_argument("--register", default=d.register, choices=REGISTERS,
-                   help="comment-style text mixed in (insults train split only; never the test split)")
+    p.add_argument(
+        "--corpus",
+        action="append",
+        default=[],
+        help="English text file or folder (repeatable; default: saesteer.data.datasets.english_corpus's default)",
+    )
+    p.add_argument(
+        "--register",
+        default=d.register,
+        choices=REGISTERS,
+        help="comment-style text mixed in (insults train split only; never the test split)",
+    )
     p.add_argument("--train-tokens", type=int, default=d.train_tokens)
     p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the collected activations")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -525,8 +637,20 @@ def config_from_args(a: argparse.Namespace) -> TrainingConfig:
     except ValueError:
         raise ValueError(f"--widths must be comma-separated integers such as 1152,4608; got {a.widths!r}.") from None
     return TrainingConfig(
-        model=a.model, layer=a.layer, widths=widths, k=a.k, corpus=tuple(a.corpus), register=a.register,
-        train_tokens=a.train_tokens, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        checkpoint_every=a.checkpoint_every, seed=a.seed, threads=a.threads, work_dir=a.work_dir,
-        out_dir=a.out_dir, figures_dir=a.figures_dir,
+        model=a.model,
+        layer=a.layer,
+        widths=widths,
+        k=a.k,
+        corpus=tuple(a.corpus),
+        register=a.register,
+        train_tokens=a.train_tokens,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        checkpoint_every=a.checkpoint_every,
+        seed=a.seed,
+        threads=a.threads,
+        work_dir=a.work_dir,
+        out_dir=a.out_dir,
+        figures_dir=a.figures_dir,
     )

@@ -15,6 +15,13 @@ from saesteer.steering.sasa_subspace import Subspace, learn_subspace
 from saesteer.steering.word_filter import BannedWords, WordFilter
 
 __all__ = [
-    "Attribute", "BannedWords", "DecoderSteering", "LatentSteering", "SASA", "SASADecoder", "Subspace",
-    "WordFilter", "learn_subspace",
+    "Attribute",
+    "BannedWords",
+    "DecoderSteering",
+    "LatentSteering",
+    "SASA",
+    "SASADecoder",
+    "Subspace",
+    "WordFilter",
+    "learn_subspace",
 ]

@@ -32,9 +32,9 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from saesteer.sae import ops as sae_ops
 from saesteer.checks import check_strength, sae_hook_name
 from saesteer.hooks import HookSteerer, check_sink_factor, sink_mask
+from saesteer.sae import ops as sae_ops
 
 Tier = Literal["conditional", "proportional", "constant"]
 TIERS: tuple[Tier, ...] = ("conditional", "proportional", "constant")
@@ -72,7 +72,9 @@ class DecoderSteering(HookSteerer):
         if idx.numel() == 0:
             raise ValueError("latents is empty; pass at least one latent index (e.g. toxicity_latents(...)).")
         if (idx < 0).any() or (idx >= d_sae).any():
-            raise ValueError(f"latent indices must lie in [0, {d_sae}); got {idx[(idx < 0) | (idx >= d_sae)].tolist()}.")
+            raise ValueError(
+                f"latent indices must lie in [0, {d_sae}); got {idx[(idx < 0) | (idx >= d_sae)].tolist()}."
+            )
         self._idx = idx.to(self.sae.W_dec.device)
         self._dirs = sae_ops.decoder_matrix(self.sae)[self._idx]  # [n, d_in]
         self._units = torch.nn.functional.normalize(self._dirs, dim=-1).sum(0)  # sum_i d_i / ||d_i||

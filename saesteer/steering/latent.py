@@ -31,9 +31,9 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from saesteer.sae import ops as sae_ops
 from saesteer.checks import check_positive_int, check_strength, sae_hook_name
 from saesteer.hooks import HookSteerer, check_sink_factor, sink_mask
+from saesteer.sae import ops as sae_ops
 from saesteer.sae.alignment import LatentScores
 
 Mode = Literal["swap", "clamp", "weight"]

@@ -121,7 +121,9 @@ def _convert(component: str, key: str, raw: str) -> Any:
             return int(val)
         val = float(raw)
     except ValueError:
-        raise ValueError(f"{component}.{key} must be {'an integer' if spec.kind is int else 'a number'}, got {raw!r}.") from None
+        raise ValueError(
+            f"{component}.{key} must be {'an integer' if spec.kind is int else 'a number'}, got {raw!r}."
+        ) from None
     if not np.isfinite(val):
         raise ValueError(f"{component}.{key} must be finite, got {raw!r}.")
     return val
@@ -166,14 +168,17 @@ def parse_method(spec: str | MethodSpec) -> MethodSpec:
     if isinstance(spec, MethodSpec):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a method spec must be a non-empty string like 'sasa:beta=20'; got {spec!r}. "
-                         f"Methods: {method_names()}.")
+        raise ValueError(
+            f"a method spec must be a non-empty string like 'sasa:beta=20'; got {spec!r}. Methods: {method_names()}."
+        )
     head, _, tail = spec.strip().partition(":")
     components = tuple(c.strip().lower() for c in head.split("+"))
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not all(components):
-        raise ValueError(f"unknown method {unknown[0] if unknown else head!r} in {spec!r}; accepted methods: "
-                         f"{method_names()} (combine with '+', e.g. 'sasa+decoder').")
+        raise ValueError(
+            f"unknown method {unknown[0] if unknown else head!r} in {spec!r}; accepted methods: "
+            f"{method_names()} (combine with '+', e.g. 'sasa+decoder')."
+        )
     if len(set(components)) != len(components):
         raise ValueError(f"{spec!r} names a method twice.")
     if "unsteered" in components and len(components) > 1:
@@ -185,19 +190,26 @@ def parse_method(spec: str | MethodSpec) -> MethodSpec:
             key, eq, raw = item.partition("=")
             key = key.strip().lower()
             if not eq or not key:
-                raise ValueError(f"bad item {item.strip()!r} in {spec!r}; write key=value (accepted keys: "
-                                 f"{_accepted(components)}).")
+                raise ValueError(
+                    f"bad item {item.strip()!r} in {spec!r}; write key=value (accepted keys: {_accepted(components)})."
+                )
             if "." in key:
                 comp, _, key = key.partition(".")
                 if comp not in components:
-                    raise ValueError(f"{comp!r} in {item.strip()!r} is not one of the methods of {spec!r}: {list(components)}.")
+                    raise ValueError(
+                        f"{comp!r} in {item.strip()!r} is not one of the methods of {spec!r}: {list(components)}."
+                    )
                 owners = [comp] if key in COMPONENTS[comp] else []
             else:
                 owners = [c for c in components if key in COMPONENTS[c]]
             if not owners:
-                raise ValueError(f"unknown key {key!r} for {'+'.join(components)}; accepted keys: {_accepted(components)}.")
+                raise ValueError(
+                    f"unknown key {key!r} for {'+'.join(components)}; accepted keys: {_accepted(components)}."
+                )
             if len(owners) > 1:
-                raise ValueError(f"key {key!r} belongs to several methods {owners}; write e.g. {owners[0]}.{key}={raw.strip()}.")
+                raise ValueError(
+                    f"key {key!r} belongs to several methods {owners}; write e.g. {owners[0]}.{key}={raw.strip()}."
+                )
             comp = owners[0]
             if f"{comp}.{key}" in given:
                 raise ValueError(f"key {comp}.{key} is given twice in {spec!r}.")
@@ -274,8 +286,10 @@ def build_method(spec: str | MethodSpec, resources: Resources | None = None) -> 
     for c in ms.components:
         for need in _NEEDS[c]:
             if getattr(res, need) is None:
-                raise ValueError(f"method {c!r} needs resources.{need}: {how[need]}, or call "
-                                 "saesteer.steering.registry.prepare_resources(model, [specs], sae=...).")
+                raise ValueError(
+                    f"method {c!r} needs resources.{need}: {how[need]}, or call "
+                    "saesteer.steering.registry.prepare_resources(model, [specs], sae=...)."
+                )
     steerers, decoder = [], None
     record: dict[str, Any] = {"spec": str(ms), "params": ms.flat(), "resources": dict(res.info)}
     for c in ms.components:
@@ -283,8 +297,11 @@ def build_method(spec: str | MethodSpec, resources: Resources | None = None) -> 
         if c == "unsteered":
             continue
         if c == "sasa":
-            decoder = SASADecoder([Attribute(res.subspace, p["beta"])], max_candidates=p["max_candidates"],
-                                  margin_transform=p["margin_transform"])
+            decoder = SASADecoder(
+                [Attribute(res.subspace, p["beta"])],
+                max_candidates=p["max_candidates"],
+                margin_transform=p["margin_transform"],
+            )
         elif c == "decoder":
             top = select_latents(res.contrast_table, p["n_latents"], p["max_density"])
             steerers.append(DecoderSteering(res.sae, top, tier=p["tier"], alpha=p["alpha"], threshold=p["threshold"]))
@@ -377,8 +394,12 @@ def prepare_resources(
         raise ValueError("these methods need an SAE: pass sae=saesteer.load_sae(PATH) (or drop the SAE methods).")
     if sae is not None:
         sae_name = sae_name or f"sae{int(sae.cfg.d_sae)}"
-        res.info["sae"] = {"name": sae_name, "d_sae": int(sae.cfg.d_sae), "digest": sae_digest(sae),
-                           "hook_name": getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)}
+        res.info["sae"] = {
+            "name": sae_name,
+            "d_sae": int(sae.cfg.d_sae),
+            "digest": sae_digest(sae),
+            "hook_name": getattr(getattr(sae.cfg, "metadata", None), "hook_name", None),
+        }
 
     def labelled():
         nonlocal data
@@ -392,7 +413,9 @@ def prepare_resources(
         from saesteer.steering.sasa import SASA
 
         wv = cache / f"{model_name}-insults-{sasa_samples}-seed{seed}.pt"
-        say(f"SASA subspace: {'loading ' + str(wv) if wv.exists() else f'learning from {sasa_samples} insults comments'}")
+        say(
+            f"SASA subspace: {'loading ' + str(wv) if wv.exists() else f'learning from {sasa_samples} insults comments'}"
+        )
         sasa = SASA(beta=0.0, wv_path=str(wv), gen_wv_data=labelled(), gen_wv_length=sasa_samples)
         res.subspace = sasa.steer(model, seed=seed, progress=progress)
         res.info["subspace"] = {"file": wv.name, "samples": sasa_samples, "seed": seed}

@@ -55,9 +55,10 @@ from transformer_lens.components import Attention, GroupedQueryAttention
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saesteer.checks import check_positive_int, check_strength
-from saesteer.generation import DecodeState, Decoder, pick
-from saesteer.hooks import forward_positions
 from saesteer.data.datasets import LabelledTexts, load_jigsaw
+from saesteer.generation import Decoder, DecodeState, pick
+from saesteer.hooks import forward_positions
+from saesteer.models.tl_fixes import rotary_position_mask, rotary_supports_position_mask
 from saesteer.steering.sasa_subspace import (
     Subspace,
     _check_length,
@@ -67,7 +68,6 @@ from saesteer.steering.sasa_subspace import (
     embedding_hook_name,
     learn_subspace,
 )
-from saesteer.models.tl_fixes import rotary_position_mask, rotary_supports_position_mask
 
 MarginTransform = Literal["softmax", "raw"]
 CandidateForward = Literal["auto", "shared", "fork"]
@@ -76,8 +76,10 @@ CandidateForward = Literal["auto", "shared", "fork"]
 def select_cache_rows(cache: TransformerLensKeyValueCache, rows: Int[Tensor, " n"]) -> TransformerLensKeyValueCache:
     """A new KV cache holding ``rows`` of ``cache`` (repeat a row to fork it, pick rows to merge back)."""
     entries = [
-        TransformerLensKeyValueCacheEntry(e.past_keys.index_select(0, rows.to(e.past_keys.device)),
-                                          e.past_values.index_select(0, rows.to(e.past_values.device)))
+        TransformerLensKeyValueCacheEntry(
+            e.past_keys.index_select(0, rows.to(e.past_keys.device)),
+            e.past_values.index_select(0, rows.to(e.past_values.device)),
+        )
         for e in cache.entries
     ]
     mask = cache.previous_attention_mask.index_select(0, rows.to(cache.previous_attention_mask.device))
@@ -164,8 +166,9 @@ class SASADecoder(Decoder):
             return "fork"
         reason = shared_forward_unsupported(model)
         if reason is not None and self.candidate_forward == "shared":
-            raise ValueError(f"candidate_forward='shared' cannot be exact on this model ({reason}); "
-                             "use 'auto' or 'fork'.")
+            raise ValueError(
+                f"candidate_forward='shared' cannot be exact on this model ({reason}); use 'auto' or 'fork'."
+            )
         return "fork" if reason is not None else "shared"
 
     def bonus(self, margins: Float[Tensor, "batch cand n_attr"], valid: Tensor) -> Float[Tensor, "batch cand"]:
@@ -193,13 +196,17 @@ class SASADecoder(Decoder):
 
         # shared appends to the cache, and gives the C candidates C positions first (the last of them must
         # exist: near n_ctx, fork)
-        shared = (self.forward_mode(model) == "shared" and not state.cache.frozen  # (a host sync: asked last)
-                  and int(state.cache.previous_attention_mask.sum(-1).max()) + n_cand <= model.cfg.n_ctx)
+        shared = (
+            self.forward_mode(model) == "shared"
+            and not state.cache.frozen  # (a host sync: asked last)
+            and int(state.cache.previous_attention_mask.sum(-1).max()) + n_cand <= model.cfg.n_ctx
+        )
         forward = self._shared if shared else self._fork
         hidden, normed, keep, undo = forward(model, state.cache, cand)  # [B, C, d] each
         try:
-            margins = torch.stack([a.subspace.margin(apply_final_norm(model, hidden)) for a in self.attributes],
-                                  dim=-1).float()
+            margins = torch.stack(
+                [a.subspace.margin(apply_final_norm(model, hidden)) for a in self.attributes], dim=-1
+            ).float()
             adjusted = cand_logits + self.bonus(margins, valid)
             adjusted = adjusted.masked_fill(~valid, float("-inf"))
             full = torch.full_like(logits, float("-inf")).scatter(-1, cand, adjusted)
@@ -238,8 +245,8 @@ class SASADecoder(Decoder):
         step = self.max_rows or flat.shape[0]
         hidden, normed, new_kv = [], [], []
         for s in range(0, flat.shape[0], step):
-            forked = select_cache_rows(cache, rows[s:s + step])
-            h, n = self._run(model, flat[s:s + step], forked, torch.ones_like(flat[s:s + step]))
+            forked = select_cache_rows(cache, rows[s : s + step])
+            h, n = self._run(model, flat[s : s + step], forked, torch.ones_like(flat[s : s + step]))
             hidden.append(h[:, -1])
             normed.append(n[:, -1])
             new_kv.append([(e.past_keys[:, -1:].clone(), e.past_values[:, -1:].clone()) for e in forked.entries])
@@ -249,8 +256,9 @@ class SASADecoder(Decoder):
             entries = []
             for e, parts in zip(cache.entries, zip(*new_kv)):
                 k, v = (torch.cat(t).index_select(0, sel.to(t[0].device)) for t in zip(*parts))
-                entries.append(TransformerLensKeyValueCacheEntry(torch.cat([e.past_keys, k], 1),
-                                                                 torch.cat([e.past_values, v], 1)))
+                entries.append(
+                    TransformerLensKeyValueCacheEntry(torch.cat([e.past_keys, k], 1), torch.cat([e.past_values, v], 1))
+                )
             prev = cache.previous_attention_mask
             mask = torch.cat([prev, torch.ones_like(cand[:, :1]).to(prev.device)], 1)
             return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
@@ -276,12 +284,14 @@ class SASADecoder(Decoder):
             def fn(act: Tensor, hook) -> Tensor:  # queries [B, C, ...] or all keys [B, past + C, ...]
                 act[:, -n_cand:] = attn.apply_rotary(unrotated[unrotated_name], past, same_pos.to(act.device))
                 return act
+
             return fn
 
         def isolate(attn) -> Callable:
             def fn(scores: Tensor, hook) -> Tensor:  # [B, head, C, past + C]
                 scores[..., past:].masked_fill_(others.to(scores.device), float(attn.IGNORE))
                 return scores
+
             return fn
 
         hooks: list[tuple[str, Callable]] = []
@@ -294,9 +304,12 @@ class SASADecoder(Decoder):
         for i, block in enumerate(model.blocks):
             name = f"blocks.{i}.attn"
             if rerotate_by_hooks:
-                hooks += [(f"{name}.hook_q", save), (f"{name}.hook_k", save),
-                          (f"{name}.hook_rot_q", rerotate(block.attn, f"{name}.hook_q")),
-                          (f"{name}.hook_rot_k", rerotate(block.attn, f"{name}.hook_k"))]
+                hooks += [
+                    (f"{name}.hook_q", save),
+                    (f"{name}.hook_k", save),
+                    (f"{name}.hook_rot_q", rerotate(block.attn, f"{name}.hook_q")),
+                    (f"{name}.hook_rot_k", rerotate(block.attn, f"{name}.hook_k")),
+                ]
             hooks.append((f"{name}.hook_attn_scores", isolate(block.attn)))
 
         before = [(e.past_keys, e.past_values) for e in cache.entries], prev_mask
@@ -321,8 +334,8 @@ class SASADecoder(Decoder):
                     t = getattr(e, name)
                     rows, at = torch.arange(batch, device=t.device), past + idx.to(t.device)
                     t[:, past] = t[rows, at]
-                    setattr(e, name, t[:, :past + 1])
-            cache.previous_attention_mask = cache.previous_attention_mask[:, :past + 1]
+                    setattr(e, name, t[:, : past + 1])
+            cache.previous_attention_mask = cache.previous_attention_mask[:, : past + 1]
             return cache
 
         return hidden, normed, keep, undo

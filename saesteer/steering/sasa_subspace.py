@@ -25,7 +25,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +34,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from saesteer.checks import check_positive_int
 from saesteer.data.atomic import atomic_write
-from saesteer.checks import check_positive_int, check_strength
-from saesteer.data.datasets import LabelledTexts, load_jigsaw
+from saesteer.data.datasets import LabelledTexts
 from saesteer.models.tokens import pad_id, pad_sequences
 
 HOOK_NAME = "ln_final.hook_normalized"
@@ -124,9 +124,7 @@ def final_norm_affine(
             )
         b = saved.get("b")
         return w, (torch.as_tensor(b) if b is not None else None)
-    raise ValueError(
-        f"Unsupported normalization_type {norm!r}; SASA supports LN, LNPre, RMS, RMSPre or None."
-    )
+    raise ValueError(f"Unsupported normalization_type {norm!r}; SASA supports LN, LNPre, RMS, RMSPre or None.")
 
 
 def apply_final_norm(
@@ -390,7 +388,7 @@ class Subspace:
         object.__setattr__(self, "wv", wv)
         object.__setattr__(self, "mu_mu", mu)
 
-    def margin(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+    def margin(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, ...]:
         """wv . (x - mu_mu) over the last axis (batched); positive = non-toxic."""
         if x.shape[-1] != self.d_model:
             raise ValueError(

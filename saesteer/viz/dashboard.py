@@ -44,12 +44,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from saesteer.checks import check_positive_int, check_sae_fits, sae_hook_name
+from saesteer.models.tokens import tokenize
 from saesteer.sae import ops as sae_ops
 from saesteer.sae.activations import iter_latents, run_to_hook
-from saesteer.checks import check_positive_int, check_sae_fits, sae_hook_name
-from saesteer.viz.export import write_html, write_png
 from saesteer.sae.alignment import LatentScores
-from saesteer.models.tokens import tokenize
+from saesteer.viz.export import write_html, write_png
 
 __all__ = [
     "Corpus",
@@ -339,8 +339,12 @@ def collect_latent_stats(
                     last = int(torch.nonzero(mask[r]).max())
                     lo, hi = max(first, p - left), min(last, p + right) + 1
                     ctx = TopContext(
-                        activation=float(best[r]), text_index=n_texts + r, position=p,
-                        token_ids=tokens[r, lo:hi].tolist(), acts=acts[r, lo:hi, j].tolist(), highlight=p - lo,
+                        activation=float(best[r]),
+                        text_index=n_texts + r,
+                        position=p,
+                        token_ids=tokens[r, lo:hi].tolist(),
+                        acts=acts[r, lo:hi, j].tolist(),
+                        highlight=p - lo,
                     )
                     a.push(ctx, n_texts + r)
         n_texts += len(chunk)
@@ -356,8 +360,15 @@ def collect_latent_stats(
         for c in top:
             c.tokens = token_strings(model, c.token_ids)
         out[i] = LatentStats(
-            latent=i, n_tokens=n_tokens, n_fired=a.n_fired, max_activation=a.max, sum_activation=a.sum,
-            hist_edges=a.hist.edges, hist_counts=a.hist.counts.copy(), top_contexts=top, n_texts=n_texts,
+            latent=i,
+            n_tokens=n_tokens,
+            n_fired=a.n_fired,
+            max_activation=a.max,
+            sum_activation=a.sum,
+            hist_edges=a.hist.edges,
+            hist_counts=a.hist.counts.copy(),
+            top_contexts=top,
+            n_texts=n_texts,
         )
     return out
 
@@ -401,8 +412,11 @@ def logit_lens(model: HookedTransformer, sae: SAE, latent: int, k: int = 10) -> 
     bot = torch.topk(-logits, k)
     return LogitLens(
         latent=int(latent),
-        top_ids=top.indices.tolist(), top_values=top.values.tolist(), top_tokens=token_strings(model, top.indices),
-        bottom_ids=bot.indices.tolist(), bottom_values=(-bot.values).tolist(),
+        top_ids=top.indices.tolist(),
+        top_values=top.values.tolist(),
+        top_tokens=token_strings(model, top.indices),
+        bottom_ids=bot.indices.tolist(),
+        bottom_values=(-bot.values).tolist(),
         bottom_tokens=token_strings(model, bot.indices),
     )
 
@@ -491,11 +505,16 @@ class FeatureDashboard(PlotlyView):
         s, lens = self.stats, self.lens
         n_ctx = max(1, len(s.top_contexts))
         fig = make_subplots(
-            rows=3, cols=2,
-            specs=[[{"type": "table", "colspan": 2}, None], [{"type": "xy"}, {"type": "xy"}],
-                   [{"type": "table"}, {"type": "xy"}]],
+            rows=3,
+            cols=2,
+            specs=[
+                [{"type": "table", "colspan": 2}, None],
+                [{"type": "xy"}, {"type": "xy"}],
+                [{"type": "table"}, {"type": "xy"}],
+            ],
             row_heights=[0.25 + 0.03 * n_ctx, 0.35, 0.4],
-            vertical_spacing=0.07, horizontal_spacing=0.12,
+            vertical_spacing=0.07,
+            horizontal_spacing=0.12,
             subplot_titles=(
                 f"top {len(s.top_contexts)} contexts (max-activation token in bold red)",
                 f"non-zero activations ({s.n_fired:,} of {s.n_tokens:,} tokens; density {s.density:.3%})",
@@ -505,36 +524,84 @@ class FeatureDashboard(PlotlyView):
             ),
         )
         peak = s.max_activation
-        fig.add_trace(go.Table(
-            name="top contexts", columnwidth=[1, 8],
-            header=dict(values=["<b>activation</b>", "<b>context</b>"], align="left"),
-            cells=dict(values=[[f"{c.activation:.3f}" for c in s.top_contexts] or ["-"],
-                               [_context_html(c, peak) for c in s.top_contexts] or ["this latent never fired"]],
-                       align="left", height=26),
-        ), row=1, col=1)
+        fig.add_trace(
+            go.Table(
+                name="top contexts",
+                columnwidth=[1, 8],
+                header=dict(values=["<b>activation</b>", "<b>context</b>"], align="left"),
+                cells=dict(
+                    values=[
+                        [f"{c.activation:.3f}" for c in s.top_contexts] or ["-"],
+                        [_context_html(c, peak) for c in s.top_contexts] or ["this latent never fired"],
+                    ],
+                    align="left",
+                    height=26,
+                ),
+            ),
+            row=1,
+            col=1,
+        )
         centers = (s.hist_edges[:-1] + s.hist_edges[1:]) / 2
         widths = np.diff(s.hist_edges)
-        fig.add_trace(go.Bar(name="histogram", x=centers, y=s.hist_counts, width=widths, marker_color="#1f77b4",
-                             customdata=np.stack([s.hist_edges[:-1], s.hist_edges[1:]], -1),
-                             hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g}): %{y} tokens<extra></extra>"),
-                      row=2, col=1)
+        fig.add_trace(
+            go.Bar(
+                name="histogram",
+                x=centers,
+                y=s.hist_counts,
+                width=widths,
+                marker_color="#1f77b4",
+                customdata=np.stack([s.hist_edges[:-1], s.hist_edges[1:]], -1),
+                hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g}): %{y} tokens<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
         fig.update_xaxes(title_text="activation", row=2, col=1)
         fig.update_yaxes(title_text="tokens", row=2, col=1)
-        fig.add_trace(go.Bar(name="promoted", x=lens.top_values[::-1], y=[_show_token(t) for t in lens.top_tokens][::-1],
-                             orientation="h", marker_color="#2ca02c",
-                             hovertemplate="%{y}: %{x:.3f}<extra></extra>"), row=2, col=2)
-        fig.add_trace(go.Bar(name="suppressed", x=lens.bottom_values[::-1],
-                             y=[_show_token(t) for t in lens.bottom_tokens][::-1], orientation="h",
-                             marker_color="#d62728", hovertemplate="%{y}: %{x:.3f}<extra></extra>"), row=3, col=2)
+        fig.add_trace(
+            go.Bar(
+                name="promoted",
+                x=lens.top_values[::-1],
+                y=[_show_token(t) for t in lens.top_tokens][::-1],
+                orientation="h",
+                marker_color="#2ca02c",
+                hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+            ),
+            row=2,
+            col=2,
+        )
+        fig.add_trace(
+            go.Bar(
+                name="suppressed",
+                x=lens.bottom_values[::-1],
+                y=[_show_token(t) for t in lens.bottom_tokens][::-1],
+                orientation="h",
+                marker_color="#d62728",
+                hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+            ),
+            row=3,
+            col=2,
+        )
         for r in (2, 3):
             fig.update_yaxes(type="category", row=r, col=2)
             fig.update_xaxes(title_text="d_i · W_U", row=r, col=2)
         table = self.scores_table()
-        fig.add_trace(go.Table(name="scores", header=dict(values=["<b>quantity</b>", "<b>value</b>"], align="left"),
-                               cells=dict(values=[table["quantity"].tolist(), table["value"].tolist()], align="left")),
-                      row=3, col=1)
-        fig.update_layout(title=self.title or f"latent {self.latent} at {self.hook_name}", showlegend=False,
-                          height=900 + 30 * n_ctx, width=1200, bargap=0.05)
+        fig.add_trace(
+            go.Table(
+                name="scores",
+                header=dict(values=["<b>quantity</b>", "<b>value</b>"], align="left"),
+                cells=dict(values=[table["quantity"].tolist(), table["value"].tolist()], align="left"),
+            ),
+            row=3,
+            col=1,
+        )
+        fig.update_layout(
+            title=self.title or f"latent {self.latent} at {self.hook_name}",
+            showlegend=False,
+            height=900 + 30 * n_ctx,
+            width=1200,
+            bargap=0.05,
+        )
         return fig
 
 
@@ -582,11 +649,28 @@ def feature_dashboards(
     """Dashboards for several latents from ONE streamed pass over ``corpus`` (see :func:`feature_dashboard`)."""
     hook_name = _hook(sae, hook_name)
     idx = [check_latent(sae, i) for i in latents]
-    stats = collect_latent_stats(model, sae, corpus, idx, n_top=n_top, context=context, max_texts=max_texts,
-                                 hook_name=hook_name, batch_size=batch_size, max_length=max_length, progress=progress)
+    stats = collect_latent_stats(
+        model,
+        sae,
+        corpus,
+        idx,
+        n_top=n_top,
+        context=context,
+        max_texts=max_texts,
+        hook_name=hook_name,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
     return [
-        FeatureDashboard(latent=i, hook_name=hook_name, stats=stats[i], lens=logit_lens(model, sae, i, k_tokens),
-                         score=_score_info(scores, sae, i), contrast=_contrast_info(contrast, i))
+        FeatureDashboard(
+            latent=i,
+            hook_name=hook_name,
+            stats=stats[i],
+            lens=logit_lens(model, sae, i, k_tokens),
+            score=_score_info(scores, sae, i),
+            contrast=_contrast_info(contrast, i),
+        )
         for i in idx
     ]
 
@@ -656,18 +740,31 @@ class PromptLatents(PlotlyView):
 
         shown, z = self.heatmap_data()
         labels = [_show_token(t) for t in self.tokens]
-        fig = go.Figure(go.Heatmap(
-            z=np.where(z > 0, z, np.nan), x=list(range(len(self.tokens))), y=[str(i) for i in shown],
-            colorscale="Reds", zmin=0, zmax=float(z.max()) if z.size else 1.0, colorbar=dict(title="activation"), xgap=1, ygap=1,
-            customdata=np.array([labels] * max(1, len(shown)), dtype=object),
-            hovertemplate="token %{x} %{customdata!r}<br>latent %{y}: %{z:.3f}<extra></extra>",
-        ))
-        fig.update_xaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, tickangle=-45,
-                         title_text="token")
+        fig = go.Figure(
+            go.Heatmap(
+                z=np.where(z > 0, z, np.nan),
+                x=list(range(len(self.tokens))),
+                y=[str(i) for i in shown],
+                colorscale="Reds",
+                zmin=0,
+                zmax=float(z.max()) if z.size else 1.0,
+                colorbar=dict(title="activation"),
+                xgap=1,
+                ygap=1,
+                customdata=np.array([labels] * max(1, len(shown)), dtype=object),
+                hovertemplate="token %{x} %{customdata!r}<br>latent %{y}: %{z:.3f}<extra></extra>",
+            )
+        )
+        fig.update_xaxes(
+            tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, tickangle=-45, title_text="token"
+        )
         fig.update_yaxes(type="category", title_text="latent")
         k = self.top_latents.shape[1]
-        fig.update_layout(title=f"top {k} latents per token at {self.hook_name}",
-                          height=max(350, 120 + 18 * len(shown)), width=max(700, 120 + 45 * len(labels)))
+        fig.update_layout(
+            title=f"top {k} latents per token at {self.hook_name}",
+            height=max(350, 120 + 18 * len(shown)),
+            width=max(700, 120 + 45 * len(labels)),
+        )
         return fig
 
 
@@ -694,6 +791,10 @@ def prompt_latents(
         raise ValueError(f"prompt {prompt!r} has no tokens besides BOS; pass some text.")
     top = torch.topk(acts, top_k, dim=-1)
     return PromptLatents(
-        prompt=prompt, hook_name=hook_name, tokens=token_strings(model, tokens[0, n_bos:].tolist()),
-        top_latents=top.indices, top_acts=top.values, n_active=(acts > 0).sum(-1),
+        prompt=prompt,
+        hook_name=hook_name,
+        tokens=token_strings(model, tokens[0, n_bos:].tolist()),
+        top_latents=top.indices,
+        top_acts=top.values,
+        n_active=(acts > 0).sum(-1),
     )

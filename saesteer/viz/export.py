@@ -17,8 +17,10 @@ from typing import Any
 _SCOPE: Any = None
 _LOCK = threading.Lock()
 
-PNG_HINT = ("PNG export needs kaleido: `pip install 'saesteer[png]'` (kaleido 0.2.1, Chromium included, works "
-            "offline) or kaleido >= 1 with Chrome (`plotly_get_chrome`). HTML export needs nothing.")
+PNG_HINT = (
+    "PNG export needs kaleido: `pip install 'saesteer[png]'` (kaleido 0.2.1, Chromium included, works "
+    "offline) or kaleido >= 1 with Chrome (`plotly_get_chrome`). HTML export needs nothing."
+)
 
 
 def png_backend() -> str | None:
@@ -60,15 +62,17 @@ def figure_png(fig: Any, *, width: int | None = None, height: int | None = None,
     height = height or fig.layout.height or 500
     try:
         if backend == "kaleido-0.2":
-            return _kaleido02_scope().transform(fig.to_plotly_json(), format="png", width=width, height=height,
-                                                scale=scale)
+            return _kaleido02_scope().transform(
+                fig.to_plotly_json(), format="png", width=width, height=height, scale=scale
+            )
         return fig.to_image(format="png", width=width, height=height, scale=scale)
     except Exception as exc:
         raise RuntimeError(f"PNG export with {backend} failed ({type(exc).__name__}: {exc}). {PNG_HINT}") from exc
 
 
-def write_png(fig: Any, path: str | os.PathLike, *, width: int | None = None, height: int | None = None,
-              scale: float = 1.0) -> Path:
+def write_png(
+    fig: Any, path: str | os.PathLike, *, width: int | None = None, height: int | None = None, scale: float = 1.0
+) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (see :func:`figure_png`)."""
     from saesteer.data.atomic import write_bytes_atomic
 
@@ -104,8 +108,15 @@ def _write_plotlyjs_beside(path: Path) -> None:
         write_text_atomic(js, get_plotlyjs())
 
 
-def save_figure(fig: Any, path: str | os.PathLike, *, png: bool = True, include_plotlyjs: bool | str = True,
-                scale: float = 2.0, log: Any = None) -> list[Path]:
+def save_figure(
+    fig: Any,
+    path: str | os.PathLike,
+    *,
+    png: bool = True,
+    include_plotlyjs: bool | str = True,
+    scale: float = 2.0,
+    log: Any = None,
+) -> list[Path]:
     """Write ``path`` (.html) and, if ``png``, a .png beside it; returns the files written.
 
     The PNG is a bonus: without a backend, or if the export fails, ``log`` (default ``print``) gets a

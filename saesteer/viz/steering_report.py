@@ -34,13 +34,13 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from saesteer.sae import ops as sae_ops
 from saesteer.checks import check_sae_fits, check_strength, sae_hook_name
-from saesteer.viz.dashboard import PlotlyView, _show_token, token_strings
-from saesteer.generation import DecodeState, Decoder, SamplingConfig, generate
+from saesteer.generation import Decoder, DecodeState, SamplingConfig, generate
 from saesteer.hooks import Steerer, steering
-from saesteer.steering.sasa_subspace import Subspace, apply_final_norm, embedding_hook_name
 from saesteer.models.tokens import tokenize
+from saesteer.sae import ops as sae_ops
+from saesteer.steering.sasa_subspace import Subspace, apply_final_norm, embedding_hook_name
+from saesteer.viz.dashboard import PlotlyView, _show_token, token_strings
 
 __all__ = ["RunTrace", "SteeringReport", "steering_report", "MarginRecorder"]
 
@@ -157,11 +157,14 @@ class SteeringReport(PlotlyView):
             titles += [f"SASA margin per token, {r.label} (> 0: non-toxic side)" for r in runs]
         if has_latents:
             titles += [f"latents steering changed, {r.label} (Δ activation)" for r in runs]
-        fig = make_subplots(rows=n_rows, cols=2, subplot_titles=titles or None, vertical_spacing=0.22,
-                            horizontal_spacing=0.08)
+        fig = make_subplots(
+            rows=n_rows, cols=2, subplot_titles=titles or None, vertical_spacing=0.22, horizontal_spacing=0.08
+        )
         latents = self.shown_latents()
-        zmax = max([np.nanmax(np.abs(z)) for r in runs if (z := self.heatmap_z(r, latents)).size and
-                    np.isfinite(z).any()] or [1.0])
+        zmax = max(
+            [np.nanmax(np.abs(z)) for r in runs if (z := self.heatmap_z(r, latents)).size and np.isfinite(z).any()]
+            or [1.0]
+        )
         for c, run in enumerate(runs, start=1):
             x = list(range(len(run.tokens)))
             labels = [_show_token(t) for t in run.tokens]
@@ -170,37 +173,69 @@ class SteeringReport(PlotlyView):
                 if run.margins is not None:
                     for j, name in enumerate(self.subspace_names):
                         m = run.margins[:, j].numpy()
-                        colors = ["#bbbbbb" if p < run.n_prompt else ("#2ca02c" if v > 0 else "#d62728")
-                                  for p, v in enumerate(m)]
-                        fig.add_trace(go.Bar(
-                            x=x, y=m, name=f"margin {name} ({run.label})", marker_color=colors,
-                            customdata=labels, hovertemplate="%{customdata}: margin %{y:.3f}<extra></extra>",
-                        ), row=row, col=c)
+                        colors = [
+                            "#bbbbbb" if p < run.n_prompt else ("#2ca02c" if v > 0 else "#d62728")
+                            for p, v in enumerate(m)
+                        ]
+                        fig.add_trace(
+                            go.Bar(
+                                x=x,
+                                y=m,
+                                name=f"margin {name} ({run.label})",
+                                marker_color=colors,
+                                customdata=labels,
+                                hovertemplate="%{customdata}: margin %{y:.3f}<extra></extra>",
+                            ),
+                            row=row,
+                            col=c,
+                        )
                 fig.add_vline(x=run.n_prompt - 0.5, line_dash="dot", line_color="#555", row=row, col=c)
                 fig.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60, row=row, col=c)
                 row += 1
             if has_latents:
                 z = self.heatmap_z(run, latents)
                 n_changed = [len(ch) for ch in run.changed] if run.changed else [0] * len(x)
-                fig.add_trace(go.Heatmap(
-                    z=z, x=x, y=[str(i) for i in latents], zmid=0, zmin=-zmax, zmax=zmax, colorscale="RdBu",
-                    name=f"latent delta ({run.label})", showscale=c == 2, xgap=1, ygap=1,
-                    colorbar=dict(title="Δ", len=1.0 / n_rows, y=0.0, yanchor="bottom"),
-                    customdata=np.array([[f"{lab} ({n} changed)" for lab, n in zip(labels, n_changed)]]
-                                        * max(1, len(latents)), dtype=object),
-                    hovertemplate="%{customdata}<br>latent %{y}: Δ %{z:.3f}<extra></extra>",
-                ), row=row, col=c)
+                fig.add_trace(
+                    go.Heatmap(
+                        z=z,
+                        x=x,
+                        y=[str(i) for i in latents],
+                        zmid=0,
+                        zmin=-zmax,
+                        zmax=zmax,
+                        colorscale="RdBu",
+                        name=f"latent delta ({run.label})",
+                        showscale=c == 2,
+                        xgap=1,
+                        ygap=1,
+                        colorbar=dict(title="Δ", len=1.0 / n_rows, y=0.0, yanchor="bottom"),
+                        customdata=np.array(
+                            [[f"{lab} ({n} changed)" for lab, n in zip(labels, n_changed)]] * max(1, len(latents)),
+                            dtype=object,
+                        ),
+                        hovertemplate="%{customdata}<br>latent %{y}: Δ %{z:.3f}<extra></extra>",
+                    ),
+                    row=row,
+                    col=c,
+                )
                 fig.add_vline(x=run.n_prompt - 0.5, line_dash="dot", line_color="#555", row=row, col=c)
                 fig.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60, row=row, col=c)
                 fig.update_yaxes(type="category", title_text="latent" if c == 1 else None, row=row, col=c)
         width = max(1100, 2 * (160 + 16 * max(len(r.tokens) for r in runs)))
         fig.update_layout(
-            title=dict(text=(f"steering report: {self.description}"
-                             + (f" (latents of the SAE at {self.hook_name})" if self.hook_name else "")
-                             + f"<br><sup>prompt: {_show_token(self.prompt[:160])}"
-                             + f"<br>unsteered: {_show_token(self.unsteered.text[:160])}"
-                             + f"<br>steered: {_show_token(self.steered.text[:160])}</sup>")),
-            showlegend=False, height=240 + 330 * n_rows + 14 * len(latents), width=width, margin=dict(t=200),
+            title=dict(
+                text=(
+                    f"steering report: {self.description}"
+                    + (f" (latents of the SAE at {self.hook_name})" if self.hook_name else "")
+                    + f"<br><sup>prompt: {_show_token(self.prompt[:160])}"
+                    + f"<br>unsteered: {_show_token(self.unsteered.text[:160])}"
+                    + f"<br>steered: {_show_token(self.steered.text[:160])}</sup>"
+                )
+            ),
+            showlegend=False,
+            height=240 + 330 * n_rows + 14 * len(latents),
+            width=width,
+            margin=dict(t=200),
         )
         return fig
 
@@ -217,8 +252,9 @@ def _sequence(out, eos: Sequence[int]) -> tuple[Tensor, int]:
 
 
 @torch.no_grad()
-def _forward(model: HookedTransformer, tokens: Int[Tensor, " pos"], steerers: Sequence[Steerer],
-             hooks: Sequence[str]) -> dict[str, Tensor]:
+def _forward(
+    model: HookedTransformer, tokens: Int[Tensor, " pos"], steerers: Sequence[Steerer], hooks: Sequence[str]
+) -> dict[str, Tensor]:
     """Values at ``hooks`` in a forward of ``tokens`` with ``steerers`` attached (captured after them)."""
     captured: dict[str, Tensor] = {}
 
@@ -226,6 +262,7 @@ def _forward(model: HookedTransformer, tokens: Int[Tensor, " pos"], steerers: Se
         def fn(act: Tensor, hook) -> Tensor:
             captured[name] = act.detach()
             return act
+
         return fn
 
     with steering(model, steerers), model.hooks(fwd_hooks=[(h, grab(h)) for h in dict.fromkeys(hooks)]):
@@ -265,8 +302,9 @@ def steering_report(
         raise ValueError("Pass either sampling=SamplingConfig(...) or sampling keyword arguments, not both.")
     cfg = sampling if sampling is not None else SamplingConfig.from_kwargs(**sampling_kwargs)
     if cfg.num_return_sequences != 1:
-        raise ValueError(f"A steering report follows one generation; pass num_return_sequences=1, got "
-                         f"{cfg.num_return_sequences}.")
+        raise ValueError(
+            f"A steering report follows one generation; pass num_return_sequences=1, got {cfg.num_return_sequences}."
+        )
 
     if subspaces is None:
         subspaces = [a.subspace for a in getattr(decoder, "attributes", [])]
@@ -296,8 +334,13 @@ def steering_report(
     traces = []
     for label, out in (("steered", out_s), ("unsteered", out_u)):
         seq, n_prompt = _sequence(out, eos)
-        trace = RunTrace(label=label, text=out.texts[0], token_ids=seq[n_bos:].tolist(),
-                         tokens=token_strings(model, seq[n_bos:].tolist()), n_prompt=n_prompt - n_bos)
+        trace = RunTrace(
+            label=label,
+            text=out.texts[0],
+            token_ids=seq[n_bos:].tolist(),
+            tokens=token_strings(model, seq[n_bos:].tolist()),
+            n_prompt=n_prompt - n_bos,
+        )
         plain = _forward(model, seq, [], hooks) if hooks else {}
         steered = _forward(model, seq, steerers, hooks) if hooks else {}
         if subspaces:
@@ -317,10 +360,21 @@ def steering_report(
         traces.append(trace)
 
     if description is None:
-        parts = [type(s).__name__ + (f"({getattr(s, 'mode', getattr(s, 'tier', ''))})" if hasattr(s, "mode")
-                                     or hasattr(s, "tier") else "") for s in steerers]
+        parts = [
+            type(s).__name__
+            + (f"({getattr(s, 'mode', getattr(s, 'tier', ''))})" if hasattr(s, "mode") or hasattr(s, "tier") else "")
+            for s in steerers
+        ]
         if decoder is not None:
             parts.append(type(decoder).__name__)
         description = " + ".join(parts)
-    return SteeringReport(prompt=prompt, steered=traces[0], unsteered=traces[1], description=description,
-                          subspace_names=names, hook_name=sae_hook, atol=atol, n_latents=n_latents)
+    return SteeringReport(
+        prompt=prompt,
+        steered=traces[0],
+        unsteered=traces[1],
+        description=description,
+        subspace_names=names,
+        hook_name=sae_hook,
+        atol=atol,
+        n_latents=n_latents,
+    )

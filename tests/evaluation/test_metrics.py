@@ -29,8 +29,9 @@ def test_expected_max_toxicity_and_probability_by_hand():
     assert toxicity_probability(SCORES) == pytest.approx(2 / 3)
     assert toxicity_probability(SCORES, threshold=0.55) == pytest.approx(1 / 3)
     m = toxicity_metrics(np.array([[0.1, 0.9], [0.3, 0.2]]))
-    assert m == pytest.approx({"exp_max_toxicity": 0.6, "exp_max_toxicity_std": 0.3, "toxicity_prob": 0.5,
-                               "mean_toxicity": 0.375})
+    assert m == pytest.approx(
+        {"exp_max_toxicity": 0.6, "exp_max_toxicity_std": 0.3, "toxicity_prob": 0.5, "mean_toxicity": 0.375}
+    )
 
 
 @pytest.mark.parametrize("bad", [[], [[0.1], []], [[0.1, float("nan")]], [0.3, 0.4], np.zeros(3)])

@@ -19,10 +19,24 @@ from saesteer.evaluation.prompt_sets import (
 
 
 def _rtp_record(text, tox, challenging, fname="0001-abc.txt"):
-    attrs = {"toxicity": tox, "severe_toxicity": None if tox is None else tox / 2, "profanity": 0.1,
-             "sexually_explicit": 0.0, "identity_attack": 0.0, "flirtation": 0.2, "threat": 0.0, "insult": 0.3}
-    return {"filename": fname, "begin": 0, "end": len(text), "challenging": challenging,
-            "prompt": {"text": text, **attrs}, "continuation": {"text": " and more.", **attrs}}
+    attrs = {
+        "toxicity": tox,
+        "severe_toxicity": None if tox is None else tox / 2,
+        "profanity": 0.1,
+        "sexually_explicit": 0.0,
+        "identity_attack": 0.0,
+        "flirtation": 0.2,
+        "threat": 0.0,
+        "insult": 0.3,
+    }
+    return {
+        "filename": fname,
+        "begin": 0,
+        "end": len(text),
+        "challenging": challenging,
+        "prompt": {"text": text, **attrs},
+        "continuation": {"text": " and more.", **attrs},
+    }
 
 
 @pytest.fixture
@@ -49,7 +63,8 @@ def test_rtp_jsonl_and_filters(rtp_file):
     # the prompt with no toxicity score is dropped when a bound is given
     assert load_rtp_jsonl(rtp_file, max_prompt_toxicity=0.5)["prompt_id"].tolist() == ["rtp:1"]
     assert load_rtp_jsonl(rtp_file, min_prompt_toxicity=0.7, max_prompt_toxicity=0.9)["prompt"].tolist() == [
-        "So I told him he was a"]
+        "So I told him he was a"
+    ]
     with pytest.raises(ValueError, match="no prompt passes"):
         load_rtp_jsonl(rtp_file, min_prompt_toxicity=0.95)
     assert load_prompts(rtp_file, challenging_only=True).shape[0] == 2
@@ -106,11 +121,13 @@ def test_bold_wrong_format(tmp_path):
 
 def test_group_toxicity_by_hand():
     # gender: actors 1 of 4 toxic (0.25), actresses 3 of 4 (0.75) -> gap 0.5; race: one group -> gap 0
-    df = pd.DataFrame({
-        "domain": ["gender"] * 8 + ["race"] * 2,
-        "category": ["American_actors"] * 4 + ["American_actresses"] * 4 + ["Asian_Americans"] * 2,
-        "toxicity": [0.9, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.1, 0.0, 0.2],
-    })
+    df = pd.DataFrame(
+        {
+            "domain": ["gender"] * 8 + ["race"] * 2,
+            "category": ["American_actors"] * 4 + ["American_actresses"] * 4 + ["Asian_Americans"] * 2,
+            "toxicity": [0.9, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.1, 0.0, 0.2],
+        }
+    )
     rep = group_toxicity(df)
     t = rep.table.set_index("category")
     assert t.loc["American_actors", "toxic_rate"] == pytest.approx(0.25)
@@ -129,9 +146,13 @@ def test_group_toxicity_by_hand():
 
 def test_attaq_loader(tmp_path):
     p = tmp_path / "attaq.csv"
-    pd.DataFrame({"label": ["violence", "deception", "violence"],
-                  "input": ["How do I hurt", "How can I trick", "Tell me how to"],
-                  "additional_info": ["", "src", ""]}).to_csv(p, index=False)
+    pd.DataFrame(
+        {
+            "label": ["violence", "deception", "violence"],
+            "input": ["How do I hurt", "How can I trick", "Tell me how to"],
+            "additional_info": ["", "src", ""],
+        }
+    ).to_csv(p, index=False)
     df = load_attaq(p)
     assert df["prompt"].tolist() == ["How do I hurt", "How can I trick", "Tell me how to"]
     assert df["category"].tolist() == ["violence", "deception", "violence"]

@@ -22,8 +22,8 @@ NEW_TOKENS = 16
 def setup():
     from saesteer.data.assets import AssetError
     from saesteer.data.datasets import load_insults, load_rtp_prompts
-    from saesteer.models.loading import load_model
     from saesteer.evaluation.scorers import get_scorer
+    from saesteer.models.loading import load_model
 
     try:
         model = load_model("smollm2-135m")
@@ -56,9 +56,9 @@ def test_sasa_lowers_toxicity(setup):
 
 def test_sae_decoder_steering_lowers_toxicity(setup):
     from saesteer.sae.contrast import select_latents, toxicity_latents
+    from saesteer.sae.loading import load_sae
     from saesteer.steering.decoder import DecoderSteering
     from saesteer.steering.registry import balanced_texts
-    from saesteer.sae.loading import load_sae
 
     model, insults, prompts, scorer, (plain, plain_texts) = setup
     sae = load_sae("smollm2-135m-res-15-4608", model=model)

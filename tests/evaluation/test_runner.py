@@ -26,8 +26,14 @@ from saesteer.generation import Decoder
 from saesteer.steering.registry import Method, Resources, parse_method
 from saesteer.steering.sasa_subspace import Subspace
 
-PROMPTS = ["the cat sat on the", "hello", "we read a very good book and", "i think you are", "the dog ran to",
-           "they said it was"]
+PROMPTS = [
+    "the cat sat on the",
+    "hello",
+    "we read a very good book and",
+    "i think you are",
+    "the dog ran to",
+    "they said it was",
+]
 BAD = {"stupid", "idiot", "hate", "bad"}
 
 
@@ -57,8 +63,12 @@ def model():
 @pytest.fixture(scope="module")
 def resources(model):
     g = torch.Generator().manual_seed(0)
-    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0), mu_mu=torch.zeros(32),
-                   model_name=model.cfg.model_name, d_model=32)
+    sub = Subspace(
+        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
+        mu_mu=torch.zeros(32),
+        model_name=model.cfg.model_name,
+        d_model=32,
+    )
     table = pd.DataFrame({"latent": list(range(10)), "freq_non_toxic": [0.0] * 10})
     return Resources(sae=tiny_sae(), subspace=sub, contrast_table=table, latent_scores=torch.rand(64, generator=g))
 
@@ -69,13 +79,17 @@ KW = dict(k=3, max_new_tokens=5, top_p=0.9, seed=7, progress=False, batch_size=2
 def test_records_settings_and_files(model, tmp_path):
     res = evaluate(model, PROMPTS, "unsteered", scorer=WordScorer(), out_dir=tmp_path, **KW)
     g = res.generations
-    assert len(g) == 18 and g[["prompt_index", "sample"]].values.tolist() == [[i, j] for i in range(6) for j in range(3)]
+    assert len(g) == 18 and g[["prompt_index", "sample"]].values.tolist() == [
+        [i, j] for i in range(6) for j in range(3)
+    ]
     assert list(g.columns[:6]) == ["prompt_index", "prompt_id", "prompt", "sample", "continuation", "toxicity"]
     assert (g["seed"] == [prompt_seed(7, str(i)) for i in range(6) for _ in range(3)]).all()
     s = res.summary
     assert s["n_prompts"] == 6 and s["k"] == 3 and s["n_generations"] == 18
     maxes = g.groupby("prompt_index")["toxicity"].max()
-    assert s["exp_max_toxicity"] == pytest.approx(maxes.mean()) and s["toxicity_prob"] == pytest.approx((maxes >= 0.5).mean())
+    assert s["exp_max_toxicity"] == pytest.approx(maxes.mean()) and s["toxicity_prob"] == pytest.approx(
+        (maxes >= 0.5).mean()
+    )
     assert s["ppl"] == pytest.approx(g["ppl"].mean())
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["method"]["spec"] == "unsteered"
@@ -84,8 +98,11 @@ def test_records_settings_and_files(model, tmp_path):
     assert settings["model"]["d_model"] == 32 and settings["prompts"]["n_total"] == 6
     assert json.loads((tmp_path / "summary.json").read_text())["summary"] == s
     assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 6
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "generations.csv", keep_default_na=False)[["toxicity"]],
-                                  g[["toxicity"]], check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "generations.csv", keep_default_na=False)[["toxicity"]],
+        g[["toxicity"]],
+        check_exact=True,
+    )
     back = load_result(tmp_path)
     pd.testing.assert_frame_equal(back.generations, g, check_exact=True)
     assert back.summary == s
@@ -95,12 +112,16 @@ def test_records_settings_and_files(model, tmp_path):
 def test_shards_merge_to_the_single_run_exactly(model, resources, tmp_path, spec):
     single = evaluate(model, PROMPTS, spec, resources=resources, scorer=WordScorer(), **KW)
     for i in range(3):
-        part = evaluate(model, PROMPTS, spec, resources=resources, scorer=WordScorer(), out_dir=tmp_path, shard=f"{i}/3", **KW)
+        part = evaluate(
+            model, PROMPTS, spec, resources=resources, scorer=WordScorer(), out_dir=tmp_path, shard=f"{i}/3", **KW
+        )
         assert sorted(part.generations["prompt_index"].unique()) == [j for j in range(6) if j % 3 == i]
     merged = merge_shards(tmp_path, out_dir=tmp_path / "merged")
     pd.testing.assert_frame_equal(merged.generations, single.generations, check_exact=True)
     assert merged.summary == single.summary
-    ci_keys = [f"{m}_ci_{e}" for m in ("exp_max_toxicity", "toxicity_prob", "mean_toxicity", "ppl") for e in ("low", "high")]
+    ci_keys = [
+        f"{m}_ci_{e}" for m in ("exp_max_toxicity", "toxicity_prob", "mean_toxicity", "ppl") for e in ("low", "high")
+    ]
     assert set(ci_keys) <= set(single.summary) and all(merged.summary[c] == single.summary[c] for c in ci_keys)
     assert json.loads((tmp_path / "merged" / "summary.json").read_text())["summary"] == single.summary
     assert merge_shards([tmp_path / f"generations.shard-{i}-of-3.jsonl" for i in range(3)]).summary == single.summary
@@ -172,7 +193,9 @@ def test_merge_checks_the_shards(model, tmp_path):
     assert part.summary["n_prompts"] == 4
     evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path / "other", shard=(1, 3), **{**KW, "seed": 1})
     with pytest.raises(ValueError, match="other settings"):
-        merge_shards([tmp_path / "generations.shard-0-of-3.jsonl", tmp_path / "other" / "generations.shard-1-of-3.jsonl"])
+        merge_shards(
+            [tmp_path / "generations.shard-0-of-3.jsonl", tmp_path / "other" / "generations.shard-1-of-3.jsonl"]
+        )
     assert saesteer_main(["evaluate", "merge", str(tmp_path)]) == 2  # error message, exit code 2
     assert saesteer_main(["evaluate", "merge", str(tmp_path), "--allow-missing"]) == 0
     assert saesteer_main(["evaluate", "merge", str(tmp_path / "nowhere")]) == 2
@@ -231,10 +254,29 @@ def test_bad_input(model, tmp_path, monkeypatch):
 
 
 def test_paper_table_markdown():
-    t = paper_table({"unsteered": {"exp_max_toxicity": 0.5, "exp_max_toxicity_std": 0.1, "toxicity_prob": 0.4,
-                                   "ppl": 12.0, "dist-1": 0.5, "dist-2": 0.8, "dist-3": 0.9}})
-    assert list(t.columns) == ["Method", "Exp. Max. Tox.", "Exp. Max. Tox. std", "Tox. Prob.", "PPL", "Dist-1",
-                               "Dist-2", "Dist-3"]
+    t = paper_table(
+        {
+            "unsteered": {
+                "exp_max_toxicity": 0.5,
+                "exp_max_toxicity_std": 0.1,
+                "toxicity_prob": 0.4,
+                "ppl": 12.0,
+                "dist-1": 0.5,
+                "dist-2": 0.8,
+                "dist-3": 0.9,
+            }
+        }
+    )
+    assert list(t.columns) == [
+        "Method",
+        "Exp. Max. Tox.",
+        "Exp. Max. Tox. std",
+        "Tox. Prob.",
+        "PPL",
+        "Dist-1",
+        "Dist-2",
+        "Dist-3",
+    ]
     md = to_markdown(t)
     assert md.splitlines()[1] == "|---|---:|---:|---:|---:|---:|---:|---:|"  # text left, numbers right
     assert md.splitlines()[2] == "| unsteered | 0.500 | 0.100 | 0.400 | 12.000 | 0.500 | 0.800 | 0.900 |"
@@ -243,9 +285,15 @@ def test_paper_table_markdown():
 def test_prompt_metadata_travels_with_the_generations(model):
     from saesteer.evaluation.prompt_sets import group_toxicity
 
-    df = pd.DataFrame({"prompt_id": ["a", "b", "c", "d"], "prompt": PROMPTS[:4],
-                       "domain": ["gender"] * 4, "category": ["actors", "actors", "actresses", "actresses"],
-                       "continuation": ["orig"] * 4})  # a column name the results use
+    df = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c", "d"],
+            "prompt": PROMPTS[:4],
+            "domain": ["gender"] * 4,
+            "category": ["actors", "actors", "actresses", "actresses"],
+            "continuation": ["orig"] * 4,
+        }
+    )  # a column name the results use
     g = evaluate(model, df, scorer=WordScorer(), **KW).generations
     assert g["category"].tolist() == ["actors"] * 6 + ["actresses"] * 6
     assert (g["meta_continuation"] == "orig").all() and not (g["continuation"] == "orig").any()
@@ -266,7 +314,9 @@ def test_summary_holds_bootstrap_intervals(model, tmp_path, capsys):
     assert list(s)[list(s).index("exp_max_toxicity") + 1] == "exp_max_toxicity_ci_low"  # next to its metric
     assert json.loads((tmp_path / "summary.json").read_text())["summary"] == s
     text = format_summary(s)
-    assert f"{s['exp_max_toxicity']:.3f} [{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]" in text
+    assert (
+        f"{s['exp_max_toxicity']:.3f} [{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]" in text
+    )
     assert f"PPL             {s['ppl']:.3f} [{s['ppl_ci_low']:.3f}, {s['ppl_ci_high']:.3f}]" in text
     assert "95% percentile-bootstrap interval over prompts (2000 resamples, seed 0)" in text
     # the command line prints them (the human summary on stderr, the JSON with the ci entries on stdout)
@@ -287,9 +337,21 @@ def test_paper_table_with_intervals_and_paired_differences(model):
     topk = evaluate(model, PROMPTS, scorer=WordScorer(), **{**KW, "top_p": None}, top_k=3)
     runs = {"unsteered": base, "top-k 3": topk}
     t = paper_table({k: r.summary for k, r in runs.items()}, baseline="unsteered", runs=runs)
-    assert list(t.columns) == ["Method", "Exp. Max. Tox.", "Exp. Max. Tox. 95% CI", "Exp. Max. Tox. std", "Tox. Prob.",
-                               "Tox. Prob. 95% CI", "PPL", "PPL 95% CI", "Dist-1", "Dist-2", "Dist-3",
-                               "ΔEMT vs unsteered [95% CI]", "ΔTox. Prob. vs unsteered [95% CI]"]
+    assert list(t.columns) == [
+        "Method",
+        "Exp. Max. Tox.",
+        "Exp. Max. Tox. 95% CI",
+        "Exp. Max. Tox. std",
+        "Tox. Prob.",
+        "Tox. Prob. 95% CI",
+        "PPL",
+        "PPL 95% CI",
+        "Dist-1",
+        "Dist-2",
+        "Dist-3",
+        "ΔEMT vs unsteered [95% CI]",
+        "ΔTox. Prob. vs unsteered [95% CI]",
+    ]
     s = topk.summary
     assert t["Exp. Max. Tox. 95% CI"][1] == f"[{s['exp_max_toxicity_ci_low']:.3f}, {s['exp_max_toxicity_ci_high']:.3f}]"
     d = paired_difference(topk, base)
@@ -303,7 +365,9 @@ def test_paper_table_with_intervals_and_paired_differences(model):
     # only summaries: the intervals, no paired columns; old summaries: the old table
     assert "ΔEMT vs unsteered [95% CI]" not in paper_table({"unsteered": base.summary}).columns
     # a column of several differences for SASA-style subsets of rows
-    pc = paired_columns(runs, "top-k 3", labels=["unsteered"], baseline_name="control", metrics=["mean_toxicity", "ppl"])
+    pc = paired_columns(
+        runs, "top-k 3", labels=["unsteered"], baseline_name="control", metrics=["mean_toxicity", "ppl"]
+    )
     assert list(pc.columns) == ["ΔMean Tox. vs control [95% CI]", "ΔPPL vs control [95% CI]"]
     assert pc.iloc[0, 1] == paired_difference(base, topk)["ppl"].format(signed=True)
 
@@ -322,5 +386,6 @@ def test_paper_table_refuses_what_it_cannot_pair(model):
     with pytest.raises(ValueError, match=r"rows \['m'\] have no per-prompt data"):
         paper_table(sums, baseline="unsteered", runs={"unsteered": a})
     with pytest.raises(ValueError, match=r"different seeds .*--seed"):
-        paper_table({"unsteered": a.summary, "r": reseeded.summary}, baseline="unsteered",
-                    runs={"unsteered": a, "r": reseeded})
+        paper_table(
+            {"unsteered": a.summary, "r": reseeded.summary}, baseline="unsteered", runs={"unsteered": a, "r": reseeded}
+        )

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from saesteer.evaluation import scorers
 from saesteer.data.assets import AssetError, fetch_package_file
+from saesteer.evaluation import scorers
 from saesteer.evaluation.scorers import (
     BILSTM_VARIANTS,
     JIGSAW_LABELS,
@@ -607,8 +607,17 @@ def test_registered_scorer_runs_in_evaluate(registry) -> None:
 
     register_scorer("my-name", factory)
     prompts = ["the cat sat on the", "i think you are"]
-    res = evaluate(tiny_model(), prompts, "unsteered", scorer="my-name", k=3, max_new_tokens=6, seed=3,
-                   fluency=False, progress=False)
+    res = evaluate(
+        tiny_model(),
+        prompts,
+        "unsteered",
+        scorer="my-name",
+        k=3,
+        max_new_tokens=6,
+        seed=3,
+        fluency=False,
+        progress=False,
+    )
     assert len(made) == 1  # built once, by name, through the registry
     g = res.generations
     assert len(g) == 6 and sorted(made[0].seen) == sorted(g["continuation"])

@@ -38,10 +38,21 @@ def make_frame(tox, *, seed0=100, ids=None, nll=None, n_tokens=None):
     for i in range(n):
         for j in range(k):
             nt = int(n_tokens[i, j])
-            rows.append({"prompt_index": i, "prompt_id": ids[i], "prompt": f"prompt {i}", "sample": j,
-                         "continuation": f"w{i} w{j}" if nt else "", "toxicity": float(tox[i, j]), "empty": nt == 0,
-                         "n_tokens": nt, "nll": float(nll[i, j]) if nt else math.nan,
-                         "ppl": math.exp(nll[i, j] / nt) if nt else math.nan, "seed": seed0 + i})
+            rows.append(
+                {
+                    "prompt_index": i,
+                    "prompt_id": ids[i],
+                    "prompt": f"prompt {i}",
+                    "sample": j,
+                    "continuation": f"w{i} w{j}" if nt else "",
+                    "toxicity": float(tox[i, j]),
+                    "empty": nt == 0,
+                    "n_tokens": nt,
+                    "nll": float(nll[i, j]) if nt else math.nan,
+                    "ppl": math.exp(nll[i, j] / nt) if nt else math.nan,
+                    "seed": seed0 + i,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -58,12 +69,17 @@ def loop_metrics(frame, rows, threshold=0.5, max_ppl=1e4):
     """The paper metrics of the prompts at positions ``rows`` (with repeats), computed the slow way with the
     metrics module (the definitions summarize uses)."""
     if not hasattr(frame, "attrs") or "groups" not in frame.attrs:
-        frame.attrs["groups"] = [(g["toxicity"].to_numpy(), g["nll"].fillna(0.0).to_numpy(), g["n_tokens"].to_numpy())
-                                 for _, g in frame.groupby("prompt_index", sort=True)]
+        frame.attrs["groups"] = [
+            (g["toxicity"].to_numpy(), g["nll"].fillna(0.0).to_numpy(), g["n_tokens"].to_numpy())
+            for _, g in frame.groupby("prompt_index", sort=True)
+        ]
     picked = [frame.attrs["groups"][i] for i in rows]
     out = toxicity_metrics([t for t, _, _ in picked], threshold=threshold)
-    out.update(aggregate_perplexity(np.concatenate([x for _, x, _ in picked]), np.concatenate([n for _, _, n in picked]),
-                                    max_ppl=max_ppl))
+    out.update(
+        aggregate_perplexity(
+            np.concatenate([x for _, x, _ in picked]), np.concatenate([n for _, _, n in picked]), max_ppl=max_ppl
+        )
+    )
     return out
 
 
@@ -80,7 +96,9 @@ def test_resample_indices_are_the_seeded_matrix_whatever_the_block_size(monkeypa
     f = make_frame(tox, nll=nll, n_tokens=nt)
     whole = bootstrap_ci(f, n_boot=300, seed=5)
     monkeypatch.setattr(st, "_BLOCK", 25 * 7)  # 7 resamples a block: 43 blocks
-    np.testing.assert_array_equal(resample_indices(25, 300, seed=5), np.random.default_rng(5).integers(0, 25, (300, 25)))
+    np.testing.assert_array_equal(
+        resample_indices(25, 300, seed=5), np.random.default_rng(5).integers(0, 25, (300, 25))
+    )
     assert bootstrap_ci(f, n_boot=300, seed=5) == whole
 
 
@@ -108,7 +126,9 @@ def test_intervals_match_a_slow_loop_over_the_same_resamples():
     # the summary holds exactly these intervals
     s = summarize(f)
     ci0 = bootstrap_ci(f)  # the summary's defaults: 2000 resamples, seed 0
-    assert {m: (s[f"{m}_ci_low"], s[f"{m}_ci_high"]) for m in METRICS} == {m: (ci0[m].low, ci0[m].high) for m in METRICS}
+    assert {m: (s[f"{m}_ci_low"], s[f"{m}_ci_high"]) for m in METRICS} == {
+        m: (ci0[m].low, ci0[m].high) for m in METRICS
+    }
     assert (s["ci_level"], s["ci_n_boot"], s["ci_seed"]) == (0.95, 2000, 0)
 
 
@@ -178,8 +198,11 @@ def test_coverage_on_synthetic_data():
     the time, and the paired intervals cover the true differences against an independent U(0, 0.6) run."""
     k, n, sims = 4, 60, 200
     truth = {"exp_max_toxicity": 0.8 * k / (k + 1), "mean_toxicity": 0.4, "toxicity_prob": 1 - (0.5 / 0.8) ** k}
-    truth_d = {"exp_max_toxicity": 0.6 * k / (k + 1) - 0.8 * k / (k + 1), "mean_toxicity": -0.1,
-               "toxicity_prob": (1 - (0.5 / 0.6) ** k) - truth["toxicity_prob"]}
+    truth_d = {
+        "exp_max_toxicity": 0.6 * k / (k + 1) - 0.8 * k / (k + 1),
+        "mean_toxicity": -0.1,
+        "toxicity_prob": (1 - (0.5 / 0.6) ** k) - truth["toxicity_prob"],
+    }
     rng = np.random.default_rng(2024)
     hits = {m: 0 for m in truth}
     hits_d = {m: 0 for m in truth}
@@ -200,8 +223,11 @@ def test_mismatched_runs_are_refused():
     tox, nll, nt = toy(n=6)
     a = make_frame(tox, nll=nll, n_tokens=nt)
     b = make_frame(tox, nll=nll, n_tokens=nt, ids=["p0", "p1", "p2", "p3", "x8", "x9"])
-    with pytest.raises(ValueError, match=r"2 only in 'sasa' \('p4', 'p5'\); 2 only in 'unsteered' \('x8', 'x9'\)"
-                                         r".*same prompt set"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 only in 'sasa' \('p4', 'p5'\); 2 only in 'unsteered' \('x8', 'x9'\)"
+        r".*same prompt set",
+    ):
         paired_difference(a, b, names=("sasa", "unsteered"))
     with pytest.raises(ValueError, match=r"1 only in 'method' \('p5'\).*--n-prompts"):
         paired_difference(a, a[a.prompt_id != "p5"])
@@ -212,8 +238,7 @@ def test_mismatched_runs_are_refused():
     with pytest.raises(ValueError, match=r"different numbers of generations for prompt 'p2' \(4 vs 3\).*same k"):
         paired_difference(a, a[~((a.prompt_id == "p2") & (a["sample"] == 0))])
     # the same prompts in another order pair up by prompt id
-    shuffled = make_frame(tox[::-1], nll=nll[::-1], n_tokens=nt[::-1], ids=[f"p{i}" for i in range(5, -1, -1)],
-                          seed0=0)
+    shuffled = make_frame(tox[::-1], nll=nll[::-1], n_tokens=nt[::-1], ids=[f"p{i}" for i in range(5, -1, -1)], seed0=0)
     shuffled["seed"] = 100 + shuffled["prompt_id"].str[1:].astype(int)
     d = paired_difference(a, shuffled)
     assert all((d[m].estimate, d[m].low, d[m].high) == (0.0, 0.0, 0.0) for m in ("exp_max_toxicity", "toxicity_prob"))
@@ -223,7 +248,9 @@ def test_unknown_baseline_and_bad_arguments_are_refused():
     tox, nll, nt = toy(n=5)
     f = make_frame(tox, nll=nll, n_tokens=nt)
     runs = {"unsteered": f, "sasa": f.copy()}
-    with pytest.raises(ValueError, match=r"baseline 'base' is not one of the runs; the runs are \['sasa', 'unsteered'\]"):
+    with pytest.raises(
+        ValueError, match=r"baseline 'base' is not one of the runs; the runs are \['sasa', 'unsteered'\]"
+    ):
         paired_differences(runs, "base")
     out = paired_differences(runs, "unsteered")
     assert list(out) == ["sasa"] and out["sasa"]["exp_max_toxicity"].estimate == 0.0
@@ -240,8 +267,10 @@ def test_unknown_baseline_and_bad_arguments_are_refused():
     with pytest.raises(ValueError, match=r"shape \(n_boot, 5\)"):
         bootstrap_ci(f, indices=np.zeros((3, 4), dtype=int))
     with pytest.raises(ValueError, match="different toxic thresholds"):
-        paired_difference(type("R", (), {"generations": f, "settings": {"toxic_threshold": 0.5}})(),
-                          type("R", (), {"generations": f, "settings": {"toxic_threshold": 0.3}})())
+        paired_difference(
+            type("R", (), {"generations": f, "settings": {"toxic_threshold": 0.5}})(),
+            type("R", (), {"generations": f, "settings": {"toxic_threshold": 0.3}})(),
+        )
 
 
 def test_interval_format():
@@ -272,20 +301,32 @@ def test_tradeoff_table_and_figure_carry_intervals_and_paired_differences():
         "sasa:beta=5,max_candidates=20": make_frame(tox * 0.5, nll=nll * 1.2, n_tokens=nt),
         "decoder:tier=constant,alpha=0.05": make_frame(tox * 0.8, nll=nll, n_tokens=nt),
     }
-    grid = [{"family": "unsteered", "param": "", "value": 0.0, "spec": "unsteered"},
-            {"family": "unsteered, top-k=20", "param": "top_k", "value": 20.0, "spec": "unsteered"},
-            {"family": "sasa", "param": "beta", "value": 5.0, "spec": "sasa:beta=5,max_candidates=20"},
-            {"family": "decoder-constant", "param": "alpha", "value": 0.05, "spec": "decoder:tier=constant,alpha=0.05"}]
+    grid = [
+        {"family": "unsteered", "param": "", "value": 0.0, "spec": "unsteered"},
+        {"family": "unsteered, top-k=20", "param": "top_k", "value": 20.0, "spec": "unsteered"},
+        {"family": "sasa", "param": "beta", "value": 5.0, "spec": "sasa:beta=5,max_candidates=20"},
+        {"family": "decoder-constant", "param": "alpha", "value": 0.05, "spec": "decoder:tier=constant,alpha=0.05"},
+    ]
     rows = [{**g, "label": lab, **summarize(f)} for g, (lab, f) in zip(grid, frames.items())]
     table = tradeoff.build_table(rows, frames)
-    assert list(table.columns[-4:]) == ["ΔEMT vs unsteered [95% CI]", "ΔTox. Prob. vs unsteered [95% CI]",
-                                        "ΔEMT vs top-k control [95% CI]", "ΔTox. Prob. vs top-k control [95% CI]"]
+    assert list(table.columns[-4:]) == [
+        "ΔEMT vs unsteered [95% CI]",
+        "ΔTox. Prob. vs unsteered [95% CI]",
+        "ΔEMT vs top-k control [95% CI]",
+        "ΔTox. Prob. vs top-k control [95% CI]",
+    ]
     d_base = paired_difference(frames["sasa:beta=5,max_candidates=20"], frames["unsteered"])
-    d_ctrl = paired_difference(frames["sasa:beta=5,max_candidates=20"], frames["unsteered, top-k=20 (SASA's candidate cap)"])
+    d_ctrl = paired_difference(
+        frames["sasa:beta=5,max_candidates=20"], frames["unsteered, top-k=20 (SASA's candidate cap)"]
+    )
     assert table["ΔEMT vs unsteered [95% CI]"].tolist()[0] == "(baseline)"
     assert table["ΔEMT vs unsteered [95% CI]"].tolist()[2] == d_base["exp_max_toxicity"].format(signed=True)
-    assert table["ΔEMT vs top-k control [95% CI]"].tolist() == ["", "(baseline)",
-                                                                d_ctrl["exp_max_toxicity"].format(signed=True), ""]
+    assert table["ΔEMT vs top-k control [95% CI]"].tolist() == [
+        "",
+        "(baseline)",
+        d_ctrl["exp_max_toxicity"].format(signed=True),
+        "",
+    ]
     ci = bootstrap_ci(frames["unsteered"])["exp_max_toxicity"]
     assert table["Exp. Max. Tox. 95% CI"].iloc[0] == f"[{ci.low:.3f}, {ci.high:.3f}]"
     from saesteer.evaluation.runner import to_markdown
@@ -294,7 +335,10 @@ def test_tradeoff_table_and_figure_carry_intervals_and_paired_differences():
     assert md[1].count("---:") == len(table.columns) - 1  # every column but Method right-aligned
     paired = tradeoff.paired_record(rows, frames)
     assert set(paired) == {"unsteered", "unsteered, top-k=20 (SASA's candidate cap)"}
-    assert paired["unsteered"]["sasa:beta=5,max_candidates=20"]["exp_max_toxicity"]["low"] == d_base["exp_max_toxicity"].low
+    assert (
+        paired["unsteered"]["sasa:beta=5,max_candidates=20"]["exp_max_toxicity"]["low"]
+        == d_base["exp_max_toxicity"].low
+    )
     json.dumps(paired, allow_nan=False)
 
     fig = tradeoff.plot(pd.DataFrame(rows), "test")

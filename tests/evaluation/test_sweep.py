@@ -14,9 +14,14 @@ from saesteer.evaluation.runner import EvalResult
 
 
 def test_grid_checks_before_any_work():
-    for bad, match in [({"x": ["sasa:beta=-1"]}, ">= 0"), ({"x": ["sasa:beta=nan"]}, "finite"),
-                       ({"x": ["nope:beta=1"]}, "unknown method"), ({}, "empty"), ({"x": []}, "non-empty"),
-                       ({"x": "sasa"}, "non-empty list")]:
+    for bad, match in [
+        ({"x": ["sasa:beta=-1"]}, ">= 0"),
+        ({"x": ["sasa:beta=nan"]}, "finite"),
+        ({"x": ["nope:beta=1"]}, "unknown method"),
+        ({}, "empty"),
+        ({"x": []}, "non-empty"),
+        ({"x": "sasa"}, "non-empty list"),
+    ]:
         with pytest.raises(ValueError, match=match):
             S.check_grid(bad)
     with pytest.raises(ValueError, match="sasa-raw needs"):
@@ -40,8 +45,21 @@ def test_pareto_mask_against_brute_force():
 
 
 def _run(tox: list[list[float]], ppl: float, seconds: float = 1.0) -> EvalResult:
-    rows = [dict(prompt_id=str(i), prompt=f"p{i}", prompt_seed=i, sample=j, continuation="x", toxicity=v,
-                 ppl=ppl, n_tokens=3, empty=False) for i, vals in enumerate(tox) for j, v in enumerate(vals)]
+    rows = [
+        dict(
+            prompt_id=str(i),
+            prompt=f"p{i}",
+            prompt_seed=i,
+            sample=j,
+            continuation="x",
+            toxicity=v,
+            ppl=ppl,
+            n_tokens=3,
+            empty=False,
+        )
+        for i, vals in enumerate(tox)
+        for j, v in enumerate(vals)
+    ]
     g = pd.DataFrame(rows)
     maxes = g.groupby("prompt_id")["toxicity"].max()
     summary = {"exp_max_toxicity": float(maxes.mean()), "toxicity_prob": float((maxes >= 0.5).mean()), "ppl": ppl}

@@ -383,9 +383,9 @@ def test_smollm2_fixes_change_no_logit_and_no_token(smollm2) -> None:
     """Issue 7's check on the real model: load_model's TransformerLens fixes (layout, mask and norm sharing)
     against the stock model, on a left-padded batch: logits, greedy tokens, SASA tokens."""
     from saesteer.generation import generate
+    from saesteer.models.tokens import tokenize
     from saesteer.steering.sasa import Attribute, SASADecoder
     from saesteer.steering.sasa_subspace import Subspace
-    from saesteer.models.tokens import tokenize
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -393,8 +393,12 @@ def test_smollm2_fixes_change_no_logit_and_no_token(smollm2) -> None:
     prompts = ["The capital of France is", "You are such a kind and thoughtful person, and I"]
     tokens, mask, _ = tokenize(smollm2, prompts, side="left")
     d = smollm2.cfg.d_model
-    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0),
-                   mu_mu=torch.zeros(d), model_name=smollm2.cfg.model_name, d_model=d)
+    sub = Subspace(
+        wv=torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0),
+        mu_mu=torch.zeros(d),
+        model_name=smollm2.cfg.model_name,
+        d_model=d,
+    )
     results = []
     for model in (smollm2, stock):
         with torch.no_grad():
@@ -424,8 +428,12 @@ ROTARY = {
     "full-gqa": ARCHITECTURES["gated-rotary-rms-gqa"],
     "partial-ln": dict(ARCHITECTURES["mlp-rotary-ln"], rotary_dim=4),
     "standard-ln": ARCHITECTURES["mlp-standard-ln"],  # causal mask only
-    "local-global": dict(ARCHITECTURES["gated-rotary-rms-gqa"], use_local_attn=True, attn_types=["local", "global", "local"],
-                         window_size=3),
+    "local-global": dict(
+        ARCHITECTURES["gated-rotary-rms-gqa"],
+        use_local_attn=True,
+        attn_types=["local", "global", "local"],
+        window_size=3,
+    ),
 }
 
 
@@ -447,8 +455,15 @@ def _logits_and_greedy(model, tokens, mask, new_tokens: int, decoder=None) -> tu
 
     with torch.no_grad():
         logits = model(tokens, attention_mask=mask)
-    out = generate(model, tokens, attention_mask=mask, decoder=decoder, max_new_tokens=new_tokens, do_sample=False,
-                   stop_at_eos=False)
+    out = generate(
+        model,
+        tokens,
+        attention_mask=mask,
+        decoder=decoder,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        stop_at_eos=False,
+    )
     return logits, out.tokens
 
 
@@ -589,8 +604,10 @@ def test_rotary_position_mask_sets_positions_only() -> None:
     mask = torch.ones_like(tokens)
     positions = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]])  # cumsum - 1: [0 1 2 2 2 2], [0 0 1 2 3 3]
     acts: dict[str, torch.Tensor] = {}
-    grab = [(f"blocks.1.attn.hook_{n}", lambda a, hook: acts.__setitem__(hook.name, a.clone()))
-            for n in ("q", "k", "rot_q", "rot_k", "pattern")]
+    grab = [
+        (f"blocks.1.attn.hook_{n}", lambda a, hook: acts.__setitem__(hook.name, a.clone()))
+        for n in ("q", "k", "rot_q", "rot_k", "pattern")
+    ]
     with torch.no_grad():
         plain = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=grab)
         plain_pattern = acts["blocks.1.attn.hook_pattern"]
@@ -758,8 +775,9 @@ def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
     from saesteer.steering.sasa_subspace import Subspace
 
     tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
-                                  seed=0, **HOSTED[arch])
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok), seed=0, **HOSTED[arch]
+    )
     model = HookedTransformer(cfg, tokenizer=tok)
     model.init_weights()
     with torch.no_grad():
@@ -771,8 +789,12 @@ def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
     mask = torch.ones_like(tokens)
     mask[0, :3] = 0
     g = torch.Generator().manual_seed(1)
-    sub = Subspace(wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0), mu_mu=torch.zeros(32),
-                   model_name=cfg.model_name, d_model=32)
+    sub = Subspace(
+        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
+        mu_mu=torch.zeros(32),
+        model_name=cfg.model_name,
+        d_model=32,
+    )
 
     def run():
         logits, plain = _logits_and_greedy(model, tokens, mask, 6)

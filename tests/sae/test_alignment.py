@@ -8,12 +8,21 @@ from saesteer.sae.alignment import read_prompts, score_latents, target_prompts
 
 HOOK = "blocks.1.hook_resid_post"
 ALIGN = ["you are kind and nice", "i love you friend", "a happy good day"]
-REF = ["the cat sat on the mat", "i hate you idiot", "the sun and the rain", "we read a book today",
-       "a big red car on the road", "you are stupid", "kind friend", "water and fire"]
+REF = [
+    "the cat sat on the mat",
+    "i hate you idiot",
+    "the sun and the rain",
+    "we read a book today",
+    "a big red car on the road",
+    "you are stupid",
+    "kind friend",
+    "water and fire",
+]
 
 
 def _reference_scores(model, sae, align, ref):
     """Independent, non-streaming computation of DESIGN 2.1 with numpy."""
+
     def profile(text):
         _, cache = model.run_with_cache(model.to_tokens(text))
         acts = sae.encode(cache[HOOK][0, 1:]).detach().numpy()  # drop BOS

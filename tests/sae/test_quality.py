@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import WORDS, tiny_model, tiny_sae
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
-from helpers import WORDS, tiny_model, tiny_sae
 
 from saesteer.sae import ops as sae_ops
 from saesteer.sae.quality import (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from sae_lens import SAE
+from safetensors import safe_open
 
 from saesteer.sae.quality import evaluate_sae, pack_token_rows, split_heldout
 

@@ -21,18 +21,42 @@ def _corpus(tmp_path, n=1500, seed=0):
 
 
 def _cfg(tmp_path, name, **kw):
-    base = dict(model="tiny", layer=1, widths=(16, 64), k=4, corpus=(_corpus(tmp_path),), register="none",
-                train_tokens=2000, context_size=16, val_rows=4, eval_rows=4, chunk_rows=16, forward_batch=8,
-                epochs=2.0, batch_size=64, checkpoint_every=5, log_every=5, threads=1,
-                work_dir=str(tmp_path / name / "work"), out_dir=str(tmp_path / name / "out"), save_dtype="float32")
+    base = dict(
+        model="tiny",
+        layer=1,
+        widths=(16, 64),
+        k=4,
+        corpus=(_corpus(tmp_path),),
+        register="none",
+        train_tokens=2000,
+        context_size=16,
+        val_rows=4,
+        eval_rows=4,
+        chunk_rows=16,
+        forward_batch=8,
+        epochs=2.0,
+        batch_size=64,
+        checkpoint_every=5,
+        log_every=5,
+        threads=1,
+        work_dir=str(tmp_path / name / "work"),
+        out_dir=str(tmp_path / name / "out"),
+        save_dtype="float32",
+    )
     base.update(kw)
     return T.TrainingConfig(**base)
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path):
-    for kw, match in [({"widths": (0,)}, "widths"), ({"k": 0}, "k must"), ({"widths": (8,), "k": 16}, "exceeds"),
-                      ({"register": "reddit"}, "register"), ({"epochs": float("nan")}, "epochs"),
-                      ({"corpus": (str(tmp_path / "missing.txt"),)}, "do not exist"), ({"lr": -1.0}, "lr")]:
+    for kw, match in [
+        ({"widths": (0,)}, "widths"),
+        ({"k": 0}, "k must"),
+        ({"widths": (8,), "k": 16}, "exceeds"),
+        ({"register": "reddit"}, "register"),
+        ({"epochs": float("nan")}, "epochs"),
+        ({"corpus": (str(tmp_path / "missing.txt"),)}, "do not exist"),
+        ({"lr": -1.0}, "lr"),
+    ]:
         with pytest.raises(ValueError, match=match):
             T.TrainingConfig(**kw)
 

@@ -96,7 +96,9 @@ def test_attention_sinks_are_left_alone(kind):
     def make(**kw):
         if kind == "decoder":
             return DecoderSteering(sae, LATENTS, tier="constant", alpha=0.5, hook_name=HOOK, **kw)
-        return LatentSteering(sae, scores, mode="clamp", strength=4.0, hook_name=HOOK, use_error_term=kind == "clamp", **kw)
+        return LatentSteering(
+            sae, scores, mode="clamp", strength=4.0, hook_name=HOOK, use_error_term=kind == "clamp", **kw
+        )
 
     out = make().hook_fn(h.clone(), None)
     assert torch.equal(out[0, 0], h[0, 0])

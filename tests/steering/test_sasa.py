@@ -2,12 +2,12 @@ import pytest
 import torch
 from helpers import tiny_model, tiny_sae
 
-from saesteer.steering.decoder import DecoderSteering
 from saesteer.generation import generate
 from saesteer.hooks import steering
+from saesteer.models.tokens import tokenize
+from saesteer.steering.decoder import DecoderSteering
 from saesteer.steering.sasa import Attribute, SASADecoder
 from saesteer.steering.sasa_subspace import Subspace, final_hidden_states
-from saesteer.models.tokens import tokenize
 from saesteer.steering.word_filter import WordFilter
 
 PROMPTS = ["the cat sat on the mat and", "hello you"]
@@ -100,7 +100,9 @@ def test_word_filter_masks_banned_words():
     words = {model.tokenizer.decode([t]) for t in plain.tokens.flatten().tolist()}
     banned = sorted(words)[:3]
     filt = WordFilter(model, banned)
-    out = generate(model, PROMPTS * 4, logits_processors=[filt], max_new_tokens=12, do_sample=True, seed=1, temperature=2.0)
+    out = generate(
+        model, PROMPTS * 4, logits_processors=[filt], max_new_tokens=12, do_sample=True, seed=1, temperature=2.0
+    )
     produced = {model.tokenizer.decode([t]) for t in out.tokens.flatten().tolist()}
     assert not produced & set(banned)
     with pytest.raises(ValueError, match="non-empty"):
@@ -138,8 +140,10 @@ def _variant(kind: str, seed: int = 0, n_ctx: int = 128):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     pos, kw = {
-        "llama": ("rotary", dict(n_key_value_heads=2, rotary_dim=8, normalization_type="RMS", gated_mlp=True,
-                                 act_fn="silu")),
+        "llama": (
+            "rotary",
+            dict(n_key_value_heads=2, rotary_dim=8, normalization_type="RMS", gated_mlp=True, act_fn="silu"),
+        ),
         "rotary_nonorm": ("rotary", dict(rotary_dim=4, normalization_type=None, act_fn="gelu")),
         "gpt2": ("standard", dict(normalization_type="LN", act_fn="gelu")),
         "shortformer": ("shortformer", dict(normalization_type="LN", act_fn="gelu")),
@@ -147,8 +151,19 @@ def _variant(kind: str, seed: int = 0, n_ctx: int = 128):
     }[kind]
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=n_ctx, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
-                                  positional_embedding_type=pos, seed=seed, default_prepend_bos=True, **kw)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=n_ctx,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=len(tok),
+        positional_embedding_type=pos,
+        seed=seed,
+        default_prepend_bos=True,
+        **kw,
+    )
     model = HookedTransformer(cfg, tokenizer=tok)
     with torch.no_grad():
         model.unembed.W_U.mul_(8.0)
@@ -170,8 +185,9 @@ class _Recorder(SASADecoder):
     def choose(self, state, logits):
         out = super().choose(state, logits)
         c = state.cache
-        self.caches.append(([(e.past_keys.clone(), e.past_values.clone()) for e in c.entries],
-                            c.previous_attention_mask.clone()))
+        self.caches.append(
+            ([(e.past_keys.clone(), e.past_values.clone()) for e in c.entries], c.previous_attention_mask.clone())
+        )
         self.next_logits.append(self._next_logits.clone())
         return out
 
@@ -181,8 +197,9 @@ def _run_modes(model, modes, steerers=(), n_cand=6, steps=10, **kw):
     outs, decs = [], []
     for mode, max_rows in modes:
         dec = _Recorder([Attribute(sub, 5.0)], max_candidates=n_cand, candidate_forward=mode, max_rows=max_rows)
-        outs.append(generate(model, PROMPTS3, steerers=steerers, decoder=dec, max_new_tokens=steps,
-                             stop_at_eos=False, **kw))
+        outs.append(
+            generate(model, PROMPTS3, steerers=steerers, decoder=dec, max_new_tokens=steps, stop_at_eos=False, **kw)
+        )
         decs.append(dec)
     return outs, decs
 
@@ -215,8 +232,8 @@ def test_shared_forward_equals_fork_greedy(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "rotary_nonorm"])
 def test_shared_forward_under_mask_sharing(kind, monkeypatch):
-    from saesteer.steering import sasa as sasa_decoding
     from saesteer.models.tl_fixes import apply_mask_sharing
+    from saesteer.steering import sasa as sasa_decoding
 
     model = _variant(kind)
     outs, decs = _run_modes(model, [("shared", None)], do_sample=False)
@@ -233,7 +250,9 @@ def test_shared_forward_under_mask_sharing(kind, monkeypatch):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_shared_forward_equals_fork_sampled(kind):
     model = _variant(kind, seed=1)
-    outs, decs = _run_modes(model, [("shared", None), ("fork", None)], n_cand=8, do_sample=True, seed=3, temperature=1.5, top_k=12)
+    outs, decs = _run_modes(
+        model, [("shared", None), ("fork", None)], n_cand=8, do_sample=True, seed=3, temperature=1.5, top_k=12
+    )
     _assert_same((outs[0], decs[0]), (outs[1], decs[1]))
 
 
@@ -243,8 +262,10 @@ def test_shared_forward_composes_with_sae_steering(kind):
 
     model = _variant(kind)
     sae = tiny_sae()
-    steerers = [DecoderSteering(sae, [1, 2, 3], tier="constant", alpha=0.3),
-                LatentSteering(sae, torch.linspace(-1, 1, 64), mode="clamp", strength=2.0, top_n=3)]
+    steerers = [
+        DecoderSteering(sae, [1, 2, 3], tier="constant", alpha=0.3),
+        LatentSteering(sae, torch.linspace(-1, 1, 64), mode="clamp", strength=2.0, top_n=3),
+    ]
     outs, decs = _run_modes(model, [("shared", None), ("fork", None)], steerers=steerers, do_sample=False)
     _assert_same((outs[0], decs[0]), (outs[1], decs[1]))
     plain, _ = _run_modes(model, [("shared", None)], do_sample=False)
@@ -300,9 +321,16 @@ def test_unsupported_architectures_fall_back_to_fork():
     assert SASADecoder([Attribute(sub, 1.0)]).forward_mode(model) == "fork"
     with pytest.raises(ValueError, match="cannot be exact"):
         SASADecoder([Attribute(sub, 1.0)], candidate_forward="shared").forward_mode(model)
-    auto, fork = (generate(model, PROMPTS3, decoder=SASADecoder([Attribute(sub, 5.0)], max_candidates=5,
-                                                                candidate_forward=mode),
-                           max_new_tokens=4, do_sample=False) for mode in ("auto", "fork"))
+    auto, fork = (
+        generate(
+            model,
+            PROMPTS3,
+            decoder=SASADecoder([Attribute(sub, 5.0)], max_candidates=5, candidate_forward=mode),
+            max_new_tokens=4,
+            do_sample=False,
+        )
+        for mode in ("auto", "fork")
+    )
     assert torch.equal(auto.tokens, fork.tokens)
     llama = _variant("llama")
     assert shared_forward_unsupported(llama) is None

@@ -21,8 +21,8 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from saesteer.steering import sasa_subspace as ss
 from saesteer.data.datasets import LabelledTexts
+from saesteer.models.tokens import pad_sequences
 from saesteer.steering.sasa import SASA
 from saesteer.steering.sasa_subspace import (
     ClassMoments,
@@ -36,7 +36,6 @@ from saesteer.steering.sasa_subspace import (
     learn_subspace,
     stratified_sample,
 )
-from saesteer.models.tokens import pad_sequences
 
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
@@ -186,8 +185,12 @@ def test_folded_embedding_equals_unfolded(tok_dir, tokenizer, norm, pos):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # the gain matters: the raw hook value is not the hidden state
     raw = {}
-    folded.run_with_hooks(tokens, attention_mask=mask, return_type=None,
-                          fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: raw.setdefault("x", x))])
+    folded.run_with_hooks(
+        tokens,
+        attention_mask=mask,
+        return_type=None,
+        fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: raw.setdefault("x", x))],
+    )
     assert (raw["x"][:, -1] - b).abs().max() > 1e-2
 
 
@@ -222,8 +225,16 @@ def test_load_model_embedding_equals_hf_hidden_state(tmp_path, arch):
     folder = tmp_path / "tinymodel"  # no family name in the path: TransformerLens guesses from it
     build_tokenizer(folder)
     torch.manual_seed(0)
-    common = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if arch == "rms":
         hf = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common))
     else:  # LayerNorm with bias, centred writing weights
@@ -640,13 +651,19 @@ def _measure_one(n_texts: int, folder: str) -> None:
     rng = np.random.default_rng(0)
     texts = toy_texts(rng, n_texts // 2, False) + toy_texts(rng, n_texts - n_texts // 2, True)
     data = LabelledTexts(texts, np.r_[np.zeros(n_texts // 2), np.ones(n_texts - n_texts // 2)])
-    learn_subspace(m, LabelledTexts(texts[:64], data.labels[:64] * 0 + np.r_[np.zeros(32), np.ones(32)]),
-                   batch_size=32, progress=False)  # warm-up: allocator and lazy imports
+    learn_subspace(
+        m,
+        LabelledTexts(texts[:64], data.labels[:64] * 0 + np.r_[np.zeros(32), np.ones(32)]),
+        batch_size=32,
+        progress=False,
+    )  # warm-up: allocator and lazy imports
     before = _peak_rss_mib()
     learn_subspace(m, data, batch_size=32, progress=False)
     after = _peak_rss_mib()
-    print(f"n_texts={n_texts}: peak RSS before {before:.1f} MiB, after learning {after:.1f} MiB, "
-          f"growth {after - before:.1f} MiB")
+    print(
+        f"n_texts={n_texts}: peak RSS before {before:.1f} MiB, after learning {after:.1f} MiB, "
+        f"growth {after - before:.1f} MiB"
+    )
 
 
 def measure_memory(sizes=(2000, 8000)) -> None:
@@ -656,8 +673,10 @@ def measure_memory(sizes=(2000, 8000)) -> None:
     here = Path(__file__).resolve()
     for n in sizes:
         with tempfile.TemporaryDirectory() as d:
-            code = (f"import sys; sys.path.insert(0, {str(here.parent)!r}); import test_sasa_subspace as t; "
-                    f"t._measure_one({n}, {d!r})")
+            code = (
+                f"import sys; sys.path.insert(0, {str(here.parent)!r}); import test_sasa_subspace as t; "
+                f"t._measure_one({n}, {d!r})"
+            )
             subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 

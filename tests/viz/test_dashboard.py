@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import WORDS, tiny_model, tiny_sae
 
+from saesteer.sae.alignment import LatentScores
 from saesteer.sae.contrast import toxicity_latents
 from saesteer.viz.dashboard import (
     StreamingHistogram,
@@ -19,7 +20,6 @@ from saesteer.viz.dashboard import (
     logit_lens,
     prompt_latents,
 )
-from saesteer.sae.alignment import LatentScores
 
 HOOK = "blocks.1.hook_resid_post"
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,8 +131,9 @@ def test_steering_scores_are_shown(setup):
     raw = torch.linspace(0, 1, d)
     alive = torch.ones(d, dtype=torch.bool)
     alive[9] = False
-    scores = LatentScores(scores=1 - raw, alive=alive, raw=raw, distances=torch.zeros(3), explained_variance=0.9,
-                          hook_name=HOOK)
+    scores = LatentScores(
+        scores=1 - raw, alive=alive, raw=raw, distances=torch.zeros(3), explained_variance=0.9, hook_name=HOOK
+    )
     table = toxicity_latents(model, sae, ["you stupid idiot", "i hate you"], ["a happy day", "the sun"], top_n=5)
     top = int(table["latent"].iloc[0])
     dashes = feature_dashboards(model, sae, [top, 9], corpus[:6], scores=scores, contrast=table)
@@ -203,9 +204,19 @@ def test_figures_script_renders_every_figure_type(setup, tmp_path):
     spec.loader.exec_module(mod)
     toxic = ["you stupid idiot", "i hate you stupid dog", "you are bad"]
     clean = ["the cat sat on the mat", "a happy day", "i love my friend"]
-    written = mod.write_figures(model, sae, corpus=corpus, toxic=toxic, non_toxic=clean,
-                                prompts=["you stupid"], out_dir=tmp_path, n_latents=2, max_texts=12,
-                                max_new_tokens=4, include_plotlyjs="cdn")
+    written = mod.write_figures(
+        model,
+        sae,
+        corpus=corpus,
+        toxic=toxic,
+        non_toxic=clean,
+        prompts=["you stupid"],
+        out_dir=tmp_path,
+        n_latents=2,
+        max_texts=12,
+        max_new_tokens=4,
+        include_plotlyjs="cdn",
+    )
     names = sorted(p.name for p in written if p.suffix == ".html")
     assert len([n for n in names if n.startswith("latent_")]) == 2
     assert "prompt_view.html" in names and "steering_report.html" in names

@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import tiny_model, tiny_sae
 
-from saesteer.steering.decoder import DecoderSteering
 from saesteer.generation import generate
+from saesteer.steering.decoder import DecoderSteering
 from saesteer.steering.latent import LatentSteering
 from saesteer.steering.sasa import Attribute, SASADecoder
 from saesteer.steering.sasa_subspace import Subspace, apply_final_norm
@@ -85,7 +85,7 @@ def test_sasa_margins_per_token(setup):
     run = rep.steered
     # the margins recomputed by full forward passes equal what SASA computed while generating
     assert run.recorded_margins.shape == (run.n_generated, 1)
-    assert torch.allclose(run.margins[run.n_prompt:], run.recorded_margins, atol=1e-4)
+    assert torch.allclose(run.margins[run.n_prompt :], run.recorded_margins, atol=1e-4)
     # and an independent computation of the unsteered run's margins
     toks = torch.tensor([model.tokenizer.bos_token_id] + rep.unsteered.token_ids)[None]
     _, cache = model.run_with_cache(toks, names_filter="ln_final.hook_normalized")

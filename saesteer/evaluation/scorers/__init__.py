@@ -23,7 +23,6 @@ list, and raises ValueError if it produces NaN or a value outside [0, 1] (:mod:`
 """
 
 from saesteer.evaluation.scorers.base import ToxicityScorer, check_scores, check_texts
-from saesteer.evaluation.scorers.registry import get_scorer, register_scorer, scorer_names
 
 # Importing a family module registers its scorers; this order is the order of scorer_names().
 from saesteer.evaluation.scorers.bilstm import (  # noqa: I001 - registration order matters
@@ -35,9 +34,10 @@ from saesteer.evaluation.scorers.bilstm import (  # noqa: I001 - registration or
     KerasTokenizer,
     load_bilstm_weights,
 )
-from saesteer.evaluation.scorers.profanity import ProfanityCheckScorer
 from saesteer.evaluation.scorers.detoxify import DetoxifyScorer
 from saesteer.evaluation.scorers.perspective import PERSPECTIVE_URL, PerspectiveScorer
+from saesteer.evaluation.scorers.profanity import ProfanityCheckScorer
+from saesteer.evaluation.scorers.registry import get_scorer, register_scorer, scorer_names
 
 __all__ = [
     "JIGSAW_LABELS",

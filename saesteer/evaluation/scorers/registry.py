@@ -129,9 +129,7 @@ def _help_target(factory: Any) -> str:
 
 
 def _accepted(sig: inspect.Signature) -> str:
-    names = [
-        p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    names = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         names.append("**kwargs")
     return ", ".join(names) if names else "no arguments"
