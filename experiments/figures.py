@@ -100,7 +100,14 @@ def write_figures(
     steer = DecoderSteering(sae, table, tier="proportional", alpha=alpha)
     dec = SASADecoder([Attribute(subspace, beta)])
     report = steering_report(
-        model, prompts[0], steerers=[steer], decoder=dec, max_new_tokens=max_new_tokens, seed=seed, top_p=0.9
+        model,
+        prompts[0],
+        steerers=[steer],
+        decoder=dec,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        seed=seed,
+        top_p=0.9,
     )
     _write(report, out / "steering_report.html", include_plotlyjs, written)
     _say(f"steering report: unsteered {report.unsteered.text!r} / steered {report.steered.text!r}")
