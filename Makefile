@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/saesteer demo
+	$(VENV)/bin/saesteer demo --out-dir figures
 
 test: install
 	$(PY) -m pytest -q
