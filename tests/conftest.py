@@ -19,3 +19,7 @@ def pytest_configure(config) -> None:
         "markers",
         "assets: uses real files fetched from PyPI into the saesteer cache; skipped when they cannot be fetched",
     )
+    config.addinivalue_line(
+        "markers",
+        "notebook: executes experiments/quickstart.ipynb in a Jupyter kernel (minutes); deselect with -m 'not notebook'",
+    )
