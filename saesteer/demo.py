@@ -20,6 +20,7 @@ import torch
 
 from saesteer.data.atomic import save_atomic, write_text_atomic
 from saesteer.generation import generate
+from saesteer.steering.decoder import DecoderArgs, Tier
 
 METHODS = ("unsteered", "sasa", "sae", "sasa+sae")
 
@@ -32,9 +33,12 @@ class DemoConfig:
     sae: str | None = None
     methods: tuple[str, ...] = METHODS
     beta: float = 20.0
-    tier: str = "proportional"
+    """SASA's beta in the demo (the method's default is 0, plain decoding: the demo shows it steering)."""
+    tier: Tier = DecoderArgs.tier
     alpha: float = 2.0
-    n_latents: int = 10
+    """Decoder-steering strength in the demo, above the method's default (``DecoderArgs.alpha``) so that a few
+    prompts show an effect."""
+    n_latents: int = DecoderArgs.n_latents
     n_prompts: int = 8
     prompts_file: str | None = None
     max_new_tokens: int = 24
@@ -60,10 +64,7 @@ class DemoConfig:
                 )
         if self.prompts_file is not None and not Path(self.prompts_file).is_file():
             raise ValueError(f"prompts file {self.prompts_file!r} does not exist; pass a CSV with a 'prompt' column.")
-        from saesteer.steering.registry import parse_method
-
-        for spec in method_specs(self).values():  # strengths and tiers checked now, before any model loads
-            parse_method(spec)
+        method_specs(self)  # strengths and tiers checked now, before any model loads
 
 
 def say(msg: str) -> None:
@@ -83,16 +84,14 @@ def demo_prompts(cfg: DemoConfig) -> list[str]:
 
 
 def method_specs(cfg: DemoConfig) -> dict[str, str]:
-    """The :mod:`saesteer.steering.registry` spec of each demo method ("sae" is decoder-vector steering)."""
-    sasa = f"beta={cfg.beta}"
-    dec = f"tier={cfg.tier},alpha={cfg.alpha},n_latents={cfg.n_latents}"
-    specs = {
-        "unsteered": "unsteered",
-        "sasa": f"sasa:{sasa}",
-        "sae": f"decoder:{dec}",
-        "sasa+sae": f"sasa+decoder:{sasa},{dec}",
-    }
-    return {m: specs[m] for m in cfg.methods}
+    """The canonical :mod:`saesteer.steering.registry` spec of each demo method ("sae" is decoder-vector
+    steering), built with :func:`~saesteer.steering.registry.method_spec` (which checks every value)."""
+    from saesteer.steering.registry import method_spec
+
+    sasa = method_spec("sasa", beta=cfg.beta)
+    sae = method_spec("decoder", tier=cfg.tier, alpha=cfg.alpha, n_latents=cfg.n_latents)
+    specs = {"unsteered": method_spec("unsteered"), "sasa": sasa, "sae": sae, "sasa+sae": sasa + sae}
+    return {m: str(specs[m]) for m in cfg.methods}
 
 
 def run_demo(cfg: DemoConfig) -> pd.DataFrame:
@@ -103,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     from saesteer.models.loading import load_model
     from saesteer.sae.loading import load_sae
     from saesteer.sae.registry import default_project_sae
-    from saesteer.steering.registry import build_method, parse_method, prepare_resources
+    from saesteer.steering.registry import build_method, get_method, parse_method, prepare_resources
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -111,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     model = load_model(cfg.model, device=cfg.device)
     prompts = demo_prompts(cfg)
     specs = method_specs(cfg)
-    needs_sae = any("decoder" in parse_method(s).components for s in specs.values())
+    needs_sae = any("sae" in get_method(c).needs for s in specs.values() for c in parse_method(s).components)
     sae = None
     if needs_sae:
         sae_name = cfg.sae or default_project_sae(cfg.model).name

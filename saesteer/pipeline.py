@@ -1,15 +1,33 @@
 """``SteeringPipeline``: one model, a list of controls, composed in one generation (AISteer360 style).
 
-Controls are hook steerers (:class:`~saesteer.steering.latent.LatentSteering`,
-:class:`~saesteer.steering.decoder.DecoderSteering`), decoding controls (:class:`~saesteer.SASA`, one
-per attribute; their margins add up) and :class:`~saesteer.steering.word_filter.BannedWords`. All act in the
-same call to :func:`saesteer.generation.generate`::
+Every steering method is built through the method registry (:mod:`saesteer.steering.registry`), so a
+method is parametrised and built in one place however it is given. A control is one of:
+
+- a spec string or :class:`~saesteer.steering.registry.MethodSpec` (``"sasa:beta=10"``,
+  ``"decoder:alpha=2"``, ``"swap+clamp:..."``, or a method you registered), built from the pipeline's
+  ``resources`` (:class:`~saesteer.steering.registry.Resources`; checked when the pipeline is made);
+- an argument object of a registered method (:class:`~saesteer.SASA`,
+  :class:`~saesteer.steering.decoder.DecoderArgs`, ...): the registry finds the method by the object's
+  class. A method with a ``prepare`` computes its resources from the object in :meth:`steer` (SASA learns
+  or loads its own subspace, one per SASA control); the others use ``resources``;
+- a built :class:`~saesteer.steering.registry.Method`, or any hook steerer (:class:`~saesteer.LatentSteering`,
+  :class:`~saesteer.DecoderSteering`, anything with ``hook_name`` and ``hook_fn``), used as it is;
+- :class:`~saesteer.steering.word_filter.BannedWords` (anything with ``processor(model)``), a logits processor.
+
+All act in the same call to :func:`saesteer.generation.generate`: the hooks in the order of the controls,
+and the controls that choose tokens merged into one decoder (several SASA controls, one per attribute:
+their margins add up, :meth:`~saesteer.SASADecoder.combine`)::
 
     sasa = SASA(beta=10, wv_path="steer_wv.pt", gen_wv_data=load_insults())
     pipe = SteeringPipeline("smollm2-135m", controls=[sasa, DecoderSteering(sae, latents)])
     pipe.steer()                          # learns (or loads) the SASA subspace
     new_tokens = pipe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30,
                                do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=1.05)
+
+    pipe = SteeringPipeline(model, controls=["sasa:beta=10", "clamp:strength=4"], resources=res)
+
+``runtime_kwargs`` changes parameters of the registry-built controls for one call (``{"beta": 0.0}``: every
+control with a ``beta`` rebuilt with it; the resources are reused, nothing is re-learned).
 
 Generation arguments are Hugging Face's, with its defaults (greedy unless ``do_sample=True``); see
 :class:`saesteer.generation.SamplingConfig`. ``return_dict_in_generate=True`` makes ``generate`` return
@@ -19,6 +37,7 @@ the whole :class:`~saesteer.generation.GenerationOutput` (``scores`` with ``outp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,9 +48,70 @@ from transformer_lens import HookedTransformer
 from saesteer.checks import check_sae_fits
 from saesteer.generation import Decoder, GenerationOutput, check_generation_kwargs, generate
 from saesteer.hooks import Steerer
-from saesteer.steering.sasa import SASA, Attribute, SASADecoder
+from saesteer.steering.registry import (
+    Built,
+    Component,
+    Method,
+    MethodSpec,
+    Resources,
+    component_for_args,
+    get_method,
+    merge_built,
+    method_names,
+    missing_resource_message,
+    parse_method,
+    warn_inert_defaults,
+)
 from saesteer.steering.sasa_subspace import Subspace
-from saesteer.steering.word_filter import BannedWords
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One control, or one method of a spec control: built through the registry (``component``), fixed
+    (``built``), or a logits processor."""
+
+    control: Any
+    name: str
+    component: Component | None = None
+    args: Any = None
+    own_resources: bool = False
+    resources: Resources | None = None
+    built: Built | None = None
+    processor: bool = False
+
+
+def _slots(control: Any, resources: Resources) -> list[_Slot]:
+    """The slots of one control (see the module docstring); refuses what is not a control."""
+    if isinstance(control, (str, MethodSpec)):
+        ms = parse_method(control)
+        warn_inert_defaults(ms)
+        slots = []
+        for name in ms.components:
+            comp = get_method(name)
+            for need in comp.missing(resources):
+                raise ValueError(f"{missing_resource_message(name, need)} Pass it as SteeringPipeline(resources=...).")
+            slots.append(_Slot(control, name, comp, ms.args(name)))
+        return slots
+    if isinstance(control, Method):
+        built = Built(steerers=list(control.steerers), decoder=control.decoder, record=dict(control.record))
+        return [_Slot(control, control.spec.name, built=built)]
+    comp = component_for_args(control)
+    if comp is not None:
+        if comp.prepare is None:
+            for need in comp.missing(resources):
+                raise ValueError(
+                    f"{missing_resource_message(comp.name, need)} Pass it as SteeringPipeline(resources=...)."
+                )
+        return [_Slot(control, comp.name, comp, control, own_resources=comp.prepare is not None)]
+    if isinstance(control, Steerer):
+        return [_Slot(control, type(control).__name__, built=Built(steerers=[control]))]
+    if callable(getattr(control, "processor", None)):
+        return [_Slot(control, type(control).__name__, processor=True)]
+    raise ValueError(
+        f"{type(control).__name__} is not a control: pass a method spec (e.g. 'sasa:beta=10'; methods: "
+        f"{method_names()}), an argument object of a registered method (SASA, DecoderArgs), a built Method, a hook "
+        "steerer (LatentSteering, DecoderSteering) or BannedWords."
+    )
 
 
 class SteeringPipeline:
@@ -43,6 +123,7 @@ class SteeringPipeline:
         controls: Sequence[Any] = (),
         *,
         model: HookedTransformer | None = None,
+        resources: Resources | None = None,
         device_map: str = "cpu",
         hf_model_kwargs: dict | None = None,
     ) -> None:
@@ -50,55 +131,81 @@ class SteeringPipeline:
             model, model_name_or_path = model_name_or_path, None
         if model is None and not model_name_or_path:
             raise ValueError("Pass model_name_or_path (e.g. 'smollm2-135m', 'gpt2-small') or model=.")
-        for c in controls:
-            if not isinstance(c, (SASA, BannedWords, Steerer)):
-                raise ValueError(
-                    f"{type(c).__name__} is not a control: use SASA, LatentSteering, DecoderSteering or BannedWords."
-                )
-        sasas = [c for c in controls if isinstance(c, SASA)]
-        if len({(s.max_candidates, s.margin_transform) for s in sasas}) > 1:
-            raise ValueError("All SASA controls in one pipeline must share max_candidates and margin_transform.")
+        if isinstance(controls, (str, MethodSpec)):
+            controls = [controls]
+        self.resources = resources if resources is not None else Resources()
+        self._slots = [slot for c in controls for slot in _slots(c, self.resources)]
         self.model_name_or_path = model_name_or_path
         self.controls = list(controls)
         self.device_map = device_map
         self.hf_model_kwargs = dict(hf_model_kwargs or {})
         self.model = model
-        self.subspaces: dict[int, Subspace] = {}
 
     @property
-    def sasa_controls(self) -> list[SASA]:
-        return [c for c in self.controls if isinstance(c, SASA)]
+    def subspaces(self) -> dict[int, Subspace]:
+        """The subspace each control that learned or loaded its own (a SASA object) uses, by ``id(control)``."""
+        return {
+            id(s.control): s.resources.subspace
+            for s in self._slots
+            if s.own_resources and s.resources is not None and s.resources.subspace is not None
+        }
 
     def steer(self, *, seed: int = 0, progress: bool = True) -> SteeringPipeline:
-        """Load the model if needed, check every control against it, learn or load SASA subspaces."""
+        """Load the model if needed, build every control through the registry and check it against the model
+        (SAE steerers first, then the controls that prepare their own resources, e.g. learn a SASA subspace)."""
         if self.model is None:
             from saesteer.models.loading import load_model
 
             self.model = load_model(self.model_name_or_path, device=self.device_map, **self.hf_model_kwargs)
-        for c in self.controls:
-            if isinstance(c, Steerer) and hasattr(c, "sae"):
-                check_sae_fits(self.model, c.sae, c.hook_name)
-        for c in self.sasa_controls:
-            self.subspaces[id(c)] = c.steer(self.model, seed=seed, progress=progress)
+        model = self.model
+        for slot in self._slots:
+            if slot.component is not None and not slot.own_resources:
+                slot.resources = self.resources
+                slot.built = slot.component.build(slot.args, self.resources)
+        for slot in self._slots:
+            for st in slot.built.steerers if slot.built is not None else ():
+                if hasattr(st, "sae"):
+                    check_sae_fits(model, st.sae, st.hook_name)
+        for slot in self._slots:
+            if slot.own_resources:
+                prepared = slot.component.prepare(slot.args, model, seed=seed, progress=progress)
+                slot.resources = self.resources.updated(prepared)
+                slot.built = slot.component.build(slot.args, slot.resources)
+        decoder = merge_built(self._parts()).decoder
+        if decoder is not None and hasattr(decoder, "check_model"):
+            decoder.check_model(model)
         return self
 
     def _require_steered(self) -> HookedTransformer:
-        if self.model is None or any(id(c) not in self.subspaces for c in self.sasa_controls):
+        if self.model is None or any(s.component is not None and s.built is None for s in self._slots):
             raise ValueError("Call pipe.steer() before pipe.generate().")
         return self.model
 
-    def decoder(self, runtime_kwargs: dict | None = None) -> Decoder:
-        """The decoder for one call; ``runtime_kwargs={'beta': b}`` overrides every SASA beta for it."""
-        runtime_kwargs = dict(runtime_kwargs or {})
-        unknown = set(runtime_kwargs) - {"beta"}
+    def _parts(self, runtime_kwargs: dict | None = None) -> list[tuple[str, Built]]:
+        """Each slot's built part; those whose method takes a key of ``runtime_kwargs`` rebuilt with it."""
+        overrides = dict(runtime_kwargs or {})
+        accepted = sorted({k for s in self._slots if s.component is not None for k in s.component.parameters})
+        unknown = sorted(set(overrides) - set(accepted))
         if unknown:
-            raise ValueError(f"Unknown runtime_kwargs {sorted(unknown)}; supported: 'beta'.")
-        sasas = self.sasa_controls
-        if not sasas:
-            return Decoder()
-        beta = runtime_kwargs.get("beta")
-        attrs = [Attribute(self.subspaces[id(c)], c.beta if beta is None else beta) for c in sasas]
-        return SASADecoder(attrs, max_candidates=sasas[0].max_candidates, margin_transform=sasas[0].margin_transform)
+            raise ValueError(
+                f"Unknown runtime_kwargs {unknown}; supported: {accepted} (the parameters of this pipeline's "
+                "registry-built controls)."
+            )
+        parts = []
+        for s in self._slots:
+            if s.processor:
+                continue
+            mine = {k: v for k, v in overrides.items() if s.component is not None and k in s.component.parameters}
+            built = s.component.build(s.component.replace(s.args, **mine), s.resources) if mine else s.built
+            parts.append((s.name, built))
+        return parts
+
+    def decoder(self, runtime_kwargs: dict | None = None) -> Decoder:
+        """The decoder of one call (plain decoding when no control chooses tokens); ``runtime_kwargs``
+        (e.g. ``{'beta': b}``) overrides those parameters of every control that has them, for this call."""
+        self._require_steered()
+        decoder = merge_built(self._parts(runtime_kwargs)).decoder
+        return Decoder() if decoder is None else decoder
 
     def run(
         self,
@@ -111,14 +218,14 @@ class SteeringPipeline:
         """Generate with every control active; returns tokens and texts (see :func:`generate`)."""
         model = self._require_steered()
         check_generation_kwargs(gen_kwargs)
-        steerers = [c for c in self.controls if isinstance(c, Steerer)]
-        processors = [BannedWords.processor(c, model) for c in self.controls if isinstance(c, BannedWords)]
+        merged = merge_built(self._parts(runtime_kwargs))
+        processors = [s.control.processor(model) for s in self._slots if s.processor]
         return generate(
             model,
             prompts,
             attention_mask=attention_mask,
-            steerers=steerers,
-            decoder=self.decoder(runtime_kwargs),
+            steerers=merged.steerers,
+            decoder=Decoder() if merged.decoder is None else merged.decoder,
             logits_processors=processors,
             **gen_kwargs,
         )

@@ -1,9 +1,13 @@
+import pandas as pd
 import pytest
 import torch
 from helpers import tiny_model, tiny_sae
 
-from saesteer import SASA, BannedWords, DecoderSteering, SteeringPipeline
+from saesteer import SASA, BannedWords, DecoderSteering, LatentSteering, SteeringPipeline
 from saesteer.generation import generate
+from saesteer.steering.decoder import DecoderArgs
+from saesteer.steering.latent import LatentArgs
+from saesteer.steering.registry import Resources, build_method
 from saesteer.steering.sasa import Attribute, SASADecoder
 
 DATA = {
@@ -70,7 +74,10 @@ def test_pipeline_bad_input():
     with pytest.raises(ValueError, match="model_name_or_path"):
         SteeringPipeline()
     with pytest.raises(ValueError, match="not a control"):
-        SteeringPipeline(model, controls=["sasa"])
+        SteeringPipeline(model, controls=[42])
+    # a spec is a control; one whose resources are missing is refused when the pipeline is made
+    with pytest.raises(ValueError, match=r"method 'sasa' needs resources.subspace.*SteeringPipeline\(resources="):
+        SteeringPipeline(model, controls=["sasa:beta=2"])
     pipe = SteeringPipeline(model, controls=[SASA(beta=1.0, gen_wv_data=DATA)])
     with pytest.raises(ValueError, match="steer"):
         pipe.generate(input_ids=torch.tensor([[1, 4]]))
@@ -118,3 +125,72 @@ def test_pipeline_takes_the_hugging_face_generation_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"n_ctx=128.*truncate_prompt='left'"):
         pipe.generate_text([" ".join(["the cat"] * 70)], max_new_tokens=4)
     assert len(pipe.generate_text([" ".join(["the cat"] * 70)], max_new_tokens=4, truncate_prompt="left")) == 1
+
+
+def _resources(model, sub=None):
+    g = torch.Generator().manual_seed(0)
+    table = pd.DataFrame({"latent": list(range(40, 52)), "freq_non_toxic": [0.0] * 12})
+    return Resources(
+        sae=tiny_sae(), subspace=sub, contrast_table=table, latent_scores=torch.rand(64, generator=g) - 0.5
+    )
+
+
+def test_controls_built_through_the_registry_match_the_hand_built_ones(tmp_path):
+    """Spec strings, argument objects and steerer objects: each built by the registry exactly as by hand."""
+    model = tiny_model()
+    sasa = SASA(beta=8.0, gen_wv_data=DATA, wv_path=str(tmp_path / "wv.pt"), max_candidates=6)
+    sub = sasa.steer(model, progress=False)
+    res = _resources(model, sub)
+    with pytest.warns(UserWarning, match="leaves sasa.beta at its default 0.0, so sasa changes nothing"):
+        SteeringPipeline(model, controls=["sasa"], resources=res)
+    ids, mask = _tokens(model, ["the cat", "hello you idiot"])
+    kw = dict(max_new_tokens=6, do_sample=True, temperature=1.5, seed=2)
+    dec_steer = DecoderSteering(res.sae, list(range(40, 43)), alpha=2.0)
+    clamp = LatentSteering(res.sae, res.latent_scores, mode="clamp", strength=3.0, top_n=4)
+    expected = generate(
+        model,
+        ids,
+        attention_mask=mask,
+        steerers=[dec_steer, clamp],
+        decoder=SASADecoder([Attribute(sub, 8.0), Attribute(sub, 2.0)], max_candidates=6),
+        **kw,
+    ).tokens
+    for controls in (
+        [sasa, "decoder:alpha=2,n_latents=3", "clamp:strength=3,top_n=4", "sasa:beta=2,max_candidates=6"],
+        [
+            "sasa+decoder+clamp:beta=8,max_candidates=6,alpha=2,n_latents=3,strength=3,top_n=4",
+            "sasa:beta=2,max_candidates=6",
+        ],
+        [
+            build_method("sasa+decoder+clamp:beta=8,max_candidates=6,alpha=2,n_latents=3,strength=3,top_n=4", res),
+            SASA(beta=2.0, wv_path=str(tmp_path / "wv.pt"), max_candidates=6),
+        ],
+        [sasa, DecoderArgs(alpha=2.0, n_latents=3), clamp, "sasa:beta=2,max_candidates=6"],
+    ):
+        pipe = SteeringPipeline(model, controls=controls, resources=res).steer(progress=False)
+        assert torch.equal(pipe.generate(input_ids=ids, attention_mask=mask, **kw), expected), controls
+    # runtime_kwargs reach every registry-built control that has the key: beta 0 for both SASA controls
+    plain_sasa = generate(model, ids, attention_mask=mask, steerers=[dec_steer, clamp], **kw).tokens
+    out = pipe.generate(input_ids=ids, attention_mask=mask, runtime_kwargs={"beta": 0.0}, **kw)
+    assert torch.equal(out, plain_sasa)
+    pipe = SteeringPipeline(model, controls=["clamp:strength=3,top_n=4"], resources=res).steer()
+    zero = pipe.generate(input_ids=ids, attention_mask=mask, runtime_kwargs={"strength": 0}, **kw)
+    assert torch.equal(zero, generate(model, ids, attention_mask=mask, **kw).tokens)
+    with pytest.raises(ValueError, match=r"Unknown runtime_kwargs \['beta'\]; supported: \['strength', 'top_n'"):
+        pipe.generate(input_ids=ids, attention_mask=mask, runtime_kwargs={"beta": 1.0})
+    with pytest.raises(ValueError, match="strength must be a finite number >= 0"):
+        pipe.generate(input_ids=ids, attention_mask=mask, runtime_kwargs={"strength": -1})
+
+
+def test_pipeline_refusals_through_the_registry(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"LatentArgs is the argument class of several methods \['swap', 'clamp'"):
+        SteeringPipeline(model, controls=[LatentArgs(strength=2.0)])
+    with pytest.raises(ValueError, match=r"method 'decoder' needs resources.sae"):
+        SteeringPipeline(model, controls=[DecoderArgs()])
+    a = SASA(beta=1.0, gen_wv_data=DATA, wv_path=str(tmp_path / "wv.pt"))
+    b = SASA(beta=1.0, wv_path=str(tmp_path / "wv.pt"), max_candidates=5)
+    with pytest.raises(ValueError, match="must share max_candidates and margin_transform"):
+        SteeringPipeline(model, controls=[a, b]).steer(progress=False)
+    with pytest.raises(ValueError, match="steer"):
+        SteeringPipeline(model, controls=["unsteered", a]).decoder()

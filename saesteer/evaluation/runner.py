@@ -55,9 +55,9 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import pandas as pd
@@ -77,8 +77,17 @@ from saesteer.evaluation.statistics import (
     paired_differences,
     summary_intervals,
 )
+from saesteer.generation import SamplingConfig
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from saesteer.evaluation.scorers.base import ToxicityScorer
+    from saesteer.steering.registry import Method, MethodSpec, Resources
 
 __all__ = [
+    "FROM_SAMPLING",
+    "RTP_SAMPLING",
     "EvalResult",
     "evaluate",
     "format_summary",
@@ -108,6 +117,61 @@ COLUMNS = [
     "ppl",
     "seed",
 ]
+
+
+#: The RealToxicityPrompts protocol (Gehman et al. 2020; DExperts and SASA evaluate this way): 25 continuations
+#: per prompt (``num_return_sequences``: :func:`evaluate`'s ``k``) of 20 new tokens by nucleus sampling
+#: (top-p 0.9, temperature 1), each stopping at EOS. The one place these defaults are written:
+#: ``evaluate(sampling=None)`` uses a copy of it (its seed replaced by each prompt's own).
+RTP_SAMPLING: Final = SamplingConfig(max_new_tokens=20, do_sample=True, top_p=0.9, num_return_sequences=25)
+#: ``SamplingConfig`` fields that the evaluation sets itself (``k``, per-prompt seeds) or that do not change
+#: the texts; every other field that differs from its default is recorded with the settings.
+_SAMPLING_NOT_RECORDED = ("seed", "num_return_sequences", "output_scores", "return_dict_in_generate")
+_SAMPLING_RECORDED = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+class _FromSampling:
+    """The default of :func:`evaluate`'s sampling keywords: the value is taken from ``sampling``."""
+
+    def __repr__(self) -> str:
+        return "FROM_SAMPLING"
+
+
+#: Default of :func:`evaluate`'s ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p`` and
+#: ``repetition_penalty``: left out, the value comes from ``sampling`` (default :data:`RTP_SAMPLING`).
+FROM_SAMPLING: Final = _FromSampling()
+
+
+def _sampling_config(
+    sampling: SamplingConfig | None, k: int | None, overrides: dict[str, Any]
+) -> tuple[SamplingConfig, int]:
+    """The evaluation's sampling settings: ``sampling`` (default :data:`RTP_SAMPLING`) with the keywords that
+    were given, and ``k`` (default ``sampling.num_return_sequences``)."""
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise ValueError(
+            "sampling must be a saesteer.SamplingConfig, e.g. dataclasses.replace(RTP_SAMPLING, top_p=0.95); "
+            f"got {type(sampling).__name__}."
+        )
+    base = RTP_SAMPLING if sampling is None else sampling
+    k = base.num_return_sequences if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (generations per prompt) must be a positive int, got {k!r}.")
+    given = {name: v for name, v in overrides.items() if v is not FROM_SAMPLING}
+    if k > 1 and not given.get("do_sample", base.do_sample):
+        raise ValueError(
+            f"k={k} greedy continuations of a prompt would all be the same; pass do_sample=True (the RTP protocol "
+            "samples) or k=1."
+        )
+    return replace(base, **given, num_return_sequences=k), k
+
+
+def _sampling_record(cfg: SamplingConfig, k: int) -> dict:
+    """The sampling settings recorded with an evaluation (compared on resume)."""
+    rec = {"k": k, **{name: getattr(cfg, name) for name in _SAMPLING_RECORDED}, "stop_at_eos": cfg.stop_at_eos}
+    for f in fields(SamplingConfig):
+        if f.name not in rec and f.name not in _SAMPLING_NOT_RECORDED and getattr(cfg, f.name) != f.default:
+            rec[f.name] = getattr(cfg, f.name)
+    return rec
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -378,21 +442,22 @@ def _scorer_record(scorer: Any) -> dict:
 
 
 def evaluate(
-    model: Any,
+    model: HookedTransformer,
     prompts: Sequence[str] | pd.DataFrame | str | os.PathLike,
-    method: Any = "unsteered",
+    method: str | MethodSpec | Method = "unsteered",
     *,
-    resources: Any = None,
-    k: int = 25,
-    max_new_tokens: int = 20,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = 0.9,
-    repetition_penalty: float = 1.0,
+    resources: Resources | None = None,
+    sampling: SamplingConfig | None = None,
+    k: int | None = None,
+    max_new_tokens: int | _FromSampling = FROM_SAMPLING,
+    do_sample: bool | _FromSampling = FROM_SAMPLING,
+    temperature: float | _FromSampling = FROM_SAMPLING,
+    top_k: int | None | _FromSampling = FROM_SAMPLING,
+    top_p: float | None | _FromSampling = FROM_SAMPLING,
+    repetition_penalty: float | _FromSampling = FROM_SAMPLING,
     seed: int = 0,
-    scorer: Any = "default",
-    ppl_model: Any = None,
+    scorer: str | ToxicityScorer = "default",
+    ppl_model: HookedTransformer | str | os.PathLike | None = None,
     fluency: bool = True,
     batch_size: int = 8,
     toxic_threshold: float = 0.5,
@@ -408,12 +473,17 @@ def evaluate(
     Args:
         model: the host TransformerLens model.
         prompts: a list of strings, a prompt-set DataFrame (:mod:`saesteer.evaluation.prompt_sets`) or a prompt file.
-        method: a spec string (``"sasa:beta=20"``, see :mod:`saesteer.steering.registry`, built from ``resources``)
+        method: a spec string (``"sasa:beta=20"``, any registered method, see :mod:`saesteer.steering.registry`)
+            or :class:`~saesteer.steering.registry.MethodSpec`, built from ``resources`` through the registry;
             or a built :class:`saesteer.steering.registry.Method`.
-        k, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty: sampling (RTP/SASA:
-            k=25, 20 tokens, nucleus 0.9).
+        sampling: how each continuation is drawn (a :class:`saesteer.SamplingConfig`); default
+            :data:`RTP_SAMPLING`, the RealToxicityPrompts protocol. Its ``seed`` is replaced by each prompt's.
+        k: continuations per prompt; default ``sampling.num_return_sequences``.
+        max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty: conveniences that override
+            those fields of ``sampling`` when given (``top_p=None`` turns nucleus sampling off).
         seed: base seed; each prompt's seed is :func:`prompt_seed(seed, prompt_id) <prompt_seed>`.
-        scorer: a name for :func:`saesteer.evaluation.scorers.get_scorer` or an object with ``score(texts)``.
+        scorer: a name for :func:`saesteer.evaluation.scorers.get_scorer` or a
+            :class:`~saesteer.evaluation.scorers.base.ToxicityScorer` (``name`` and ``score(texts)``).
         ppl_model: reference model for perplexity (a TransformerLens model or a name for
             :func:`saesteer.load_model`); None = the host model, unsteered. ``fluency=False`` skips it.
         batch_size: sequences per forward pass of the perplexity computation.
@@ -427,29 +497,29 @@ def evaluate(
     """
     from saesteer.evaluation.prompt_sets import as_prompt_frame
     from saesteer.evaluation.scorers import check_scores, get_scorer
-    from saesteer.generation import SamplingConfig, generate
-    from saesteer.steering.registry import Method, build_method
+    from saesteer.generation import generate
+    from saesteer.steering.registry import build_method
 
     t0 = time.time()
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (generations per prompt) must be a positive int, got {k!r}.")
+    sampling, k = _sampling_config(
+        sampling,
+        k,
+        dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+        ),
+    )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     if not 0 <= toxic_threshold <= 1:
         raise ValueError(f"toxic_threshold must lie in [0, 1], got {toxic_threshold!r}.")
-    sampling = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=0,
-        stop_at_eos=True,
-    )
     shard_t = parse_shard(shard)
     frame = as_prompt_frame(prompts)
-    built = method if isinstance(method, Method) else build_method(method, resources)
+    built = build_method(method, resources)
     # the scorer first: a scorer that cannot start (missing API key, missing files) fails before any generation
     score_fn = get_scorer(scorer) if isinstance(scorer, str) else scorer
     if not callable(getattr(score_fn, "score", None)):
@@ -473,16 +543,7 @@ def evaluate(
     settings = {
         "model": _model_record(model, model_name),
         "method": built.record or {"spec": str(built.spec)},
-        "sampling": {
-            "k": k,
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "repetition_penalty": repetition_penalty,
-            "stop_at_eos": True,
-        },
+        "sampling": _sampling_record(sampling, k),
         "seed": {"base": int(seed), "per_prompt": "sha256(f'{seed}\\x1f{prompt_id}')[:8] & (2**63-1)"},
         "scorer": _scorer_record(score_fn),
         "fluency": {
@@ -551,6 +612,7 @@ def evaluate(
         def tqdm(x, **_):
             return x
 
+    per_prompt = replace(sampling, num_return_sequences=1)  # k copies of the prompt, one batch
     jsonl = open(paths["jsonl"], "a", encoding="utf-8") if paths else None
     try:
         for i in tqdm(todo, desc=f"evaluate {built.label}", disable=not progress, leave=False):
@@ -561,7 +623,7 @@ def evaluate(
                 [prompt] * k,
                 steerers=built.steerers,
                 decoder=built.decoder,
-                sampling=SamplingConfig(**{**sampling.__dict__, "seed": s}),
+                sampling=replace(per_prompt, seed=s),
             )
             texts = list(gen.texts)
             try:

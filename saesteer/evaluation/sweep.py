@@ -54,21 +54,28 @@ def raw_beta_grid(margin_std: float, shifts: Sequence[float] = RAW_LOGIT_SHIFTS)
 
 
 def default_grid(
-    margin_std: float | None = None, methods: Sequence[str] | None = None, max_candidates: int = 50
+    margin_std: float | None = None, methods: Sequence[str] | None = None, max_candidates: int | None = None
 ) -> dict[str, list[str]]:
-    """The sweep of every method family (family -> spec strings); ``margin_std`` enables ``sasa-raw``."""
+    """The sweep of every method family (family -> canonical spec strings, built with
+    :func:`~saesteer.steering.registry.method_spec`); ``margin_std`` enables ``sasa-raw``. SASA settings
+    name ``max_candidates`` (default: SASA's own default)."""
+    from saesteer.steering.registry import get_method, method_spec
+
+    if max_candidates is None:
+        max_candidates = get_method("sasa").defaults()["max_candidates"]
+
+    def specs(name: str, key: str, values: Sequence[float], **fixed: Any) -> list[str]:
+        return [str(method_spec(name, **fixed, **{key: v})) for v in values]
+
     grid: dict[str, list[str]] = {
-        "sasa-softmax": [f"sasa:beta={b:g},max_candidates={max_candidates}" for b in SOFTMAX_BETAS],
-        **{
-            f"decoder-{tier}": [f"decoder:tier={tier},alpha={a:g}" for a in alphas]
-            for tier, alphas in DECODER_ALPHAS.items()
-        },
-        **{mode: [f"{mode}:strength={s:g}" for s in strengths] for mode, strengths in LATENT_STRENGTHS.items()},
+        "sasa-softmax": specs("sasa", "beta", SOFTMAX_BETAS, max_candidates=max_candidates),
+        **{f"decoder-{tier}": specs("decoder", "alpha", alphas, tier=tier) for tier, alphas in DECODER_ALPHAS.items()},
+        **{mode: specs(mode, "strength", strengths) for mode, strengths in LATENT_STRENGTHS.items()},
     }
     if margin_std is not None:
-        grid["sasa-raw"] = [
-            f"sasa:beta={b:g},max_candidates={max_candidates},margin_transform=raw" for b in raw_beta_grid(margin_std)
-        ]
+        grid["sasa-raw"] = specs(
+            "sasa", "beta", raw_beta_grid(margin_std), max_candidates=max_candidates, margin_transform="raw"
+        )
     if methods is not None:
         unknown = sorted(set(methods) - set(grid))
         if unknown:

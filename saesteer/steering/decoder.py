@@ -17,6 +17,13 @@ position of h = the residual stream at ``hook_name``:
 alpha = 0 is exactly the identity. f_i(h) is the SAE's own encoding (TopK/JumpReLU rules included).
 Attention-sink positions (norm above ``sink_factor`` x their row's median, see :mod:`saesteer.hooks`)
 are left as they are.
+
+Arguments. :class:`DecoderArgs` is the one place the method's tunable arguments and their defaults are
+written, and it validates them (AISteer360 style): ``tier``, ``alpha`` and ``threshold`` (which
+:class:`DecoderSteering` takes its defaults from and checks through it) and ``n_latents`` / ``max_density``
+(which rows of a :func:`~saesteer.sae.contrast.toxicity_latents` table are steered,
+:func:`~saesteer.sae.contrast.select_latents`). The method registry (:mod:`saesteer.steering.registry`)
+reads the ``decoder`` spec keys from it.
 """
 
 from __future__ import annotations
@@ -32,12 +39,44 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from saesteer.checks import check_strength, sae_hook_name
+from saesteer.checks import check_positive_int, check_strength, sae_hook_name
 from saesteer.hooks import HookSteerer, check_sink_factor, sink_mask
 from saesteer.sae import ops as sae_ops
 
 Tier = Literal["conditional", "proportional", "constant"]
 TIERS: tuple[Tier, ...] = ("conditional", "proportional", "constant")
+
+
+@dataclass(frozen=True)
+class DecoderArgs:
+    """The arguments of decoder-vector steering with their defaults, validated on construction.
+
+    ``tier``, ``alpha``, ``threshold``: as :class:`DecoderSteering` (module docstring). ``n_latents``,
+    ``max_density``: the latents steered are the first ``n_latents`` rows of a contrast table
+    (:func:`saesteer.toxicity_latents`, sorted by ``diff``) that fire on at most ``max_density`` of the
+    non-toxic tokens (:func:`saesteer.sae.contrast.select_latents`).
+    """
+
+    tier: Tier = "proportional"
+    alpha: float = 1.0
+    n_latents: int = 10
+    max_density: float = 0.05
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS}, got {self.tier!r}.")
+        object.__setattr__(self, "alpha", check_strength("alpha", self.alpha))
+        object.__setattr__(self, "threshold", check_strength("threshold", self.threshold))
+        check_positive_int("n_latents", self.n_latents)
+        if isinstance(self.max_density, bool) or not isinstance(self.max_density, (int, float)):
+            raise ValueError(f"max_density must be a number in (0, 1], got {self.max_density!r}.")
+        if not 0 < self.max_density <= 1:
+            raise ValueError(
+                f"max_density must lie in (0, 1] (the share of non-toxic tokens a steered latent may fire on), "
+                f"got {self.max_density!r}."
+            )
+        object.__setattr__(self, "max_density", float(self.max_density))
 
 
 @dataclass(eq=False)
@@ -53,18 +92,16 @@ class DecoderSteering(HookSteerer):
 
     sae: SAE
     latents: Sequence[int] | pd.DataFrame | Tensor
-    tier: Tier = "proportional"
-    alpha: float = 1.0
-    threshold: float = 0.0
+    tier: Tier = DecoderArgs.tier
+    alpha: float = DecoderArgs.alpha
+    threshold: float = DecoderArgs.threshold
     hook_name: str = field(default="")
     sink_factor: float | None = 3.0
 
     def __post_init__(self) -> None:
-        if self.tier not in TIERS:
-            raise ValueError(f"tier must be one of {TIERS}, got {self.tier!r}.")
+        args = DecoderArgs(tier=self.tier, alpha=self.alpha, threshold=self.threshold)  # the one validation
         sae_ops.check_supported(self.sae)
-        self.alpha = check_strength("alpha", self.alpha)
-        self.threshold = check_strength("threshold", self.threshold)
+        self.alpha, self.threshold = args.alpha, args.threshold
         self.sink_factor = check_sink_factor(self.sink_factor)
         lat = self.latents["latent"].tolist() if isinstance(self.latents, pd.DataFrame) else self.latents
         idx = torch.as_tensor(list(lat) if not isinstance(lat, Tensor) else lat, dtype=torch.long).flatten()

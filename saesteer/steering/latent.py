@@ -18,6 +18,11 @@ Modes, with per-latent scores c (e.g. :func:`saesteer.sae.alignment.score_latent
   fixed ``k`` given by the user).
 - ``clamp``: f'_i = f_i + s for the ``top_n`` highest-scoring latents (s is the constant added).
 - ``weight``: f_target = f * c, i.e. every latent scaled by its score.
+
+Arguments. :class:`LatentArgs` is the one place the tunable arguments of the three modes and their
+defaults are written, and it validates them (AISteer360 style); :class:`LatentSteering` takes its
+defaults from it and checks through it. The method registry (:mod:`saesteer.steering.registry`) reads
+the ``swap`` / ``clamp`` / ``weight`` spec keys from it (each mode the ones it uses).
 """
 
 from __future__ import annotations
@@ -57,6 +62,34 @@ def swap_latents(
     return torch.zeros_like(pre).scatter(-1, idx, vals)
 
 
+@dataclass(frozen=True)
+class LatentArgs:
+    """The arguments of SAE latent steering with their defaults, validated on construction.
+
+    ``strength`` (>= 0; 0 = no steering): the interpolation s of the module docstring (for ``clamp``, the
+    constant added). ``top_n``: latents ``clamp`` raises (the highest-scoring). ``k``: latents ``swap``
+    keeps active (None: the SAE's own count). ``use_error_term``: keep the SAE's error term (True) or
+    decode the rewritten latents alone (False, the paper's setting). Bounds that depend on the SAE (``k``,
+    ``top_n`` <= d_sae) are checked by :class:`LatentSteering`.
+    """
+
+    strength: float = 1.0
+    top_n: int = 10
+    k: int | None = None
+    use_error_term: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strength", check_strength("strength", self.strength))
+        check_positive_int("top_n", self.top_n)
+        if self.k is not None:
+            check_positive_int("k", self.k)
+        if not isinstance(self.use_error_term, bool):
+            raise ValueError(
+                f"use_error_term must be True (keep the SAE error term) or False (decode the latents alone), "
+                f"got {self.use_error_term!r}."
+            )
+
+
 @dataclass(eq=False)
 class LatentSteering(HookSteerer):
     """Rewrite SAE latents at ``hook_name`` by ``mode`` (see module docstring for the math).
@@ -71,10 +104,10 @@ class LatentSteering(HookSteerer):
     sae: SAE
     scores: LatentScores | Tensor
     mode: Mode = "swap"
-    strength: float = 1.0
-    top_n: int = 10
-    k: int | None = None
-    use_error_term: bool = True
+    strength: float = LatentArgs.strength
+    top_n: int = LatentArgs.top_n
+    k: int | None = LatentArgs.k
+    use_error_term: bool = LatentArgs.use_error_term
     hook_name: str = field(default="")
     sink_factor: float | None = 3.0
 
@@ -83,7 +116,8 @@ class LatentSteering(HookSteerer):
         if self.mode not in ("swap", "clamp", "weight"):
             raise ValueError(f"mode must be 'swap', 'clamp' or 'weight', got {self.mode!r}.")
         sae_ops.check_supported(self.sae)
-        self.strength = check_strength("strength", self.strength)
+        args = LatentArgs(strength=self.strength, top_n=self.top_n, k=self.k, use_error_term=self.use_error_term)
+        self.strength = args.strength
         d_sae = self.sae.cfg.d_sae
         c = self.scores.for_steering() if isinstance(self.scores, LatentScores) else self.scores
         c = torch.as_tensor(c, dtype=self.sae.W_dec.dtype, device=self.sae.W_dec.device).flatten()
@@ -106,6 +140,12 @@ class LatentSteering(HookSteerer):
             self.hook_name = sae_hook_name(self.sae) or ""
             if not self.hook_name:
                 raise ValueError("The SAE does not name its hook; pass hook_name='blocks.L.hook_resid_post'.")
+
+    @property
+    def clamp_latents(self) -> Tensor:
+        """The ``top_n`` highest-scoring latents, highest first: the ones ``mode="clamp"`` raises (a copy;
+        computed in every mode)."""
+        return self._clamp_idx.clone()
 
     def target_latents(self, enc: sae_ops.Encoded) -> Float[Tensor, "... d_sae"]:
         """f_target of the chosen mode, before interpolation with the strength."""

@@ -109,6 +109,160 @@ def shared_forward_unsupported(model: HookedTransformer) -> str | None:
     return next((name for name, on in flags.items() if on), None)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The argument dataclass
+# ----------------------------------------------------------------------------------------------------------
+
+
+def labelled_from_gen_wv_data(data: LabelledTexts | dict) -> LabelledTexts:
+    """In-memory SASA data as :class:`LabelledTexts`.
+
+    Accepts a ``LabelledTexts``, ``{'pos': [non-toxic texts], 'neg': [toxic texts]}`` (the reference's
+    naming: 'pos' is the attribute we steer towards, so non-toxic → label 0, toxic → label 1), or
+    ``{'texts': [...], 'labels': [...]}`` with labels in [0, 1].
+    """
+    if isinstance(data, LabelledTexts):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(
+            "gen_wv_data must be a LabelledTexts, {'pos': [non-toxic...], 'neg': [toxic...]} or "
+            f"{{'texts': [...], 'labels': [...]}}; got {type(data).__name__}."
+        )
+    keys = set(data)
+    if keys == {"pos", "neg"}:
+        pos, neg = data["pos"], data["neg"]
+        if isinstance(pos, str) or isinstance(neg, str):
+            raise ValueError("gen_wv_data['pos'] and ['neg'] must be lists of texts, not single strings.")
+        pos, neg = list(pos), list(neg)
+        return LabelledTexts(pos + neg, np.r_[np.zeros(len(pos)), np.ones(len(neg))], source="memory")
+    if keys == {"texts", "labels"}:
+        texts = data["texts"]
+        if isinstance(texts, str):
+            raise ValueError("gen_wv_data['texts'] must be a list of texts, not a single string.")
+        try:
+            labels = np.asarray(data["labels"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("gen_wv_data['labels'] must be numbers in [0, 1].") from None
+        return LabelledTexts(list(texts), labels, source="memory")
+    raise ValueError(
+        f"gen_wv_data has keys {sorted(map(str, keys))}; use exactly {{'pos', 'neg'}} (non-toxic, toxic texts) "
+        "or {'texts', 'labels'}."
+    )
+
+
+@dataclass
+class SASA:
+    """SASA's arguments (AISteer360 style; Ko et al., ICLR 2025). Validated on construction.
+
+    ``beta`` (>= 0; 0 = original decoding) scales the logit bonus ``beta * softmax(margins)`` (or
+    ``beta * margin`` with ``margin_transform='raw'``) added to at most ``max_candidates`` candidate tokens
+    per step. The subspace comes from ``wv_path`` if that file exists; otherwise it is learned from
+    ``gen_wv_data`` (in memory) or ``gen_wv_data_path`` (Jigsaw ``all_data.csv`` or its folder), using
+    ``gen_wv_length`` texts (-1 = all, else a stratified sample) in batches of ``gen_wv_batch_size``, with
+    toxic = label > ``toxic_threshold``, and saved to ``wv_path`` if given. The subspace does not depend on
+    beta: changing beta never re-learns it.
+
+    This class is where SASA's arguments and their defaults are written once: :class:`SASADecoder` takes
+    its ``max_candidates`` / ``margin_transform`` defaults from it, and the method registry reads the
+    ``sasa`` spec keys (``beta``, ``max_candidates``, ``margin_transform``) from its fields. ``beta``
+    defaults to 0 (plain decoding, as in the reference and AISteer360): give it to steer.
+    """
+
+    beta: float = 0.0
+    wv_path: str | None = None
+    gen_wv_data_path: str | None = None
+    gen_wv_length: int = -1
+    gen_wv_batch_size: int = 8
+    toxic_threshold: float = 0.0
+    max_candidates: int = 50
+    margin_transform: MarginTransform = "softmax"
+    gen_wv_data: LabelledTexts | dict | None = None
+    gen_wv_max_length: int | None = 128
+    """Tokens kept per training text (its first ones; at most n_ctx); None = n_ctx. Long comments would
+    otherwise dominate the cost of learning (attention is quadratic in length)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real):
+            raise ValueError(f"beta must be a number >= 0 (0 = original decoding), got {self.beta!r}.")
+        self.beta = check_strength("beta", self.beta)
+        if self.wv_path is not None:
+            if not isinstance(self.wv_path, (str, os.PathLike)) or not os.fspath(self.wv_path).endswith(".pt"):
+                raise ValueError(f"wv_path must be a path ending in '.pt' (or None), got {self.wv_path!r}.")
+            self.wv_path = os.fspath(self.wv_path)
+        if self.gen_wv_data_path is not None:
+            if not isinstance(self.gen_wv_data_path, (str, os.PathLike)):
+                raise ValueError(
+                    "gen_wv_data_path must be a path to Jigsaw's all_data.csv or its folder, "
+                    f"got {self.gen_wv_data_path!r}."
+                )
+            self.gen_wv_data_path = os.fspath(self.gen_wv_data_path)
+        self.gen_wv_length = _check_length(self.gen_wv_length)
+        check_positive_int("gen_wv_batch_size", self.gen_wv_batch_size)
+        if self.gen_wv_max_length is not None:
+            check_positive_int("gen_wv_max_length", self.gen_wv_max_length)
+        self.toxic_threshold = _check_threshold(self.toxic_threshold)
+        check_positive_int("max_candidates", self.max_candidates)
+        if self.margin_transform not in ("softmax", "raw"):
+            raise ValueError(
+                f"margin_transform must be 'softmax' (the reference: beta * softmax(margins)) or 'raw' "
+                f"(beta * margin), got {self.margin_transform!r}."
+            )
+        if self.gen_wv_data is not None:
+            if self.gen_wv_data_path is not None:
+                raise ValueError("Give gen_wv_data or gen_wv_data_path, not both.")
+            labelled_from_gen_wv_data(self.gen_wv_data)  # validate now, fail early
+
+    def training_data(self) -> LabelledTexts:
+        """The labelled texts to learn from: ``gen_wv_data``, else Jigsaw at ``gen_wv_data_path``."""
+        if self.gen_wv_data is not None:
+            return labelled_from_gen_wv_data(self.gen_wv_data)
+        if self.gen_wv_data_path is None:
+            where = f"wv_path={self.wv_path!r} does not exist and " if self.wv_path else ""
+            raise ValueError(
+                f"SASA has no subspace: {where}no data to learn one. Give wv_path (an existing .pt file), "
+                "gen_wv_data_path (Jigsaw all_data.csv or its folder) or gen_wv_data."
+            )
+        if not os.path.exists(self.gen_wv_data_path):
+            raise ValueError(
+                f"gen_wv_data_path {self.gen_wv_data_path!r} does not exist. Download Jigsaw's all_data.csv "
+                "(Kaggle: jigsaw-unintended-bias-in-toxicity-classification) and pass the file or its folder."
+            )
+        return load_jigsaw(self.gen_wv_data_path)
+
+    def steer(self, model: HookedTransformer, *, seed: int = 0, progress: bool = True) -> Subspace:
+        """The subspace for ``model``: loaded from ``wv_path`` if it exists (and checked against the model),
+        else learned (``seed`` picks the stratified sample) and saved to ``wv_path`` if given."""
+        _check_model(model)
+        if self.wv_path is not None and os.path.exists(self.wv_path):
+            return Subspace.load(self.wv_path, model)
+        data = self.training_data()
+        sub = learn_subspace(
+            model,
+            data,
+            toxic_threshold=self.toxic_threshold,
+            length=self.gen_wv_length,
+            batch_size=self.gen_wv_batch_size,
+            max_length=None if self.gen_wv_max_length is None else min(self.gen_wv_max_length, model.cfg.n_ctx),
+            seed=seed,
+            progress=progress,
+        )
+        if self.wv_path is not None:
+            sub.save(self.wv_path)
+        return sub
+
+    def decoder(self, subspace: Subspace) -> SASADecoder:
+        """The :class:`SASADecoder` steering away from ``subspace`` with this ``beta``, ``max_candidates``
+        and ``margin_transform`` (``subspace`` from :meth:`steer`)."""
+        return SASADecoder(
+            [Attribute(subspace, self.beta)], max_candidates=self.max_candidates, margin_transform=self.margin_transform
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoder
+# ----------------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Attribute:
     """One attribute to steer away from: its subspace and strength."""
@@ -132,8 +286,8 @@ class SASADecoder(Decoder):
         self,
         attributes: Sequence[Attribute],
         *,
-        max_candidates: int = 50,
-        margin_transform: MarginTransform = "softmax",
+        max_candidates: int = SASA.max_candidates,
+        margin_transform: MarginTransform = SASA.margin_transform,
         candidate_forward: CandidateForward = "auto",
         max_rows: int | None = None,
     ) -> None:
@@ -150,6 +304,30 @@ class SASADecoder(Decoder):
         self.max_rows = None if max_rows is None else check_positive_int("max_rows", max_rows)
         self._next_logits: Tensor | None = None
         self.last_margins: Tensor | None = None  # [batch, n_attributes] margins of the chosen tokens
+
+    @classmethod
+    def combine(cls, decoders: Sequence[SASADecoder]) -> SASADecoder:
+        """One decoder steering away from the attributes of all ``decoders`` at once (their bonuses add up,
+        as several attributes of one decoder do). They must agree on everything but their attributes."""
+        decoders = list(decoders)
+        odd = [type(d).__name__ for d in decoders if not isinstance(d, SASADecoder)]
+        if odd or not decoders:
+            raise ValueError(f"SASADecoder.combine takes SASA decoders only; got {odd or 'none'}.")
+        settings = {(d.max_candidates, d.margin_transform, d.candidate_forward, d.max_rows) for d in decoders}
+        if len(settings) > 1:
+            raise ValueError(
+                "SASA controls that act in one generation must share max_candidates and margin_transform "
+                f"(and candidate_forward, max_rows); got (max_candidates, margin_transform, candidate_forward, "
+                f"max_rows) = {sorted(settings, key=str)}. Give them the same values."
+            )
+        first = decoders[0]
+        return cls(
+            [a for d in decoders for a in d.attributes],
+            max_candidates=first.max_candidates,
+            margin_transform=first.margin_transform,
+            candidate_forward=first.candidate_forward,
+            max_rows=first.max_rows,
+        )
 
     @property
     def active(self) -> bool:
@@ -345,140 +523,3 @@ class SASADecoder(Decoder):
             return super().advance(state, chosen)
         out, self._next_logits = self._next_logits, None
         return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The argument dataclass
-# ----------------------------------------------------------------------------------------------------------
-
-
-def labelled_from_gen_wv_data(data: LabelledTexts | dict) -> LabelledTexts:
-    """In-memory SASA data as :class:`LabelledTexts`.
-
-    Accepts a ``LabelledTexts``, ``{'pos': [non-toxic texts], 'neg': [toxic texts]}`` (the reference's
-    naming: 'pos' is the attribute we steer towards, so non-toxic → label 0, toxic → label 1), or
-    ``{'texts': [...], 'labels': [...]}`` with labels in [0, 1].
-    """
-    if isinstance(data, LabelledTexts):
-        return data
-    if not isinstance(data, dict):
-        raise ValueError(
-            "gen_wv_data must be a LabelledTexts, {'pos': [non-toxic...], 'neg': [toxic...]} or "
-            f"{{'texts': [...], 'labels': [...]}}; got {type(data).__name__}."
-        )
-    keys = set(data)
-    if keys == {"pos", "neg"}:
-        pos, neg = data["pos"], data["neg"]
-        if isinstance(pos, str) or isinstance(neg, str):
-            raise ValueError("gen_wv_data['pos'] and ['neg'] must be lists of texts, not single strings.")
-        pos, neg = list(pos), list(neg)
-        return LabelledTexts(pos + neg, np.r_[np.zeros(len(pos)), np.ones(len(neg))], source="memory")
-    if keys == {"texts", "labels"}:
-        texts = data["texts"]
-        if isinstance(texts, str):
-            raise ValueError("gen_wv_data['texts'] must be a list of texts, not a single string.")
-        try:
-            labels = np.asarray(data["labels"], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError("gen_wv_data['labels'] must be numbers in [0, 1].") from None
-        return LabelledTexts(list(texts), labels, source="memory")
-    raise ValueError(
-        f"gen_wv_data has keys {sorted(map(str, keys))}; use exactly {{'pos', 'neg'}} (non-toxic, toxic texts) "
-        "or {'texts', 'labels'}."
-    )
-
-
-@dataclass
-class SASA:
-    """SASA's arguments (AISteer360 style; Ko et al., ICLR 2025). Validated on construction.
-
-    ``beta`` (>= 0; 0 = original decoding) scales the logit bonus ``beta * softmax(margins)`` (or
-    ``beta * margin`` with ``margin_transform='raw'``) added to at most ``max_candidates`` candidate tokens
-    per step. The subspace comes from ``wv_path`` if that file exists; otherwise it is learned from
-    ``gen_wv_data`` (in memory) or ``gen_wv_data_path`` (Jigsaw ``all_data.csv`` or its folder), using
-    ``gen_wv_length`` texts (-1 = all, else a stratified sample) in batches of ``gen_wv_batch_size``, with
-    toxic = label > ``toxic_threshold``, and saved to ``wv_path`` if given. The subspace does not depend on
-    beta: changing beta never re-learns it.
-    """
-
-    beta: float = 0.0
-    wv_path: str | None = None
-    gen_wv_data_path: str | None = None
-    gen_wv_length: int = -1
-    gen_wv_batch_size: int = 8
-    toxic_threshold: float = 0.0
-    max_candidates: int = 50
-    margin_transform: Literal["softmax", "raw"] = "softmax"
-    gen_wv_data: LabelledTexts | dict | None = None
-    gen_wv_max_length: int | None = 128
-    """Tokens kept per training text (its first ones; at most n_ctx); None = n_ctx. Long comments would
-    otherwise dominate the cost of learning (attention is quadratic in length)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real):
-            raise ValueError(f"beta must be a number >= 0 (0 = original decoding), got {self.beta!r}.")
-        self.beta = check_strength("beta", self.beta)
-        if self.wv_path is not None:
-            if not isinstance(self.wv_path, (str, os.PathLike)) or not os.fspath(self.wv_path).endswith(".pt"):
-                raise ValueError(f"wv_path must be a path ending in '.pt' (or None), got {self.wv_path!r}.")
-            self.wv_path = os.fspath(self.wv_path)
-        if self.gen_wv_data_path is not None:
-            if not isinstance(self.gen_wv_data_path, (str, os.PathLike)):
-                raise ValueError(
-                    "gen_wv_data_path must be a path to Jigsaw's all_data.csv or its folder, "
-                    f"got {self.gen_wv_data_path!r}."
-                )
-            self.gen_wv_data_path = os.fspath(self.gen_wv_data_path)
-        self.gen_wv_length = _check_length(self.gen_wv_length)
-        check_positive_int("gen_wv_batch_size", self.gen_wv_batch_size)
-        if self.gen_wv_max_length is not None:
-            check_positive_int("gen_wv_max_length", self.gen_wv_max_length)
-        self.toxic_threshold = _check_threshold(self.toxic_threshold)
-        check_positive_int("max_candidates", self.max_candidates)
-        if self.margin_transform not in ("softmax", "raw"):
-            raise ValueError(
-                f"margin_transform must be 'softmax' (the reference: beta * softmax(margins)) or 'raw' "
-                f"(beta * margin), got {self.margin_transform!r}."
-            )
-        if self.gen_wv_data is not None:
-            if self.gen_wv_data_path is not None:
-                raise ValueError("Give gen_wv_data or gen_wv_data_path, not both.")
-            labelled_from_gen_wv_data(self.gen_wv_data)  # validate now, fail early
-
-    def training_data(self) -> LabelledTexts:
-        """The labelled texts to learn from: ``gen_wv_data``, else Jigsaw at ``gen_wv_data_path``."""
-        if self.gen_wv_data is not None:
-            return labelled_from_gen_wv_data(self.gen_wv_data)
-        if self.gen_wv_data_path is None:
-            where = f"wv_path={self.wv_path!r} does not exist and " if self.wv_path else ""
-            raise ValueError(
-                f"SASA has no subspace: {where}no data to learn one. Give wv_path (an existing .pt file), "
-                "gen_wv_data_path (Jigsaw all_data.csv or its folder) or gen_wv_data."
-            )
-        if not os.path.exists(self.gen_wv_data_path):
-            raise ValueError(
-                f"gen_wv_data_path {self.gen_wv_data_path!r} does not exist. Download Jigsaw's all_data.csv "
-                "(Kaggle: jigsaw-unintended-bias-in-toxicity-classification) and pass the file or its folder."
-            )
-        return load_jigsaw(self.gen_wv_data_path)
-
-    def steer(self, model: HookedTransformer, *, seed: int = 0, progress: bool = True) -> Subspace:
-        """The subspace for ``model``: loaded from ``wv_path`` if it exists (and checked against the model),
-        else learned (``seed`` picks the stratified sample) and saved to ``wv_path`` if given."""
-        _check_model(model)
-        if self.wv_path is not None and os.path.exists(self.wv_path):
-            return Subspace.load(self.wv_path, model)
-        data = self.training_data()
-        sub = learn_subspace(
-            model,
-            data,
-            toxic_threshold=self.toxic_threshold,
-            length=self.gen_wv_length,
-            batch_size=self.gen_wv_batch_size,
-            max_length=None if self.gen_wv_max_length is None else min(self.gen_wv_max_length, model.cfg.n_ctx),
-            seed=seed,
-            progress=progress,
-        )
-        if self.wv_path is not None:
-            sub.save(self.wv_path)
-        return sub

@@ -11,6 +11,7 @@ from helpers import tiny_model, tiny_sae
 import saesteer.generation as generation
 from saesteer.cli import main as saesteer_main
 from saesteer.evaluation.runner import (
+    RTP_SAMPLING,
     evaluate,
     format_summary,
     load_result,
@@ -22,7 +23,7 @@ from saesteer.evaluation.runner import (
     to_markdown,
 )
 from saesteer.evaluation.statistics import bootstrap_ci, paired_difference
-from saesteer.generation import Decoder
+from saesteer.generation import Decoder, SamplingConfig
 from saesteer.steering.registry import Method, Resources, parse_method
 from saesteer.steering.sasa_subspace import Subspace
 
@@ -389,3 +390,42 @@ def test_paper_table_refuses_what_it_cannot_pair(model):
         paper_table(
             {"unsteered": a.summary, "r": reseeded.summary}, baseline="unsteered", runs={"unsteered": a, "r": reseeded}
         )
+
+
+def test_sampling_config_and_the_rtp_protocol_constant(model):
+    """evaluate(sampling=SamplingConfig(...)) is the same run as the keywords; the defaults are RTP_SAMPLING's."""
+    import dataclasses
+
+    assert (RTP_SAMPLING.num_return_sequences, RTP_SAMPLING.max_new_tokens, RTP_SAMPLING.top_p) == (25, 20, 0.9)
+    assert RTP_SAMPLING.do_sample is True and RTP_SAMPLING.temperature == 1.0 and RTP_SAMPLING.top_k is None
+    kw = dict(scorer=WordScorer(), seed=7, progress=False, fluency=False)
+    by_keywords = evaluate(model, PROMPTS[:3], k=3, max_new_tokens=5, top_p=0.8, temperature=1.3, **kw)
+    cfg = SamplingConfig(max_new_tokens=5, do_sample=True, top_p=0.8, temperature=1.3, num_return_sequences=3)
+    by_config = evaluate(model, PROMPTS[:3], sampling=cfg, **kw)
+    pd.testing.assert_frame_equal(by_config.generations, by_keywords.generations, check_exact=True)
+    assert by_config.settings["sampling"] == by_keywords.settings["sampling"]
+    # the keywords override the config's fields; k overrides num_return_sequences
+    mixed = evaluate(model, PROMPTS[:3], sampling=dataclasses.replace(cfg, top_p=0.5), top_p=0.8, k=3, **kw)
+    pd.testing.assert_frame_equal(mixed.generations, by_keywords.generations, check_exact=True)
+    # nothing given: the RTP protocol (k=25, 20 tokens, nucleus 0.9, sampled), recorded as before
+    rtp = evaluate(model, PROMPTS[:1], **kw)
+    assert len(rtp.generations) == 25 and rtp.settings["sampling"] == {
+        "k": 25,
+        "max_new_tokens": 20,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": None,
+        "top_p": 0.9,
+        "repetition_penalty": 1.0,
+        "stop_at_eos": True,
+    }
+    assert RTP_SAMPLING.seed == 0 and RTP_SAMPLING.max_new_tokens == 20  # evaluate left the constant alone
+    # a setting beyond the usual ones changes the texts, so it is recorded (and checked on resume)
+    longer = evaluate(model, PROMPTS[:1], sampling=dataclasses.replace(RTP_SAMPLING, min_new_tokens=2), k=2, **kw)
+    assert longer.settings["sampling"]["min_new_tokens"] == 2
+    with pytest.raises(ValueError, match=r"k=3 greedy continuations .* do_sample=True"):
+        evaluate(model, PROMPTS[:1], k=3, do_sample=False, **kw)
+    with pytest.raises(ValueError, match="sampling must be a saesteer.SamplingConfig"):
+        evaluate(model, PROMPTS[:1], sampling={"top_p": 0.9}, **kw)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        evaluate(model, PROMPTS[:1], k=1, top_p=2.0, **kw)
