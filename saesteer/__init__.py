@@ -18,8 +18,9 @@ from saesteer.pipeline import SteeringPipeline
 from saesteer.sae.alignment import LatentScores, score_latents, target_prompts
 from saesteer.sae.contrast import select_latents, toxicity_latents
 from saesteer.sae.loading import load_openai_sae, load_sae
-from saesteer.steering.decoder import DecoderSteering
-from saesteer.steering.latent import LatentSteering
+from saesteer.steering.decoder import DecoderArgs, DecoderSteering
+from saesteer.steering.latent import LatentArgs, LatentSteering
+from saesteer.steering.registry import Resources, build_method, method_spec, parse_method, register_method
 from saesteer.steering.sasa import SASA, Attribute, SASADecoder
 from saesteer.steering.sasa_subspace import Subspace, learn_subspace
 from saesteer.steering.word_filter import BannedWords, WordFilter
@@ -29,15 +30,19 @@ from saesteer.viz.steering_report import steering_report
 __all__ = [
     "Attribute",
     "BannedWords",
+    "DecoderArgs",
     "DecoderSteering",
+    "LatentArgs",
     "LatentScores",
     "LatentSteering",
+    "Resources",
     "SASA",
     "SASADecoder",
     "SamplingConfig",
     "SteeringPipeline",
     "Subspace",
     "WordFilter",
+    "build_method",
     "feature_dashboard",
     "feature_dashboards",
     "generate",
@@ -46,7 +51,10 @@ __all__ = [
     "load_openai_sae",
     "load_sae",
     "logit_lens",
+    "method_spec",
+    "parse_method",
     "prompt_latents",
+    "register_method",
     "resid_post",
     "score_latents",
     "select_latents",

@@ -49,6 +49,7 @@ def check_scorer_arg(name: str) -> None:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     from saesteer.demo import METHODS, DemoConfig
+    from saesteer.steering.decoder import TIERS
 
     d = DemoConfig()
     p.add_argument("--model", default=d.model, help="short name, TransformerLens name or HF folder")
@@ -57,7 +58,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--beta", type=float, default=d.beta, help="SASA strength (default %(default)s)")
-    p.add_argument("--tier", default=d.tier, choices=["conditional", "proportional", "constant"])
+    p.add_argument("--tier", default=d.tier, choices=list(TIERS))
     p.add_argument("--alpha", type=float, default=d.alpha, help="decoder-steering strength (default %(default)s)")
     p.add_argument("--n-latents", type=int, default=d.n_latents, help="toxicity latents to steer")
     p.add_argument("--n-prompts", type=int, default=d.n_prompts)
@@ -105,6 +106,8 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from saesteer.evaluation.runner import RTP_SAMPLING as rtp
+
     sub = p.add_subparsers(dest="evaluate_command", required=True)
     r = sub.add_parser("run", help="evaluate one method (optionally one shard)")
     r.add_argument("--model", default="smollm2-135m")
@@ -116,9 +119,11 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--challenging-only", action="store_true", help="RealToxicityPrompts: challenging subset")
     r.add_argument("--min-prompt-toxicity", type=float, default=None)
     r.add_argument("--max-prompt-toxicity", type=float, default=None)
-    r.add_argument("--k", type=int, default=25, help="generations per prompt (default %(default)s)")
-    r.add_argument("--max-new-tokens", type=int, default=20)
-    r.add_argument("--top-p", type=float, default=0.9)
+    r.add_argument(
+        "--k", type=int, default=rtp.num_return_sequences, help="generations per prompt (default %(default)s)"
+    )
+    r.add_argument("--max-new-tokens", type=int, default=rtp.max_new_tokens)
+    r.add_argument("--top-p", type=float, default=rtp.top_p)
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resource-seed", type=int, default=0, help="seed for the SASA subspace / contrast sample")
@@ -233,6 +238,7 @@ def _evaluate_merge(a: argparse.Namespace) -> int:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
+    from saesteer.evaluation.runner import RTP_SAMPLING as rtp
     from saesteer.evaluation.sweep import PPL_BUDGET
 
     p.add_argument("--model", default="smollm2-135m")
@@ -252,8 +258,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-tune", type=int, default=60, help="prompts of the tuning split (the rest are reported)")
     p.add_argument("--prompt-seed", type=int, default=0)
     p.add_argument("--k", type=int, default=5, help="generations per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=rtp.max_new_tokens)
+    p.add_argument("--top-p", type=float, default=rtp.top_p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer", default="default")
     p.add_argument("--ppl-model", default=None, help="judge model for perplexity (default: the host model)")
@@ -276,7 +282,7 @@ def _sweep(a: argparse.Namespace) -> int:
     from saesteer.models.loading import load_model
     from saesteer.sae.loading import load_sae
     from saesteer.sae.registry import default_project_sae
-    from saesteer.steering.registry import prepare_resources
+    from saesteer.steering.registry import get_method, parse_method, prepare_resources
     from saesteer.viz.export import save_figure
 
     families = None if a.families is None else [f.strip() for f in a.families.split(",")]
@@ -305,9 +311,9 @@ def _sweep(a: argparse.Namespace) -> int:
     )
     model = load_model(a.model)
     fams = families or list(default_grid(margin_std=1.0))
-    needs_sae = any(not f.startswith("sasa") for f in fams)
+    specs_needed = [specs[0] for specs in default_grid(margin_std=1.0, methods=fams).values()]
+    needs_sae = any("sae" in get_method(c).needs for s in specs_needed for c in parse_method(s).components)
     sae = load_sae(a.sae or default_project_sae(a.model).name, model=model) if needs_sae else None
-    specs_needed = ["sasa" if f.startswith("sasa") else f.split("-")[0] for f in fams]
     res = prepare_resources(
         model,
         specs_needed,
