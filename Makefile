@@ -33,7 +33,7 @@ wheel-test: install
 	.wheel-venv/bin/python -m pip install -q --upgrade pip
 	.wheel-venv/bin/python -m pip install -q torch==2.13.0
 	.wheel-venv/bin/python -m pip install -q dist/saesteer-*.whl
-	cd "$$(mktemp -d)" && $(CURDIR)/.wheel-venv/bin/python $(CURDIR)/.ci/wheel_smoke.py
+	cd "$$(mktemp -d)" && $(CURDIR)/.wheel-venv/bin/python $(CURDIR)/.ci/wheel_smoke.py $(CURDIR)/README.md
 
 bench: install
 	$(PY) experiments/bench_generation.py

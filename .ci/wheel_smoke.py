@@ -6,6 +6,7 @@ every method steers one generation, and the command line answers.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,4 +55,13 @@ for args in (["--help"], ["demo", "--help"], ["evaluate", "run", "--help"], ["tr
 bad = subprocess.run([sys.executable, "-m", "saesteer.cli", "demo", "--beta", "-1"], capture_output=True, text=True)
 assert bad.returncode == 2 and "beta" in bad.stderr, bad.stderr
 assert sorted(p.name for p in here.iterdir()) == [], f"the smoke test wrote into {here}: {list(here.iterdir())}"
+
+# The README's examples, as written, from this empty folder: every python block before "## The demo".
+readme = Path(sys.argv[1]).read_text(encoding="utf-8")
+blocks = re.findall(r"```python\n(.*?)```", readme[: readme.index("## The demo")], flags=re.S)
+assert len(blocks) >= 5, f"found only {len(blocks)} README examples"
+namespace: dict = {}
+for i, block in enumerate(blocks):
+    print(f"--- README example {i + 1}/{len(blocks)}", flush=True)
+    exec(compile(block, f"README.md example {i + 1}", "exec"), namespace)
 print("wheel smoke test passed:", pkg.parent)
