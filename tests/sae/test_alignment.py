@@ -21,7 +21,7 @@ REF = [
 
 
 def _reference_scores(model, sae, align, ref):
-    """Independent, non-streaming computation of DESIGN 2.1 with numpy."""
+    """Independent, non-streaming computation of IBM's alignment score with numpy: s_f = sum_i d_i^2 a_if / sum_i a_if, min-max normalised and flipped."""
 
     def profile(text):
         _, cache = model.run_with_cache(model.to_tokens(text))
