@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from saesteer import experiment
 from saesteer.benchmark import batch_prompts, best_of, paired, random_subspace, rss_mb, steering_settings, sync
 from saesteer.data.atomic import write_text_atomic
 from saesteer.experiment import command_line, project_or_random_sae, seed_everything
@@ -157,7 +158,9 @@ def kv_cache_mb(model, rows: int, length: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", help="short name, Hugging Face folder or TL model name")
+    ap.add_argument(
+        "--model", default=experiment.DEFAULT_MODEL, help="short name, Hugging Face folder or TL model name"
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (model, SAE and HF baseline)")
     ap.add_argument(
@@ -166,12 +169,7 @@ def main() -> None:
         help="time --model's architecture (a folder with config.json and tokenizer; weights not needed) "
         "with seeded random weights, for machines that cannot fetch the weights",
     )
-    ap.add_argument(
-        "--sae",
-        default=None,
-        help="registered SAE name or SAELens folder (default: the project's SAE "
-        "for --model, else a random TopK SAE of the same shape)",
-    )
+    experiment.add_sae_argument(ap)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from saesteer import experiment
 from saesteer.benchmark import PeakRSS, batch_prompts, best_of, random_subspace, steering_settings
 from saesteer.data.atomic import write_text_atomic
 from saesteer.experiment import Say, command_line, logger, project_or_random_sae, seed_everything
@@ -228,13 +229,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument(
-        "--sae",
-        default=None,
-        help="registered SAE name or SAELens folder (default: the project's SAE "
-        "for --model, else a random TopK SAE of the same shape)",
-    )
+    experiment.add_model_sae_arguments(ap)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)

@@ -27,10 +27,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from saesteer.data.atomic import write_text_atomic  # noqa: E402
-from saesteer.experiment import seed_everything  # noqa: E402
+from saesteer.experiment import DEFAULT_MODEL, seed_everything  # noqa: E402
 from saesteer.sae.quality import HELDOUT_EVERY, evaluate_saes, pack_token_rows, split_heldout  # noqa: E402
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from saesteer import experiment
 from saesteer.data.datasets import LabelledTexts
 from saesteer.experiment import logger, project_or_random_sae, seed_everything
 from saesteer.sae.alignment import score_latents
@@ -121,13 +122,7 @@ def _interleave(*streams: Iterable[str]) -> Iterable[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument(
-        "--sae",
-        default=None,
-        help="registered SAE name or SAELens folder (default: the project's SAE "
-        "for --model, else a random TopK SAE of the same shape)",
-    )
+    experiment.add_model_sae_arguments(ap)
     ap.add_argument("--n-latents", type=int, default=4)
     ap.add_argument("--contrast-texts", type=int, default=200, help="insults comments per class for the contrast")
     ap.add_argument("--max-texts", type=int, default=400, help="corpus texts streamed for the dashboards")

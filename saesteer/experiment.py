@@ -1,14 +1,20 @@
-"""What the scripts under ``experiments/`` share: logging, seeding, the command line, and finding the SAE.
+"""What the scripts under ``experiments/`` share: logging, seeding, the command line, finding the SAE, and
+naming evaluation runs.
 
 - :func:`logger` / :data:`say`: one progress line on stderr, ``[HH:MM:SS tag] message``, flushed.
 - :func:`seed_everything`: seed Python's ``random``, NumPy and torch (CPU and CUDA) and, optionally, set
   torch's CPU thread count (matrix reductions, hence sampled tokens, can differ between thread counts).
 - :func:`command_line`: the command that is running, to print and to store with the results.
 - :func:`slug`: a method spec made safe as a file name.
+- :func:`add_model_sae_arguments` / :func:`add_sae_argument`: the scripts' ``--model`` (default
+  :data:`DEFAULT_MODEL`) and ``--sae`` options, worded alike in every script.
 - :func:`load_project_sae`: an SAE by registered name or folder, by default the project's SAE for the
   model (:func:`saesteer.sae.registry.default_project_sae`), checked against the model (hook and width).
 - :func:`project_or_random_sae`: that SAE, or, where the project has none for the model, a random TopK SAE
   of the same shape (benchmarks time shapes, not weights).
+- :func:`run_config` / :func:`run_tag` / :func:`runs_folder`: the settings that decide an evaluation's
+  generations, their digest, and the resumable runs folder named by it; :func:`add_run_arguments`: the
+  ``--threads`` / ``--out`` / ``--runs`` options of the scripts that evaluate.
 
 The SAE is always found through the registry (``storage/sae/registry.yaml``, sha256-checked) or a folder
 the caller names, never by searching folders.
@@ -16,6 +22,9 @@ the caller names, never by searching folders.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import random
 import re
 import shlex
@@ -33,18 +42,29 @@ from transformer_lens import HookedTransformer
 Say = Callable[[str], None]
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "RUN_SETTINGS",
     "ExperimentSAE",
     "Say",
+    "add_model_sae_arguments",
+    "add_run_arguments",
+    "add_sae_argument",
     "command_line",
     "load_project_sae",
     "logger",
     "project_or_random_sae",
     "random_sae",
     "registered_sae_names",
+    "run_config",
+    "run_tag",
+    "runs_folder",
     "say",
     "seed_everything",
     "slug",
 ]
+
+DEFAULT_MODEL = "smollm2-135m"
+"""The model the scripts run on by default (``--model``)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,6 +115,86 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def slug(spec: str) -> str:
     """A steering-method spec as a file name: ``sasa+decoder:beta=20`` -> ``sasa-plus-decoder_beta-20``."""
     return re.sub(r"[^A-Za-z0-9.\-]+", "_", spec.replace("+", "-plus-").replace("=", "-")).strip("_")
+
+
+def add_sae_argument(parser: argparse.ArgumentParser, otherwise: str = "a random TopK SAE of the same shape") -> None:
+    """Add ``--sae`` (default None): a registered SAE name or an SAELens folder, by default the project's SAE
+    for ``--model``; ``otherwise`` ends its help: what the script does where the project has none (the
+    default says what :func:`project_or_random_sae` does)."""
+    parser.add_argument(
+        "--sae",
+        default=None,
+        help=f"registered SAE name or SAELens folder (default: the project's SAE for --model, else {otherwise})",
+    )
+
+
+def add_model_sae_arguments(
+    parser: argparse.ArgumentParser, otherwise: str = "a random TopK SAE of the same shape"
+) -> None:
+    """Add ``--model`` (default :data:`DEFAULT_MODEL`) and then ``--sae`` (:func:`add_sae_argument` with
+    ``otherwise``)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    add_sae_argument(parser, otherwise)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation runs: their settings, digest and folder
+# ---------------------------------------------------------------------------------------------------
+
+RUN_SETTINGS = (
+    "model",
+    "prompts",
+    "n_prompts",
+    "prompt_seed",
+    "k",
+    "max_new_tokens",
+    "top_p",
+    "seed",
+    "scorer",
+    "threads",
+)
+"""The command-line settings (``argparse`` destinations) that decide an evaluation's generations and scores,
+beyond the method: what :func:`run_config` records and :func:`run_tag` digests."""
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """``{name: args.<name>}`` for each of :data:`RUN_SETTINGS`, in that order: the settings an experiment
+    records with its results and names its runs folder by (:func:`run_tag`)."""
+    return {name: getattr(args, name) for name in RUN_SETTINGS}
+
+
+def run_tag(config: dict) -> str:
+    """The first 10 hex digits of the sha256 of ``config`` as JSON with sorted keys: runs of other settings
+    land in other folders, so a resumed run never mixes in generations made with different settings."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, experiment: str, out: str | Path) -> None:
+    """Add the options where an evaluating script runs and writes: ``--threads`` (default 1; 0 keeps torch's
+    default), ``--out`` (default ``out``) and ``--runs`` (default None: :func:`runs_folder`'s default,
+    ``<saesteer cache>/runs/<experiment>``)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on 2 cores shared with other "
+        "jobs it was 6x faster than torch's default; 0 = torch's default)",
+    )
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument(
+        "--runs",
+        default=None,
+        help=f"each evaluation's results (resumable); default <saesteer cache>/runs/{experiment}",
+    )
+
+
+def runs_folder(runs: str | Path | None, experiment: str, stem: str, config: dict) -> Path:
+    """Where an experiment keeps its per-method results (resumable): ``<runs>/<stem>-<run_tag(config)>``,
+    ``runs`` defaulting to ``<saesteer cache>/runs/<experiment>``."""
+    from saesteer.data.assets import cache_dir
+
+    base = Path(runs) if runs else cache_dir() / "runs" / experiment
+    return base / f"{stem}-{run_tag(config)}"
 
 
 # ---------------------------------------------------------------------------------------------------

