@@ -22,10 +22,11 @@ Every scorer raises ValueError for entries that are not ``str``, returns an empt
 list, and raises ValueError if it produces NaN or a value outside [0, 1] (:mod:`.base`).
 """
 
+# ruff: noqa: I001 - the family modules register their scorers on import, in the order of scorer_names()
 from saesteer.evaluation.scorers.base import ToxicityScorer, check_scores, check_texts
 
 # Importing a family module registers its scorers; this order is the order of scorer_names().
-from saesteer.evaluation.scorers.bilstm import (  # noqa: I001 - registration order matters
+from saesteer.evaluation.scorers.bilstm import (
     BILSTM_VARIANTS,
     JIGSAW_LABELS,
     KERAS_DEFAULT_FILTERS,
@@ -34,9 +35,9 @@ from saesteer.evaluation.scorers.bilstm import (  # noqa: I001 - registration or
     KerasTokenizer,
     load_bilstm_weights,
 )
+from saesteer.evaluation.scorers.profanity import ProfanityCheckScorer
 from saesteer.evaluation.scorers.detoxify import DetoxifyScorer
 from saesteer.evaluation.scorers.perspective import PERSPECTIVE_URL, PerspectiveScorer
-from saesteer.evaluation.scorers.profanity import ProfanityCheckScorer
 from saesteer.evaluation.scorers.registry import get_scorer, register_scorer, scorer_names
 
 __all__ = [
