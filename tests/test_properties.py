@@ -1075,11 +1075,6 @@ def _damaged_activation_manifest(damage: Callable[[bytes], bytes]) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug outside the named-error work: sae.training.collect_activations json.loads the cache manifest "
-    "raw (JSONDecodeError / UnicodeDecodeError without the path, AttributeError on JSON that is no object)",
-)
 @failing_examples(15)
 @given(junk=random_bytes)
 @example(junk=b"\x80")
@@ -1087,11 +1082,6 @@ def test_random_bytes_in_the_activation_cache_manifest(junk):
     _damaged_activation_manifest(lambda good: junk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug outside the named-error work: sae.training.collect_activations json.loads the cache manifest "
-    "raw (a cut manifest raises JSONDecodeError without the path)",
-)
 @failing_examples(10)
 @given(cut=cuts)
 @example(cut=0)

@@ -222,7 +222,15 @@ def collect_activations(
     folder = Path(cfg.work_dir) / "acts"
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = {}
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            manifest = None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("chunks", {}), dict):
+            say(f"{manifest_path} is damaged (not a manifest of this cache); collecting every chunk afresh")
+            manifest = {}
     if (
         manifest.get("format") != ACTS_FORMAT
         or manifest.get("model_digest") != model_digest
