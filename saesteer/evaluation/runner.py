@@ -28,7 +28,13 @@ shard writes its own files in ``out_dir`` (``generations.shard-i-of-n.jsonl`` ..
 
 Resume. With ``out_dir``, each prompt's record is appended to ``generations[.shard-i-of-n].jsonl`` (and
 flushed) as soon as it is done; a rerun with the same settings skips the prompts already there. A rerun
-with different settings in the same ``out_dir`` is refused (``settings*.json`` records them).
+with different settings in the same ``out_dir`` is refused (``settings*.json`` records them), and so is
+one with other model weights: the settings hold the sha256 of the host model's weights
+(:func:`saesteer.data.digests.module_digest`), of the perplexity reference model's, and of the scorer's
+where it can be known (a torch model, or the pinned files of the BiLSTM scorers). ``settings*.json`` is
+written together with the first finished prompt, so a run that fails before any result leaves nothing
+that blocks a retry with other settings (a settings file without results is replaced); results without
+their settings file are refused.
 
 Edge cases. An empty continuation (EOS first, or nothing but whitespace) is scored by the scorer like any
 text (the scorer's toxicity of ``""``), flagged ``empty=True``, counted in ``n_empty``, kept in the toxicity
@@ -421,6 +427,8 @@ def _versions() -> dict:
 
 
 def _model_record(model: Any, name: str | None) -> dict:
+    from saesteer.data.digests import module_digest
+
     cfg = model.cfg
     return {
         "name": name or cfg.model_name,
@@ -430,7 +438,35 @@ def _model_record(model: Any, name: str | None) -> dict:
         "d_vocab": int(cfg.d_vocab),
         "dtype": str(cfg.dtype),
         "processing": _clean(getattr(model, "saesteer_processing", None)),
+        "weights_sha256": module_digest(model),
     }
+
+
+def _scorer_weights(scorer: Any) -> str | None:
+    """sha256 identifying the scorer's weights where it can be known: a ``weights_sha256`` attribute, the
+    :func:`~saesteer.data.digests.module_digest` of a torch model it holds (``model``, ``_model``, ``net``,
+    ``_net``, or their ``.model``), or the pinned sha256 of a BiLSTM variant's files (checked when fetched);
+    None otherwise (a remote API, a rule-based scorer)."""
+    import torch
+
+    from saesteer.data.digests import module_digest
+
+    explicit = getattr(scorer, "weights_sha256", None)
+    if isinstance(explicit, str):
+        return explicit
+    for attr in ("model", "_model", "net", "_net"):
+        held = getattr(scorer, attr, None)
+        for candidate in (held, getattr(held, "model", None)):
+            if isinstance(candidate, torch.nn.Module):
+                return module_digest(candidate)
+    try:
+        from saesteer.evaluation.scorers.bilstm import BILSTM_VARIANTS, JigsawBiLSTMScorer
+    except ImportError:  # pragma: no cover - the scorers ship with the package
+        return None
+    if isinstance(scorer, JigsawBiLSTMScorer) and scorer.variant in BILSTM_VARIANTS:
+        spec = BILSTM_VARIANTS[scorer.variant]
+        return hashlib.sha256(f"{spec.weights_sha256}:{spec.tokenizer_sha256}".encode()).hexdigest()
+    return None
 
 
 def _scorer_record(scorer: Any) -> dict:
@@ -438,7 +474,29 @@ def _scorer_record(scorer: Any) -> dict:
     for attr in ("output", "label", "attribute", "variant"):
         if isinstance(getattr(scorer, attr, None), (str, int, float)):
             rec[attr] = getattr(scorer, attr)
+    rec["weights_sha256"] = _scorer_weights(scorer)
     return rec
+
+
+_WEIGHT_KEYS = ("model.weights_sha256", "fluency.reference_model.weights_sha256", "scorer.weights_sha256")
+
+
+def _resume_refusal(out: Path, old: dict, new: dict, names: dict[str, str]) -> str | None:
+    """Why the results in ``out`` (run with settings ``old``) cannot be continued with ``new``; None if they can."""
+    diff = _diff(_comparable(old), _comparable(new))
+    if not diff:
+        return None
+    weights = [d for d in diff if d.split(":", 1)[0] in _WEIGHT_KEYS]
+    fix = f"Use another out_dir, or delete {names['jsonl']} and {names['settings']} to start over."
+    if weights:
+        which = "; ".join(weights)
+        if any(" None vs " in w for w in weights):
+            which += " (None: the results were written before saesteer recorded weights, so they cannot be checked)"
+        return (
+            f"{out} holds results generated with other model weights than this run's: {which}. Continuing would "
+            f"mix two models' generations in one result. Pass the same model, or: {fix}"
+        )
+    return f"{out} holds results of an evaluation with other settings ({'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}). {fix}"
 
 
 def evaluate(
@@ -571,8 +629,14 @@ def evaluate(
     settings = _clean(settings)
 
     positions = range(len(frame)) if shard_t is None else range(shard_t[0], len(frame), shard_t[1])
+    if not positions:
+        raise ValueError(
+            f"shard {shard_t[0]}/{shard_t[1]} holds no prompt: there are only {len(frame)} prompts; use at most "
+            f"{len(frame)} shards."
+        )
     records: dict[int, dict] = {}
     paths: dict[str, Path] = {}
+    settings_written = False
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -583,17 +647,30 @@ def evaluate(
             "csv": out / f"generations{sfx}.csv",
             "summary": out / f"summary{sfx}.json",
         }
+        names = {k: v.name for k, v in paths.items()}
+        old = None
         if paths["settings"].exists():
-            old = json.loads(paths["settings"].read_text(encoding="utf-8"))
-            diff = _diff(_comparable(old), _comparable(settings))
-            if diff:
+            try:
+                old = json.loads(paths["settings"].read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
                 raise ValueError(
-                    f"{out} holds results of an evaluation with other settings ({'; '.join(diff[:4])}"
-                    f"{' ...' if len(diff) > 4 else ''}). Use another out_dir, or delete {paths['jsonl'].name} and "
-                    f"{paths['settings'].name} to start over."
-                )
+                    f"{paths['settings']} is not JSON ({e}); the run folder is damaged. Use another out_dir, or "
+                    f"delete {names['settings']} and {names['jsonl']} to start over."
+                ) from None
+        done = _read_jsonl(paths["jsonl"])  # not repaired before the settings are known to match
+        if done and old is None:
+            raise ValueError(
+                f"{paths['jsonl']} holds {len(done)} finished prompts but {names['settings']} is missing, so "
+                "nothing says which model and settings produced them. Restore the settings file, use another "
+                f"out_dir, or delete {names['jsonl']} to start over."
+            )
+        if done:
+            refusal = _resume_refusal(out, old, settings, names)
+            if refusal:
+                raise ValueError(refusal)
             settings["started"] = old.get("started", settings["started"])
-        _write_json(paths["settings"], settings)
+        # settings without results (a run that failed before its first prompt) are replaced when the
+        # first prompt is done
         for rec in _read_jsonl(paths["jsonl"], repair=True):
             records[int(rec["prompt_index"])] = rec
         wanted = set(positions)
@@ -603,6 +680,9 @@ def evaluate(
                 f"{paths['jsonl']} holds prompts that are not in this prompt set / shard (e.g. index {stray[0]}); "
                 "use another out_dir."
             )
+        if records:
+            _write_json(paths["settings"], settings)
+            settings_written = True
 
     todo = [i for i in positions if i not in records]
     try:
@@ -613,7 +693,7 @@ def evaluate(
             return x
 
     per_prompt = replace(sampling, num_return_sequences=1)  # k copies of the prompt, one batch
-    jsonl = open(paths["jsonl"], "a", encoding="utf-8") if paths else None
+    jsonl = None
     try:
         for i in tqdm(todo, desc=f"evaluate {built.label}", disable=not progress, leave=False):
             pid, prompt = frame["prompt_id"].iloc[i], frame["prompt"].iloc[i]
@@ -657,7 +737,12 @@ def evaluate(
             }
             rec = json.loads(json.dumps(_clean(rec)))  # exactly what a resumed run reads back
             records[i] = rec
-            if jsonl is not None:
+            if paths:
+                if not settings_written:  # with the first result: a failed start leaves no settings behind
+                    _write_json(paths["settings"], settings)
+                    settings_written = True
+                if jsonl is None:
+                    jsonl = open(paths["jsonl"], "a", encoding="utf-8")
                 jsonl.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 jsonl.flush()
                 os.fsync(jsonl.fileno())
@@ -709,7 +794,12 @@ def _settings_for(jsonl: Path) -> dict:
     path = jsonl.with_name(f"settings{sfx}.json")
     if not path.exists():
         raise ValueError(f"{jsonl} has no settings file next to it ({path.name}).")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not JSON ({e}); the run folder is damaged: rerun that shard in a new out_dir."
+        ) from None
 
 
 def merge_shards(

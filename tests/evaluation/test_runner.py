@@ -429,3 +429,29 @@ def test_sampling_config_and_the_rtp_protocol_constant(model):
         evaluate(model, PROMPTS[:1], sampling={"top_p": 0.9}, **kw)
     with pytest.raises(ValueError, match="top_p must lie in"):
         evaluate(model, PROMPTS[:1], k=1, top_p=2.0, **kw)
+
+
+def test_a_shard_without_prompts_writes_nothing(model, tmp_path):
+    with pytest.raises(ValueError, match=r"shard 7/8 holds no prompt: there are only 6 prompts"):
+        evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, shard="7/8", **KW)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_settings_record_the_weights_of_model_and_scorer(model, tmp_path):
+    from saesteer.data.digests import module_digest
+
+    class TorchScorer(WordScorer):
+        name = "torch-judge"
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(3, 1)
+
+    judge = TorchScorer()
+    res = evaluate(model, PROMPTS[:1], scorer=judge, out_dir=tmp_path, **KW)
+    assert res.settings["model"]["weights_sha256"] == module_digest(model)
+    assert res.settings["scorer"]["weights_sha256"] == module_digest(judge.model)
+    assert res.settings["fluency"]["reference_model"] == "host (unsteered)"
+    other = TorchScorer()  # same name, other weights: a resume would mix two judges' scores
+    with pytest.raises(ValueError, match=r"other model weights.*scorer\.weights_sha256"):
+        evaluate(model, PROMPTS[:1], scorer=other, out_dir=tmp_path, **KW)

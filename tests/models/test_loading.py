@@ -173,6 +173,62 @@ def test_processed_weights_cache(llama_folder: Path, tmp_path: Path, monkeypatch
     assert (entry / "meta.json").is_file() and (entry / "weights.safetensors").stat().st_size > 100
 
 
+def test_processed_weights_cache_is_verified_by_checksum(
+    llama_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached weights file whose bytes changed but still parse (same size) is caught by the sha256 recorded
+    in meta.json and rebuilt, never loaded; the entry's key covers the converted folder's file checksums."""
+    import json
+    import shutil
+
+    from saesteer.data import assets
+
+    folder = tmp_path / "short-model"
+    shutil.copytree(llama_folder, folder)
+    checksums = {"model.safetensors": {"sha256": "cd" * 32}}
+    manifest = {"source_sha256": "ab" * 32, "format_version": 1, "checksums": checksums}
+    (folder / "saesteer-manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("SAESTEER_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "ensure_smollm2", lambda: folder)
+
+    fresh = load_model("smollm2-135m", cache=False)
+    load_model("smollm2-135m")
+    (entry,) = (tmp_path / "cache" / "tl").iterdir()
+    weights = entry / "weights.safetensors"
+    assert (
+        json.loads((entry / "meta.json").read_text())["files"]["weights.safetensors"]["size"] == weights.stat().st_size
+    )
+    data = bytearray(weights.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0x55 for b in data[mid : mid + 64])  # still valid safetensors, same size
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="damaged.*sha256"):
+        again = load_model("smollm2-135m")
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, dict(again.named_parameters())[name]), name
+    # other converted weights (their checksum in the folder's manifest) get another entry
+    checksums["model.safetensors"]["sha256"] = "ef" * 32
+    (folder / "saesteer-manifest.json").write_text(json.dumps(manifest))
+    load_model("smollm2-135m")
+    assert len(list((tmp_path / "cache" / "tl").iterdir())) == 2
+
+
+def test_damaged_local_folder_is_named(llama_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(llama_folder, folder)
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match=f"{weights}.*truncated.*save_pretrained"):
+        load_model(str(folder))
+    weights.write_bytes(good)
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    with pytest.raises(ValueError, match=f"{folder / 'config.json'} is not readable JSON"):
+        load_model(str(folder))
+
+
 def test_unknown_model_lists_kinds(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="smollm2-135m.*local Hugging Face folder.*official"):
         load_model("no-such-model-xyz")

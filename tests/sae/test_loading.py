@@ -93,3 +93,25 @@ def test_load_with_dtype(tmp_path):
     assert torch.equal(half.W_dec, sae.W_dec.to(torch.bfloat16))
     with pytest.raises(ValueError, match="not a torch dtype"):
         load_sae(str(tmp_path / "sae"), dtype="float33")
+
+
+def test_sae_folder_round_trip_and_named_damage(tmp_path):
+    """A saved SAE loads back equal; a cfg.json that is JSON but not an object, or weights that are not
+    safetensors at all, raise ValueError naming the file (not SAELens' bare errors)."""
+    sae = tiny_sae()
+    folder = tmp_path / "sae"
+    sae.save_model(folder)
+    back = load_sae(str(folder))
+    assert torch.equal(back.W_dec, sae.W_dec) and torch.equal(back.b_enc, sae.b_enc)
+    cfg = folder / "cfg.json"
+    good = cfg.read_text()
+    cfg.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{cfg} is not a JSON object"):
+        load_sae(str(folder))
+    cfg.write_text(good)
+    (folder / "sae_weights.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors" * 10)
+    with pytest.raises(ValueError, match="sae_weights.safetensors.*save the SAE again"):
+        load_sae(str(folder))
+    cfg.unlink()
+    with pytest.raises(ValueError, match=f"{folder} has no cfg.json"):
+        load_sae(str(folder))

@@ -158,13 +158,14 @@ def test_prepare_resources_computes_and_caches(tmp_path):
 
     r = prepare()
     assert r.subspace is not None and len(r.contrast_table) == 64 and r.latent_scores.shape == (64,)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".csv", ".pt"]
+    # two tables, each with its manifest (<file>.json: identity, size, sha256), and the subspace
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".csv", ".json", ".json", ".pt"]
     assert len(logs) == 3
     logs.clear()
     again = prepare()
-    assert logs == [
-        f"SASA subspace: loading {tmp_path}/{model.cfg.model_name}-insults--1-seed0.pt"
-    ]  # nothing recomputed
+    (wv,) = tmp_path.glob("*.pt")
+    assert wv.name.startswith(f"{model.cfg.model_name}-sasa--1-seed0-")  # then the key: the digest of its identity
+    assert logs == [f"SASA subspace: loading {wv}"]  # nothing recomputed
     assert torch.equal(again.latent_scores, r.latent_scores)
     assert again.contrast_table["latent"].tolist() == r.contrast_table["latent"].tolist()
     assert torch.equal(again.subspace.wv, r.subspace.wv)

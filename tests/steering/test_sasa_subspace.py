@@ -688,3 +688,25 @@ def test_measure_memory_prints():
 if __name__ == "__main__":
     if "--measure-memory" in sys.argv:
         measure_memory()
+
+
+def test_identity_is_the_weights_not_the_name(tmp_path, tok_dir, tokenizer, model, learned, toy_data):
+    """The file records the digests of the weights and data; the same weights under another name pass,
+    other weights under the same name do not, and an in-memory subspace without digests keeps the name check."""
+    from saesteer.data.digests import module_digest, texts_digest
+
+    path = learned.save(tmp_path / "wv.pt")
+    back = Subspace.load(path, model)
+    assert back.model_digest == learned.model_digest == module_digest(model)
+    assert back.data_digest == texts_digest(toy_data.texts, toy_data.labels)
+    renamed = copy.deepcopy(model)
+    renamed.cfg.model_name = "tiny-renamed"
+    Subspace.load(path, renamed)  # same weights: accepted whatever the name
+    twin = build_tiny_model(tok_dir, tokenizer=tokenizer, seed=5)
+    assert twin.cfg.model_name == model.cfg.model_name
+    with pytest.raises(SubspaceMismatchError, match=f"{path}: .*other weights"):
+        Subspace.load(path, twin)
+    bare = Subspace(wv=learned.wv, mu_mu=learned.mu_mu, model_name="tiny-test", d_model=16)
+    bare.check_model(twin)  # no digest: the name decides, as before
+    with pytest.raises(SubspaceMismatchError, match="'tiny-test'.*'tiny-renamed'"):
+        bare.check_model(renamed)
