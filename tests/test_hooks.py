@@ -114,3 +114,27 @@ def test_generation_describes_real_tokens_to_steerers():
     width, described = probe.seen[0]  # the prompt forward: which positions are real
     assert torch.equal(described, out.prompt_mask) and width == out.prompt_mask.shape[1]
     assert all(w == 1 for w, _ in probe.seen[1:])  # then one position per step
+
+
+def test_latent_statistics_find_sinks_with_the_steerers_rule():
+    """saesteer.sae.activations.sink_positions (dashboards, contrast): sink_mask with the attention mask
+    as the real tokens, so right padding does not move a row's median; all False when nothing is a sink."""
+    from saesteer.hooks import forward_positions, sink_mask
+    from saesteer.sae.activations import sink_positions
+
+    h = torch.zeros(2, 6, 4)
+    h[:, :, 0] = torch.tensor(
+        [
+            [1.0, 50.0, 1.0, 0.01, 0.01, 0.01],  # BOS, sink, one token, 3 pads (right padding)
+            [1.0, 1.0, 1.2, 0.9, 1.1, 1.0],  # no sink
+        ]
+    )
+    attention = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    got = sink_positions(h, attention, 3.0)
+    assert got.tolist() == [[False, True, False, False, False, False], [False] * 6]
+    with forward_positions(attention):
+        assert torch.equal(got, sink_mask(h, 3.0))
+    assert sink_mask(h, 3.0)[0].tolist() == [True, True, True, False, False, False]  # blind to the pads
+    assert not sink_positions(h, attention, None).any() and sink_positions(h, attention, None).shape == (2, 6)
+    assert not sink_positions(h[1:], attention[1:], 3.0).any()  # sink_mask says None: all False
+    assert sink_mask(h, 3.0) is not None  # the description of the positions did not outlive the call

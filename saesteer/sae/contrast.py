@@ -1,12 +1,19 @@
 """Finding toxicity latents by contrast (after "Breaking Bad Tokens", DESIGN 2.3).
 
-Over all real tokens (BOS and padding excluded) of toxic texts T and non-toxic texts N:
+Over all real tokens (BOS, padding and attention sinks excluded) of toxic texts T and non-toxic texts N:
 
     diff_f  = mean_{t in T} f(t) - mean_{t in N} f(t)
     ratio_f = mean_T f / (mean_N f + eps)
     freq_f  = share of tokens with f(t) > 0, per set
 
 Latents are ranked by ``diff``. Streams over the texts: memory is O(d_sae).
+
+Attention sinks: tokens whose residual norm exceeds ``sink_factor`` (3) x the median norm of their row
+(:func:`saesteer.hooks.sink_mask`, the steerers' rule) are left out, as the project's SAEs are trained
+without them: latents fire absurdly there (shipped SmolLM2 SAE, 200 insults comments per class: counting
+the 8 sinks among 8,324 non-toxic tokens raises latent 2302's non-toxic mean from 0.74 to 1.22 and drops
+it from 3rd to 6th by ``diff``). ``sink_factor=None`` counts them. The returned table's ``attrs`` say
+how it was computed (``contrast_version``, ``sink_factor``, token counts) so a cached table can be checked.
 
 :func:`select_latents` picks the ones to steer: the top ``n`` by ``diff`` among latents that fire on at
 most ``max_density`` of the non-toxic tokens. Dense latents (in the shipped SmolLM2 SAE the top one by
@@ -24,8 +31,13 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from saesteer.checks import check_positive_int, sae_hook_name
+from saesteer.hooks import check_sink_factor
 from saesteer.models.tokens import check_texts
 from saesteer.sae.activations import iter_latents
+
+#: Version of the contrast computation, stored in the table's ``attrs``; bumped whenever the numbers a
+#: given call returns change (2: attention sinks excluded), so cached tables of older versions are redone.
+CONTRAST_VERSION = 2
 
 
 def select_latents(table: pd.DataFrame, n: int, max_density: float | None = 0.05) -> pd.DataFrame:
@@ -50,21 +62,35 @@ def select_latents(table: pd.DataFrame, n: int, max_density: float | None = 0.05
 
 @torch.no_grad()
 def _token_stats(
-    model, sae, texts, hook_name, batch_size, max_length, progress
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+    model, sae, texts, hook_name, batch_size, max_length, progress, sink_factor
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(mean activation, firing share, tokens counted, sink tokens left out) over ``texts``."""
     total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    n = 0
+    n = n_sinks = 0
     for b in iter_latents(
-        model, sae, texts, hook_name, batch_size=batch_size, max_length=max_length, progress=progress
+        model,
+        sae,
+        texts,
+        hook_name,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        sink_factor=sink_factor,
     ):
-        acts = b.acts[b.mask].double().cpu()
+        acts = b.acts[b.keep].double().cpu()
         total += acts.sum(0)
         fired += (acts > 0).sum(0)
         n += acts.shape[0]
+        n_sinks += int(b.sinks.sum())
     if n == 0:
+        if n_sinks:
+            raise ValueError(
+                f"Every token besides BOS ({n_sinks}) is an attention sink at sink_factor={sink_factor}; "
+                "pass longer texts or sink_factor=None."
+            )
         raise ValueError("The texts have no tokens besides BOS; pass non-empty texts.")
-    return total / n, fired / n, n
+    return total / n, fired / n, n, n_sinks
 
 
 def toxicity_latents(
@@ -79,21 +105,31 @@ def toxicity_latents(
     max_length: int | None = 128,
     eps: float = 1e-6,
     progress: bool = False,
+    sink_factor: float | None = 3.0,
 ) -> pd.DataFrame:
     """Rank the SAE's latents by mean activation on toxic minus non-toxic tokens.
 
     Returns a DataFrame sorted by ``diff`` (descending) with columns ``latent, diff, mean_toxic,
-    mean_non_toxic, ratio, freq_toxic, freq_non_toxic``; ``top_n=None`` keeps every latent.
+    mean_non_toxic, ratio, freq_toxic, freq_non_toxic``; ``top_n=None`` keeps every latent. Tokens with a
+    residual norm above ``sink_factor`` x their row's median (attention sinks) are not counted (None
+    counts them). ``table.attrs`` records ``contrast_version`` (:data:`CONTRAST_VERSION`), ``sink_factor``,
+    ``hook_name`` and per class the tokens counted (``n_tokens_toxic``, ...) and sinks left out
+    (``n_sinks_toxic``, ...).
     """
     toxic = check_texts(toxic, "toxic texts")
     non_toxic = check_texts(non_toxic, "non-toxic texts")
+    sink_factor = check_sink_factor(sink_factor)
     if top_n is not None:
         check_positive_int("top_n", top_n, upper=sae.cfg.d_sae, what="the SAE width d_sae")
     hook_name = hook_name or sae_hook_name(sae)
     if not hook_name:
         raise ValueError("The SAE does not name its hook; pass hook_name='blocks.L.hook_resid_post'.")
-    mt, ft, _ = _token_stats(model, sae, toxic, hook_name, batch_size, max_length, progress and "toxic texts")
-    mn, fn, _ = _token_stats(model, sae, non_toxic, hook_name, batch_size, max_length, progress and "non-toxic texts")
+    mt, ft, nt, st = _token_stats(
+        model, sae, toxic, hook_name, batch_size, max_length, progress and "toxic texts", sink_factor
+    )
+    mn, fn, nn, sn = _token_stats(
+        model, sae, non_toxic, hook_name, batch_size, max_length, progress and "non-toxic texts", sink_factor
+    )
     df = pd.DataFrame(
         {
             "latent": range(sae.cfg.d_sae),
@@ -106,4 +142,15 @@ def toxicity_latents(
         }
     )
     df = df.sort_values("diff", ascending=False, kind="stable").reset_index(drop=True)
-    return df if top_n is None else df.head(top_n)
+    if top_n is not None:
+        df = df.head(top_n).copy()
+    df.attrs.update(
+        contrast_version=CONTRAST_VERSION,
+        sink_factor=sink_factor,
+        hook_name=hook_name,
+        n_tokens_toxic=nt,
+        n_tokens_non_toxic=nn,
+        n_sinks_toxic=st,
+        n_sinks_non_toxic=sn,
+    )
+    return df

@@ -10,6 +10,11 @@ A :class:`FeatureDashboard` for latent i of any loaded SAE shows, in one plotly 
   corpus (BOS and padding excluded) and its **firing density** (share of tokens with f_i > 0). The
   histogram is exact and streamed: equal-width bins from 0 whose width doubles (merging bin pairs)
   whenever an activation beyond the last edge arrives;
+- **attention sinks** are left out of the contexts, the histogram and the density: tokens whose residual
+  norm exceeds ``sink_factor`` (3) x the median norm of their row (:func:`saesteer.hooks.sink_mask`, the
+  steerers' rule; in SmolLM2 the first real token is such a sink in ~5% of rows, its latents firing absurdly
+  high). The number left out is reported (``LatentStats.n_sinks``, in the figure); ``sink_factor=None``
+  keeps them;
 - the **logit lens** of its decoder vector: the tokens that ``d_i @ W_U`` promotes (largest) and
   suppresses (smallest), where d_i is the row of W_dec as the SAE applies it
   (:func:`saesteer.sae.ops.decoder_matrix`) and W_U the model's unembedding (the direct path, no
@@ -18,7 +23,7 @@ A :class:`FeatureDashboard` for latent i of any loaded SAE shows, in one plotly 
   and its row of the :func:`~saesteer.sae.contrast.toxicity_latents` table.
 
 Every view is a small dataclass holding the numbers, with ``figure()`` (a ``plotly`` Figure),
-``show()``, ``_repr_html_()`` (inline in Jupyter), ``save_html(path)`` (standalone HTML, plotly.js
+``show()``, ``_repr_mimebundle_()`` (inline in Jupyter), ``save_html(path)`` (standalone HTML, plotly.js
 embedded so it opens offline) and ``save_png(path)`` (``pip install 'saesteer[png]'``).
 
 :func:`prompt_latents` is the prompt-centric view: for one prompt, the top few latents on each token,
@@ -30,6 +35,7 @@ from __future__ import annotations
 import heapq
 import html
 import itertools
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,10 +47,11 @@ import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 from saesteer.checks import check_positive_int, check_sae_fits, sae_hook_name
+from saesteer.hooks import check_sink_factor
 from saesteer.models.tokens import tokenize
 from saesteer.sae import ops as sae_ops
 from saesteer.sae.activations import iter_latents, run_to_hook
@@ -88,11 +95,20 @@ class PlotlyView:
         """``figure().show()`` (inline in Jupyter, a browser tab elsewhere)."""
         self.figure().show(**kwargs)
 
-    def _repr_html_(self) -> str:
-        return self.figure()._repr_html_()
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        return self.figure()._repr_mimebundle_(include, exclude)
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, object]:
+        """Jupyter's display of the view, its ONLY ``_repr_*_`` hook (with a ``_repr_html_`` too, IPython
+        builds and draws the figure twice). One bundle: the plotly JSON (``application/vnd.plotly.v1+json``,
+        drawn by JupyterLab, VS Code, nteract), a ``text/html`` fallback loading plotly.js from its CDN for
+        frontends without the plotly mime renderer, and a one-line ``text/plain``. Built without plotly's
+        notebook renderer, which publishes the whole 4.8 MB plotly.js into the notebook on every display."""
+        fig = self.figure()
+        title = fig.layout.title.text or type(self).__name__
+        bundle = {
+            "application/vnd.plotly.v1+json": json.loads(fig.to_json()),
+            "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
+            "text/plain": f"<{type(self).__name__}: {title}>",
+        }
+        return {k: v for k, v in bundle.items() if (not include or k in include) and k not in (exclude or ())}
 
     def save_html(self, path: str | os.PathLike, *, include_plotlyjs: bool | str = True) -> Path:
         """Write a standalone HTML file (plotly.js embedded: opens offline; ``"directory"`` shares one
@@ -223,6 +239,11 @@ class LatentStats:
     hist_counts: np.ndarray
     top_contexts: list[TopContext]
     n_texts: int
+    n_sinks: int = 0
+    """Real tokens left out as attention sinks (norm above ``sink_factor`` x their row's median); not in
+    ``n_tokens``, the histogram or the contexts."""
+    sink_factor: float | None = None
+    """The factor those sinks were found with (None: none were left out)."""
 
     @property
     def density(self) -> float:
@@ -287,12 +308,15 @@ def collect_latent_stats(
     batch_size: int = 8,
     max_length: int | None = 128,
     progress: bool = False,
+    sink_factor: float | None = 3.0,
 ) -> dict[int, LatentStats]:
     """Stream ``corpus`` once and collect top contexts, histogram and density for each of ``latents``.
 
     Memory is O(len(latents) * (n_top * window + n_bins)) plus one batch, whatever the corpus size;
     ``max_texts`` caps how many texts are read (None: all). ``context=(left, right)`` is the number of
-    tokens shown either side of a context's max-activation token.
+    tokens shown either side of a context's max-activation token. Tokens whose residual norm exceeds
+    ``sink_factor`` x the median norm of their row (attention sinks, :func:`saesteer.hooks.sink_mask`) are
+    left out of all of it and counted in ``n_sinks``; ``sink_factor=None`` keeps them.
 
     Raises:
         ValueError: a latent outside the SAE, a corpus path that does not exist, an empty corpus or one
@@ -305,6 +329,7 @@ def collect_latent_stats(
         raise ValueError("latents is empty; pass at least one latent index.")
     check_positive_int("n_top", n_top)
     check_positive_int("batch_size", batch_size)
+    sink_factor = check_sink_factor(sink_factor)
     if max_texts is not None:
         check_positive_int("max_texts", max_texts)
     left, right = (int(c) for c in context)
@@ -312,15 +337,19 @@ def collect_latent_stats(
         raise ValueError(f"context must be two numbers of tokens >= 0 (left, right), got {context!r}.")
     acc = {i: _LatentAccumulator(i, n_top, n_bins) for i in dict.fromkeys(idx)}
     sel = torch.tensor(list(acc), dtype=torch.long)
-    n_texts = n_tokens = 0
+    n_texts = n_tokens = n_sinks = 0
     bar = tqdm(total=max_texts, desc="dashboard corpus", unit="text", disable=not progress)
     for chunk in _chunks(_texts(corpus), batch_size, max_texts):
         # one batch per chunk: iter_latents yields exactly one LatentBatch here
-        for b in iter_latents(model, sae, chunk, hook_name, batch_size=batch_size, max_length=max_length):
+        for b in iter_latents(
+            model, sae, chunk, hook_name, batch_size=batch_size, max_length=max_length, sink_factor=sink_factor
+        ):
             acts = b.acts[..., sel.to(b.acts.device)].float().cpu()  # [B, P, L]
-            mask = b.mask.cpu()
+            mask = b.keep.cpu()  # real tokens that are not attention sinks
             acts = acts.masked_fill(~mask.unsqueeze(-1), 0.0)
             n_tokens += int(mask.sum())
+            n_sinks += int(b.sinks.sum())
+            real_rows = b.mask.cpu()
             tokens = None  # token ids, only tokenised again if a context is kept
             real = acts[mask]  # [n_real, L]
             for j, a in enumerate(acc.values()):
@@ -335,8 +364,8 @@ def collect_latent_stats(
                     p = int(where[r])
                     if tokens is None:
                         tokens = tokenize(model, chunk, side="right", max_length=max_length)[0].cpu()
-                    first = int(torch.nonzero(mask[r]).min())
-                    last = int(torch.nonzero(mask[r]).max())
+                    first = int(torch.nonzero(real_rows[r]).min())  # windows may show a sink, never BOS
+                    last = int(torch.nonzero(real_rows[r]).max())
                     lo, hi = max(first, p - left), min(last, p + right) + 1
                     ctx = TopContext(
                         activation=float(best[r]),
@@ -353,6 +382,11 @@ def collect_latent_stats(
     if n_texts == 0:
         raise ValueError("The corpus is empty; pass at least one text (or a .txt file with non-blank lines).")
     if n_tokens == 0:
+        if n_sinks:
+            raise ValueError(
+                f"Every token of the corpus besides BOS ({n_sinks}) is an attention sink at "
+                f"sink_factor={sink_factor}; pass longer texts or sink_factor=None."
+            )
         raise ValueError("The corpus has no tokens besides BOS; pass non-empty texts.")
     out = {}
     for i, a in acc.items():
@@ -369,6 +403,8 @@ def collect_latent_stats(
             hist_counts=a.hist.counts.copy(),
             top_contexts=top,
             n_texts=n_texts,
+            n_sinks=n_sinks,
+            sink_factor=sink_factor,
         )
     return out
 
@@ -472,6 +508,7 @@ class FeatureDashboard(PlotlyView):
         rows: list[tuple[str, str]] = [
             ("hook", self.hook_name),
             ("tokens streamed", f"{s.n_tokens:,} in {s.n_texts:,} texts"),
+            ("sinks left out", _sinks_text(s)),
             ("firing density", f"{s.density:.3%}"),
             ("max activation", f"{s.max_activation:.4g}"),
             ("mean when firing", f"{s.mean_when_firing:.4g}"),
@@ -504,6 +541,14 @@ class FeatureDashboard(PlotlyView):
 
         s, lens = self.stats, self.lens
         n_ctx = max(1, len(s.top_contexts))
+        table = self.scores_table()
+        # pixel heights of the three rows (plot area = height - plotly's 180 px of margins, 2 x 7% gaps);
+        # the bottom row grows by a table row for each score row beyond the 11 the default layout holds
+        height0 = 900 + 30 * n_ctx
+        weights = np.array([0.25 + 0.03 * n_ctx, 0.35, 0.4])
+        rows_px = (height0 - 180) * 0.86 * weights / weights.sum()
+        extra_px = 24.0 * max(0, len(table) - 11)
+        rows_px[2] += extra_px
         fig = make_subplots(
             rows=3,
             cols=2,
@@ -512,12 +557,17 @@ class FeatureDashboard(PlotlyView):
                 [{"type": "xy"}, {"type": "xy"}],
                 [{"type": "table"}, {"type": "xy"}],
             ],
-            row_heights=[0.25 + 0.03 * n_ctx, 0.35, 0.4],
+            row_heights=(rows_px / rows_px.sum()).tolist(),
             vertical_spacing=0.07,
             horizontal_spacing=0.12,
             subplot_titles=(
                 f"top {len(s.top_contexts)} contexts (max-activation token in bold red)",
-                f"non-zero activations ({s.n_fired:,} of {s.n_tokens:,} tokens; density {s.density:.3%})",
+                f"non-zero activations ({s.n_fired:,} of {s.n_tokens:,} tokens; density {s.density:.3%})<br>"
+                + (
+                    f"{s.n_sinks:,} attention-sink tokens left out"
+                    if s.sink_factor is not None
+                    else "attention sinks kept (sink_factor=None)"
+                ),
                 "logit lens: tokens promoted by the decoder vector",
                 "steering scores and statistics",
                 "logit lens: tokens suppressed",
@@ -585,7 +635,6 @@ class FeatureDashboard(PlotlyView):
         for r in (2, 3):
             fig.update_yaxes(type="category", row=r, col=2)
             fig.update_xaxes(title_text="d_i · W_U", row=r, col=2)
-        table = self.scores_table()
         fig.add_trace(
             go.Table(
                 name="scores",
@@ -598,11 +647,17 @@ class FeatureDashboard(PlotlyView):
         fig.update_layout(
             title=self.title or f"latent {self.latent} at {self.hook_name}",
             showlegend=False,
-            height=900 + 30 * n_ctx,
+            height=round(height0 + extra_px / 0.86),
             width=1200,
             bargap=0.05,
         )
         return fig
+
+
+def _sinks_text(s: LatentStats) -> str:
+    if s.sink_factor is None:
+        return "none (sink_factor=None)"
+    return f"{s.n_sinks:,} (norm above {s.sink_factor:g}x row median)"
 
 
 def _score_info(scores: LatentScores | None, sae: SAE, latent: int) -> dict | None:
@@ -645,6 +700,7 @@ def feature_dashboards(
     batch_size: int = 8,
     max_length: int | None = 128,
     progress: bool = False,
+    sink_factor: float | None = 3.0,
 ) -> list[FeatureDashboard]:
     """Dashboards for several latents from ONE streamed pass over ``corpus`` (see :func:`feature_dashboard`)."""
     hook_name = _hook(sae, hook_name)
@@ -661,6 +717,7 @@ def feature_dashboards(
         batch_size=batch_size,
         max_length=max_length,
         progress=progress,
+        sink_factor=sink_factor,
     )
     return [
         FeatureDashboard(

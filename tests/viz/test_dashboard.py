@@ -144,8 +144,12 @@ def test_steering_scores_are_shown(setup):
     assert "dead" in q9["alignment score"]
     if 9 not in table["latent"].tolist():
         assert "not in the table" in q9["toxicity contrast"]
-    cells = next(t for t in dashes[0].figure().data if t.type == "table" and t.name == "scores").cells.values
-    assert "alignment score" in cells[0]
+    fig = dashes[0].figure()
+    scores_trace = next(t for t in fig.data if t.type == "table" and t.name == "scores")
+    assert "alignment score" in scores_trace.cells.values[0]
+    # the figure grows with the table: ~20 px a row plus its header (plotly's 180 px of margins aside)
+    n_rows = len(dashes[0].scores_table())
+    assert (scores_trace.domain.y[1] - scores_trace.domain.y[0]) * (fig.layout.height - 180) >= 20 * n_rows + 28
 
 
 def test_prompt_view_top_latents_per_token(setup):
@@ -168,7 +172,7 @@ def test_prompt_view_top_latents_per_token(setup):
 def test_html_export_and_jupyter_repr(setup, tmp_path):
     model, sae, corpus = setup
     dash = feature_dashboard(model, sae, 2, corpus[:4])
-    assert "latent 2" in dash._repr_html_()
+    assert "latent 2" in dash._repr_mimebundle_()["text/html"]
     out = dash.save_html(tmp_path / "d.html", include_plotlyjs="cdn")
     text = out.read_text()
     assert "<html>" in text[:100] and "latent 2 at blocks.1.hook_resid_post" in text
@@ -221,3 +225,179 @@ def test_figures_script_renders_every_figure_type(setup, tmp_path):
     assert len([n for n in names if n.startswith("latent_")]) == 2
     assert "prompt_view.html" in names and "steering_report.html" in names
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention sinks: left out of contexts, histogram and density (sink_factor=3.0), kept with None
+# ---------------------------------------------------------------------------------------------------
+
+
+SINK_WORDS = ("world", "tree", "sun", "rain", "water")  # no text of _corpus() starts with one
+
+
+class FirstTokenSink:
+    """Makes the first real token an attention sink (its residual at HOOK x ``scale``) in the rows whose
+    first real token is one of ``words``, in any batch: the row is recognised by its embedding at position 1.
+    Distinct words give the sinks distinct activations (no ties between sink rows)."""
+
+    def __init__(self, model, words=SINK_WORDS, scale=100.0):
+        self.model, self.scale = model, scale
+        self.emb = model.W_E[[model.tokenizer.convert_tokens_to_ids(w) for w in words]]  # [n_words, d]
+        self.rows = None
+
+    def _embed(self, act, hook):
+        if act.shape[1] < 2:
+            self.rows = None
+        else:
+            self.rows = (act[:, 1, None, :] == self.emb[None]).all(-1).any(-1)
+        return act
+
+    def _resid(self, act, hook):
+        if self.rows is None or not bool(self.rows.any()):
+            return act
+        act = act.clone()
+        act[self.rows, 1] *= self.scale
+        return act
+
+    def active(self):
+        return self.model.hooks(fwd_hooks=[("hook_embed", self._embed), (HOOK, self._resid)])
+
+
+def _sunk_latents(model, sae, text, sink):
+    """Latents, tokens and sink flags of one text run alone (BOS excluded), the sink rule written out:
+    residual norm > 3 x the median norm of the text's positions (BOS included)."""
+    toks = model.to_tokens(text)
+    with sink.active():
+        _, cache = model.run_with_cache(toks, names_filter=HOOK)
+    h = cache[HOOK][0]
+    norms = h.norm(dim=-1)
+    return sae.encode(h)[1:], toks[0, 1:], (norms > 3.0 * norms.median())[1:]
+
+
+@pytest.fixture(scope="module")
+def sunk(setup):
+    model, sae, corpus = setup
+    texts = list(corpus)
+    for i, w in zip((2, 7, 11, 19), SINK_WORDS):
+        texts[i] = w + " " + texts[i]
+    texts.insert(15, SINK_WORDS[-1])  # a text whose only real token is a sink
+    sink = FirstTokenSink(model)
+    per_text = [_sunk_latents(model, sae, t, sink) for t in texts]
+    return model, sae, texts, sink, per_text
+
+
+def test_plain_corpus_has_no_sinks(setup):
+    """So the independent computations above (which ignore sinks) check the default sink_factor=3.0."""
+    model, sae, corpus = setup
+    s = collect_latent_stats(model, sae, corpus, [0], batch_size=5)[0]
+    assert s.n_sinks == 0 and s.sink_factor == 3.0
+
+
+def test_sinks_left_out_of_contexts_histogram_and_density(sunk):
+    model, sae, texts, sink, per_text = sunk
+    n_sinks = sum(int(s.sum()) for _, _, s in per_text)
+    assert n_sinks == 5 and all(bool(per_text[i][2][0]) for i in (2, 7, 11, 15, 20))  # the sink rows
+    at_sinks = torch.cat([f[s] for f, _, s in per_text])
+    sink_lat = int(at_sinks.max(0).values.argmax())  # the latent firing hardest at the sinks
+    latents = [sink_lat, 0, 7, 21]
+    with sink.active():  # batches of 5 with right padding: the medians must ignore the padding
+        kept = collect_latent_stats(model, sae, texts, latents, n_top=5, n_bins=10, batch_size=5)
+        full = collect_latent_stats(model, sae, texts, latents, n_top=5, n_bins=10, batch_size=5, sink_factor=None)
+    for stats, drop in ((kept, True), (full, False)):
+        for lat in latents:
+            s = stats[lat]
+            cols = [f[:, lat].masked_fill(snk, 0.0) if drop else f[:, lat] for f, _, snk in per_text]
+            counted = torch.cat([f[~snk, lat] if drop else f[:, lat] for f, _, snk in per_text]).double().numpy()
+            assert s.n_tokens == len(counted)
+            assert s.n_sinks == (n_sinks if drop else 0)
+            assert s.sink_factor == (3.0 if drop else None)
+            assert s.n_fired == int((counted > 0).sum())
+            assert s.max_activation == pytest.approx(counted.max(), rel=1e-5)
+            ref, _ = np.histogram(counted[counted > 0], bins=s.hist_edges)
+            assert s.hist_counts.tolist() == ref.tolist()
+            maxima = torch.stack([c.max() for c in cols])
+            expected = [i for i in torch.argsort(maxima, descending=True, stable=True).tolist() if maxima[i] > 0][:5]
+            assert [c.text_index for c in s.top_contexts] == expected
+            for c in s.top_contexts:
+                p = int(cols[c.text_index].argmax())
+                assert c.position == p + 1
+                assert c.activation == pytest.approx(float(cols[c.text_index][p]), rel=1e-5)
+                if drop:
+                    assert not bool(per_text[c.text_index][2][p])  # never a sink
+    # the case matters: kept, the sinks take the latent's top contexts and stretch its histogram
+    k, f = kept[sink_lat], full[sink_lat]
+    assert f.top_contexts[0].position == 1 and bool(per_text[f.top_contexts[0].text_index][2][0])
+    assert f.max_activation > 10 * k.max_activation
+    assert f.hist_edges[-1] > 10 * k.hist_edges[-1]
+    assert f.n_tokens == k.n_tokens + n_sinks
+
+
+def test_excluded_sinks_are_reported_in_the_figure(sunk):
+    model, sae, texts, sink, per_text = sunk
+    n_sinks = sum(int(s.sum()) for _, _, s in per_text)
+    with sink.active():
+        dash = feature_dashboard(model, sae, 3, texts, batch_size=5)
+        both = feature_dashboard(model, sae, 3, texts, batch_size=5, sink_factor=None)
+    assert dash.stats.n_sinks == n_sinks
+    titles = [a.text for a in dash.figure().layout.annotations]
+    assert any(f"<br>{n_sinks:,} attention-sink tokens left out" in t for t in titles), titles
+    row = dash.scores_table().set_index("quantity")["value"]["sinks left out"]
+    assert row == f"{n_sinks:,} (norm above 3x row median)"
+    assert any("attention sinks kept (sink_factor=None)" in a.text for a in both.figure().layout.annotations)
+    assert both.scores_table().set_index("quantity")["value"]["sinks left out"].startswith("none")
+
+
+def test_sink_errors_name_the_fix(sunk):
+    model, sae, _, sink, _ = sunk
+    with sink.active(), pytest.raises(ValueError, match=r"attention sink at sink_factor=3.0.*sink_factor=None"):
+        collect_latent_stats(model, sae, ["world", "tree"], [0])
+    with pytest.raises(ValueError, match=r"sink_factor must be a number > 1"):
+        collect_latent_stats(model, sae, ["the cat"], [0], sink_factor=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jupyter display: one representation path; plain tqdm
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_views_have_one_jupyter_repr_and_draw_once(setup, monkeypatch):
+    import json
+
+    import plotly.io as pio
+    from IPython.core.formatters import DisplayFormatter
+
+    from saesteer.viz.dashboard import FeatureDashboard, PlotlyView, PromptLatents
+    from saesteer.viz.steering_report import SteeringReport
+
+    for cls in (PlotlyView, FeatureDashboard, PromptLatents, SteeringReport):
+        reprs = sorted(n for n in dir(cls) if n.startswith("_repr_") or n == "_ipython_display_")
+        assert reprs == ["_repr_mimebundle_"], (cls.__name__, reprs)
+    model, sae, corpus = setup
+    dash = feature_dashboard(model, sae, 2, corpus[:4])
+    built = []
+    draw = dash.figure
+    monkeypatch.setattr(dash, "figure", lambda: built.append(1) or draw())
+    # Jupyter's default renderer: plotly's own bundle would publish all of plotly.js on every display
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype+notebook")
+    data, _ = DisplayFormatter().format(dash)
+    assert len(built) == 1  # IPython asked once and the figure was built once
+    assert set(data) == {"application/vnd.plotly.v1+json", "text/html", "text/plain"}
+    fig = data["application/vnd.plotly.v1+json"]
+    assert fig["layout"]["title"]["text"] == "latent 2 at blocks.1.hook_resid_post"
+    assert json.loads(json.dumps(fig))["data"][0]["type"] == "table"  # JSON-serialisable as the frontend gets it
+    html = data["text/html"]
+    assert "latent 2 at blocks.1.hook_resid_post" in html and "cdn.plot.ly" in html
+    assert len(html) < 200_000 and "window.Plotly = Plotly" not in html  # plotly.js not embedded
+    assert data["text/plain"] == "<FeatureDashboard: latent 2 at blocks.1.hook_resid_post>"
+    assert set(dash._repr_mimebundle_(include={"text/html"})) == {"text/html"}
+    assert "text/html" not in dash._repr_mimebundle_(exclude={"text/html"})
+
+
+def test_progress_bars_are_plain_tqdm():
+    """tqdm.auto warns "IProgress not found" in kernels without ipywidgets."""
+    import tqdm
+
+    from saesteer.sae import activations
+    from saesteer.viz import dashboard
+
+    assert dashboard.tqdm is tqdm.tqdm and activations.tqdm is tqdm.tqdm
