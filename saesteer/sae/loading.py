@@ -139,10 +139,10 @@ def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE:
         return SAE.load_from_disk(folder, device=device)
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         detail = " ".join(str(e).split())
+        which = weights if isinstance(e, RuntimeError) and "state_dict" in detail else cfg
         raise ValueError(
-            f"{folder}: SAELens cannot build an SAE from {SAE_CFG_FILE} and {SAE_WEIGHTS_FILE} "
-            f"({type(e).__name__}: {detail[:400]}); the weights do not fit the config (missing or mismatched tensors): "
-            f"{fix}."
+            f"{which}: SAELens cannot build an SAE from {cfg} and {weights} ({type(e).__name__}: {detail[:400]}); "
+            f"the config and the weights do not fit (missing or mismatched tensors, or an incomplete config): {fix}."
         ) from e
 
 
