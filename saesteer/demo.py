@@ -72,10 +72,10 @@ def say(msg: str) -> None:
 
 
 def demo_prompts(cfg: DemoConfig) -> list[str]:
-    if cfg.prompts_file:
-        from saesteer.sae.alignment import read_prompts
+    if cfg.prompts_file:  # validated and named on error (binary, empty, header-only, no prompt column)
+        from saesteer.evaluation.prompt_sets import load_prompts
 
-        return read_prompts(cfg.prompts_file)[: cfg.n_prompts]
+        return load_prompts(cfg.prompts_file)["prompt"].tolist()[: cfg.n_prompts]
     from saesteer.data.datasets import load_rtp_prompts
 
     prompts = load_rtp_prompts()
@@ -107,8 +107,8 @@ def run_demo(cfg: DemoConfig) -> pd.DataFrame:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     say(f"loading {cfg.model} ...")
+    prompts = demo_prompts(cfg)  # read (and checked) before the model loads
     model = load_model(cfg.model, device=cfg.device)
-    prompts = demo_prompts(cfg)
     specs = method_specs(cfg)
     needs_sae = any("sae" in get_method(c).needs for s in specs.values() for c in parse_method(s).components)
     sae = None
