@@ -21,8 +21,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check saesteer tests experiments
-	$(VENV)/bin/ruff format --check saesteer tests experiments
+	$(VENV)/bin/ruff check saesteer tests experiments .ci
+	$(VENV)/bin/ruff format --check saesteer tests experiments .ci
 
 # Build the wheel, install it (with its dependencies) into a fresh virtual environment and run the smoke
 # test from an empty temporary folder outside the repository.
