@@ -166,3 +166,28 @@ def load_model_quietly(name: str) -> HookedTransformer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_model(name)
+
+
+class FirstTokenSink:
+    """Makes the first real token an attention sink (its residual at ``hook`` x ``scale``) in the rows whose
+    first real token is one of ``words``, in any batch: the row is recognised by its embedding at position 1.
+    Distinct words give the sinks distinct activations (no ties between sink rows)."""
+
+    def __init__(self, model, words, scale=100.0, hook="blocks.1.hook_resid_post"):
+        self.model, self.scale, self.hook = model, scale, hook
+        self.emb = model.W_E[[model.tokenizer.convert_tokens_to_ids(w) for w in words]]  # [n_words, d]
+        self.rows = None
+
+    def _embed(self, act, hook):
+        self.rows = (act[:, 1, None, :] == self.emb[None]).all(-1).any(-1) if act.shape[1] > 1 else None
+        return act
+
+    def _resid(self, act, hook):
+        if self.rows is None or not bool(self.rows.any()):
+            return act
+        act = act.clone()
+        act[self.rows, 1] *= self.scale
+        return act
+
+    def active(self):
+        return self.model.hooks(fwd_hooks=[("hook_embed", self._embed), (self.hook, self._resid)])

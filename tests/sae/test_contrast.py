@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model, tiny_sae
+from helpers import FirstTokenSink, tiny_model, tiny_sae
 
 from saesteer.sae.contrast import toxicity_latents
 
@@ -39,30 +39,6 @@ def test_bad_inputs():
         toxicity_latents(model, sae, [], CLEAN)
     with pytest.raises(ValueError, match="top_n"):
         toxicity_latents(model, sae, TOXIC, CLEAN, top_n=1000)
-
-
-class FirstTokenSink:
-    """Makes the first real token an attention sink (its residual at HOOK x ``scale``) in the rows whose
-    first real token is one of ``words``, in any batch: the row is recognised by its embedding at position 1."""
-
-    def __init__(self, model, words, scale=100.0):
-        self.model, self.scale = model, scale
-        self.emb = model.W_E[[model.tokenizer.convert_tokens_to_ids(w) for w in words]]
-        self.rows = None
-
-    def _embed(self, act, hook):
-        self.rows = (act[:, 1, None, :] == self.emb[None]).all(-1).any(-1) if act.shape[1] > 1 else None
-        return act
-
-    def _resid(self, act, hook):
-        if self.rows is None or not bool(self.rows.any()):
-            return act
-        act = act.clone()
-        act[self.rows, 1] *= self.scale
-        return act
-
-    def active(self):
-        return self.model.hooks(fwd_hooks=[("hook_embed", self._embed), (HOOK, self._resid)])
 
 
 def _acts_and_sinks(model, sae, texts):

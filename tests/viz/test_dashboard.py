@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import WORDS, tiny_model, tiny_sae
+from helpers import WORDS, FirstTokenSink, tiny_model, tiny_sae
 
 from saesteer.sae.alignment import LatentScores
 from saesteer.sae.contrast import toxicity_latents
@@ -235,34 +235,6 @@ def test_figures_script_renders_every_figure_type(setup, tmp_path):
 SINK_WORDS = ("world", "tree", "sun", "rain", "water")  # no text of _corpus() starts with one
 
 
-class FirstTokenSink:
-    """Makes the first real token an attention sink (its residual at HOOK x ``scale``) in the rows whose
-    first real token is one of ``words``, in any batch: the row is recognised by its embedding at position 1.
-    Distinct words give the sinks distinct activations (no ties between sink rows)."""
-
-    def __init__(self, model, words=SINK_WORDS, scale=100.0):
-        self.model, self.scale = model, scale
-        self.emb = model.W_E[[model.tokenizer.convert_tokens_to_ids(w) for w in words]]  # [n_words, d]
-        self.rows = None
-
-    def _embed(self, act, hook):
-        if act.shape[1] < 2:
-            self.rows = None
-        else:
-            self.rows = (act[:, 1, None, :] == self.emb[None]).all(-1).any(-1)
-        return act
-
-    def _resid(self, act, hook):
-        if self.rows is None or not bool(self.rows.any()):
-            return act
-        act = act.clone()
-        act[self.rows, 1] *= self.scale
-        return act
-
-    def active(self):
-        return self.model.hooks(fwd_hooks=[("hook_embed", self._embed), (HOOK, self._resid)])
-
-
 def _sunk_latents(model, sae, text, sink):
     """Latents, tokens and sink flags of one text run alone (BOS excluded), the sink rule written out:
     residual norm > 3 x the median norm of the text's positions (BOS included)."""
@@ -281,7 +253,7 @@ def sunk(setup):
     for i, w in zip((2, 7, 11, 19), SINK_WORDS):
         texts[i] = w + " " + texts[i]
     texts.insert(15, SINK_WORDS[-1])  # a text whose only real token is a sink
-    sink = FirstTokenSink(model)
+    sink = FirstTokenSink(model, SINK_WORDS, hook=HOOK)
     per_text = [_sunk_latents(model, sae, t, sink) for t in texts]
     return model, sae, texts, sink, per_text
 
