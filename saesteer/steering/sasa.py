@@ -5,10 +5,15 @@ candidates are the tokens that survive repetition penalty / temperature / top-k 
 ``max_candidates`` most likely. For each candidate v the context + v is embedded (final hidden state
 after the final norm) in ONE batched forward of all candidates over the shared KV cache, and
 
-    logits_v += sum_j beta_j * softmax_v(margin_j(context + v))     (reference rule, ``softmax``)
-    logits_v += sum_j beta_j * margin_j(context + v)                (``raw`` variant)
+    logits_v += sum_j beta_j * softmax_v(margin_j(context + v))     (``softmax``, the default)
+    logits_v += sum_j beta_j * margin_j(context + v)                (``raw``)
 
-with margin_j(x) = w_j . (x - m_j) > 0 on the non-toxic side of attribute j's subspace. The next token
+with margin_j(x) = w_j . (x - m_j) > 0 on the non-toxic side of attribute j's subspace. ``softmax`` is the
+released code's rule (AISteer360's SASA control, old loop and current), under which the paper sweeps beta up
+to 500; ``raw`` is the closed-form solution of the per-step problem the paper describes (maximise the
+expected margin while staying close in KL to the model's distribution: p(v) ~ p0(v) exp(beta margin(v))).
+With ``softmax`` the bonus is at most beta and nearly flat when margins are close (SmolLM2: std ~0.37 over
+50 candidates), so betas <= 20 move a logit by < 1; with ``raw`` a beta of s / std shifts it by s per std. The next token
 is drawn from the adjusted candidate logits; the chosen candidate's keys/values and logits become the
 next step's, so the prefix is never re-run. beta = 0 for every attribute is plain decoding.
 
@@ -217,7 +222,7 @@ class SASA:
         check_positive_int("max_candidates", self.max_candidates)
         if self.margin_transform not in ("softmax", "raw"):
             raise ValueError(
-                f"margin_transform must be 'softmax' (the reference: beta * softmax(margins)) or 'raw' "
+                f"margin_transform must be 'softmax' (the released code's rule: beta * softmax(margins)) or 'raw' "
                 f"(beta * margin), got {self.margin_transform!r}."
             )
         if not isinstance(self.recompute, bool):
