@@ -1,4 +1,4 @@
-"""Finding toxicity latents by contrast (after "Breaking Bad Tokens", DESIGN 2.3).
+"""Finding toxicity latents by contrast (after "Breaking Bad Tokens", arXiv 2505.14536).
 
 Over all real tokens (BOS, padding and attention sinks excluded) of toxic texts T and non-toxic texts N:
 

@@ -1,5 +1,5 @@
 """SAE decoder-vector steering in three tiers (after "Breaking Bad Tokens: Detoxification of LLMs
-Using Sparse Autoencoders"; the paper's exact tiers are not public, these definitions are ours).
+Using Sparse Autoencoders", arXiv 2505.14536; the three formulas below are our reading of its tiers).
 
 For chosen latents i (e.g. from :func:`saesteer.sae.contrast.toxicity_latents`) with decoder vectors d_i
 (rows of W_dec as the SAE applies them, times the SAE's output scale), strength alpha >= 0, at every
