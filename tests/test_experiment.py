@@ -348,7 +348,9 @@ def test_peak_rss_sees_an_allocation_inside_the_block():
     with bench.PeakRSS(interval=0.001) as peak:
         start = bench.rss_mb()
         block = b"\x01" * (128 * 2**20)  # written, so resident
-        time.sleep(0.05)  # the sampler thread runs while the block is alive (the fill holds the GIL)
+        deadline = time.monotonic() + 10  # the sampler thread runs while the block is alive (under load it
+        while peak.peak_mb < start + 100 and time.monotonic() < deadline:  # may take a while to be scheduled)
+            time.sleep(0.01)
         del block
     assert peak.peak_mb >= start + 100
 
