@@ -918,11 +918,6 @@ def _resume_damaged_evaluation(damage: Callable[[bytes], bytes]) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIP + "load_result: 'no generations to summarise.' (no path), TypeError/KeyError on JSON that is no "
-    "record, UnicodeDecodeError on bytes that are not UTF-8",
-)
 @failing_examples(20)
 @given(junk=random_bytes)
 @example(junk=b"0")
@@ -931,11 +926,6 @@ def test_random_bytes_in_generations_jsonl_load_result(junk):
     _load_damaged_result(lambda good: junk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIP + "load_result: a file cut inside its first line gives 'no generations to summarise.' without the "
-    "path; a cut inside a character raises UnicodeDecodeError",
-)
 @failing_examples(20)
 @given(cut=cuts, in_char=in_chars)
 @example(cut=10, in_char=False)
@@ -944,11 +934,6 @@ def test_truncated_generations_jsonl_load_result(cut, in_char):
     _load_damaged_result(lambda good: truncated(good, cut, in_char))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIP + "evaluate (resume) lets TypeError/KeyError (JSON that is no record) and UnicodeDecodeError "
-    "(bytes that are not UTF-8) through",
-)
 @failing_examples(12)
 @given(junk=random_bytes)
 @example(junk=b"0")
@@ -957,10 +942,6 @@ def test_random_bytes_in_generations_jsonl_resume(junk):
     _resume_damaged_evaluation(lambda good: junk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=WIP + "evaluate (resume) lets UnicodeDecodeError through when the cut last line ends inside a character",
-)
 @failing_examples(12)
 @given(cut=cuts, in_char=in_chars)
 @example(cut=0, in_char=True)

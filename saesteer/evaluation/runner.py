@@ -364,9 +364,15 @@ def _read_jsonl(path: Path, repair: bool = False) -> list[dict]:
         end = pos + len(line) + 1
         if line.strip():
             try:
-                records.append(json.loads(line))
+                rec = json.loads(line)  # bytes that are not UTF-8 raise UnicodeDecodeError, a ValueError
+                if not isinstance(rec, dict) or "prompt_index" not in rec or "prompt_id" not in rec:
+                    raise ValueError(
+                        f"{path}, line {n + 1}: JSON but not a generation record (no prompt_index / prompt_id); "
+                        "the file is corrupt. Delete it to start over."
+                    )
+                records.append(rec)
                 good_end = min(end, len(raw))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 if any(x.strip() for x in lines[n + 1 :]):
                     raise ValueError(
                         f"{path}, line {n + 1}: not JSON; the file is corrupt. Delete it to start over."
@@ -884,7 +890,10 @@ def load_result(out_dir: str | os.PathLike, shard: str | Sequence[int] | None = 
     if not jsonl.exists():
         raise ValueError(f"no {jsonl.name} in {out_dir}.")
     settings = _settings_for(jsonl)
-    gens = records_to_frame(_read_jsonl(jsonl))
+    records = _read_jsonl(jsonl)
+    if not records:
+        raise ValueError(f"{jsonl} holds no complete generation record; run the evaluation (again) into {out_dir}.")
+    gens = records_to_frame(records)
     summary = summarize(
         gens,
         toxic_threshold=settings["toxic_threshold"],
