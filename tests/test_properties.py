@@ -11,8 +11,7 @@
    loads what the file still holds correctly; never a raw traceback or a silent wrong result.
 
 Every test runs a fixed (derandomized) set of examples, so the suite cannot flake; models and SAEs are
-built once per module. Properties that fail today because the named-error work on corrupt files has not
-landed are strict xfails: they turn into failures (to be un-marked) once it does.
+built once per module.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import WORDS, tiny_model, tiny_sae
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from saesteer.data import assets
@@ -75,17 +74,9 @@ def examples(n: int) -> settings:
     return settings(BASE, max_examples=n)
 
 
-def failing_examples(n: int) -> settings:
-    """For the strict xfails: stop at the first failing example, without shrinking it (they fail today, by
-    design; shrinking would only cost time)."""
-    return settings(BASE, max_examples=n, phases=[Phase.explicit, Phase.generate])
-
-
 #: The methods the package registers itself (read at import, before any test registers its own).
 BUILTIN = tuple(method_names())
 SAE_KINDS = ("standard", "topk", "jumprelu")
-#: Named-error work in progress (another engineer): corrupt files of these loaders do not raise named errors yet.
-WIP = "named-error work in progress: "
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -709,7 +700,7 @@ def _damaged_subspace(sub: Subspace, damage: Callable[[bytes], bytes]) -> None:
         named_or_correct(lambda: Subspace.load(path), path, lambda got: _same_subspace(got, sub))
 
 
-@failing_examples(40)
+@examples(40)
 @given(sub=subspaces(), junk=random_bytes)
 @example(sub=Subspace(wv=torch.ones(2), mu_mu=torch.zeros(2), model_name=None, d_model=2), junk=b"\x80")
 def test_random_bytes_in_a_subspace_file(sub, junk):
@@ -918,7 +909,7 @@ def _resume_damaged_evaluation(damage: Callable[[bytes], bytes]) -> None:
         )
 
 
-@failing_examples(20)
+@examples(20)
 @given(junk=random_bytes)
 @example(junk=b"0")
 @example(junk=b"\x80")
@@ -926,7 +917,7 @@ def test_random_bytes_in_generations_jsonl_load_result(junk):
     _load_damaged_result(lambda good: junk)
 
 
-@failing_examples(20)
+@examples(20)
 @given(cut=cuts, in_char=in_chars)
 @example(cut=10, in_char=False)
 @example(cut=0, in_char=True)
@@ -934,7 +925,7 @@ def test_truncated_generations_jsonl_load_result(cut, in_char):
     _load_damaged_result(lambda good: truncated(good, cut, in_char))
 
 
-@failing_examples(12)
+@examples(12)
 @given(junk=random_bytes)
 @example(junk=b"0")
 @example(junk=b"\x80")
@@ -942,7 +933,7 @@ def test_random_bytes_in_generations_jsonl_resume(junk):
     _resume_damaged_evaluation(lambda good: junk)
 
 
-@failing_examples(12)
+@examples(12)
 @given(cut=cuts, in_char=in_chars)
 @example(cut=0, in_char=True)
 def test_truncated_generations_jsonl_resume(cut, in_char):
@@ -1055,14 +1046,14 @@ def _damaged_activation_manifest(damage: Callable[[bytes], bytes]) -> None:
         )
 
 
-@failing_examples(15)
+@examples(15)
 @given(junk=random_bytes)
 @example(junk=b"\x80")
 def test_random_bytes_in_the_activation_cache_manifest(junk):
     _damaged_activation_manifest(lambda good: junk)
 
 
-@failing_examples(10)
+@examples(10)
 @given(cut=cuts)
 @example(cut=0)
 def test_a_truncated_activation_cache_manifest(cut):
