@@ -71,3 +71,16 @@ def test_project_sae_by_name_and_checksum(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "storage_path", lambda *parts: tmp_path.joinpath(*parts[1:]))
     with pytest.raises(registry.RegistryChecksumError, match=re.escape(str(copy / "cfg.json"))):
         entry.verify()
+
+
+def test_every_registered_sae_matches_its_entry():
+    """Each shipped SAE's files match their sha256, and its cfg.json says the width and hook its entry says."""
+    import json
+
+    from saesteer.sae import registry
+
+    assert len(registry.project_saes()) >= 2
+    for entry in registry.project_saes().values():
+        cfg = json.loads((entry.verify() / "cfg.json").read_text())
+        assert cfg["d_sae"] == entry.width and cfg["metadata"]["hook_name"] == entry.hook, entry.name
+        assert cfg["metadata"]["model_name"] == entry.model and cfg.get("k") == entry.k, entry.name
