@@ -156,6 +156,11 @@ class SweepResult:
         }
 
 
+def _check_budget(ppl_budget: float) -> None:
+    if not (ppl_budget >= 1 and math.isfinite(ppl_budget)):
+        raise ValueError(f"ppl_budget must be a number >= 1 (a PPL ratio to the baseline); got {ppl_budget!r}.")
+
+
 def summarize_sweep(
     runs: Mapping[str, Any], families: Mapping[str, Sequence[str]], baseline: str, ppl_budget: float = PPL_BUDGET
 ) -> SweepResult:
@@ -168,8 +173,7 @@ def summarize_sweep(
 
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not among the runs {sorted(runs)}; evaluate it too.")
-    if not (ppl_budget >= 1 and math.isfinite(ppl_budget)):
-        raise ValueError(f"ppl_budget must be a number >= 1 (a PPL ratio to the baseline); got {ppl_budget!r}.")
+    _check_budget(ppl_budget)
     base = runs[baseline]
     base_ppl = base.summary.get("ppl") or math.nan
     rows = []
@@ -235,8 +239,7 @@ def run_sweep(
 
     families = check_grid(grid)
     baseline = str(parse_method(baseline))
-    if not (ppl_budget >= 1 and math.isfinite(ppl_budget)):
-        raise ValueError(f"ppl_budget must be a number >= 1 (a PPL ratio to the baseline); got {ppl_budget!r}.")
+    _check_budget(ppl_budget)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = [baseline] + [s for specs in families.values() for s in specs if s != baseline]

@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from saesteer.data.atomic import write_text_atomic
+from saesteer.data.atomic import save_atomic, write_text_atomic
 from saesteer.data.digests import state_dict_digest, tensor_digest
 from saesteer.data.package_files import sha256_file
 from saesteer.sae.quality import HELDOUT_EVERY, collect_hook_activations, norm_threshold, pack_token_rows, split_heldout
@@ -201,16 +201,10 @@ def build_rows(cfg: TrainingConfig, tokenizer) -> TrainingRows:
 
 
 def _save_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors written through :func:`saesteer.data.atomic.save_atomic` (temp file, fsync, rename)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def collect_activations(
