@@ -1,0 +1,268 @@
+"""The reported table: every method at the setting its sweep chose, on prompts the sweep never saw.
+
+A sweep (:mod:`saesteer.evaluation.sweep`) picks each family's setting on a tuning split; this module
+evaluates those settings on the held-back split (:func:`~saesteer.evaluation.prompt_sets.tuning_report_split`)
+at a larger ``k``, so the table's numbers are not selected on the prompts they are reported on. Rows:
+
+- ``unsteered``;
+- the unsteered **top-k control** at SASA's candidate cap: SASA samples only among its ``max_candidates``
+  most likely tokens, so part of any SASA effect is truncation; the control isolates the re-weighting, and
+  SASA rows are also paired with it;
+- per family, the recommended setting; where the sweep recommends none, the family's least toxic setting
+  within the PPL budget, marked ``recommended=False``, so the table states what the method does on held-out
+  prompts instead of leaving the family out.
+
+Each row carries the summary metrics with 95% bootstrap intervals over prompts, the paired difference
+(same prompts, same per-prompt seeds) to its baseline(s), the perplexity under the host model beside the
+judge's, and its wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from saesteer.data.atomic import write_text_atomic
+from saesteer.evaluation.sweep import SweepResult, setting_dir
+
+__all__ = ["ReportRow", "ReportResult", "load_sweep", "report_rows", "run_report"]
+
+UNSTEERED = "unsteered"
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One row of the reported table: a method spec, optional top-k truncation, and what it is paired with."""
+
+    label: str
+    spec: str
+    family: str | None = None
+    top_k: int | None = None
+    recommended: bool = False
+    """True when the sweep's rule chose this setting; False for a family's best setting within the PPL
+    budget that did not lower EMT on the tuning split (reported so the table says so)."""
+    baselines: tuple[str, ...] = ()
+    """Labels of the rows this one is paired with (differences this minus that)."""
+
+
+def load_sweep(path: str | os.PathLike) -> SweepResult:
+    """A :class:`SweepResult` read back from the ``sweep.json`` that :func:`run_sweep` writes.
+
+    Raises:
+        ValueError: the file is missing or is not a sweep summary (names the file and the command).
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "sweep.json"
+    try:
+        data = json.loads(p.read_text())
+        return SweepResult(
+            table=pd.DataFrame(data["settings"]),
+            baseline=data["baseline"],
+            baseline_summary=data["baseline_summary"],
+            ppl_budget=float(data["ppl_budget"]),
+            recommended=dict(data["recommended"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{p} is not a readable sweep summary ({e}); run `saesteer sweep` to write it.") from None
+
+
+def _control_label(top_k: int) -> str:
+    return f"{UNSTEERED}, top-k {top_k}"
+
+
+def report_rows(sweep: SweepResult, *, max_candidates: int) -> list[ReportRow]:
+    """The rows for ``sweep``: unsteered, the top-k control at ``max_candidates``, and one per family
+    (recommended setting, or the least toxic one within the budget; a family with no setting within the
+    budget gets no row and is named by :meth:`ReportResult.verdict`)."""
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
+        raise ValueError(f"max_candidates must be a positive int (SASA's candidate cap); got {max_candidates!r}.")
+    control = _control_label(max_candidates)
+    rows = [ReportRow(UNSTEERED, UNSTEERED), ReportRow(control, UNSTEERED, top_k=max_candidates)]
+    table = sweep.table
+    for family in dict.fromkeys(table["family"]) if len(table) else ():
+        spec = sweep.recommended.get(family)
+        recommended = spec is not None
+        if spec is None:
+            within = table[(table["family"] == family) & (table["ppl_ratio"] <= sweep.ppl_budget)]
+            if within.empty:
+                continue
+            spec = str(within.sort_values("emt").iloc[0]["spec"])
+        paired = (UNSTEERED, control) if family.startswith("sasa") else (UNSTEERED,)
+        rows.append(ReportRow(f"{family}: {spec}", spec, family, None, recommended, paired))
+    return rows
+
+
+@dataclass
+class ReportResult:
+    """The reported table (one row per :class:`ReportRow`), the rows and the evaluation settings."""
+
+    table: pd.DataFrame
+    rows: list[ReportRow]
+    settings: dict
+
+    def to_json(self) -> dict:
+        return {
+            "settings": self.settings,
+            "rows": [asdict(r) for r in self.rows],
+            "table": json.loads(self.table.to_json(orient="records")),
+        }
+
+    def markdown(self, digits: int = 3) -> str:
+        """The table as Markdown: each metric with its 95% interval, differences with theirs."""
+
+        def iv(r: pd.Series, key: str) -> str:
+            v, lo, hi = r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                return "—"
+            if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+                return f"{v:.{digits}f}"
+            return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+        head = (
+            "| setting | EMT [95%] | Tox. Prob. [95%] | ΔEMT vs unsteered [95%] | ΔEMT vs top-k control [95%] "
+            "| PPL judge [95%] | PPL host | dist-2 | seconds |"
+        )
+        lines = [head, "|" + "---|" * 9]
+        for _, r in self.table.iterrows():
+            label = r["label"] + ("" if r["recommended"] or pd.isna(r["family"]) else " (no setting helped)")
+            lines.append(
+                f"| {label} | {iv(r, 'emt')} | {iv(r, 'tox_prob')} | {iv(r, 'd_emt_unsteered')} | "
+                f"{iv(r, 'd_emt_control')} | {iv(r, 'ppl')} | {r['ppl_host']:.1f} | {r['dist_2']:.2f} | "
+                f"{r['seconds']:.0f} |"
+            )
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """One plain sentence per steered row: does it lower EMT vs unsteered (interval below 0), at what PPL."""
+        out = []
+        base = self.table.set_index("label")
+        ppl0 = base.loc[UNSTEERED, "ppl"]
+        for _, r in self.table[self.table["family"].notna()].iterrows():
+            d, lo, hi = r["d_emt_unsteered"], r["d_emt_unsteered_ci_low"], r["d_emt_unsteered_ci_high"]
+            helps = "lowers" if hi < 0 else "does not measurably lower"
+            out.append(
+                f"{r['label']}: {helps} EMT vs unsteered ({d:+.3f} [95% {lo:+.3f}, {hi:+.3f}]) at judge PPL "
+                f"{r['ppl']:.1f} ({r['ppl'] / ppl0:.2f} x unsteered)."
+            )
+        return "\n".join(out)
+
+
+def _seconds(folder: Path) -> float | None:
+    """Wall seconds spent on a row's folder by earlier calls (``wall_seconds.json``), None if none."""
+    try:
+        return float(json.loads((folder / "wall_seconds.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _computed_now(run: Any) -> int | None:
+    """Prompts the last :func:`evaluate` call generated (from its summary file), None if unknown."""
+    try:
+        return int(json.loads(Path(run.paths["summary"]).read_text())["prompts_computed_this_run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _host_ppl(model: Any, generations: pd.DataFrame, batch_size: int) -> float:
+    """Median per-continuation perplexity under ``model`` (the host), empty continuations left out."""
+    from saesteer.evaluation.metrics import continuation_nll
+
+    nll = continuation_nll(
+        model, generations["prompt"].tolist(), generations["continuation"].tolist(), batch_size=batch_size
+    )
+    ppl = np.asarray(nll.ppl, dtype=float)
+    ppl = ppl[np.isfinite(ppl)]
+    return float(np.median(ppl)) if len(ppl) else math.nan
+
+
+def run_report(
+    model: Any,
+    prompts: pd.DataFrame,
+    rows: Sequence[ReportRow],
+    *,
+    resources: Any,
+    out_dir: str | os.PathLike,
+    host_ppl: bool = True,
+    batch_size: int = 8,
+    log: Callable[[str], None] = print,
+    **evaluate_kwargs: Any,
+) -> ReportResult:
+    """Evaluate every row on ``prompts`` (one resumable folder per row under ``out_dir``), pair each with
+    its baselines, and write ``report.json`` and ``report.md``.
+
+    ``evaluate_kwargs`` go to :func:`~saesteer.evaluation.runner.evaluate` (k, max_new_tokens, top_p, seed,
+    scorer, ppl_model, ...) and are the same for every row; a row's ``top_k`` overrides the sampling's.
+    """
+    from saesteer.evaluation.runner import evaluate
+    from saesteer.evaluation.statistics import paired_difference
+
+    labels = [r.label for r in rows]
+    if len(set(labels)) != len(labels) or UNSTEERED not in labels:
+        raise ValueError(f"report rows need unique labels including {UNSTEERED!r}; got {labels}.")
+    missing = sorted({b for r in rows for b in r.baselines} - set(labels))
+    if missing:
+        raise ValueError(f"rows are paired with {missing}, which are not rows of the report {labels}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, seconds = {}, {}
+    for i, row in enumerate(rows):
+        log(f"report {i + 1}/{len(rows)}: {row.label}")
+        t0 = time.time()
+        extra = {} if row.top_k is None else {"top_k": row.top_k}
+        folder = setting_dir(out, row.label if row.top_k is not None else row.spec)
+        done_before = _seconds(folder)
+        runs[row.label] = evaluate(
+            model, prompts, row.spec, resources=resources, out_dir=folder, **evaluate_kwargs, **extra
+        )
+        if done_before is not None and _computed_now(runs[row.label]) == 0:
+            seconds[row.label] = done_before  # read back whole: this call generated nothing
+        else:
+            seconds[row.label] = (done_before or 0.0) + time.time() - t0
+            write_text_atomic(folder / "wall_seconds.json", json.dumps({"seconds": seconds[row.label]}))
+    records = []
+    for row in rows:
+        run = runs[row.label]
+        s = run.summary
+        rec: dict[str, Any] = {
+            "label": row.label,
+            "spec": row.spec,
+            "family": row.family,
+            "top_k": row.top_k,
+            "recommended": row.recommended,
+            "emt": s["exp_max_toxicity"],
+            "tox_prob": s["toxicity_prob"],
+            "ppl": s.get("ppl", math.nan),
+            "dist_2": s.get("dist-2", math.nan),
+            "n_prompts": int(run.generations["prompt_id"].nunique()),
+            "n_generations": len(run.generations),
+            "seconds": round(seconds[row.label], 1),
+        }
+        for key, metric in (("emt", "exp_max_toxicity"), ("tox_prob", "toxicity_prob"), ("ppl", "ppl")):
+            rec[f"{key}_ci_low"] = s.get(f"{metric}_ci_low", math.nan)
+            rec[f"{key}_ci_high"] = s.get(f"{metric}_ci_high", math.nan)
+        for base in row.baselines:
+            suffix = "unsteered" if base == UNSTEERED else "control"
+            d = paired_difference(run, runs[base], names=(row.label, base))
+            for key, metric in (("emt", "exp_max_toxicity"), ("tox_prob", "toxicity_prob")):
+                rec[f"d_{key}_{suffix}"] = d[metric].estimate
+                rec[f"d_{key}_{suffix}_ci_low"] = d[metric].low
+                rec[f"d_{key}_{suffix}_ci_high"] = d[metric].high
+        rec["ppl_host"] = _host_ppl(model, run.generations, batch_size) if host_ppl else math.nan
+        records.append(rec)
+    settings = {
+        k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in evaluate_kwargs.items()
+    }
+    result = ReportResult(pd.DataFrame(records), list(rows), settings)
+    write_text_atomic(out / "report.json", json.dumps(result.to_json(), indent=1))
+    write_text_atomic(out / "report.md", result.markdown() + "\n\n" + result.verdict() + "\n")
+    return result

@@ -1,0 +1,101 @@
+"""The reported table: rows chosen from a sweep, a run on held-back prompts with paired intervals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import tiny_model, tiny_sae
+
+from saesteer.evaluation import report as R
+from saesteer.evaluation import sweep as S
+from saesteer.evaluation.statistics import paired_difference
+from saesteer.steering.registry import Resources
+
+
+def _sweep(recommended: dict, rows: list[tuple[str, str, float, float]]) -> S.SweepResult:
+    table = pd.DataFrame([{"family": f, "spec": s, "emt": e, "ppl_ratio": r} for f, s, e, r in rows])
+    return S.SweepResult(table, "unsteered", {"ppl": 10.0}, 1.25, recommended)
+
+
+def test_rows_take_the_recommended_setting_or_the_best_within_budget():
+    sweep = _sweep(
+        {"sasa-softmax": "sasa:beta=50.0", "decoder-constant": None, "swap": None},
+        [
+            ("sasa-softmax", "sasa:beta=20.0", 0.5, 1.0),
+            ("sasa-softmax", "sasa:beta=50.0", 0.4, 1.1),
+            ("decoder-constant", "decoder:alpha=0.1,tier=constant", 0.45, 1.2),
+            ("decoder-constant", "decoder:alpha=0.4,tier=constant", 0.2, 3.0),  # over budget
+            ("swap", "swap:strength=1.0", 0.5, 2.0),  # nothing within budget: no row
+        ],
+    )
+    rows = R.report_rows(sweep, max_candidates=50)
+    by = {r.label: r for r in rows}
+    assert [r.label for r in rows][:2] == ["unsteered", "unsteered, top-k 50"]
+    assert by["unsteered, top-k 50"].top_k == 50 and by["unsteered, top-k 50"].spec == "unsteered"
+    sasa = by["sasa-softmax: sasa:beta=50.0"]
+    assert sasa.recommended and sasa.baselines == ("unsteered", "unsteered, top-k 50")
+    dec = by["decoder-constant: decoder:alpha=0.1,tier=constant"]
+    assert not dec.recommended and dec.baselines == ("unsteered",)
+    assert not any(r.family == "swap" for r in rows)
+    with pytest.raises(ValueError, match="max_candidates"):
+        R.report_rows(sweep, max_candidates=0)
+
+
+class WordScorer:
+    name = "words"
+
+    def score(self, texts):
+        return np.array([min(1.0, sum(w in t.split() for w in ("idiot", "stupid", "hate")) / 2) for t in texts])
+
+
+def test_run_report_pairs_rows_resumes_and_writes_json(tmp_path):
+    model = tiny_model()
+    res = Resources(sae=tiny_sae(), latent_scores=np.linspace(0, 1, 64))
+    rows = [
+        R.ReportRow("unsteered", "unsteered"),
+        R.ReportRow("unsteered, top-k 5", "unsteered", top_k=5),
+        R.ReportRow("weight: weight:strength=0.0", "weight:strength=0", "weight", None, True, ("unsteered",)),
+        R.ReportRow("weight: weight:strength=2.0", "weight:strength=2", "weight", None, False, ("unsteered",)),
+    ]
+    prompts = pd.DataFrame({"prompt_id": list("abcd"), "prompt": ["the cat sat", "you are a", "i hate", "hello"]})
+    kw = dict(k=3, max_new_tokens=4, scorer=WordScorer(), resources=res, out_dir=tmp_path, progress=False)
+    first = R.run_report(model, prompts, rows, log=lambda m: None, **kw)
+    t = first.table.set_index("label")
+    # strength 0 is the identity: its paired difference to unsteered is exactly zero
+    zero = t.loc["weight: weight:strength=0.0"]
+    assert zero["d_emt_unsteered"] == zero["d_emt_unsteered_ci_low"] == zero["d_emt_unsteered_ci_high"] == 0
+    # the difference equals an independent paired computation on the saved generations
+    folder = {p.name: p for p in tmp_path.iterdir() if p.is_dir()}
+    assert len(folder) == 4 and all((p / "wall_seconds.json").exists() for p in folder.values())
+    strong = t.loc["weight: weight:strength=2.0"]
+    assert np.isfinite(strong["ppl_host"]) and strong["n_prompts"] == 4 and strong["n_generations"] == 12
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert [r["label"] for r in saved["table"]] == [r.label for r in rows]
+    assert "| unsteered, top-k 5 |" in (tmp_path / "report.md").read_text()
+    assert "(no setting helped)" in first.markdown()
+    # the control really is truncated sampling: its settings record top_k
+    ctl = next(p for p in folder.values() if p.name.startswith("unsteered__top-k"))
+    assert '"top_k": 5' in (ctl / "settings.json").read_text()
+    # read back: the same table, the same wall seconds (nothing generated again)
+    again = R.run_report(model, prompts, rows, log=lambda m: None, **kw)
+    pd.testing.assert_frame_equal(first.table, again.table)
+    d = paired_difference(
+        pd.read_csv(next(folder[n] for n in folder if "strength_2" in n) / "generations.csv"),
+        pd.read_csv(next(folder[n] for n in folder if n.startswith("unsteered-")) / "generations.csv"),
+    )
+    assert strong["d_emt_unsteered"] == pytest.approx(d["exp_max_toxicity"].estimate)
+    with pytest.raises(ValueError, match="not rows of the report"):
+        R.run_report(model, prompts, [rows[0], R.ReportRow("x", "unsteered", baselines=("nope",))], **kw)
+
+
+def test_load_sweep_round_trip_and_bad_file(tmp_path):
+    sweep = _sweep({"f": None}, [("f", "sasa:beta=5.0", 0.5, 1.0)])
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep.to_json()))
+    back = R.load_sweep(tmp_path)
+    assert back.recommended == {"f": None} and back.table["spec"].tolist() == ["sasa:beta=5.0"]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="saesteer sweep"):
+        R.load_sweep(tmp_path / "bad.json")
