@@ -21,10 +21,12 @@ def check_strength(name: str, value: float) -> float:
     return v
 
 
-def check_positive_int(name: str, value: int, upper: int | None = None, what: str = "") -> int:
-    """An integer in [1, upper]."""
+def check_positive_int(
+    name: str, value: int, upper: int | None = None, what: str = "", *, label: str = "an integer >= 1"
+) -> int:
+    """An integer in [1, upper]; ``label`` is how the error names such a value (e.g. "a positive integer")."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        raise ValueError(f"{name} must be {label}, got {value!r}.")
     if upper is not None and value > upper:
         raise ValueError(f"{name}={value} is larger than {what or 'its maximum'} ({upper}); pass at most {upper}.")
     return value

@@ -19,10 +19,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from saesteer.checks import check_positive_int
 
 
 def _say(prefix: str):
     return lambda msg: print(f"[{prefix}] {msg}", file=sys.stderr, flush=True)
+
+
+def _options(a: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The parsed options ``names``, as keyword arguments of the same names."""
+    return {name: getattr(a, name) for name in names}
+
+
+def _check_positive(a: argparse.Namespace, *names: str) -> None:
+    """Each of the options ``names`` that was given must be a positive integer; the error names its flag."""
+    for name in names:
+        value = getattr(a, name)
+        if value is not None:
+            check_positive_int(f"--{name.replace('_', '-')}", value, label="a positive integer")
 
 
 def check_sae_arg(sae: str | None) -> None:
@@ -75,21 +91,10 @@ def _demo(a: argparse.Namespace) -> int:
     from saesteer.demo import DemoConfig, print_table, run_demo, write_outputs
 
     cfg = DemoConfig(
-        model=a.model,
-        sae=a.sae,
         methods=tuple(m.strip() for m in a.methods.split(",")),
-        beta=a.beta,
-        tier=a.tier,
-        alpha=a.alpha,
-        n_latents=a.n_latents,
-        n_prompts=a.n_prompts,
         prompts_file=a.prompts,
-        max_new_tokens=a.max_new_tokens,
-        seed=a.seed,
-        sasa_samples=a.sasa_samples,
-        out_dir=a.out_dir,
-        scorer=a.scorer,
-        device=a.device,
+        **_options(a, "model", "sae", "beta", "tier", "alpha", "n_latents", "sasa_samples"),
+        **_options(a, "n_prompts", "max_new_tokens", "seed", "out_dir", "scorer", "device"),
     )
     check_sae_arg(cfg.sae)
     check_scorer_arg(cfg.scorer)
@@ -143,11 +148,6 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     m.set_defaults(func=_evaluate_merge)
 
 
-def _check_positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{name} must be a positive integer; got {value}.")
-
-
 def _evaluate_run(a: argparse.Namespace) -> int:
     from saesteer.evaluation.runner import evaluate, format_summary, load_prompt_arg, parse_shard
     from saesteer.models.loading import load_model
@@ -157,8 +157,7 @@ def _evaluate_run(a: argparse.Namespace) -> int:
     # everything that can be wrong is checked before the model loads
     ms = parse_method(a.method)
     parse_shard(a.shard)
-    for name in ("k", "max_new_tokens", "n_prompts", "batch_size", "threads"):
-        _check_positive(f"--{name.replace('_', '-')}", getattr(a, name))
+    _check_positive(a, "k", "max_new_tokens", "n_prompts", "batch_size", "threads")
     if not 0 < a.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1]; got {a.top_p}.")
     if not a.temperature > 0:
@@ -195,17 +194,7 @@ def _evaluate_run(a: argparse.Namespace) -> int:
         prompts,
         ms,
         resources=res,
-        k=a.k,
-        max_new_tokens=a.max_new_tokens,
-        top_p=a.top_p,
-        temperature=a.temperature,
-        seed=a.seed,
-        scorer=a.scorer,
-        ppl_model=a.ppl_model,
         fluency=not a.no_fluency,
-        batch_size=a.batch_size,
-        out_dir=a.out_dir,
-        shard=a.shard,
         model_name=a.model,
         extra_settings={
             "prompts_arg": a.prompts,
@@ -215,6 +204,8 @@ def _evaluate_run(a: argparse.Namespace) -> int:
             "sae": a.sae,
             "resource_seed": a.resource_seed,
         },
+        **_options(a, "k", "max_new_tokens", "top_p", "temperature", "seed"),
+        **_options(a, "scorer", "ppl_model", "batch_size", "out_dir", "shard"),
     )
     print(format_summary(out.summary), file=sys.stderr)
     print(json.dumps(out.summary, indent=2))
@@ -287,8 +278,7 @@ def _sweep(a: argparse.Namespace) -> int:
 
     families = None if a.families is None else [f.strip() for f in a.families.split(",")]
     check_grid(default_grid(margin_std=1.0, methods=families))  # names and specs, before any model loads
-    for name in ("k", "max_new_tokens", "n_tune", "threads"):
-        _check_positive(f"--{name.replace('_', '-')}", getattr(a, name))
+    _check_positive(a, "k", "max_new_tokens", "n_tune", "threads")
     if not (a.ppl_budget >= 1):
         raise ValueError(f"--ppl-budget must be a PPL ratio >= 1; got {a.ppl_budget}.")
     check_scorer_arg(a.scorer)
@@ -331,16 +321,10 @@ def _sweep(a: argparse.Namespace) -> int:
         tune,
         grid,
         resources=res,
-        out_dir=a.out_dir,
         log=say,
-        k=a.k,
-        max_new_tokens=a.max_new_tokens,
-        top_p=a.top_p,
-        seed=a.seed,
         scorer=scorer,
-        ppl_model=a.ppl_model,
-        ppl_budget=a.ppl_budget,
         model_name=a.model,
+        **_options(a, "out_dir", "k", "max_new_tokens", "top_p", "seed", "ppl_model", "ppl_budget"),
     )
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)
     print(result.verdict())
@@ -366,12 +350,10 @@ def _dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sae", default=None, help="a project SAE name or a SAELens folder (default: the project's SAE for the model)"
     )
-    p.add_argument("--latents", default=None, help="comma-separated latent indices")
-    p.add_argument(
-        "--toxicity",
-        type=int,
-        default=None,
-        help="instead of --latents: the N top toxicity latents by contrast on the insults train split",
+    which = p.add_argument_group("latents", "pass exactly one of --latents and --toxicity")
+    which.add_argument("--latents", default=None, help="comma-separated latent indices")
+    which.add_argument(
+        "--toxicity", type=int, default=None, help="the N top toxicity latents by contrast on the insults train split"
     )
     p.add_argument(
         "--corpus",
@@ -397,8 +379,7 @@ def _dashboard(a: argparse.Namespace) -> int:
             latents = [int(x) for x in a.latents.split(",")]
         except ValueError:
             raise ValueError(f"--latents must be comma-separated integers; got {a.latents!r}.") from None
-    _check_positive("--toxicity", a.toxicity)
-    _check_positive("--max-texts", a.max_texts)
+    _check_positive(a, "toxicity", "max_texts")
     check_sae_arg(a.sae)
     missing = [c for c in a.corpus if not Path(c).exists()]
     if missing:

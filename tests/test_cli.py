@@ -15,31 +15,33 @@ def no_model(monkeypatch):
     monkeypatch.setattr("saesteer.models.loading.load_model", refuse)
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["demo", "--beta", "-1"], "beta must be >= 0"),
-        (["demo", "--alpha", "nan"], "finite"),
-        (["demo", "--n-prompts", "0"], "n_prompts must be a positive integer"),
-        (["demo", "--methods", "sasa,magic"], "subset of"),
-        (["demo", "--scorer", "nope"], "unknown toxicity scorer"),
-        (["demo", "--sae", "no-such-sae"], "neither one of the project's SAEs"),
-        (["demo", "--prompts", "/no/such.csv"], "does not exist"),
-        (["evaluate", "run", "--out-dir", "x", "--k", "0"], "--k must be a positive integer"),
-        (["evaluate", "run", "--out-dir", "x", "--method", "sasa:beta=-2"], ">= 0"),
-        (["evaluate", "run", "--out-dir", "x", "--shard", "3/2"], "shard"),
-        (["evaluate", "run", "--out-dir", "x", "--top-p", "1.5"], "--top-p"),
-        (["sweep", "--families", "sasa-softmax,nope"], "unknown sweep families"),
-        (["sweep", "--k", "0"], "--k must be a positive integer"),
-        (["sweep", "--ppl-budget", "0.5"], "--ppl-budget"),
-        (["train-sae", "--widths", "0"], "widths must be positive"),
-        (["train-sae", "--widths", "a,b"], "--widths must be comma-separated"),
-        (["train-sae", "--corpus", "/no/such/dir"], "do not exist"),
-        (["dashboard", "--latents", "1", "--toxicity", "3"], "exactly one of"),
-        (["dashboard", "--latents", "x"], "comma-separated integers"),
-    ],
-)
-def test_bad_arguments_fail_before_the_model_loads(argv, message, no_model, capsys):
+#: A bad command line -> what its one-line error must say.
+BAD_COMMAND_LINES = {
+    "demo --beta -1": "beta must be >= 0",
+    "demo --alpha nan": "finite",
+    "demo --n-prompts 0": "n_prompts must be a positive integer",
+    "demo --methods sasa,magic": "subset of",
+    "demo --scorer nope": "unknown toxicity scorer",
+    "demo --sae no-such-sae": "neither one of the project's SAEs",
+    "demo --prompts /no/such.csv": "does not exist",
+    "evaluate run --out-dir x --k 0": "--k must be a positive integer",
+    "evaluate run --out-dir x --method sasa:beta=-2": ">= 0",
+    "evaluate run --out-dir x --shard 3/2": "shard",
+    "evaluate run --out-dir x --top-p 1.5": "--top-p",
+    "sweep --families sasa-softmax,nope": "unknown sweep families",
+    "sweep --k 0": "--k must be a positive integer",
+    "sweep --ppl-budget 0.5": "--ppl-budget",
+    "train-sae --widths 0": "widths must be positive",
+    "train-sae --widths a,b": "--widths must be comma-separated",
+    "train-sae --corpus /no/such/dir": "do not exist",
+    "dashboard --latents 1 --toxicity 3": "exactly one of",
+    "dashboard --latents x": "comma-separated integers",
+}
+
+
+@pytest.mark.parametrize("command_line, message", BAD_COMMAND_LINES.items())
+def test_bad_arguments_fail_before_the_model_loads(command_line, message, no_model, capsys):
+    argv = command_line.split()
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith(f"saesteer {argv[0]}: error:"), err

@@ -34,14 +34,16 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from saesteer.checks import check_positive_int
 from saesteer.data.atomic import save_atomic, write_text_atomic
 from saesteer.data.digests import state_dict_digest, tensor_digest
 from saesteer.data.package_files import sha256_file
@@ -55,6 +57,12 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _positive(default: int | float) -> Any:
+    """A config field that must be a positive integer (an ``int`` default) or a positive finite number (a
+    ``float`` default); :class:`TrainingConfig` checks every such field on construction."""
+    return field(default=default, metadata={"positive": True})
+
+
 @dataclass
 class TrainingConfig:
     """Everything ``saesteer train-sae`` does; validated on construction (before any model loads)."""
@@ -62,30 +70,30 @@ class TrainingConfig:
     model: str = "smollm2-135m"
     layer: int = 15
     widths: tuple[int, ...] = (1152, 4608)
-    k: int = 64
+    k: int = _positive(64)
     corpus: tuple[str, ...] = ()
     """English text files / folders; empty = :func:`~saesteer.data.datasets.english_corpus`'s default."""
     register: str = "insults-train"
-    train_tokens: int = 1_600_000
-    context_size: int = 128
+    train_tokens: int = _positive(1_600_000)
+    context_size: int = _positive(128)
     heldout_every: int = HELDOUT_EVERY
     val_rows: int = 24
     eval_rows: int = 96
     eval_register_rows: int = 24
     sink_factor: float = 3.0
-    forward_batch: int = 32
-    chunk_rows: int = 256
-    epochs: float = 2.0
-    batch_size: int = 1024
-    lr: float = 2e-3
+    forward_batch: int = _positive(32)
+    chunk_rows: int = _positive(256)
+    epochs: float = _positive(2.0)
+    batch_size: int = _positive(1024)
+    lr: float = _positive(2e-3)
     warmup_frac: float = 0.05
     decay_frac: float = 0.2
     aux_coef: float = 1.0
-    dead_window_tokens: int = 250_000
-    checkpoint_every: int = 100
+    dead_window_tokens: int = _positive(250_000)
+    checkpoint_every: int = _positive(100)
     seed: int = 0
-    threads: int = 2
-    log_every: int = 25
+    threads: int = _positive(2)
+    log_every: int = _positive(25)
     work_dir: str = "sae-training"
     out_dir: str = "."
     figures_dir: str | None = None
@@ -97,31 +105,18 @@ class TrainingConfig:
         self.widths = tuple(int(w) for w in self.widths)
         if not self.widths or any(w <= 0 for w in self.widths):
             raise ValueError(f"widths must be positive numbers of latents, e.g. 1152,4608; got {self.widths}.")
-        for name in (
-            "k",
-            "train_tokens",
-            "context_size",
-            "forward_batch",
-            "chunk_rows",
-            "batch_size",
-            "checkpoint_every",
-            "threads",
-            "log_every",
-            "dead_window_tokens",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+        for f in (f for f in fields(self) if f.metadata.get("positive")):
+            v = getattr(self, f.name)
+            if not isinstance(f.default, float):
+                check_positive_int(f.name, v, label="a positive integer")
+            elif not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{f.name} must be a positive number, got {v!r}.")
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0; got {self.layer}.")
         if self.k > min(self.widths):
             raise ValueError(f"k={self.k} active latents exceeds the smallest width {min(self.widths)}.")
         if self.register not in REGISTERS:
             raise ValueError(f"register must be one of {REGISTERS}; got {self.register!r}.")
-        if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ValueError(f"epochs must be a positive number; got {self.epochs!r}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}.")
         if not (self.sink_factor > 1 and math.isfinite(self.sink_factor)):
             raise ValueError(f"sink_factor must be a number > 1; got {self.sink_factor!r}.")
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
