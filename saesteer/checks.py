@@ -7,7 +7,7 @@ import math
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from saesteer.hooks import check_hook_name
+from saesteer.hooks import check_steerable
 
 
 def check_strength(name: str, value: float) -> float:
@@ -39,11 +39,9 @@ def sae_hook_name(sae: SAE) -> str | None:
 
 
 def check_sae_fits(model: HookedTransformer, sae: SAE, hook_name: str) -> None:
-    """The hook must exist and the SAE's d_in must equal the width of the activation at that hook."""
-    check_hook_name(model, hook_name)
-    d_model = model.cfg.d_model
-    if sae.cfg.d_in != d_model:
-        raise ValueError(
-            f"SAE d_in={sae.cfg.d_in} does not match the model's d_model={d_model} at {hook_name!r}; "
-            f"load the SAE trained for this model (e.g. {model.cfg.model_name}) and this hook."
-        )
+    """The hook must exist and the SAE's d_in must equal the width of the activation at that hook.
+
+    The width check of :func:`saesteer.hooks.check_steerable` (the one steering runs), with ``hook_name``
+    taken literally: the callers (``load_sae(model=)``, dashboards, activation readers) read activations there.
+    """
+    check_steerable(model, hook_name, sae=sae, what="SAE", resolve=False, check_device=False)

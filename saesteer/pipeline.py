@@ -45,9 +45,8 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from saesteer.checks import check_sae_fits
 from saesteer.generation import Decoder, GenerationOutput, check_generation_kwargs, generate
-from saesteer.hooks import Steerer
+from saesteer.hooks import Steerer, check_steering
 from saesteer.steering.registry import (
     Built,
     Component,
@@ -152,7 +151,8 @@ class SteeringPipeline:
 
     def steer(self, *, seed: int = 0, progress: bool = True) -> SteeringPipeline:
         """Load the model if needed, build every control through the registry and check it against the model
-        (SAE steerers first, then the controls that prepare their own resources, e.g. learn a SASA subspace)."""
+        (the hook steerers first, by :func:`saesteer.hooks.check_steering`: hook point, width, device; then the
+        controls that prepare their own resources, e.g. learn a SASA subspace, and the merged decoder)."""
         if self.model is None:
             from saesteer.models.loading import load_model
 
@@ -162,10 +162,8 @@ class SteeringPipeline:
             if slot.component is not None and not slot.own_resources:
                 slot.resources = self.resources
                 slot.built = slot.component.build(slot.args, self.resources)
-        for slot in self._slots:
-            for st in slot.built.steerers if slot.built is not None else ():
-                if hasattr(st, "sae"):
-                    check_sae_fits(model, st.sae, st.hook_name)
+        # the one validation every entry point runs (saesteer.hooks.check_steering), before any subspace is learned
+        check_steering(model, [st for slot in self._slots if slot.built is not None for st in slot.built.steerers])
         for slot in self._slots:
             if slot.own_resources:
                 prepared = slot.component.prepare(slot.args, model, seed=seed, progress=progress)

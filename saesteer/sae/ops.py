@@ -57,17 +57,49 @@ def decoder_matrix(sae: SAE) -> Float[Tensor, "d_sae d_in"]:
     return sae.W_dec
 
 
+class _Capture(torch.nn.Module):
+    """Stands in for an SAE hook point during :func:`encode`: passes its input on and keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.value = x
+        return x
+
+
+def ranking_pre(sae: SAE, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+    """The pre-activations as the SAE ranks them, from the value its ``hook_sae_acts_pre`` sees (TopK SAEs
+    with ``rescale_acts_by_decoder_norm`` scale them by the decoder norms after that hook)."""
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        return pre * sae.W_dec.norm(dim=-1)
+    return pre
+
+
 def encode(sae: SAE, x: Float[Tensor, "... d_in"]) -> Encoded:
-    """Run ``sae.encode(x)`` and capture its pre-activations and the normalisation state."""
-    captured: dict[str, Tensor] = {}
-    handle = sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: captured.__setitem__("pre", out))
+    """Run ``sae.encode(x)`` and capture its pre-activations and the normalisation state.
+
+    The SAE's own hook points are bypassed for the call (hooks attached to them do not fire), so a steerer
+    may encode with an SAE that is attached to the model it steers (SAELens ``add_sae``) from inside one of
+    that SAE's hooks without re-entering them.
+    """
+    names = list(sae.hook_dict)
+    saved = {name: getattr(sae, name) for name in names}
+    capture = _Capture()
     try:
+        for name in names:
+            setattr(sae, name, capture if name == "hook_sae_acts_pre" else torch.nn.Identity())
         acts = sae.encode(x)
     finally:
-        handle.remove()
-    pre = captured["pre"]
-    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # SAELens scales after the hook, before TopK
-        pre = pre * sae.W_dec.norm(dim=-1)
+        for name, hook in saved.items():
+            setattr(sae, name, hook)
+    if capture.value is None:
+        raise ValueError(
+            f"{type(sae).__name__}.encode did not pass its pre-activations through hook_sae_acts_pre; "
+            "saesteer steers SAELens SAEs that do (standard, TopK, JumpReLU, gated)."
+        )
+    pre = ranking_pre(sae, capture.value)
     norm = getattr(sae.cfg, "normalize_activations", "none")
     scale = shift = None
     if norm == "layer_norm":

@@ -88,6 +88,10 @@ class DecoderSteering(HookSteerer):
         table = toxicity_latents(model, sae, toxic, non_toxic, top_n=10)
         with DecoderSteering(sae, table, tier="proportional", alpha=1.0).apply(model):
             out = generate(model, prompts)
+
+    It steers the residual stream: on a ``HookedSAETransformer`` with an SAE attached at ``hook_name`` by
+    ``add_sae`` it acts on that SAE's output (``hook_name + ".hook_sae_output"``, :mod:`saesteer.hooks`); an
+    attached SAE's latent hooks are refused.
     """
 
     sae: SAE

@@ -34,10 +34,11 @@ import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
+from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from saesteer.checks import check_positive_int, check_strength, sae_hook_name
-from saesteer.hooks import HookSteerer, check_sink_factor, sink_mask
+from saesteer.hooks import HookFn, HookSite, HookSteerer, check_sink_factor, check_steerable, sink_mask
 from saesteer.sae import ops as sae_ops
 from saesteer.sae.alignment import LatentScores
 
@@ -99,6 +100,14 @@ class LatentSteering(HookSteerer):
         steer = LatentSteering(sae, scores, mode="swap", strength=1.0)
         with steer.apply(model):
             logits = model(tokens)
+
+    On a ``HookedSAETransformer`` with an SAE attached at H by ``add_sae`` (see :mod:`saesteer.hooks`):
+    ``hook_name=H`` steers the residual stream that flows on from H (``H.hook_sae_output``), as on the
+    plain model when the SAE is attached with its error term; ``hook_name=H + ".hook_sae_acts_post"`` edits the attached SAE's own latents, f -> f + s (f_target
+    - f) with the pre-activations the SAE computed, and the SAE decodes them (with its error term when
+    attached with ``use_error_term=True``, which must equal this steerer's ``use_error_term``). There
+    ``sae`` must be the attached SAE, and attention-sink positions (by the norm of the SAE's input) keep
+    their latents.
     """
 
     sae: SAE
@@ -158,6 +167,61 @@ class LatentSteering(HookSteerer):
         out = f.clone()
         out[..., self._clamp_idx] += 1.0  # clamp: +1 per unit strength
         return out
+
+    def check_model(self, model: HookedTransformer) -> HookSite:
+        """Where this steerer acts on ``model``: checked by :func:`saesteer.hooks.check_steerable`, latent
+        editing allowed at an attached SAE's ``hook_sae_acts_post``."""
+        site = check_steerable(model, self.hook_name, sae=self.sae, edits_latents=True, what="LatentSteering")
+        if site.latents and site.use_error_term != self.use_error_term:
+            keeps = "keeps" if site.use_error_term else "drops"
+            raise ValueError(
+                f"The SAE attached at {site.sae_site!r} {keeps} its error term (add_sae(use_error_term="
+                f"{site.use_error_term})), and it decodes the latents this steerer edits there, but "
+                f"use_error_term={self.use_error_term} here. Pass use_error_term={site.use_error_term}, or "
+                f"attach the SAE with add_sae(sae, use_error_term={self.use_error_term})."
+            )
+        return site
+
+    def fwd_hooks(self, model: HookedTransformer) -> list[tuple[str, HookFn]]:
+        """The hooks that attach this steerer to ``model`` (checked first, :meth:`check_model`).
+
+        At a residual hook: :meth:`hook_fn` there. At an attached SAE's ``hook_sae_acts_post``: three hooks of
+        that SAE, one forward's state kept between them: its input (for the sink positions), its
+        pre-activations (for ``swap``) and its latents, which are edited (:meth:`edit_latents`)."""
+        site = self.check_model(model)
+        if not site.latents:
+            return [(site.name, self.hook_fn)]
+        seen: dict[str, Tensor] = {}
+
+        def grab(name: str) -> HookFn:
+            def fn(activation: Tensor, hook: HookPoint) -> Tensor:
+                seen[name] = activation
+                return activation
+
+            return fn
+
+        def edit(acts: Tensor, hook: HookPoint) -> Tensor:
+            return self.edit_latents(acts, seen.pop("pre"), seen.pop("input", None))
+
+        root = site.sae_site
+        return [
+            (f"{root}.hook_sae_input", grab("input")),
+            (f"{root}.hook_sae_acts_pre", grab("pre")),
+            (site.name, edit),
+        ]
+
+    def edit_latents(
+        self,
+        acts: Float[Tensor, "... d_sae"],
+        pre: Float[Tensor, "... d_sae"],
+        sae_input: Float[Tensor, "... d_in"] | None = None,
+    ) -> Float[Tensor, "... d_sae"]:
+        """f + s (f_target - f) for latents ``acts`` with the pre-activations ``pre`` as the SAE's
+        ``hook_sae_acts_pre`` saw them; positions that are attention sinks of ``sae_input`` keep ``acts``."""
+        enc = sae_ops.Encoded(acts=acts, pre=sae_ops.ranking_pre(self.sae, pre), scale=None, shift=None)
+        new = acts + self.strength * (self.target_latents(enc) - acts)
+        sinks = None if sae_input is None else sink_mask(sae_input, self.sink_factor)
+        return new if sinks is None else torch.where(sinks.unsqueeze(-1), acts, new)
 
     def hook_fn(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         enc = sae_ops.encode(self.sae, activation)
