@@ -1083,28 +1083,19 @@ register_method(
     prepare=_prepare_sasa,
 )
 register_method("decoder", _build_decoder, params=DecoderArgs, needs=("sae", "contrast_table"), strength="alpha")
-_LATENT_NEEDS = ("sae", "latent_scores")
-register_method(
-    "swap",
-    _latent_builder("swap"),
-    params=LatentArgs,
-    keys=("strength", "k", "use_error_term"),
-    needs=_LATENT_NEEDS,
-    strength="strength",
-)
-register_method(
-    "clamp",
-    _latent_builder("clamp"),
-    params=LatentArgs,
-    keys=("strength", "top_n", "use_error_term"),
-    needs=_LATENT_NEEDS,
-    strength="strength",
-)
-register_method(
-    "weight",
-    _latent_builder("weight"),
-    params=LatentArgs,
-    keys=("strength", "use_error_term"),
-    needs=_LATENT_NEEDS,
-    strength="strength",
-)
+#: The latent-steering modes and the LatentArgs keys each one reads.
+_LATENT_KEYS = {
+    "swap": ("strength", "k", "use_error_term"),
+    "clamp": ("strength", "top_n", "use_error_term"),
+    "weight": ("strength", "use_error_term"),
+}
+for _mode, _keys in _LATENT_KEYS.items():
+    register_method(
+        _mode,
+        _latent_builder(_mode),
+        params=LatentArgs,
+        keys=_keys,
+        needs=("sae", "latent_scores"),
+        strength="strength",
+    )
+del _mode, _keys
