@@ -92,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strengths", default="0.25,0.5,1", help="swap strengths (comma-separated)")
     ap.add_argument("--n-prompts", type=int, default=100)
     ap.add_argument("--prompt-words", type=int, default=6)
-    ap.add_argument("--prompt-seed", type=int, default=0)
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
+    experiment.add_sampling_arguments(ap)
     ap.add_argument("--ppl-model", default="gemma-3-270m", help="perplexity judge ('host' = the steered model)")
     experiment.add_run_arguments(ap, "medical_swap", REPO / "figures" / "medical_swap")
     ap.set_defaults(prompts="english-sentence-starts", scorer=MedicalLexiconScorer.name)
@@ -122,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {**experiment.run_config(args), "prompt_words": args.prompt_words, "ppl_model": args.ppl_model}
     runs = experiment.runs_folder(args.runs, "medical_swap", f"{args.model}-{loaded.name}-k{args.k}", config)
     common = dict(
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        top_p=args.top_p,
-        seed=args.seed,
+        experiment.sampling(args),
         scorer=MedicalLexiconScorer(),
         ppl_model=None if args.ppl_model == "host" else args.ppl_model,
         model_name=args.model,

@@ -268,11 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--n-prompts", type=int, default=None, help="prompts drawn with --prompt-seed (default 40; all with --full)"
     )
-    ap.add_argument("--prompt-seed", type=int, default=0)
-    ap.add_argument("--k", type=int, default=None, help="generations per prompt (default 5; 25 with --full)")
-    ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
+    experiment.add_sampling_arguments(ap, k=None, k_help="generations per prompt (default 5; 25 with --full)")
     ap.add_argument("--full", action="store_true", help="the full protocol: every prompt, k=25")
     ap.add_argument("--betas", default="5,20", help="SASA betas (default %(default)s)")
     ap.add_argument(
@@ -369,16 +365,13 @@ def main(argv: list[str] | None = None) -> int:
             prompts,
             g["spec"],
             resources=res,
-            k=args.k,
-            max_new_tokens=args.max_new_tokens,
-            top_p=args.top_p,
             top_k=g.get("top_k"),
-            seed=args.seed,
             scorer=args.scorer,
             batch_size=args.batch_size,
             out_dir=runs / slug(label),
             model_name=args.model,
             extra_settings={"experiment": "tradeoff", **config},
+            **experiment.sampling(args),
         )
         rows.append({**g, "label": label, **r.summary, "seconds": round(time.time() - t, 1)})
         results[label] = r

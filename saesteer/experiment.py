@@ -49,6 +49,7 @@ __all__ = [
     "add_model_sae_arguments",
     "add_run_arguments",
     "add_sae_argument",
+    "add_sampling_arguments",
     "command_line",
     "load_project_sae",
     "logger",
@@ -58,6 +59,7 @@ __all__ = [
     "run_config",
     "run_tag",
     "runs_folder",
+    "sampling",
     "say",
     "seed_everything",
     "slug",
@@ -186,6 +188,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, experiment: str, out: str
         default=None,
         help=f"each evaluation's results (resumable); default <saesteer cache>/runs/{experiment}",
     )
+
+
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, k: int | None = 5, k_help: str = "generations per prompt"
+) -> None:
+    """Add how an evaluating script draws: ``--prompt-seed`` (0; the draw of the prompts), ``--k`` (default
+    ``k``, help ``k_help``), ``--max-new-tokens`` (20), ``--top-p`` (0.9) and ``--seed`` (0)."""
+    parser.add_argument("--prompt-seed", type=int, default=0)
+    parser.add_argument("--k", type=int, default=k, help=k_help)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    """The sampling options of :func:`add_sampling_arguments` as ``evaluate``'s keyword arguments: ``k``,
+    ``max_new_tokens``, ``top_p`` and ``seed``."""
+    return {name: getattr(args, name) for name in ("k", "max_new_tokens", "top_p", "seed")}
 
 
 def runs_folder(runs: str | Path | None, experiment: str, stem: str, config: dict) -> Path:
