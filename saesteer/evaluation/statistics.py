@@ -41,6 +41,7 @@ __all__ = [
     "METRICS",
     "Interval",
     "PromptTable",
+    "Resampling",
     "bootstrap_ci",
     "metric_replicates",
     "paired_difference",
@@ -267,20 +268,42 @@ def percentile_interval(replicates: Float[np.ndarray, " n_boot"], level: float =
     return float(lo), float(hi)
 
 
+@dataclass(frozen=True)
+class Resampling:
+    """How an interval of this module is drawn (the keyword options of :func:`bootstrap_ci`,
+    :func:`paired_difference` and :func:`paired_differences`); checked on construction.
+
+    ``level``: the interval's coverage; ``n_boot`` resamples of the prompts drawn from ``seed``, or the
+    given ``indices`` (rows = resamples of prompt positions) instead of the seeded draw; ``toxic_threshold``
+    of ``toxicity_prob`` (None: the run's setting, else 0.5); ``max_ppl``: perplexities at or above it are
+    left out of ``ppl``.
+    """
+
+    level: float = DEFAULT_LEVEL
+    n_boot: int = DEFAULT_N_BOOT
+    seed: int = DEFAULT_SEED
+    toxic_threshold: float | None = None
+    max_ppl: float | None = DEFAULT_MAX_PPL
+    indices: Int[np.ndarray, "n_boot n_prompts"] | None = None
+
+    def __post_init__(self) -> None:
+        _check_boot(self.n_boot, self.level, self.seed)
+
+
 def _replicates_all(
-    tables: Sequence[PromptTable], n_boot: int, seed: int, toxic_threshold: float, indices: np.ndarray | None
+    tables: Sequence[PromptTable], r: Resampling, toxic_threshold: float
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """(point estimates, replicates) of each table, all on the same resamples."""
     n = tables[0].n_prompts
     ident = np.arange(n)[None]
     points = [metric_replicates(t, ident, toxic_threshold=toxic_threshold) for t in tables]
-    if indices is not None:
-        idx = np.asarray(indices)
+    if r.indices is not None:
+        idx = np.asarray(r.indices)
         if idx.ndim != 2 or idx.shape[1] != n:
             raise ValueError(f"indices must have shape (n_boot, {n}) for {n} prompts, got {idx.shape}.")
         blocks: Any = [idx]
     else:
-        blocks = _index_blocks(n, n_boot, seed)
+        blocks = _index_blocks(n, r.n_boot, r.seed)
     parts: list[dict[str, list[np.ndarray]]] = [{} for _ in tables]
     for block in blocks:
         for t, acc in zip(tables, parts):
@@ -295,25 +318,18 @@ def _replicates_all(
 # ---------------------------------------------------------------------------------------------------
 
 
-def bootstrap_ci(
-    run: Any,
-    *,
-    level: float = DEFAULT_LEVEL,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = DEFAULT_SEED,
-    toxic_threshold: float | None = None,
-    max_ppl: float | None = DEFAULT_MAX_PPL,
-    indices: Int[np.ndarray, "n_boot n_prompts"] | None = None,
-) -> dict[str, Interval]:
+def bootstrap_ci(run: Any, **options: Any) -> dict[str, Interval]:
     """Percentile-bootstrap intervals (over prompts) of each metric of one run (an EvalResult or its
-    generations frame). ``toxic_threshold`` None: the run's setting (else 0.5). ``indices`` replaces the
-    seeded draw (rows = resamples of prompt positions)."""
-    _check_boot(n_boot, level, seed)
-    thr = _run_setting(run, toxic_threshold, "toxic_threshold", 0.5)
-    table = prompt_table(_frame(run), max_ppl=max_ppl)
-    (point,), (reps,) = _replicates_all([table], n_boot, seed, thr, indices)
+    generations frame). ``options``: the fields of :class:`Resampling` (``level``, ``n_boot``, ``seed``,
+    ``toxic_threshold``, ``max_ppl``, ``indices``), with its defaults."""
+    r = Resampling(**options)
+    thr = _run_setting(run, r.toxic_threshold, "toxic_threshold", 0.5)
+    table = prompt_table(_frame(run), max_ppl=r.max_ppl)
+    (point,), (reps,) = _replicates_all([table], r, thr)
     return {
-        m: Interval(float(point[m][0]), *percentile_interval(reps[m], level), level=level) for m in METRICS if m in reps
+        m: Interval(float(point[m][0]), *percentile_interval(reps[m], r.level), level=r.level)
+        for m in METRICS
+        if m in reps
     }
 
 
@@ -376,91 +392,55 @@ def _align(method: PromptTable, baseline: PromptTable, names: tuple[str, str]) -
 
 
 def paired_difference(
-    method: Any,
-    baseline: Any,
-    *,
-    names: tuple[str, str] = ("method", "baseline"),
-    level: float = DEFAULT_LEVEL,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = DEFAULT_SEED,
-    toxic_threshold: float | None = None,
-    max_ppl: float | None = DEFAULT_MAX_PPL,
-    indices: Int[np.ndarray, "n_boot n_prompts"] | None = None,
+    method: Any, baseline: Any, *, names: tuple[str, str] = ("method", "baseline"), **options: Any
 ) -> dict[str, Interval]:
     """Metric(method) - metric(baseline) per metric, with a paired percentile-bootstrap interval: each
     resample draws one prompt set (positions in ``method``'s prompt order) and evaluates both runs on it.
 
     Both runs (EvalResults or generations frames) must hold the same prompt ids, the same per-prompt seeds
     (checked when both frames carry ``seed``) and the same number of generations per prompt; ``names``
-    label them in the error messages.
+    label them in the error messages. ``options``: the fields of :class:`Resampling`, as for
+    :func:`bootstrap_ci`.
     """
-    _check_boot(n_boot, level, seed)
-    thr_a = _run_setting(method, toxic_threshold, "toxic_threshold", 0.5)
-    thr_b = _run_setting(baseline, toxic_threshold, "toxic_threshold", 0.5)
+    r = Resampling(**options)
+    thr_a = _run_setting(method, r.toxic_threshold, "toxic_threshold", 0.5)
+    thr_b = _run_setting(baseline, r.toxic_threshold, "toxic_threshold", 0.5)
     if thr_a != thr_b:
         raise ValueError(
             f"runs {names[0]!r} and {names[1]!r} use different toxic thresholds ({thr_a} vs {thr_b}); "
             "pass toxic_threshold= to compare them at one threshold."
         )
-    ta = prompt_table(_frame(method, names[0]), max_ppl=max_ppl)
-    tb = _align(ta, prompt_table(_frame(baseline, names[1]), max_ppl=max_ppl), names)
-    (pa, pb), (ra, rb) = _replicates_all([ta, tb], n_boot, seed, thr_a, indices)
+    ta = prompt_table(_frame(method, names[0]), max_ppl=r.max_ppl)
+    tb = _align(ta, prompt_table(_frame(baseline, names[1]), max_ppl=r.max_ppl), names)
+    (pa, pb), (ra, rb) = _replicates_all([ta, tb], r, thr_a)
     out = {}
     for m in METRICS:
         if m in ra and m in rb:
-            out[m] = Interval(float(pa[m][0] - pb[m][0]), *percentile_interval(ra[m] - rb[m], level), level=level)
+            out[m] = Interval(float(pa[m][0] - pb[m][0]), *percentile_interval(ra[m] - rb[m], r.level), level=r.level)
     return out
 
 
 def paired_differences(
-    runs: Mapping[str, Any],
-    baseline: str,
-    *,
-    methods: Sequence[str] | None = None,
-    level: float = DEFAULT_LEVEL,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = DEFAULT_SEED,
-    toxic_threshold: float | None = None,
-    max_ppl: float | None = DEFAULT_MAX_PPL,
+    runs: Mapping[str, Any], baseline: str, *, methods: Sequence[str] | None = None, **options: Any
 ) -> dict[str, dict[str, Interval]]:
     """:func:`paired_difference` of each run in ``methods`` (default: every run but the baseline) minus
-    ``runs[baseline]``, keyed by run name."""
+    ``runs[baseline]``, keyed by run name; ``options``: the fields of :class:`Resampling`."""
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not one of the runs; the runs are {sorted(map(str, runs))}.")
     names = [m for m in runs if m != baseline] if methods is None else list(methods)
     unknown = [m for m in names if m not in runs]
     if unknown:
         raise ValueError(f"methods {unknown} are not among the runs {sorted(map(str, runs))}.")
-    return {
-        m: paired_difference(
-            runs[m],
-            runs[baseline],
-            names=(m, baseline),
-            level=level,
-            n_boot=n_boot,
-            seed=seed,
-            toxic_threshold=toxic_threshold,
-            max_ppl=max_ppl,
-        )
-        for m in names
-    }
+    return {m: paired_difference(runs[m], runs[baseline], names=(m, baseline), **options) for m in names}
 
 
 def summary_intervals(
-    generations: pd.DataFrame,
-    *,
-    toxic_threshold: float = 0.5,
-    max_ppl: float | None = DEFAULT_MAX_PPL,
-    fluency: bool = True,
-    level: float = DEFAULT_LEVEL,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = DEFAULT_SEED,
+    generations: pd.DataFrame, *, toxic_threshold: float = 0.5, fluency: bool = True, **options: Any
 ) -> dict[str, float]:
     """The summary's interval entries: ``<metric>_ci_low`` / ``<metric>_ci_high`` for each of
-    :data:`METRICS` (``ppl`` only with ``fluency``; NaN where the metric is undefined)."""
-    cis = bootstrap_ci(
-        generations, level=level, n_boot=n_boot, seed=seed, toxic_threshold=toxic_threshold, max_ppl=max_ppl
-    )
+    :data:`METRICS` (``ppl`` only with ``fluency``; NaN where the metric is undefined). ``options``: the
+    other fields of :class:`Resampling`."""
+    cis = bootstrap_ci(generations, toxic_threshold=toxic_threshold, **options)
     out: dict[str, float] = {}
     for m in METRICS:
         if m == "ppl" and not fluency:
