@@ -18,35 +18,21 @@ from saesteer.pipeline import SteeringPipeline
 from saesteer.sae.alignment import LatentScores, score_latents, target_prompts
 from saesteer.sae.contrast import select_latents, toxicity_latents
 from saesteer.sae.loading import load_openai_sae, load_sae
-from saesteer.steering.decoder import DecoderArgs, DecoderSteering
-from saesteer.steering.latent import LatentArgs, LatentSteering
+from saesteer.steering import *  # noqa: F403 - the methods and their arguments, its __all__
+from saesteer.steering import __all__ as _steering_all
 from saesteer.steering.registry import Resources, build_method, method_spec, parse_method, register_method
-from saesteer.steering.sasa import SASA, Attribute, SASADecoder
-from saesteer.steering.sasa_subspace import Subspace, learn_subspace
-from saesteer.steering.word_filter import BannedWords, WordFilter
 from saesteer.viz.dashboard import feature_dashboard, feature_dashboards, logit_lens, prompt_latents
 from saesteer.viz.steering_report import steering_report
 
 __all__ = [
-    "Attribute",
-    "BannedWords",
-    "DecoderArgs",
-    "DecoderSteering",
-    "LatentArgs",
     "LatentScores",
-    "LatentSteering",
     "Resources",
-    "SASA",
-    "SASADecoder",
     "SamplingConfig",
     "SteeringPipeline",
-    "Subspace",
-    "WordFilter",
     "build_method",
     "feature_dashboard",
     "feature_dashboards",
     "generate",
-    "learn_subspace",
     "load_model",
     "load_openai_sae",
     "load_sae",
@@ -63,3 +49,4 @@ __all__ = [
     "target_prompts",
     "toxicity_latents",
 ]
+__all__ += _steering_all

@@ -40,6 +40,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -608,31 +609,15 @@ class FeatureDashboard(PlotlyView):
         )
         fig.update_xaxes(title_text="activation", row=2, col=1)
         fig.update_yaxes(title_text="tokens", row=2, col=1)
-        fig.add_trace(
-            go.Bar(
-                name="promoted",
-                x=lens.top_values[::-1],
-                y=[_show_token(t) for t in lens.top_tokens][::-1],
-                orientation="h",
-                marker_color="#2ca02c",
-                hovertemplate="%{y}: %{x:.3f}<extra></extra>",
-            ),
-            row=2,
-            col=2,
+        lens_bars = (  # (row, name, values, tokens, color): the logit lens's two ends, largest first
+            (2, "promoted", lens.top_values, lens.top_tokens, "#2ca02c"),
+            (3, "suppressed", lens.bottom_values, lens.bottom_tokens, "#d62728"),
         )
-        fig.add_trace(
-            go.Bar(
-                name="suppressed",
-                x=lens.bottom_values[::-1],
-                y=[_show_token(t) for t in lens.bottom_tokens][::-1],
-                orientation="h",
-                marker_color="#d62728",
-                hovertemplate="%{y}: %{x:.3f}<extra></extra>",
-            ),
-            row=3,
-            col=2,
-        )
-        for r in (2, 3):
+        for r, name, values, tokens, color in lens_bars:
+            y = [_show_token(t) for t in tokens][::-1]
+            hover = "%{y}: %{x:.3f}<extra></extra>"
+            bar = go.Bar(name=name, x=values[::-1], y=y, orientation="h", marker_color=color, hovertemplate=hover)
+            fig.add_trace(bar, row=r, col=2)
             fig.update_yaxes(type="category", row=r, col=2)
             fig.update_xaxes(title_text="d_i · W_U", row=r, col=2)
         fig.add_trace(
@@ -692,33 +677,19 @@ def feature_dashboards(
     *,
     scores: LatentScores | None = None,
     contrast: pd.DataFrame | None = None,
-    n_top: int = 10,
-    context: tuple[int, int] = (12, 4),
-    max_texts: int | None = 1000,
     k_tokens: int = 10,
     hook_name: str | None = None,
-    batch_size: int = 8,
-    max_length: int | None = 128,
-    progress: bool = False,
-    sink_factor: float | None = 3.0,
+    **stats_options: Any,
 ) -> list[FeatureDashboard]:
-    """Dashboards for several latents from ONE streamed pass over ``corpus`` (see :func:`feature_dashboard`)."""
+    """Dashboards for several latents from ONE streamed pass over ``corpus`` (see :func:`feature_dashboard`).
+
+    ``k_tokens``: tokens at each end of the logit lens; ``stats_options``: the options of
+    :func:`collect_latent_stats` (``n_top``, ``context``, ``max_texts``, ``batch_size``, ``max_length``,
+    ``progress``, ``sink_factor``, ...), with its defaults.
+    """
     hook_name = _hook(sae, hook_name)
     idx = [check_latent(sae, i) for i in latents]
-    stats = collect_latent_stats(
-        model,
-        sae,
-        corpus,
-        idx,
-        n_top=n_top,
-        context=context,
-        max_texts=max_texts,
-        hook_name=hook_name,
-        batch_size=batch_size,
-        max_length=max_length,
-        progress=progress,
-        sink_factor=sink_factor,
-    )
+    stats = collect_latent_stats(model, sae, corpus, idx, hook_name=hook_name, **stats_options)
     return [
         FeatureDashboard(
             latent=i,
