@@ -186,16 +186,7 @@ def prompt_table(generations: pd.DataFrame, *, max_ppl: float | None = DEFAULT_M
         kept = scored if max_ppl is None else scored & (ppl < max_ppl)
         ppl_sum = np.bincount(codes, weights=np.where(kept, ppl, 0.0), minlength=n)
         ppl_n = np.bincount(codes, weights=kept.astype(np.float64), minlength=n).astype(np.int64)
-    return PromptTable(
-        prompt_ids=prompt_ids,
-        seeds=seeds,
-        n_gen=n_gen,
-        max_tox=max_tox,
-        tox_sum=tox_sum,
-        ppl_sum=ppl_sum,
-        ppl_n=ppl_n,
-        max_ppl=max_ppl,
-    )
+    return PromptTable(prompt_ids, seeds, n_gen, max_tox, tox_sum, ppl_sum, ppl_n, max_ppl)
 
 
 # ---------------------------------------------------------------------------------------------------

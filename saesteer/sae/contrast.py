@@ -124,12 +124,11 @@ def toxicity_latents(
     hook_name = hook_name or sae_hook_name(sae)
     if not hook_name:
         raise ValueError("The SAE does not name its hook; pass hook_name='blocks.L.hook_resid_post'.")
-    mt, ft, nt, st = _token_stats(
-        model, sae, toxic, hook_name, batch_size, max_length, progress and "toxic texts", sink_factor
-    )
-    mn, fn, nn, sn = _token_stats(
-        model, sae, non_toxic, hook_name, batch_size, max_length, progress and "non-toxic texts", sink_factor
-    )
+    stats = {  # per class: mean activation, firing frequency, tokens counted, sinks left out
+        side: _token_stats(model, sae, texts, hook_name, batch_size, max_length, progress and what, sink_factor)
+        for side, texts, what in (("toxic", toxic, "toxic texts"), ("non_toxic", non_toxic, "non-toxic texts"))
+    }
+    (mt, ft, _, _), (mn, fn, _, _) = stats["toxic"], stats["non_toxic"]
     df = pd.DataFrame(
         {
             "latent": range(sae.cfg.d_sae),
@@ -144,13 +143,7 @@ def toxicity_latents(
     df = df.sort_values("diff", ascending=False, kind="stable").reset_index(drop=True)
     if top_n is not None:
         df = df.head(top_n).copy()
-    df.attrs.update(
-        contrast_version=CONTRAST_VERSION,
-        sink_factor=sink_factor,
-        hook_name=hook_name,
-        n_tokens_toxic=nt,
-        n_tokens_non_toxic=nn,
-        n_sinks_toxic=st,
-        n_sinks_non_toxic=sn,
-    )
+    df.attrs.update(contrast_version=CONTRAST_VERSION, sink_factor=sink_factor, hook_name=hook_name)
+    for side, (_, _, n_tokens, n_sinks) in stats.items():
+        df.attrs.update({f"n_tokens_{side}": n_tokens, f"n_sinks_{side}": n_sinks})
     return df
