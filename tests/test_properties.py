@@ -38,6 +38,7 @@ from helpers import WORDS, tiny_model, tiny_sae
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from saesteer import Resources, build_method, method_spec, parse_method
 from saesteer.data import assets
 from saesteer.data.atomic import atomic_write, save_atomic, write_bytes_atomic, write_text_atomic
 from saesteer.evaluation.prompt_sets import load_prompts
@@ -45,15 +46,7 @@ from saesteer.evaluation.runner import RTP_SAMPLING, evaluate, load_result, merg
 from saesteer.generation import generate
 from saesteer.hooks import steering
 from saesteer.sae.loading import load_sae
-from saesteer.steering.registry import (
-    MethodSpec,
-    Resources,
-    build_method,
-    get_method,
-    method_names,
-    method_spec,
-    parse_method,
-)
+from saesteer.steering.registry import MethodSpec, get_method, method_names
 from saesteer.steering.sasa_subspace import Subspace
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,6 +148,18 @@ def steered_methods(draw, max_parts: int = 2) -> MethodSpec:
     return spec
 
 
+def generation_inputs(max_batch: int, max_new: int, max_parts: int = 2) -> dict[str, st.SearchStrategy]:
+    """What every generation property draws: ``batch`` (1..max_batch prompts), ``new`` (1..max_new tokens), a
+    ``seed``, ``method`` (None or a spec of up to ``max_parts`` methods) and the SAE ``kind``."""
+    return dict(
+        batch=st.lists(prompt_texts, min_size=1, max_size=max_batch),
+        new=st.integers(1, max_new),
+        seed=seeds,
+        method=st.one_of(st.none(), steered_methods(max_parts=max_parts)),
+        kind=st.sampled_from(SAE_KINDS),
+    )
+
+
 def _built(spec: MethodSpec | None, kind: str) -> dict:
     if spec is None:
         return {"steerers": (), "decoder": None}
@@ -193,15 +198,11 @@ def test_a_batch_decodes_greedily_like_each_prompt_alone(batch, new, method, kin
 
 @examples(12)
 @given(
-    batch=st.lists(prompt_texts, min_size=1, max_size=4),
     copies=st.integers(1, 3),
-    new=st.integers(1, 6),
-    seed=seeds,
     temperature=st.floats(0.5, 2.0),
     top_p=st.one_of(st.none(), st.floats(0.5, 1.0)),
     top_k=st.one_of(st.none(), st.integers(1, 30)),
-    method=st.one_of(st.none(), steered_methods()),
-    kind=st.sampled_from(SAE_KINDS),
+    **generation_inputs(max_batch=4, max_new=6),
 )
 def test_sampling_keeps_what_it_promises(batch, copies, new, seed, temperature, top_p, top_k, method, kind):
     """Sampled rows depend on the batch by design (one generator draws for all rows); what is promised:
@@ -222,14 +223,7 @@ def test_sampling_keeps_what_it_promises(batch, copies, new, seed, temperature, 
 
 
 @examples(6)
-@given(
-    batch=st.lists(prompt_texts, min_size=1, max_size=3),
-    k=st.integers(1, 3),
-    new=st.integers(1, 3),
-    seed=seeds,
-    method=st.one_of(st.none(), steered_methods(max_parts=1)),
-    kind=st.sampled_from(SAE_KINDS),
-)
+@given(k=st.integers(1, 3), **generation_inputs(max_batch=3, max_new=3, max_parts=1))
 def test_evaluate_draws_each_prompt_from_its_own_seed(batch, k, new, seed, method, kind):
     """evaluate's promise: prompt i's k samples are one batch of k copies of it, drawn with
     prompt_seed(seed, prompt_id), whatever the other prompts are."""
@@ -344,16 +338,7 @@ def test_every_combination_at_strength_zero_is_the_identity(names, kind, batch, 
 
 
 @examples(5)
-@given(
-    batch=st.lists(prompt_texts, min_size=1, max_size=4),
-    k=st.integers(1, 2),
-    new=st.integers(1, 3),
-    seed=seeds,
-    fluency=st.booleans(),
-    method=st.one_of(st.none(), steered_methods()),
-    kind=st.sampled_from(SAE_KINDS),
-    data=st.data(),
-)
+@given(k=st.integers(1, 2), fluency=st.booleans(), data=st.data(), **generation_inputs(max_batch=4, max_new=3))
 def test_shards_merge_to_the_single_run(batch, k, new, seed, fluency, method, kind, data):
     m = model()
     n = data.draw(st.integers(1, len(batch)), label="shards")
@@ -909,35 +894,26 @@ def _resume_damaged_evaluation(damage: Callable[[bytes], bytes]) -> None:
         )
 
 
+#: What is done with a damaged generations.jsonl: read back with load_result, or resumed by evaluate.
+DAMAGED_RESULT_USES = [_load_damaged_result, _resume_damaged_evaluation]
+
+
+@pytest.mark.parametrize("use", DAMAGED_RESULT_USES)
 @examples(20)
 @given(junk=random_bytes)
 @example(junk=b"0")
 @example(junk=b"\x80")
-def test_random_bytes_in_generations_jsonl_load_result(junk):
-    _load_damaged_result(lambda good: junk)
+def test_random_bytes_in_generations_jsonl(use, junk):
+    use(lambda good: junk)
 
 
+@pytest.mark.parametrize("use", DAMAGED_RESULT_USES)
 @examples(20)
 @given(cut=cuts, in_char=in_chars)
 @example(cut=10, in_char=False)
 @example(cut=0, in_char=True)
-def test_truncated_generations_jsonl_load_result(cut, in_char):
-    _load_damaged_result(lambda good: truncated(good, cut, in_char))
-
-
-@examples(12)
-@given(junk=random_bytes)
-@example(junk=b"0")
-@example(junk=b"\x80")
-def test_random_bytes_in_generations_jsonl_resume(junk):
-    _resume_damaged_evaluation(lambda good: junk)
-
-
-@examples(12)
-@given(cut=cuts, in_char=in_chars)
-@example(cut=0, in_char=True)
-def test_truncated_generations_jsonl_resume(cut, in_char):
-    _resume_damaged_evaluation(lambda good: truncated(good, cut, in_char))
+def test_truncated_generations_jsonl(use, cut, in_char):
+    use(lambda good: truncated(good, cut, in_char))
 
 
 # --- cache manifests ----------------------------------------------------------------------------------
