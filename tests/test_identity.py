@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pandas as pd
@@ -306,20 +307,24 @@ def test_a_binary_prompt_file_is_named(tmp_path, suffix):
     assert str(path) in str(e.value)
 
 
-def test_a_header_only_or_empty_prompt_file_is_named(tmp_path):
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("header.csv", "prompt_id,prompt\n", "holds no prompts"),
+        ("empty.txt", "\n\n", "holds no prompts"),
+        ("blank.csv", "", "is empty"),
+    ],
+)
+def test_a_header_only_or_empty_prompt_file_is_named(tmp_path, name, text, problem):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} {problem}"):
+        load_prompts(path)
+
+
+def test_evaluate_refuses_a_prompt_file_without_prompts_before_it_starts(tmp_path):
     header = tmp_path / "header.csv"
     header.write_text("prompt_id,prompt\n")
-    with pytest.raises(ValueError, match="holds no prompts") as e:
-        load_prompts(header)
-    assert str(header) in str(e.value)
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
-    with pytest.raises(ValueError, match=f"{empty}.*holds no prompts"):
-        load_prompts(empty)
-    blank_csv = tmp_path / "blank.csv"
-    blank_csv.write_text("")
-    with pytest.raises(ValueError, match=f"{blank_csv}.*empty"):
-        load_prompts(blank_csv)
     with pytest.raises(ValueError, match="holds no prompts"):
         evaluate(tiny_model(), str(header), scorer=Zero(), out_dir=tmp_path / "run", **EVAL)
     assert not (tmp_path / "run" / "settings.json").exists()
