@@ -73,6 +73,28 @@ def test_project_sae_by_name_and_checksum(tmp_path, monkeypatch):
         entry.verify()
 
 
+def test_default_project_sae_is_the_marked_one_and_only_one_per_model(tmp_path, monkeypatch):
+    from saesteer.sae import registry
+
+    entry = {"model": "m", "hook": "blocks.0.hook_resid_post", "architecture": "topk", "sha256": {}}
+    yaml_text = "a: {folder: a, width: 8, %s}\nb: {folder: b, width: 4, default: true, %s}\n" % (
+        (", ".join(f"{k}: {v}" for k, v in entry.items()),) * 2
+    )
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "registry.yaml").write_text(yaml_text)
+    monkeypatch.setattr(registry, "storage_path", lambda *parts: tmp_path.joinpath(*parts))
+    registry.project_saes.cache_clear()
+    try:
+        assert registry.default_project_sae("m").name == "b"  # marked, though narrower
+        assert registry.default_project_sae("m", width=8).name == "a"
+        (tmp_path / "sae" / "registry.yaml").write_text(yaml_text.replace("width: 8,", "width: 8, default: true,"))
+        registry.project_saes.cache_clear()
+        with pytest.raises(ValueError, match="several SAEs of \\['m'\\] as default"):
+            registry.project_saes()
+    finally:
+        registry.project_saes.cache_clear()
+
+
 def test_every_registered_sae_matches_its_entry():
     """Each shipped SAE's files match their sha256, and its cfg.json says the width and hook its entry says."""
     import json

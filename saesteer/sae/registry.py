@@ -36,6 +36,8 @@ class ProjectSAE:
     sha256: dict[str, str]
     k: int | None = None
     training_data: str = ""
+    default: bool = False
+    """The project's recommended SAE for its model (:func:`default_project_sae`); at most one per model."""
 
     @property
     def path(self) -> Path:
@@ -68,6 +70,12 @@ def project_saes() -> dict[str, ProjectSAE]:
     out = {}
     for name, entry in raw.items():
         out[name] = ProjectSAE(name=name, **entry)
+    models = [e.model for e in out.values() if e.default]
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise ValueError(
+            f"{storage_path(*REGISTRY_FILE)} marks several SAEs of {twice} as default; mark one per model."
+        )
     return out
 
 
@@ -84,7 +92,8 @@ def project_sae(name: str) -> ProjectSAE:
 
 
 def default_project_sae(model_name: str, width: int | None = None) -> ProjectSAE:
-    """The project's SAE for ``model_name`` (the widest, or the one of ``width``).
+    """The project's SAE for ``model_name``: the entry marked ``default: true``, else the widest (with
+    ``width``: the one of that width, the marked one first).
 
     Raises:
         ValueError: none is registered for that model / width (names what is, and how to pass your own).
@@ -97,4 +106,4 @@ def default_project_sae(model_name: str, width: int | None = None) -> ProjectSAE
             + (f" of width {width}" if width else "")
             + f"; shipped: {have}. Pass an SAE folder or a SAELens release instead."
         )
-    return max(found, key=lambda e: e.width)
+    return max(found, key=lambda e: (e.default, e.width))
