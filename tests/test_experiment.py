@@ -247,7 +247,7 @@ def test_load_project_sae_refuses_an_sae_of_another_width():
     with pytest.raises(
         ValueError,
         match=r"cannot load SAE 'smollm2-135m-res-15-4608' for model 'custom'.*"
-        r"d_in=576 does not match the model's d_model=32.*Pass an SAE trained",
+        r"d_in=576 does not match the width of 'blocks.15.hook_resid_post'.*d_model=32.*Pass an SAE trained",
     ):
         load_project_sae(model, SHIPPED)
     with pytest.raises(ValueError, match=r"Unknown hook name 'blocks.15.hook_resid_post'"):
