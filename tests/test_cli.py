@@ -30,6 +30,7 @@ BAD_COMMAND_LINES = {
     "evaluate run --out-dir x --top-p 1.5": "--top-p",
     "sweep --families sasa-softmax,nope": "unknown sweep families",
     "sweep --k 0": "--k must be a positive integer",
+    "sweep --report --report-k 0": "--report-k must be a positive integer",
     "sweep --ppl-budget 0.5": "--ppl-budget",
     "train-sae --widths 0": "widths must be positive",
     "train-sae --widths a,b": "--widths must be comma-separated",
