@@ -476,3 +476,72 @@ def test_strength_zero_and_steering_with_the_new_arguments():
     uncached = generate(model, PROMPTS, steerers=steer, use_cache=False, **kw)
     assert torch.equal(cached.tokens, uncached.tokens) and cached.texts == uncached.texts
     assert not torch.equal(cached.tokens, clean.tokens)
+
+
+# --- per-prompt seeds (evaluate's batches): a prompt's rows draw what they draw alone ---------------------------
+
+SAME_LENGTH = [
+    "the cat sat on the mat",
+    "we read a good book today",
+    "i think you is very good",
+    "hello world it was a big",
+]
+
+
+def _rows(out, j, k):
+    return out.tokens[j * k : (j + 1) * k], [s[j * k : (j + 1) * k] for s in out.scores]
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_seeds_give_each_prompt_what_it_gets_alone(rotary):
+    """generate(prompts, seeds=...) with >= INVARIANT_ROWS rows of one length: each prompt's tokens and logits
+    equal, bit for bit, those of the prompt alone (filled up to as many rows with its own copies)."""
+    from saesteer.generation import INVARIANT_ROWS
+
+    model, sae = tiny_model(rotary=rotary, gated=rotary), tiny_sae()
+    assert len({len(model.to_tokens(p)[0]) for p in SAME_LENGTH}) == 1
+    k = 5
+    kw = dict(max_new_tokens=12, do_sample=True, top_p=0.9, output_scores=True, num_return_sequences=k)
+    fill = -(-INVARIANT_ROWS // k)
+    for steerers in ([], [DecoderSteering(sae, [1, 2, 3], tier="proportional", alpha=2.0)]):
+        seeds = [11, 12, 13, 14]
+        batch = generate(model, SAME_LENGTH, steerers=steerers, seeds=seeds, **kw)
+        for j, (p, s) in enumerate(zip(SAME_LENGTH, seeds)):
+            alone = generate(model, [p] * fill, steerers=steerers, seeds=[s] * fill, **kw)
+            tokens, scores = _rows(batch, j, k)
+            assert torch.equal(tokens, alone.tokens[:k]), p
+            assert all(torch.equal(a[:k], b) for a, b in zip(alone.scores, scores)), p
+            assert batch.texts[j * k : (j + 1) * k] == alone.texts[:k]
+
+
+def test_seeds_draw_each_prompt_from_its_own_generator():
+    """With seeds, a prompt's draws come from torch.Generator().manual_seed(its seed) over its own rows: the same
+    as generate(seed=that seed) on that prompt's rows alone (here: when their logits are the same, greedy-free
+    check through pick)."""
+    from saesteer.generation import RowGenerators, pick
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=g)
+    cfg = SamplingConfig(do_sample=True)
+    gens = RowGenerators(tuple(torch.Generator().manual_seed(s) for s in (5, 6)), (0, 4, 6))
+    drawn = pick(logits, cfg, gens)
+    first = torch.multinomial(logits[:4].softmax(-1), 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
+    second = torch.multinomial(logits[4:].softmax(-1), 1, generator=torch.Generator().manual_seed(6)).squeeze(-1)
+    assert torch.equal(drawn, torch.cat([first, second]))
+    model = tiny_model()
+    one = generate(model, ["the cat sat"], seeds=[3], max_new_tokens=6, do_sample=True, num_return_sequences=2)
+    two = generate(model, ["the cat sat"] * 2, seed=3, max_new_tokens=6, do_sample=True)
+    assert torch.equal(one.tokens, two.tokens)  # one group of rows: exactly the plain seed
+
+
+@pytest.mark.parametrize(
+    "seeds, match",
+    [([1], "2 prompts"), ([1, -1], r"\[0, 2\*\*64\)"), ([1, True], "integers"), ("12", "list of integers")],
+)
+def test_bad_seeds(seeds, match):
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_model(), ["the cat", "a dog"], seeds=seeds, max_new_tokens=2)
+    from saesteer.generation import RowGenerators
+
+    with pytest.raises(ValueError, match="increasing bounds"):
+        RowGenerators((torch.Generator(),), (0, 2, 3))

@@ -17,10 +17,18 @@ deterministic), and differences between two runs on the same prompts and seeds a
 evaluates both runs on one prompt set).
 
 Reproducibility. Prompt i (id ``prompt_id``) gets its own seed ``prompt_seed(seed, prompt_id)`` (sha256
-of both) and its k samples are generated as ONE batch of k copies of the prompt, scored as one batch,
-and their perplexity computed in fixed batches of the same k texts. Nothing about prompt i depends on
-the other prompts, their order, the shard or a resumed run, so every split of the work reproduces the
-single run exactly (bit for bit on the same machine and library versions).
+of both); its k samples are scored as one batch and their perplexity computed in fixed batches of the same
+k texts. Generation batches ``prompt_batch`` prompts (k rows each) into one :func:`saesteer.generate` call,
+with batch-invariant arithmetic: each prompt's rows draw from the prompt's own generator
+(``generate(seeds=...)``), a batch holds only prompts of one token length (no padding, which would change
+the last bits of a row) and at least :data:`~saesteer.generation.INVARIANT_ROWS` rows (copies of its last
+prompt fill it up, their outputs dropped). So nothing about prompt i depends on the other prompts, ``prompt_batch``, their order, the shard
+or a resumed run, and every split of the work reproduces the single run exactly (bit for bit on the same
+machine and library versions; the invariance was measured on x86 CPUs with MKL, see
+:data:`~saesteer.generation.INVARIANT_ROWS`: on a GPU a prompt's last bits may depend on its batch).
+Against saesteer before batching (each prompt alone, k rows): the same bits at k >= 16; at k < 16 the
+last bits differ (the batch now has at least 16 rows), so sampled tokens differ now and then. A run folder
+started before batching is read back as it is, but not continued (that would mix the two).
 
 Shards. ``shard=(i, n)`` evaluates the prompts whose position in ``prompts`` is ``≡ i (mod n)``; each
 shard writes its own files in ``out_dir`` (``generations.shard-i-of-n.jsonl`` ...), and
@@ -83,7 +91,7 @@ from saesteer.evaluation.statistics import (
     paired_differences,
     summary_intervals,
 )
-from saesteer.generation import SamplingConfig
+from saesteer.generation import INVARIANT_ROWS, SamplingConfig
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -108,7 +116,9 @@ __all__ = [
 ]
 
 #: Settings that may differ between shards / reruns of the same evaluation.
-_RUN_KEYS = ("shard", "out_dir", "started", "versions", "command", "host")
+_RUN_KEYS = ("shard", "out_dir", "started", "versions", "command", "host", "batching")
+#: Prompts per generate call when ``evaluate(prompt_batch=None)``: enough for about this many rows (k each).
+DEFAULT_BATCH_ROWS = 32
 #: Columns of :attr:`EvalResult.generations`, before the prompt set's own metadata columns.
 COLUMNS = [
     "prompt_index",
@@ -222,6 +232,9 @@ class EvalResult:
     paths: dict = field(default_factory=dict)
     seconds: float = 0.0
     """Wall time of the call that produced this result (not part of the settings)."""
+    generation: dict = field(default_factory=dict)
+    """Generation speed of this call: ``tokens`` (new tokens of the prompts computed, each row's up to its
+    EOS), ``seconds`` (in :func:`saesteer.generate`), ``tokens_per_s``, ``prompt_batch``, ``calls``."""
 
     def summary_frame(self, label: str | None = None) -> pd.DataFrame:
         """The summary as a one-row DataFrame, with a ``method`` column."""
@@ -524,6 +537,7 @@ def evaluate(
     ppl_model: HookedTransformer | str | os.PathLike | None = None,
     fluency: bool = True,
     batch_size: int = 8,
+    prompt_batch: int | None = None,
     toxic_threshold: float = 0.5,
     max_ppl: float | None = DEFAULT_MAX_PPL,
     out_dir: str | os.PathLike | None = None,
@@ -551,6 +565,9 @@ def evaluate(
         ppl_model: reference model for perplexity (a TransformerLens model or a name for
             :func:`saesteer.load_model`); None = the host model, unsteered. ``fluency=False`` skips it.
         batch_size: sequences per forward pass of the perplexity computation.
+        prompt_batch: prompts generated together (k rows each) in one :func:`saesteer.generate` call; None
+            (default): enough for about :data:`DEFAULT_BATCH_ROWS` rows. The results do not depend on it (see
+            the module docstring: only prompts that can share a batch bit-exactly are batched together).
         out_dir: where to write ``settings*.json``, ``generations*.jsonl`` (appended per prompt; resumes),
             ``generations*.csv`` and ``summary*.json``. None keeps everything in memory.
         shard: ``(i, n)`` or ``"i/n"``: only the prompts at positions ≡ i (mod n).
@@ -560,7 +577,7 @@ def evaluate(
         :class:`EvalResult` for the prompts of this shard.
     """
     from saesteer.evaluation.prompt_sets import as_prompt_frame
-    from saesteer.evaluation.scorers import check_scores, get_scorer
+    from saesteer.evaluation.scorers import get_scorer
     from saesteer.generation import generate
     from saesteer.steering.registry import build_method
 
@@ -579,6 +596,12 @@ def evaluate(
     )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if prompt_batch is None:
+        prompt_batch = max(1, DEFAULT_BATCH_ROWS // k)
+    elif isinstance(prompt_batch, bool) or not isinstance(prompt_batch, int) or prompt_batch < 1:
+        raise ValueError(
+            f"prompt_batch must be a positive int (prompts per generate call) or None, got {prompt_batch!r}."
+        )
     if not 0 <= toxic_threshold <= 1:
         raise ValueError(f"toxic_threshold must lie in [0, 1], got {toxic_threshold!r}.")
     shard_t = parse_shard(shard)
@@ -626,6 +649,8 @@ def evaluate(
             "sources": sorted(map(str, frame["source"].unique())) if "source" in frame else None,
         },
         "extra": _clean(extra_settings or {}),
+        "generation": _generation_record(),
+        "batching": {"prompt_batch": prompt_batch},
         "shard": list(shard_t) if shard_t else None,
         "out_dir": str(out_dir) if out_dir is not None else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -671,6 +696,17 @@ def evaluate(
                 f"out_dir, or delete {names['jsonl']} to start over."
             )
         if done:
+            if "generation" not in old:  # started before batching: read back as it is, never continued
+                left = [i for i in positions if i not in {int(r["prompt_index"]) for r in done}]
+                if left:
+                    raise ValueError(
+                        f"{out} was started by a saesteer that generated each prompt alone; this one batches "
+                        f"prompts (at k < 16 the last bits of the logits differ, so sampled tokens differ now and "
+                        f"then), and continuing would mix the two in one result ({len(left)} prompts left). Finish "
+                        f"it with the saesteer that started it, or delete {names['jsonl']} and {names['settings']} "
+                        "to start over."
+                    )
+                settings.pop("generation")
             refusal = _resume_refusal(out, old, settings, names)
             if refusal:
                 raise ValueError(refusal)
@@ -695,72 +731,72 @@ def evaluate(
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
 
-        def tqdm(x, **_):
-            return x
+        def tqdm(x=None, **_):
+            return _NoBar()
 
-    per_prompt = replace(sampling, num_return_sequences=1)  # k copies of the prompt, one batch
+    batches = _prompt_batches(model, [frame["prompt"].iloc[i] for i in todo], todo, sampling, prompt_batch)
+    fill_to = -(-INVARIANT_ROWS // k)  # prompts per generate call at least (fillers: copies of the last one)
+    per_prompt = replace(sampling, num_return_sequences=k)  # each prompt's k rows, from the prompt's own seed
+    stops = set(sampling.stop_ids(model))
+    speed = {"tokens": 0, "seconds": 0.0, "calls": 0, "prompt_batch": prompt_batch}
     jsonl = None
+    bar = tqdm(total=len(todo), desc=f"evaluate {built.label}", disable=not progress, leave=False)
     try:
-        for i in tqdm(todo, desc=f"evaluate {built.label}", disable=not progress, leave=False):
-            pid, prompt = frame["prompt_id"].iloc[i], frame["prompt"].iloc[i]
-            s = prompt_seed(seed, pid)
+        for batch in batches:
+            pids = [frame["prompt_id"].iloc[i] for i in batch]
+            texts_in = [frame["prompt"].iloc[i] for i in batch]
+            seeds = [prompt_seed(seed, pid) for pid in pids]
+            fill = max(0, fill_to - len(batch))
+            t_gen = time.perf_counter()
             gen = generate(
                 model,
-                [prompt] * k,
+                texts_in + texts_in[-1:] * fill,
                 steerers=built.steerers,
                 decoder=built.decoder,
-                sampling=replace(per_prompt, seed=s),
+                sampling=per_prompt,
+                seeds=seeds + seeds[-1:] * fill,
             )
-            texts = list(gen.texts)
-            try:
-                tox = check_scores(score_fn.score(texts), len(texts), getattr(score_fn, "name", "scorer"))
-            except ValueError as e:
-                raise ValueError(f"prompt {pid!r}: {e}") from None
-            if fluency:
-                nll = continuation_nll(ref, [prompt] * k, texts, batch_size=batch_size)
-                ppls = nll.ppl
-            meta = {meta_names[c]: _clean(frame[c].iloc[i]) for c in meta_cols}
-            samples = []
-            for j, text in enumerate(texts):
-                samples.append(
-                    {
-                        "sample": j,
-                        "continuation": text,
-                        "toxicity": float(tox[j]),
-                        "empty": not text.strip(),
-                        "n_tokens": int(nll.n_tokens[j]) if fluency else 0,
-                        "nll": float(nll.nll[j]) if fluency and nll.n_tokens[j] > 0 else None,
-                        "ppl": _clean(ppls[j]) if fluency else None,
-                    }
+            speed["seconds"] += time.perf_counter() - t_gen
+            speed["calls"] += 1
+            for row in gen.tokens[: len(batch) * k].tolist():
+                speed["tokens"] += next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            for j, (i, pid, prompt, s) in enumerate(zip(batch, pids, texts_in, seeds)):
+                texts = list(gen.texts[j * k : (j + 1) * k])
+                rec = _score_prompt(
+                    i, pid, prompt, s, texts, score_fn, ref, fluency, batch_size, frame, meta_cols, meta_names
                 )
-            rec = {
-                "prompt_index": int(i),
-                "prompt_id": pid,
-                "prompt": prompt,
-                "seed": s,
-                "meta": meta,
-                "samples": samples,
-            }
-            rec = json.loads(json.dumps(_clean(rec)))  # exactly what a resumed run reads back
-            records[i] = rec
-            if paths:
-                if not settings_written:  # with the first result: a failed start leaves no settings behind
-                    _write_json(paths["settings"], settings)
-                    settings_written = True
-                if jsonl is None:
-                    jsonl = open(paths["jsonl"], "a", encoding="utf-8")
-                jsonl.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                jsonl.flush()
-                os.fsync(jsonl.fileno())
+                records[i] = rec
+                if paths:
+                    if not settings_written:  # with the first result: a failed start leaves no settings behind
+                        _write_json(paths["settings"], settings)
+                        settings_written = True
+                    if jsonl is None:
+                        jsonl = open(paths["jsonl"], "a", encoding="utf-8")
+                    jsonl.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    jsonl.flush()
+                    os.fsync(jsonl.fileno())
+                bar.update(1)
+            if speed["seconds"] > 0:
+                bar.set_postfix_str(f"{speed['tokens'] / speed['seconds']:.1f} tok/s")
     finally:
+        bar.close()
         if jsonl is not None:
             jsonl.close()
+    speed["seconds"] = round(speed["seconds"], 3)
+    speed["tokens_per_s"] = round(speed["tokens"] / speed["seconds"], 2) if speed["seconds"] > 0 else None
 
     gens = records_to_frame(list(records.values()))
     if gens.empty:
         raise ValueError("this shard holds no prompt (more shards than prompts?).")
     summary = summarize(gens, toxic_threshold=toxic_threshold, max_ppl=max_ppl, fluency=fluency)
-    result = EvalResult(generations=gens, summary=summary, settings=settings, paths=paths, seconds=time.time() - t0)
+    result = EvalResult(
+        generations=gens,
+        summary=summary,
+        settings=settings,
+        paths=paths,
+        seconds=time.time() - t0,
+        generation=speed,
+    )
     if paths:
         save_atomic(paths["csv"], lambda tmp: gens.to_csv(tmp, index=False))
         _write_json(
@@ -769,9 +805,111 @@ def evaluate(
                 "summary": summary,
                 "seconds_this_run": round(time.time() - t0, 2),
                 "prompts_computed_this_run": len(todo),
+                "generation_this_run": speed,
             },
         )
     return result
+
+
+class _NoBar:
+    """Stands in for a tqdm progress bar where tqdm is not installed."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _generation_record() -> dict:
+    """How the evaluation generates (compared on resume: a run folder is continued only the same way)."""
+    from saesteer.steering.sasa import MIN_FORWARDED_CANDIDATES
+
+    return {
+        "batch_invariant": {
+            "rows_at_least": INVARIANT_ROWS,
+            "prompts_of_a_batch": "one token length (no padding)",
+            "sasa_candidates_at_least": MIN_FORWARDED_CANDIDATES,
+        }
+    }
+
+
+def _prompt_batches(
+    model: HookedTransformer, prompts: Sequence[str], positions: Sequence[int], cfg: SamplingConfig, size: int
+) -> list[list[int]]:
+    """``positions`` in batches of at most ``size`` prompts that can share a batch bit-exactly: prompts of one
+    token count as :func:`saesteer.generate` will see it (no padding). A batch starts at the first prompt not
+    yet batched and takes the next ones of its length, so the order of the prompts is kept as far as the
+    lengths allow."""
+    from saesteer.models.tokens import tokenize
+
+    if not positions:
+        return []
+    _, mask, _ = tokenize(model, list(prompts), side="left")
+    lengths = mask.sum(-1).tolist()
+    keys = []
+    for n in lengths:
+        if cfg.truncate_prompt == "left" and cfg.max_new_tokens is not None:  # as generate will cut them
+            n = min(n, max(1, model.cfg.n_ctx - cfg.max_new_tokens))
+        keys.append(n)
+    pending: dict[int, list[int]] = {}
+    for pos, key in zip(positions, keys):
+        pending.setdefault(key, []).append(pos)
+    batches, taken = [], set()
+    for pos, key in zip(positions, keys):
+        if pos in taken:
+            continue
+        batch = pending[key][:size]
+        del pending[key][:size]
+        taken.update(batch)
+        batches.append(batch)
+    return batches
+
+
+def _score_prompt(
+    i: int,
+    pid: str,
+    prompt: str,
+    seed_: int,
+    texts: list[str],
+    score_fn: Any,
+    ref: Any,
+    fluency: bool,
+    batch_size: int,
+    frame: pd.DataFrame,
+    meta_cols: list,
+    meta_names: dict,
+) -> dict:
+    """One prompt's record: its k continuations scored, with perplexity and the prompt set's metadata."""
+    from saesteer.evaluation.scorers import check_scores
+
+    k = len(texts)
+    try:
+        tox = check_scores(score_fn.score(texts), k, getattr(score_fn, "name", "scorer"))
+    except ValueError as e:
+        raise ValueError(f"prompt {pid!r}: {e}") from None
+    if fluency:
+        nll = continuation_nll(ref, [prompt] * k, texts, batch_size=batch_size)
+        ppls = nll.ppl
+    meta = {meta_names[c]: _clean(frame[c].iloc[i]) for c in meta_cols}
+    samples = []
+    for j, text in enumerate(texts):
+        samples.append(
+            {
+                "sample": j,
+                "continuation": text,
+                "toxicity": float(tox[j]),
+                "empty": not text.strip(),
+                "n_tokens": int(nll.n_tokens[j]) if fluency else 0,
+                "nll": float(nll.nll[j]) if fluency and nll.n_tokens[j] > 0 else None,
+                "ppl": _clean(ppls[j]) if fluency else None,
+            }
+        )
+    rec = {"prompt_index": int(i), "prompt_id": pid, "prompt": prompt, "seed": seed_, "meta": meta, "samples": samples}
+    return json.loads(json.dumps(_clean(rec)))  # exactly what a resumed run reads back
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -80,6 +80,15 @@ from saesteer.steering.sasa_subspace import (
 MarginTransform = Literal["softmax", "raw"]
 CandidateForward = Literal["auto", "shared", "fork"]
 
+MIN_FORWARDED_CANDIDATES = 16
+"""The candidate forward runs at least this many candidates per row (``max_candidates`` if fewer): where
+top-p / top-k leave fewer, the extra ones are -inf, masked out like any cut candidate. Why: a candidate's
+hidden state must not depend on how many candidates the OTHER rows of the batch have (the forward's shape
+follows the row with the most). Measured on x86 with MKL: the attention products give a candidate other
+bits at 1, at 2 to 4 and at 5 or more candidates per row, the same bits within each of those classes; so
+with at least 16 a prompt's SASA continuations do not depend on its batch
+(:func:`saesteer.evaluation.evaluate` batches prompts)."""
+
 
 def select_cache_rows(cache: TransformerLensKeyValueCache, rows: Int[Tensor, " n"]) -> TransformerLensKeyValueCache:
     """A new KV cache holding ``rows`` of ``cache`` (repeat a row to fork it, pick rows to merge back)."""
@@ -449,7 +458,7 @@ class SASADecoder(Decoder):
         model = state.model
         batch = logits.shape[0]
         n_valid = int(torch.isfinite(logits).sum(-1).max())
-        n_cand = min(self.max_candidates, n_valid)
+        n_cand = min(self.max_candidates, max(n_valid, MIN_FORWARDED_CANDIDATES), logits.shape[-1])
         cand_logits, cand = logits.topk(n_cand, dim=-1)  # [B, C]
         valid = torch.isfinite(cand_logits)
 

@@ -1,5 +1,6 @@
 """The evaluation runner: exact reproducibility across shards and resumes, records, bad input."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -150,7 +151,7 @@ def test_interrupted_run_resumes_without_recomputing(model, tmp_path, monkeypatc
     real = generation.generate
 
     def counting(model_, prompts, **kw):
-        calls.append(prompts[0])
+        calls.extend(dict.fromkeys(prompts))  # a batch of prompts (the last repeated to fill it up)
         return real(model_, prompts, **kw)
 
     monkeypatch.setattr(generation, "generate", counting)
@@ -455,3 +456,91 @@ def test_the_settings_record_the_weights_of_model_and_scorer(model, tmp_path):
     other = TorchScorer()  # same name, other weights: a resume would mix two judges' scores
     with pytest.raises(ValueError, match=r"other model weights.*scorer\.weights_sha256"):
         evaluate(model, PROMPTS[:1], scorer=other, out_dir=tmp_path, **KW)
+
+
+# --- batched generation: the results do not depend on prompt_batch ------------------------------------------
+
+MIXED = [  # token lengths 6, 2, 6, 4, 6, 8, 4, 6: batches of one length, filled up to 16 rows
+    "the cat sat on the",
+    "hello",
+    "a dog ran to the",
+    "you are very",
+    "they said it was big",
+    "we read a very good book and",
+    "i hate rain",
+    "she is a good friend",
+]
+
+
+def _record_logits(monkeypatch):
+    """Make evaluate's generate calls keep their logits: {(prompt, seed): [k, steps, vocab] logits}, and the
+    (token lengths, rows) of every call."""
+    logits, calls = {}, []
+    real = generation.generate
+
+    def recording(model_, prompts, **kw):
+        sampling = kw.pop("sampling")
+        out = real(model_, prompts, sampling=dataclasses.replace(sampling, output_scores=True), **kw)
+        k = sampling.num_return_sequences
+        calls.append(({len(model_.to_tokens(p)[0]) for p in prompts}, out.tokens.shape[0]))
+        scores = torch.stack(out.scores, 1)
+        for j, (p, s) in enumerate(zip(prompts, kw["seeds"])):
+            logits.setdefault((p, s), scores[j * k : (j + 1) * k])
+        return out
+
+    monkeypatch.setattr(generation, "generate", recording)
+    return logits, calls
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+@pytest.mark.parametrize("spec", ["unsteered", "sasa+decoder+clamp:beta=10,alpha=1,n_latents=3,strength=2,top_n=3"])
+def test_prompt_batch_does_not_change_a_bit(spec, rotary, resources, monkeypatch):
+    """evaluate at prompt_batch 1, 3 and the default: identical texts and scores, and each prompt's logits
+    identical to the bit, with prompts of different token lengths (no batch mixes lengths: padding would change
+    the bits) and k = 3 (batches filled up to INVARIANT_ROWS rows)."""
+    model = tiny_model(rotary=rotary, gated=rotary)
+    runs = []
+    for prompt_batch in (1, 3, None):
+        logits, calls = _record_logits(monkeypatch)
+        res = evaluate(model, MIXED, spec, resources=resources, scorer=WordScorer(), prompt_batch=prompt_batch, **KW)
+        assert all(len(lengths) == 1 and rows >= generation.INVARIANT_ROWS for lengths, rows in calls)
+        runs.append((res, logits, len(calls)))
+    (base, base_logits, n1), *others = runs
+    assert n1 == len(MIXED)  # prompt_batch=1: one call per prompt
+    for res, logits, n in others:
+        assert n < n1
+        pd.testing.assert_frame_equal(res.generations, base.generations, check_exact=True)
+        assert res.summary == base.summary
+        assert logits.keys() == base_logits.keys()
+        assert all(torch.equal(logits[key], base_logits[key]) for key in logits)
+
+
+def test_generation_speed_is_reported(model, tmp_path):
+    res = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, **KW)
+    speed = res.generation
+    assert speed["tokens"] > 0 and speed["seconds"] > 0 and speed["calls"] == 4  # lengths 6, 2, 8, 5 x 3
+    assert speed["tokens_per_s"] == pytest.approx(speed["tokens"] / speed["seconds"], rel=1e-2)
+    assert speed["prompt_batch"] == 10  # DEFAULT_BATCH_ROWS // k
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["generation_this_run"] == speed
+    assert res.settings["batching"] == {"prompt_batch": 10}
+    # prompt_batch may differ on resume (it changes nothing); a run without generation record may not go on
+    again = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, prompt_batch=2, **KW)
+    assert again.generation["tokens"] == 0 and again.generation["calls"] == 0
+    with pytest.raises(ValueError, match="prompt_batch must be a positive int"):
+        evaluate(model, PROMPTS, scorer=WordScorer(), prompt_batch=0, **KW)
+
+
+def test_a_run_started_before_batching_is_read_back_but_not_continued(model, tmp_path):
+    done = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path / "done", **KW)
+    half = tmp_path / "half"
+    evaluate(model, PROMPTS[:2], scorer=WordScorer(), out_dir=half, **KW)
+    for folder in (tmp_path / "done", half):  # as the saesteer before batching wrote them
+        settings = json.loads((folder / "settings.json").read_text())
+        del settings["generation"], settings["batching"]
+        (folder / "settings.json").write_text(json.dumps(settings))
+    back = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path / "done", **KW)
+    pd.testing.assert_frame_equal(back.generations, done.generations, check_exact=True)
+    assert "generation" not in json.loads((tmp_path / "done" / "settings.json").read_text())
+    with pytest.raises(ValueError, match=r"generated each prompt alone.*\(4 prompts left\)"):
+        evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=half, **KW)
