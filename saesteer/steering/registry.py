@@ -725,7 +725,9 @@ def build_method(spec: str | MethodSpec | Method, resources: Resources | None = 
             raise ValueError(missing_resource_message(comp.name, need))
     warn_inert_defaults(ms)
     merged = merge_built([(comp.name, comp.build(ms.args(comp.name), res)) for comp in comps])
-    record: dict[str, Any] = {"spec": str(ms), "params": ms.flat(), "resources": dict(res.info), **merged.record}
+    used = {"model", *(n for comp in comps for n in comp.needs)}  # a run's identity: only what it was built from
+    resources_used = {k: v for k, v in res.info.items() if k in used}
+    record: dict[str, Any] = {"spec": str(ms), "params": ms.flat(), "resources": resources_used, **merged.record}
     return Method(spec=ms, steerers=merged.steerers, decoder=merged.decoder, record=record)
 
 

@@ -119,6 +119,18 @@ def test_build_methods(res):
     assert out.tokens.shape == (2, 3)
 
 
+def test_a_built_method_records_only_the_resources_it_is_built_from(res):
+    """A run's identity (what evaluate compares on resume) must not change with resources it does not use:
+    an unsteered baseline evaluated next to SASA and next to SAE methods is the same run."""
+    _, r = res
+    info = {"model": {"name": "m"}, "sae": {"d": 1}, "subspace": {"f": 1}, "contrast_table": {"c": 1}}
+    r.info.update(info)
+    assert build_method("unsteered", r).record["resources"] == {"model": {"name": "m"}}
+    assert set(build_method("sasa:beta=5", r).record["resources"]) == {"model", "subspace"}
+    assert set(build_method("decoder:alpha=1,n_latents=2", r).record["resources"]) == {"model", "sae", "contrast_table"}
+    assert set(build_method("sasa+decoder:beta=5,alpha=1,n_latents=2", r).record["resources"]) == set(info)
+
+
 def test_missing_resources_say_what_to_do(res):
     _, r = res
     with pytest.raises(ValueError, match=r"needs resources.subspace.*SASA"):
