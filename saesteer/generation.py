@@ -36,6 +36,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saesteer.checks import check_positive_int
 from saesteer.hooks import Steerer, forward_positions, steering
+from saesteer.models.kv_cache import PreallocatedKVCache
 from saesteer.models.tokens import pad_id, pad_sequences, tokenize
 
 DEFAULT_MAX_NEW_TOKENS = 30
@@ -373,6 +374,11 @@ class DecodeState:
 class Decoder:
     """Plain decoding: sample (or argmax) the processed logits, then run the chosen token."""
 
+    def cache_headroom(self, model: HookedTransformer) -> int:
+        """Positions the decoder's own forwards may append to the KV cache beyond prompt + new tokens
+        (:func:`generate` preallocates them; SASA's shared candidate forward appends its candidates)."""
+        return 0
+
     def choose(self, state: DecodeState, logits: Float[Tensor, "batch vocab"]) -> Int[Tensor, " batch"]:
         return pick(logits, state.cfg, state.gen)
 
@@ -501,8 +507,10 @@ def generate(
     ``pad_token_id``, ``seed``, ``stop_at_eos``, ``output_scores``, ``truncate_prompt``, ...); an
     unknown keyword is a ValueError that lists them. The longest prompt plus the new tokens must fit
     the model's ``n_ctx`` (checked before generating), or pass ``truncate_prompt='left'``.
-    ``use_cache=False`` re-runs the whole prefix at every step (the reference implementations' loop;
-    slow, for checks and baselines).
+    The KV cache is preallocated for prompt + new tokens (+ the decoder's
+    :meth:`Decoder.cache_headroom`) and written in place (:class:`saesteer.models.kv_cache.PreallocatedKVCache`,
+    bit-exact with TransformerLens' own). ``use_cache=False`` re-runs the whole prefix at every step (the
+    reference implementations' loop; slow, for checks and baselines).
 
     ``seeds``: one sampling seed per prompt, used instead of ``seed``: prompt i's ``num_return_sequences``
     rows draw from a generator of their own seeded with ``seeds[i]`` (:class:`RowGenerators`), exactly what
@@ -524,6 +532,9 @@ def generate(
     tokens, mask = _as_batch(model, prompts, attention_mask)
     new_max = cfg.new_tokens(tokens.shape[1])
     tokens, mask = _fit_context(model, tokens, mask, new_max, cfg, pad)
+    if tokens.shape[1] + new_max > model.cfg.n_ctx:  # columns of padding only (token input): they hold no position
+        keep = int(mask.sum(-1).max())
+        tokens, mask = tokens[:, -keep:], mask[:, -keep:]
     if cfg.pad_token_id is not None:  # the prompts' padding too (masked out, so only the returned ids change)
         tokens = tokens.masked_fill(mask == 0, pad)
     n_prompts = tokens.shape[0]
@@ -558,9 +569,12 @@ def generate(
     sink: list[Tensor] = []
     sink_token = _PICKED.set(sink) if cfg.output_scores else None
 
+    cache = None
+    if use_cache:  # allocated before generating: a batch or length that cannot fit fails here, not mid-way
+        room = min(model.cfg.n_ctx, tokens.shape[1] + new_max + max(0, int(decoder.cache_headroom(model))))
+        cache = PreallocatedKVCache.allocate(model.cfg, batch, room, device=model.cfg.device)
     try:
         with steering(model, steerers):
-            cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch) if use_cache else None
             state = DecodeState(model, cfg, cache, tokens, mask, gen)
             logits = last_logits(model, tokens, mask, cache)
             for step in range(new_max):

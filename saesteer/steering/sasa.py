@@ -65,6 +65,7 @@ from saesteer.data.datasets import LabelledTexts, load_jigsaw
 from saesteer.data.digests import texts_digest
 from saesteer.generation import Decoder, DecodeState, pick
 from saesteer.hooks import forward_positions
+from saesteer.models.kv_cache import PreallocatedKVCache
 from saesteer.models.tl_fixes import rotary_position_mask, rotary_supports_position_mask
 from saesteer.steering.sasa_subspace import (
     Subspace,
@@ -423,6 +424,10 @@ class SASADecoder(Decoder):
     def active(self) -> bool:
         return any(a.beta > 0 for a in self.attributes)
 
+    def cache_headroom(self, model: HookedTransformer) -> int:
+        """The shared candidate forward appends up to ``max_candidates`` positions to the KV cache."""
+        return self.max_candidates if self.active and self.forward_mode(model) == "shared" else 0
+
     def check_model(self, model: HookedTransformer) -> None:
         for a in self.attributes:
             a.subspace.check_model(model)
@@ -466,8 +471,9 @@ class SASADecoder(Decoder):
         # exist: near n_ctx, fork)
         shared = (
             self.forward_mode(model) == "shared"
-            and not state.cache.frozen  # (a host sync: asked last)
-            and int(state.cache.previous_attention_mask.sum(-1).max()) + n_cand <= model.cfg.n_ctx
+            and not state.cache.frozen
+            and getattr(state.cache, "room", lambda: n_cand)() >= n_cand  # a preallocated cache's positions left
+            and int(state.cache.previous_attention_mask.sum(-1).max()) + n_cand <= model.cfg.n_ctx  # (a host sync)
         )
         forward = self._shared if shared else self._fork
         hidden, normed, keep, undo = forward(model, state.cache, cand)  # [B, C, d] each
@@ -521,6 +527,11 @@ class SASADecoder(Decoder):
 
         def keep(idx: Tensor) -> TransformerLensKeyValueCache:
             sel = torch.arange(batch, device=idx.device) * n_cand + idx
+            if isinstance(cache, PreallocatedKVCache):  # written in place, after the prefix
+                for e, parts in zip(cache.entries, zip(*new_kv)):
+                    e.append(*(torch.cat(t).index_select(0, sel.to(t[0].device)) for t in zip(*parts)))
+                cache.append_attention_mask(torch.ones_like(cand[:, :1]))
+                return cache
             entries = []
             for e, parts in zip(cache.entries, zip(*new_kv)):
                 k, v = (torch.cat(t).index_select(0, sel.to(t[0].device)) for t in zip(*parts))

@@ -1,0 +1,232 @@
+"""A preallocated KV cache for TransformerLens decoding: written in place, never re-allocated.
+
+Upstream cause (TransformerLens 3.9, ``transformer_lens/cache/key_value_cache_entry.py`` and
+``key_value_cache.py``): ``TransformerLensKeyValueCacheEntry.append`` does ``torch.cat([past_keys, new_keys])``
+(likewise the values, and ``append_attention_mask`` the mask) at every forward, so every decoding step
+allocates a new copy of the whole cache in every layer and frees the old one: O(length) memory traffic per
+layer and step, O(length^2) over a generation, and an allocator that keeps handing out ever larger blocks.
+
+:class:`PreallocatedKVCache` allocates each layer's keys and values once, for ``capacity`` positions, and
+``append`` writes the new positions into the buffer; ``past_keys`` / ``past_values`` /
+``previous_attention_mask`` are views of the filled part. The tensors the attention reads are the same
+values in the same shapes as with upstream's cache, so the outputs are bit for bit the same (tests compare
+logits and tokens). It is a subclass of TransformerLens' cache: ``model(tokens, past_kv_cache=cache)`` takes it
+as it is. Delete this module (and use ``TransformerLensKeyValueCache.init_cache``) when TransformerLens
+preallocates its cache.
+
+Errors, before the forward runs: a capacity beyond the model's ``n_ctx`` (at allocation), a forward whose
+batch is not the cache's, and one with more new positions than the cache has room left (at the mask append,
+which TransformerLens does before any layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+from saesteer.checks import check_positive_int
+
+__all__ = ["PreallocatedKVCache", "PreallocatedKVCacheEntry"]
+
+
+def _prefix_length(view: Tensor, buffer: Tensor) -> int | None:
+    """``n`` if ``view`` is ``buffer[:, :n]`` (same storage, offset, strides, rows), else None."""
+    if (
+        view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        and view.storage_offset() == buffer.storage_offset()
+        and view.dim() == buffer.dim()
+        and view.shape[0] == buffer.shape[0]
+        and view.shape[2:] == buffer.shape[2:]
+        and view.stride() == buffer.stride()
+        and view.shape[1] <= buffer.shape[1]
+    ):
+        return int(view.shape[1])
+    return None
+
+
+class PreallocatedKVCacheEntry(TransformerLensKeyValueCacheEntry):
+    """One layer's keys and values in buffers of ``capacity`` positions; the first ``length`` are filled.
+
+    ``past_keys`` / ``past_values`` are views of the filled part. Assigning them (as SASA's candidate forward
+    does to keep or undo positions) takes a prefix view of the buffer as a new length, and copies any other
+    tensor into the buffer. ``frozen``: ``append`` writes after the filled part but does not extend it (so
+    the next forward overwrites those positions), as upstream's frozen entry returns without storing.
+    """
+
+    def __init__(
+        self,
+        keys: Float[Tensor, "batch capacity kv_head d_head"],
+        values: Float[Tensor, "batch capacity kv_head d_head"],
+    ) -> None:
+        if keys.shape != values.shape:
+            raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} buffers differ in shape.")
+        self._keys, self._values = keys, values
+        self._filled = [0, 0]  # keys, values (set apart while SASA keeps one and then the other)
+        self.frozen = False
+
+    def __repr__(self) -> str:
+        return f"PreallocatedKVCacheEntry({self.length}/{self.capacity} positions, rows={self.rows})"
+
+    @property
+    def capacity(self) -> int:
+        return int(self._keys.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return int(self._keys.shape[0])
+
+    @property
+    def length(self) -> int:
+        """Positions filled."""
+        return self._filled[0]
+
+    @property
+    def past_keys(self) -> Float[Tensor, "batch pos kv_head d_head"]:
+        return self._keys[:, : self._filled[0]]
+
+    @past_keys.setter
+    def past_keys(self, value: Tensor) -> None:
+        self._filled[0] = self._take(self._keys, value)
+
+    @property
+    def past_values(self) -> Float[Tensor, "batch pos kv_head d_head"]:
+        return self._values[:, : self._filled[1]]
+
+    @past_values.setter
+    def past_values(self, value: Tensor) -> None:
+        self._filled[1] = self._take(self._values, value)
+
+    def _take(self, buffer: Tensor, value: Tensor) -> int:
+        n = _prefix_length(value, buffer)
+        if n is not None:
+            return n
+        if value.shape[0] != buffer.shape[0] or value.shape[2:] != buffer.shape[2:] or value.shape[1] > buffer.shape[1]:
+            raise ValueError(
+                f"A {tuple(value.shape)} tensor does not fit this KV cache entry of {self.rows} rows, "
+                f"{self.capacity} positions and per-position shape {tuple(buffer.shape[2:])}."
+            )
+        buffer[:, : value.shape[1]].copy_(value)
+        return int(value.shape[1])
+
+    def append(
+        self, new_keys: Float[Tensor, "batch new kv_head d_head"], new_values: Float[Tensor, "batch new kv_head d_head"]
+    ) -> tuple[Float[Tensor, "batch pos kv_head d_head"], Float[Tensor, "batch pos kv_head d_head"]]:
+        """Write the new positions after the filled part; the keys and values up to them (views)."""
+        start = self._filled[0]
+        end = start + new_keys.shape[1]
+        if self._filled[1] != start:
+            raise ValueError(f"This KV cache entry holds {start} keys but {self._filled[1]} values; set both alike.")
+        if new_keys.shape[0] != self.rows or end > self.capacity:
+            raise ValueError(
+                f"A forward of {new_keys.shape[0]} rows x {new_keys.shape[1]} new positions does not fit this KV "
+                f"cache ({self.rows} rows, {start} of {self.capacity} positions filled); allocate one for "
+                "this batch and at least prompt + new tokens positions."
+            )
+        self._keys[:, start:end] = new_keys
+        self._values[:, start:end] = new_values
+        keys, values = self._keys[:, :end], self._values[:, :end]
+        if not self.frozen:
+            self._filled = [end, end]
+        return keys, values
+
+
+class PreallocatedKVCache(TransformerLensKeyValueCache):
+    """TransformerLens' KV cache with every layer's buffers (and the attention mask) allocated once for
+    ``capacity`` positions of ``rows`` sequences (:meth:`allocate`); see the module docstring."""
+
+    def __init__(self, entries: list[PreallocatedKVCacheEntry], mask: Int[Tensor, "batch capacity"]) -> None:
+        self.entries = entries
+        self._mask = mask
+        self._mask_length = 0
+        self.frozen = False
+
+    def __repr__(self) -> str:
+        return f"PreallocatedKVCache({len(self.entries)} layers, {self.length}/{self.capacity} positions, rows={self.rows})"
+
+    @classmethod
+    def allocate(
+        cls,
+        cfg,
+        rows: int,
+        capacity: int,
+        device: torch.device | str | None = None,
+    ) -> PreallocatedKVCache:
+        """An empty cache for ``rows`` sequences of up to ``capacity`` positions each, for a model with
+        config ``cfg`` (keys and values in ``cfg.dtype``, on ``device`` or ``cfg.device``; layers on several
+        devices as TransformerLens places them). ``capacity`` beyond ``cfg.n_ctx`` is refused: the model
+        has no positions for it."""
+        from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+        check_positive_int("rows", rows)
+        check_positive_int("capacity", capacity)
+        if capacity > cfg.n_ctx:
+            raise ValueError(
+                f"A KV cache of {capacity} positions is beyond the model's context (n_ctx={cfg.n_ctx}); "
+                f"allocate at most {cfg.n_ctx} (prompt + new tokens must fit n_ctx)."
+            )
+        device = device if device is not None else cfg.device
+        heads = cfg.n_key_value_heads if cfg.n_key_value_heads is not None else cfg.n_heads
+        entries = []
+        for i in range(cfg.n_layers):
+            where = get_device_for_block_index(i, cfg, device) if hasattr(cfg, "n_devices") else device
+            shape = (rows, capacity, heads, cfg.d_head)
+            entries.append(
+                PreallocatedKVCacheEntry(
+                    torch.empty(shape, device=where, dtype=cfg.dtype), torch.empty(shape, device=where, dtype=cfg.dtype)
+                )
+            )
+        # long: upstream's int32 empty mask becomes int64 at its first cat with generate's mask
+        return cls(entries, torch.zeros((rows, capacity), device=device, dtype=torch.long))
+
+    @property
+    def capacity(self) -> int:
+        return int(self._mask.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return int(self._mask.shape[0])
+
+    @property
+    def length(self) -> int:
+        """Positions filled (the attention mask's; every entry has as many after a forward)."""
+        return self._mask_length
+
+    @property
+    def previous_attention_mask(self) -> Int[Tensor, "batch pos"]:
+        return self._mask[:, : self._mask_length]
+
+    @previous_attention_mask.setter
+    def previous_attention_mask(self, value: Tensor) -> None:
+        n = _prefix_length(value, self._mask)
+        if n is None:
+            if value.dim() != 2 or value.shape[0] != self.rows or value.shape[1] > self.capacity:
+                raise ValueError(
+                    f"An attention mask of shape {tuple(value.shape)} does not fit this KV cache ({self.rows} rows, "
+                    f"{self.capacity} positions)."
+                )
+            self._mask[:, : value.shape[1]].copy_(value)
+            n = int(value.shape[1])
+        self._mask_length = n
+
+    def append_attention_mask(self, attention_mask: Int[Tensor, "batch new"]) -> Int[Tensor, "batch pos"]:
+        """Write the new positions' mask after the filled part (checking first that the forward's batch and
+        new positions fit: TransformerLens calls this before any layer runs); the mask up to them (a view)."""
+        rows, new = attention_mask.shape
+        end = self._mask_length + new
+        if rows != self.rows or end > self.capacity:
+            raise ValueError(
+                f"A forward of {rows} rows x {new} new positions does not fit this KV cache ({self.rows} rows, "
+                f"{self._mask_length} of {self.capacity} positions filled); allocate one for this batch and at "
+                "least prompt + new tokens positions."
+            )
+        self._mask[:, self._mask_length : end] = attention_mask.to(self._mask.device)
+        if not self.frozen:
+            self._mask_length = end
+        return self._mask[:, :end]
+
+    def room(self) -> int:
+        """Positions left."""
+        return self.capacity - self._mask_length

@@ -1,0 +1,176 @@
+"""The preallocated KV cache (saesteer.models.kv_cache): bit for bit what TransformerLens' own cache gives,
+written in place, and clear errors for what does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_sae, tiny_tokenizer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+import saesteer.generation as generation
+from saesteer.generation import Decoder, generate
+from saesteer.models.kv_cache import PreallocatedKVCache
+from saesteer.models.tl_fixes import apply_layout_fixes, apply_mask_sharing, apply_norm_sharing
+from saesteer.steering.decoder import DecoderSteering
+from saesteer.steering.sasa import Attribute, SASADecoder
+from saesteer.steering.sasa_subspace import Subspace
+
+_GQA = dict(
+    gated_mlp=True,
+    positional_embedding_type="rotary",
+    normalization_type="RMS",
+    n_key_value_heads=2,
+    act_fn="silu",
+    rotary_dim=8,
+)
+_LOCAL = dict(use_local_attn=True, attn_types=["global", "local", "global"], window_size=4)
+HOSTED = {  # as tests/models/test_loading.py: the architecture families load_model hosts
+    "llama": _GQA,
+    "gpt2": dict(positional_embedding_type="standard", normalization_type="LN", act_fn="gelu_new"),
+    "neox": dict(positional_embedding_type="rotary", rotary_dim=4, normalization_type="LN", act_fn="gelu",
+                 parallel_attn_mlp=True),
+    "gemma2": dict(_GQA, act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True, attn_scores_soft_cap=50.0,
+                   output_logits_soft_cap=30.0, **_LOCAL),
+    "gemma3": dict(_GQA, act_fn="gelu_pytorch_tanh", use_normalization_before_and_after=True, use_qk_norm=True,
+                   rotary_base=1_000_000, rotary_base_local=10_000, **_LOCAL),
+    "qwen3": dict(_GQA, use_qk_norm=True),
+}  # fmt: skip
+
+
+def _model(arch: str) -> HookedTransformer:
+    """A random model of ``arch`` (biases and norm gains too), prepared as load_model prepares models."""
+    tok = tiny_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok), seed=0, **HOSTED[arch]
+    )
+    model = HookedTransformer(cfg, tokenizer=tok)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith(("b_", "w")):
+                p.add_(torch.randn_like(p) * 0.1)
+    for fix in (apply_layout_fixes, apply_mask_sharing, apply_norm_sharing):
+        fix(model)
+    return model.eval()
+
+
+def _upstream_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make generate use TransformerLens' own (torch.cat) cache, as before the preallocated one."""
+
+    def init(cfg, rows, capacity, device=None):
+        return TransformerLensKeyValueCache.init_cache(cfg, device, rows)
+
+    monkeypatch.setattr(generation.PreallocatedKVCache, "allocate", staticmethod(init))
+
+
+def _padded_batch(model):
+    tokens = torch.randint(3, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    return tokens, mask
+
+
+def _runs(model):
+    g = torch.Generator().manual_seed(1)
+    sub = Subspace(
+        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
+        mu_mu=torch.zeros(32),
+        model_name=model.cfg.model_name,
+        d_model=32,
+    )
+    steer = DecoderSteering(tiny_sae(d_in=32, layer=1), [1, 2, 3], tier="proportional", alpha=2.0)
+    sampled = dict(do_sample=True, top_p=0.9, seed=3)
+    return {
+        "greedy": dict(do_sample=False),
+        "sampled, steered": dict(steerers=[steer], **sampled),
+        "sasa shared": dict(decoder=SASADecoder([Attribute(sub, 5.0)], max_candidates=5, candidate_forward="auto")),
+        "sasa fork": dict(
+            decoder=SASADecoder([Attribute(sub, 5.0)], max_candidates=5, candidate_forward="fork"), **sampled
+        ),
+    }
+
+
+@pytest.mark.parametrize("arch", list(HOSTED))
+def test_preallocated_cache_is_bit_exact(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every logit and token of a padded batch, plain, steered, SASA (shared and fork), equals what upstream's
+    cache gives, on each architecture family load_model hosts (GPT-2, Llama with GQA, NeoX, Gemma 2 and 3, Qwen 3)."""
+    model = _model(arch)
+    tokens, mask = _padded_batch(model)
+    kw = dict(attention_mask=mask, max_new_tokens=8, stop_at_eos=False, output_scores=True)
+    ours = {name: generate(model, tokens, **kw, **extra) for name, extra in _runs(model).items()}
+    _upstream_cache(monkeypatch)
+    for name, extra in _runs(model).items():
+        theirs = generate(model, tokens, **kw, **extra)
+        assert torch.equal(ours[name].tokens, theirs.tokens), name
+        assert all(torch.equal(a, b) for a, b in zip(ours[name].scores, theirs.scores)), name
+
+
+class CacheProbe(Decoder):
+    """Plain decoding that records, at every step, where the cache's first layer keeps its keys."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[type, int, int]] = []
+
+    def choose(self, state, logits):
+        e = state.cache.entries[0]
+        self.seen.append((type(state.cache), e.past_keys.data_ptr(), e.past_keys.shape[1]))
+        return super().choose(state, logits)
+
+
+def test_generate_writes_the_cache_in_place() -> None:
+    model = _model("llama")
+    tokens, mask = _padded_batch(model)
+    probe = CacheProbe()
+    generate(model, tokens, attention_mask=mask, decoder=probe, max_new_tokens=6, stop_at_eos=False)
+    kinds, pointers, lengths = zip(*probe.seen)
+    assert set(kinds) == {PreallocatedKVCache} and len(set(pointers)) == 1  # one buffer, never re-allocated
+    assert list(lengths) == [9, 10, 11, 12, 13, 14]
+
+
+def test_errors_name_what_does_not_fit() -> None:
+    model = _model("gpt2")
+    with pytest.raises(ValueError, match=r"65 positions is beyond the model's context \(n_ctx=64\)"):
+        PreallocatedKVCache.allocate(model.cfg, 2, 65)
+    cache = PreallocatedKVCache.allocate(model.cfg, 2, 12)
+    tokens = torch.randint(3, model.cfg.d_vocab, (3, 4))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"3 rows x 4 new positions does not fit this KV cache \(2 rows"):
+            model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache)
+        model(tokens[:2], attention_mask=torch.ones_like(tokens[:2]), past_kv_cache=cache)
+        assert cache.length == 4 and all(e.length == 4 for e in cache.entries)
+        long = torch.randint(3, model.cfg.d_vocab, (2, 9))
+        with pytest.raises(ValueError, match=r"2 rows x 9 new positions .* 4 of 12 positions filled"):
+            model(long, attention_mask=torch.ones_like(long), past_kv_cache=cache)
+        assert cache.length == 4  # nothing written
+    # generate refuses what cannot fit n_ctx before generating
+    with pytest.raises(ValueError, match="more than the model's context"):
+        generate(model, tokens, max_new_tokens=62)
+
+
+def test_entries_take_prefix_views_and_copies() -> None:
+    """Assigning past_keys (as SASA's candidate forward does to keep or undo positions): a prefix view of the
+    buffer sets the length, another tensor is copied in; the frozen cache writes without extending."""
+    model = _model("llama")
+    cache = PreallocatedKVCache.allocate(model.cfg, 2, 10)
+    e = cache.entries[0]
+    k = torch.randn(2, 3, 2, 8)
+    keys, values = e.append(k, k + 1)
+    assert e.length == 3 and torch.equal(keys, k) and torch.equal(e.past_values, k + 1)
+    e.past_keys, e.past_values = e.past_keys[:, :2], e.past_values[:, :2]
+    assert e.length == 2 and e.past_values.shape[1] == 2
+    e.past_keys, e.past_values = torch.zeros(2, 5, 2, 8), torch.ones(2, 5, 2, 8)
+    assert e.length == 5 and torch.equal(e.past_keys, torch.zeros(2, 5, 2, 8))
+    e.past_values = e.past_values[:, :4]
+    with pytest.raises(ValueError, match="holds 5 keys but 4 values"):
+        e.append(k, k)
+    e.past_values = torch.ones(2, 5, 2, 8)
+    with pytest.raises(ValueError, match="does not fit this KV cache entry"):
+        e.past_keys = torch.zeros(3, 1, 2, 8)
+    cache.freeze()
+    keys, _ = e.append(k[:, :1], k[:, :1])
+    assert keys.shape[1] == 6 and e.length == 5
+    mask = cache.append_attention_mask(torch.ones(2, 4, dtype=torch.long))
+    assert mask.shape == (2, 4) and cache.length == 0
