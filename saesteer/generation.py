@@ -574,7 +574,7 @@ def generate(
         room = min(model.cfg.n_ctx, tokens.shape[1] + new_max + max(0, int(decoder.cache_headroom(model))))
         cache = PreallocatedKVCache.allocate(model.cfg, batch, room, device=model.cfg.device)
     try:
-        with steering(model, steerers):
+        with steering(model, steerers, decoder=decoder):
             state = DecodeState(model, cfg, cache, tokens, mask, gen)
             logits = last_logits(model, tokens, mask, cache)
             for step in range(new_max):

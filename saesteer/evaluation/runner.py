@@ -92,6 +92,7 @@ from saesteer.evaluation.statistics import (
     summary_intervals,
 )
 from saesteer.generation import INVARIANT_ROWS, SamplingConfig
+from saesteer.hooks import check_steering
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -619,8 +620,7 @@ def evaluate(
             ref = load_model(str(ppl_model), device=str(model.cfg.device))
         else:
             ref = ppl_model
-    if hasattr(built.decoder, "check_model"):
-        built.decoder.check_model(model)
+    check_steering(model, built.steerers, built.decoder)  # hook, widths, device, subspace: before any file
 
     meta_cols = [c for c in frame.columns if c not in ("prompt_id", "prompt")]
     # prompt-set columns travel with every generation; a name the results use gets a "meta_" prefix

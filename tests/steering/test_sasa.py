@@ -7,7 +7,7 @@ from saesteer.hooks import steering
 from saesteer.models.tokens import tokenize
 from saesteer.steering.decoder import DecoderSteering
 from saesteer.steering.sasa import Attribute, SASADecoder
-from saesteer.steering.sasa_subspace import Subspace, final_hidden_states
+from saesteer.steering.sasa_subspace import Subspace, embedding_hook_name, final_hidden_states
 from saesteer.steering.word_filter import WordFilter
 
 PROMPTS = ["the cat sat on the mat and", "hello you"]
@@ -16,7 +16,13 @@ PROMPTS = ["the cat sat on the mat and", "hello you"]
 def _subspace(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     wv = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
-    return Subspace(wv=wv, mu_mu=torch.randn(32, generator=g) * 0.1, model_name=model.cfg.model_name, d_model=32)
+    return Subspace(
+        wv=wv,
+        mu_mu=torch.randn(32, generator=g) * 0.1,
+        model_name=model.cfg.model_name,
+        d_model=32,
+        hook_name=embedding_hook_name(model),
+    )
 
 
 def _reference_sasa(model, prompt, attrs, n_cand, steps, transform="softmax", steerers=()):
