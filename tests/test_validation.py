@@ -149,9 +149,10 @@ def test_sasa_subspace_of_another_width_is_refused_at_every_entry_point():
     with pytest.raises(SubspaceMismatchError, match="d_model=16.*d_model=32"):
         evaluate(model, ["the cat"], "sasa:beta=4", resources=res, scorer=scorer, k=1, max_new_tokens=2, progress=False)
     assert scorer.calls == 0
-    with pytest.raises(ValueError, match="d_model=16"):  # generate: refused at its first step at the latest
+    calls = _count_forwards(model)
+    with pytest.raises(SubspaceMismatchError, match="d_model=16.*d_model=32"):  # before the prompt's forward
         ss.generate(model, ["the cat"], decoder=decoder, max_new_tokens=2)
-    assert _n_hooks(model) == 0
+    assert calls["n"] == 0 and _n_hooks(model) == 0
 
 
 def test_device_mismatch_names_the_fix_and_dtypes_are_converted():
