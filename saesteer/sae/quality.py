@@ -31,10 +31,11 @@ turns sentences into fixed-length rows, each starting with BOS, the way the trai
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -333,19 +334,13 @@ def evaluate_saes(
     return _evaluate(model, saes, tokens, hook_name, batch_size, compute_ce, progress, max_norm)[0]
 
 
-def evaluate_saes_rows(
-    model,
-    saes: Mapping[str, SAE],
-    tokens: Int[Tensor, "n_rows pos"],
-    hook_name: str | None = None,
-    batch_size: int = 16,
-    compute_ce: bool = True,
-    progress: bool = False,
-    max_norm: float | None = None,
-) -> dict[str, RowStats]:
-    """:func:`evaluate_saes`, keeping the per-row sums of each SAE (:class:`RowStats`; ``.quality()`` gives
-    the point estimates, :func:`bootstrap_quality` their intervals). Same arguments, same forward passes."""
-    return _evaluate(model, saes, tokens, hook_name, batch_size, compute_ce, progress, max_norm)[1]
+def evaluate_saes_rows(*args: Any, **kwargs: Any) -> dict[str, RowStats]:
+    """:func:`evaluate_saes` (the same arguments), keeping the per-row sums of each SAE (:class:`RowStats`;
+    ``.quality()`` gives the point estimates, :func:`bootstrap_quality` their intervals), from the same
+    forward passes."""
+    bound = inspect.signature(evaluate_saes).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return _evaluate(*bound.args)[1]
 
 
 @torch.inference_mode()
