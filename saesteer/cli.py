@@ -228,6 +228,12 @@ def _evaluate_merge(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+_REPORT_HELP = (
+    "then evaluate unsteered, the top-k control at SASA's cap and each family's chosen setting on the held-back "
+    "prompts (saesteer.evaluation.report): report.json / report.md under --report-dir"
+)
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     from saesteer.evaluation.runner import RTP_SAMPLING as rtp
     from saesteer.evaluation.sweep import PPL_BUDGET
@@ -266,12 +272,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="sweep", help="one resumable folder per setting, sweep.json/csv/html")
-    p.add_argument(
-        "--report",
-        action="store_true",
-        help="then evaluate unsteered, the top-k control at SASA's cap and each family's chosen setting on the "
-        "held-back prompts (saesteer.evaluation.report): report.json / report.md under --report-dir",
-    )
+    p.add_argument("--report", action="store_true", help=_REPORT_HELP)
     p.add_argument("--report-k", type=int, default=10, help="generations per prompt of the reported table")
     p.add_argument("--report-dir", default=None, help="default: <out-dir>/report")
 
