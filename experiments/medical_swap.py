@@ -5,7 +5,7 @@ Steering toward a topic is what the IBM paper (Enabling Layer-Level Steering in 
 Autoencoders) does with ``swap``; toxicity is this project's use of it. The measure:
 
 - **medical rate**: the share of continuations that use at least one word of :data:`MEDICAL_LEXICON`, a
-  fixed list of 120 clinical words written for this experiment (anatomy, symptoms, procedures, drugs,
+  fixed list of 116 clinical words written for this experiment (anatomy, symptoms, procedures, drugs,
   care settings). A lexical hit is auditable (each hit can be read), does not use the steered model, its
   SAE or the latent scores (so the steering cannot grade itself), and a topic shift that never produces a
   clinical word is not one a reader would notice. Continuations are scored 1 (a hit) or 0, and the
