@@ -96,8 +96,8 @@ def load_model(
     LayerNorm; RMSNorm has none; ``"w"`` is all ones for a model without a final-norm gain), so that
     ``ln_final.hook_normalized * w (+ b)`` is the Hugging Face final hidden state; then
     ``model.process_weights_`` with TransformerLens' defaults; then, if ``fix_layout``,
-    :func:`saesteer.models.tl_fixes.apply_layout_fixes`, :func:`~saesteer.models.tl_fixes.apply_mask_sharing` and
-    :func:`~saesteer.models.tl_fixes.apply_norm_sharing` (same outputs, faster decoding). The processing flags
+    :func:`saesteer.models.tl_fixes.apply_all_fixes` (layout, mask and norm sharing, projection fixes, hook
+    skipping: same outputs, faster decoding). The processing flags
     actually applied are in ``model.saesteer_processing``.
 
     Args:
@@ -164,11 +164,9 @@ def load_model(
     model.saesteer_final_norm = {k: v.to(model.cfg.device) for k, v in model.saesteer_final_norm.items()}
     model.eval()
     if fix_layout:
-        from saesteer.models.tl_fixes import apply_layout_fixes, apply_mask_sharing, apply_norm_sharing
+        from saesteer.models.tl_fixes import apply_all_fixes
 
-        apply_layout_fixes(model)
-        apply_mask_sharing(model)
-        apply_norm_sharing(model)
+        apply_all_fixes(model)
     return model
 
 

