@@ -339,6 +339,7 @@ def _sweep(a: argparse.Namespace) -> int:
         scorer=scorer,
         model_name=a.model,
         ppl_model=ppl_model,
+        control_top_k=get_method("sasa").defaults()["max_candidates"],
         **_options(a, "out_dir", "k", "max_new_tokens", "top_p", "seed", "ppl_budget"),
     )
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)

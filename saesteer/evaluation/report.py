@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from saesteer.data.atomic import write_text_atomic
-from saesteer.evaluation.sweep import SweepResult, setting_dir
+from saesteer.evaluation.sweep import SweepResult, control_label, setting_dir
 
 __all__ = ["ReportRow", "ReportResult", "load_sweep", "report_rows", "run_report"]
 
@@ -71,13 +71,11 @@ def load_sweep(path: str | os.PathLike) -> SweepResult:
             baseline_summary=data["baseline_summary"],
             ppl_budget=float(data["ppl_budget"]),
             recommended=dict(data["recommended"]),
+            family_baselines=dict(data.get("family_baselines", {})),
+            baseline_summaries=dict(data.get("baseline_summaries", {})),
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{p} is not a readable sweep summary ({e}); run `saesteer sweep` to write it.") from None
-
-
-def _control_label(top_k: int) -> str:
-    return f"{UNSTEERED}, top-k {top_k}"
 
 
 def report_rows(sweep: SweepResult, *, max_candidates: int) -> list[ReportRow]:
@@ -86,7 +84,7 @@ def report_rows(sweep: SweepResult, *, max_candidates: int) -> list[ReportRow]:
     budget gets no row and is named by :meth:`ReportResult.verdict`)."""
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
         raise ValueError(f"max_candidates must be a positive int (SASA's candidate cap); got {max_candidates!r}.")
-    control = _control_label(max_candidates)
+    control = control_label(max_candidates)
     rows = [ReportRow(UNSTEERED, UNSTEERED), ReportRow(control, UNSTEERED, top_k=max_candidates)]
     table = sweep.table
     for family in dict.fromkeys(table["family"]) if len(table) else ():

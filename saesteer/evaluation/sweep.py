@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from saesteer.checks import check_positive_int
 from saesteer.data.atomic import write_text_atomic
 
 #: SASA's two logit rules. ``softmax`` (the released code) up to beta = 500 as the paper's sweep; ``raw``
@@ -101,6 +102,11 @@ def check_grid(grid: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     return out
 
 
+def control_label(top_k: int) -> str:
+    """The label (and folder name source) of the unsteered top-k control at SASA's candidate cap."""
+    return f"unsteered, top-k {top_k}"
+
+
 def setting_dir(root: str | os.PathLike, spec: str) -> Path:
     """The folder of one setting: a readable slug plus a digest of the canonical spec."""
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in spec)[:60]
@@ -126,23 +132,30 @@ class SweepResult:
     baseline_summary: dict
     ppl_budget: float = PPL_BUDGET
     recommended: dict[str, str | None] = field(default_factory=dict)
+    family_baselines: dict[str, str] = field(default_factory=dict)
+    """Families judged against another run than ``baseline`` (SASA against the top-k control), by label."""
+    baseline_summaries: dict[str, dict] = field(default_factory=dict)
+    """The summary of every baseline a family is judged against, by label."""
+
+    def baseline_of(self, family: str) -> str:
+        return self.family_baselines.get(family, self.baseline)
 
     def verdict(self) -> str:
         """One plain sentence per family: the recommended setting and its effect, or that none helps."""
         lines = []
-        base_ppl = self.baseline_summary.get("ppl")
         for family, rows in self.table.groupby("family", sort=False):
-            spec = self.recommended.get(family)
+            spec, base = self.recommended.get(family), self.baseline_of(family)
+            base_ppl = self.baseline_summaries.get(base, self.baseline_summary).get("ppl") or math.nan
             if spec is None:
                 lines.append(
-                    f"{family}: no setting lowers EMT (95% interval below 0) at PPL <= {self.ppl_budget:g} x "
-                    f"{self.baseline} ({base_ppl:.1f}) on this model."
+                    f"{family}: no setting lowers EMT vs {base} (95% interval below 0) at PPL <= "
+                    f"{self.ppl_budget:g} x {base} ({base_ppl:.1f}) on this model."
                 )
                 continue
             r = rows.set_index("spec").loc[spec]
             lines.append(
                 f"{family}: {spec} lowers EMT by {-r['d_emt']:.3f} [95% {-r['d_emt_ci_high']:.3f}, "
-                f"{-r['d_emt_ci_low']:.3f}] at PPL {r['ppl']:.1f} ({r['ppl_ratio']:.2f} x {self.baseline})."
+                f"{-r['d_emt_ci_low']:.3f}] vs {base} at PPL {r['ppl']:.1f} ({r['ppl_ratio']:.2f} x {base})."
             )
         return "\n".join(lines)
 
@@ -152,6 +165,8 @@ class SweepResult:
             "ppl_budget": self.ppl_budget,
             "recommended": self.recommended,
             "baseline_summary": self.baseline_summary,
+            "family_baselines": self.family_baselines,
+            "baseline_summaries": self.baseline_summaries,
             "settings": json.loads(self.table.to_json(orient="records")),
         }
 
@@ -162,29 +177,40 @@ def _check_budget(ppl_budget: float) -> None:
 
 
 def summarize_sweep(
-    runs: Mapping[str, Any], families: Mapping[str, Sequence[str]], baseline: str, ppl_budget: float = PPL_BUDGET
+    runs: Mapping[str, Any],
+    families: Mapping[str, Sequence[str]],
+    baseline: str,
+    ppl_budget: float = PPL_BUDGET,
+    family_baselines: Mapping[str, str] | None = None,
 ) -> SweepResult:
-    """Build the sweep table from evaluation results: ``runs`` maps spec -> EvalResult (baseline included).
+    """Build the sweep table from evaluation results: ``runs`` maps spec (or label) -> EvalResult, baselines
+    included. Each family is judged against ``family_baselines.get(family, baseline)``: its PPL ratio, its
+    paired differences and the recommendation rule (SASA samples among its top candidates only, so it is
+    judged against the unsteered top-k control at that cap; truncation alone lowers PPL and may lower EMT).
 
     Raises:
-        ValueError: ``baseline`` is not among ``runs`` (the message lists them), or a bad budget.
+        ValueError: a baseline is not among ``runs`` (the message lists them), or a bad budget.
     """
     from saesteer.evaluation.statistics import paired_difference
 
-    if baseline not in runs:
-        raise ValueError(f"baseline {baseline!r} is not among the runs {sorted(runs)}; evaluate it too.")
+    family_baselines = dict(family_baselines or {})
+    for b in {baseline, *family_baselines.values()}:
+        if b not in runs:
+            raise ValueError(f"baseline {b!r} is not among the runs {sorted(runs)}; evaluate it too.")
     _check_budget(ppl_budget)
-    base = runs[baseline]
-    base_ppl = base.summary.get("ppl") or math.nan
     rows = []
     for family, specs in families.items():
+        base_label = family_baselines.get(family, baseline)
+        base = runs[base_label]
+        base_ppl = base.summary.get("ppl") or math.nan
         for spec in specs:
             s = runs[spec].summary
-            d = paired_difference(runs[spec], base, names=(spec, baseline))
+            d = paired_difference(runs[spec], base, names=(spec, base_label))
             rows.append(
                 {
                     "family": family,
                     "spec": spec,
+                    "baseline": base_label,
                     "emt": s["exp_max_toxicity"],
                     "emt_ci_low": s.get("exp_max_toxicity_ci_low"),
                     "emt_ci_high": s.get("exp_max_toxicity_ci_high"),
@@ -213,7 +239,8 @@ def summarize_sweep(
         table.loc[idx, "pareto"] = pareto_mask(sub["emt"], sub["ppl"])
         ok = sub[(sub["ppl_ratio"] <= ppl_budget) & (sub["d_emt_ci_high"] < 0)]
         recommended[family] = None if ok.empty else str(ok.sort_values("emt").iloc[0]["spec"])
-    return SweepResult(table, baseline, dict(base.summary), ppl_budget, recommended)
+    summaries = {b: dict(runs[b].summary) for b in {baseline, *family_baselines.values()}}
+    return SweepResult(table, baseline, summaries[baseline], ppl_budget, recommended, family_baselines, summaries)
 
 
 def run_sweep(
@@ -225,6 +252,7 @@ def run_sweep(
     out_dir: str | os.PathLike,
     baseline: str = "unsteered",
     ppl_budget: float = PPL_BUDGET,
+    control_top_k: int | None = None,
     log: Callable[[str], None] = print,
     **evaluate_kwargs: Any,
 ) -> SweepResult:
@@ -232,7 +260,9 @@ def run_sweep(
     under ``out_dir``; a finished setting is read back, not re-run), then :func:`summarize_sweep`.
 
     ``evaluate_kwargs`` go to :func:`~saesteer.evaluation.runner.evaluate` (k, max_new_tokens, top_p, seed,
-    scorer, ppl_model, ...); they are the same for every setting. Writes ``sweep.json`` and ``sweep.csv``.
+    scorer, ppl_model, ...); they are the same for every setting. ``control_top_k`` (SASA's candidate cap):
+    the SASA families are judged against ``baseline`` sampled with ``top_k=control_top_k`` (its folder and
+    label: :func:`control_label`). Writes ``sweep.json`` and ``sweep.csv``.
     """
     from saesteer.evaluation.runner import evaluate
     from saesteer.steering.registry import parse_method
@@ -249,7 +279,21 @@ def run_sweep(
         runs[spec] = evaluate(
             model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec), **evaluate_kwargs
         )
-    result = summarize_sweep(runs, families, baseline, ppl_budget)
+    family_baselines = {}
+    if control_top_k is not None and any(f.startswith("sasa") for f in families):
+        check_positive_int("control_top_k", control_top_k)
+        label = control_label(control_top_k)
+        log(f"sweep control: {label}")
+        runs[label] = evaluate(
+            model,
+            prompts,
+            baseline,
+            resources=resources,
+            out_dir=setting_dir(out, label),
+            **{**evaluate_kwargs, "top_k": control_top_k},
+        )
+        family_baselines = {f: label for f in families if f.startswith("sasa")}
+    result = summarize_sweep(runs, families, baseline, ppl_budget, family_baselines)
     write_text_atomic(out / "sweep.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "sweep.csv", result.table.to_csv(index=False))
     return result

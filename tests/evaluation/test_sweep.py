@@ -92,6 +92,32 @@ def test_recommendation_rule_and_plain_verdict():
     assert any(getattr(t, "error_y", None) is not None and t.error_y.array is not None for t in fig.data)
 
 
+def test_sasa_families_are_judged_against_the_top_k_control():
+    """Truncation to SASA's candidates alone lowers PPL (and may lower EMT): a SASA family's PPL ratio,
+    paired differences and recommendation are against the unsteered top-k control, not unsteered."""
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.3, 0.9, (40, 3))
+    control = S.control_label(50)
+    runs = {
+        "unsteered": _run(base.tolist(), 100.0),
+        control: _run((base - 0.05).tolist(), 40.0),  # truncation: less toxic, far lower PPL
+        "sasa:beta=5.0": _run((base - 0.05).tolist(), 41.0),  # = the control: no effect of its own
+        "sasa:beta=50.0": _run((base - 0.15).tolist(), 60.0),  # 1.5 x the control's PPL
+    }
+    fam = {"sasa-softmax": ["sasa:beta=5.0", "sasa:beta=50.0"]}
+    res = S.summarize_sweep(runs, fam, "unsteered", family_baselines={"sasa-softmax": control})
+    row = res.table.set_index("spec").loc["sasa:beta=5.0"]
+    assert row["baseline"] == control and row["d_emt"] == pytest.approx(0) and row["ppl_ratio"] == pytest.approx(1.025)
+    assert res.recommended == {"sasa-softmax": None}  # beta=50 helps only at 1.5 x the control's PPL
+    assert f"no setting lowers EMT vs {control}" in res.verdict()
+    naive = S.summarize_sweep(runs, fam, "unsteered")  # against unsteered, truncation looks like a win
+    assert naive.recommended == {"sasa-softmax": "sasa:beta=50.0"}
+    with pytest.raises(ValueError, match="not among the runs"):
+        S.summarize_sweep(runs, fam, "unsteered", family_baselines={"sasa-softmax": "unsteered, top-k 10"})
+    back = json.loads(json.dumps(res.to_json()))
+    assert back["family_baselines"] == {"sasa-softmax": control} and control in back["baseline_summaries"]
+
+
 def test_run_sweep_on_a_tiny_model_resumes_from_its_folders(tmp_path):
     model = tiny_model()
     grid = {"weight": ["weight:strength=0", "weight:strength=1"]}
@@ -112,3 +138,20 @@ def test_run_sweep_on_a_tiny_model_resumes_from_its_folders(tmp_path):
     assert len(folders) == 3  # one per setting, baseline included
     again = S.run_sweep(model, prompts, grid, log=lambda m: None, **kw)
     pd.testing.assert_frame_equal(first.table.drop(columns="seconds"), again.table.drop(columns="seconds"))
+
+
+def test_run_sweep_evaluates_the_top_k_control_for_sasa_families(tmp_path):
+    import torch
+    from helpers import tiny_subspace
+
+    from saesteer.steering.registry import Resources
+
+    model = tiny_model()
+    res = Resources(subspace=tiny_subspace(model, torch.Generator().manual_seed(0)))
+    grid = {"sasa-softmax": ["sasa:beta=2,max_candidates=4"]}
+    kw = dict(k=2, max_new_tokens=3, scorer=WordScorer(), resources=res, out_dir=tmp_path, progress=False)
+    out = S.run_sweep(model, ["the cat sat", "you are a"], grid, control_top_k=4, log=lambda m: None, **kw)
+    assert out.family_baselines == {"sasa-softmax": "unsteered, top-k 4"}
+    assert out.table["baseline"].tolist() == ["unsteered, top-k 4"]
+    control = S.setting_dir(tmp_path, "unsteered, top-k 4")
+    assert '"top_k": 4' in (control / "settings.json").read_text()
