@@ -21,6 +21,7 @@ import difflib
 import math
 import numbers
 import sys
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -369,6 +370,13 @@ class DecodeState:
     gen: torch.Generator | RowGenerators | None
     """The sampling generator; :class:`RowGenerators` when :func:`generate` got ``seeds`` (draw through :func:`pick`)."""
     step: int = 0
+    forward: Callable[..., Float[Tensor, "batch vocab"]] = field(default=None, repr=False)
+    """The cached decoding step, ``forward(model, tokens, mask, cache)`` -> last logits: :func:`last_logits`, or
+    its ``torch.compile``d form with ``generate(compile=...)``."""
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = last_logits
 
 
 class Decoder:
@@ -386,7 +394,7 @@ class Decoder:
         """Logits for the position after ``chosen`` (the tokens in ``state`` already include it)."""
         if state.cache is not None:
             ones = torch.ones_like(chosen).unsqueeze(-1)
-            return last_logits(state.model, chosen.unsqueeze(-1), ones, state.cache)
+            return state.forward(state.model, chosen.unsqueeze(-1), ones, state.cache)
         return last_logits(state.model, state.tokens, state.mask, None)
 
 
@@ -430,6 +438,111 @@ def _as_batch(model, prompts, attention_mask):
         return tokens.to(model.cfg.device), attention_mask.to(model.cfg.device).long()
     tokens, mask, _ = tokenize(model, [prompts] if isinstance(prompts, str) else prompts, side="left")
     return tokens, mask
+
+
+def _decode_step(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    cache: TransformerLensKeyValueCache | None,
+) -> Float[Tensor, "batch vocab"]:
+    """:func:`last_logits` without its ``no_grad`` decorator (what ``torch.compile`` traces; generate runs
+    under ``no_grad``)."""
+    return last_logits.__wrapped__(model, tokens, attention_mask, cache)
+
+
+_COMPILED: dict[tuple, Callable] = {}
+"""Compiled decoding steps by (backend, hooks on the model): at most :data:`_COMPILED_KEEP`, oldest dropped."""
+_COMPILED_KEEP = 16
+
+
+def check_compile_backend(device: torch.device | str, backend: str = "inductor") -> None:
+    """Raise a ValueError naming what is missing (and the fix) when ``torch.compile(backend=backend)`` cannot
+    run on ``device``: TorchDynamo on this Python, and for inductor, Triton on CUDA or a C++ compiler on CPU."""
+    import torch._dynamo
+
+    fix = "or pass compile=False"
+    try:
+        supported = torch._dynamo.is_dynamo_supported()
+    except Exception:  # noqa: BLE001 - older/newer torch: unsupported means it raised
+        supported = False
+    if not supported:
+        raise ValueError(
+            f"generate(compile=...) needs torch.compile, which torch {torch.__version__} does not support on Python "
+            f"{sys.version.split()[0]}; use a Python that torch.compile supports, {fix}."
+        )
+    if backend != "inductor":
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"compile={backend!r} is not a torch.compile backend here; choose one of "
+                f"{sorted(torch._dynamo.list_backends(exclude_tags=()))} (True means 'inductor'), {fix}."
+            )
+        return
+    kind = torch.device(device).type
+    if kind == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError(
+                "generate(compile=True) on CUDA compiles with inductor, which needs Triton; it is not importable "
+                f"here: pip install triton (CUDA builds of torch ship it), {fix}."
+            )
+    elif kind == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or its own error types
+            raise ValueError(
+                f"generate(compile=True) on CPU compiles with inductor, which needs a C++ compiler ({e}); install "
+                f"one (e.g. apt-get install g++, or set CXX), {fix}."
+            ) from None
+    else:
+        raise ValueError(
+            f"generate(compile=True) compiles with inductor on cuda or cpu; the model is on {kind!r}: pass "
+            f"compile='aot_eager' (or another torch.compile backend that supports {kind!r}), {fix}."
+        )
+
+
+def _hook_fingerprint(model: HookedTransformer) -> tuple:
+    """What the model's forward hooks do, as a key: per module, the function each hook calls (for a
+    TransformerLens hook, the user's function inside its wrapper; a bound method by its object and function),
+    so that the same steerers give the same key at every generate call, though they attach fresh hooks."""
+    out = []
+    for name, module in model.named_modules():
+        for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            target, code = h, getattr(h, "__code__", None)
+            if code is not None and "hook" in code.co_freevars and h.__closure__ is not None:
+                target = h.__closure__[code.co_freevars.index("hook")].cell_contents
+            owner = getattr(target, "__self__", None)
+            out.append((name, id(owner), getattr(target, "__func__", target)))
+    return tuple(out)
+
+
+def _compiled_step(backend: str, hooks: tuple) -> Callable:
+    """The cached decoding step compiled with ``backend`` for models hooked as ``hooks`` say (dynamic shapes,
+    so the growing cache does not recompile it at every step).
+
+    Why one compiled step per set of hooks: TorchDynamo does not guard on module hooks by default
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a step traced without a steerer's hook would run
+    without it later. Each set gets its own copy of the step's code object, hence its own Dynamo cache."""
+    key = (backend, hooks)
+    if key not in _COMPILED:
+        code = _decode_step.__code__.replace(co_name=f"_decode_step_{len(_COMPILED)}")
+        fn = torch.compile(
+            types.FunctionType(code, _decode_step.__globals__, code.co_name), backend=backend, dynamic=True
+        )
+
+        def step(*args, fn=fn):
+            # frames resumed after a graph break (inside TransformerLens' modules) share one Dynamo cache across
+            # steps: guard them on hooks too
+            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                return fn(*args)
+
+        _COMPILED[key] = step
+        while len(_COMPILED) > _COMPILED_KEEP:
+            del _COMPILED[next(iter(_COMPILED))]
+    return _COMPILED[key]
 
 
 def _check_seeds(seeds: Sequence[int], n_prompts: int) -> list[int]:
@@ -492,6 +605,7 @@ def generate(
     use_cache: bool = True,
     sampling: SamplingConfig | None = None,
     seeds: Sequence[int] | None = None,
+    compile: bool | str = False,
     **generation_kwargs,
 ) -> GenerationOutput:
     """Generate continuations of ``prompts`` with ``steerers`` hooked in and ``decoder`` choosing tokens.
@@ -512,6 +626,13 @@ def generate(
     bit-exact with TransformerLens' own). ``use_cache=False`` re-runs the whole prefix at every step (the
     reference implementations' loop; slow, for checks and baselines).
 
+    ``compile``: run the cached decoding step (one token per row over the KV cache; not the prompt's forward,
+    not SASA's candidate forward) through ``torch.compile``: True = inductor (for GPUs: fused kernels, far fewer
+    launches; the first steps compile, for seconds to minutes), or the name of another backend. Inductor fuses
+    operations, so the logits differ from eager decoding in the last bits; ``compile='eager'`` only traces
+    (bit-exact, for checks). A missing backend (Triton on CUDA, a C++ compiler on CPU) is a ValueError before
+    anything is generated.
+
     ``seeds``: one sampling seed per prompt, used instead of ``seed``: prompt i's ``num_return_sequences``
     rows draw from a generator of their own seeded with ``seeds[i]`` (:class:`RowGenerators`), exactly what
     they would draw generated alone. Their logits are the same to the bit as alone where the batch is
@@ -521,6 +642,18 @@ def generate(
     if sampling is not None and generation_kwargs:
         raise ValueError("Pass either sampling=SamplingConfig(...) or generation keyword arguments, not both.")
     cfg = sampling if sampling is not None else SamplingConfig.from_kwargs(**generation_kwargs)
+    step_forward = last_logits
+    if compile is not False:
+        if not (compile is True or (isinstance(compile, str) and compile)):
+            raise ValueError(
+                f"compile must be False, True (inductor) or a torch.compile backend name, got {compile!r}."
+            )
+        if not use_cache:
+            raise ValueError(
+                "compile=... compiles the cached decoding step; use_cache=False has none. Drop one of them."
+            )
+        backend = "inductor" if compile is True else compile
+        check_compile_backend(model.cfg.device, backend)
     decoder = decoder or Decoder()
     vocab = model.cfg.d_vocab
     pad = pad_id(model) if cfg.pad_token_id is None else cfg.pad_token_id
@@ -575,7 +708,9 @@ def generate(
         cache = PreallocatedKVCache.allocate(model.cfg, batch, room, device=model.cfg.device)
     try:
         with steering(model, steerers, decoder=decoder):
-            state = DecodeState(model, cfg, cache, tokens, mask, gen)
+            if compile is not False:  # keyed by the hooks now attached (see _compiled_step)
+                step_forward = _compiled_step(backend, _hook_fingerprint(model))
+            state = DecodeState(model, cfg, cache, tokens, mask, gen, forward=step_forward)
             logits = last_logits(model, tokens, mask, cache)
             for step in range(new_max):
                 state.step = step

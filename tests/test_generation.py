@@ -545,3 +545,71 @@ def test_bad_seeds(seeds, match):
 
     with pytest.raises(ValueError, match="increasing bounds"):
         RowGenerators((torch.Generator(),), (0, 2, 3))
+
+
+# --- generate(compile=...): torch.compile of the cached decoding step ----------------------------------------
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_compile_traces_the_step_bit_exactly_with_the_eager_backend(rotary):
+    """compile='eager' runs the decoding step through TorchDynamo (the plumbing compile=True uses, without
+    inductor's fused kernels): the same tokens and logits as plain decoding, steered and sampled."""
+    from saesteer.models.tl_fixes import apply_all_fixes
+
+    model = apply_all_fixes(tiny_model(rotary=rotary, gated=rotary))
+    sae = tiny_sae()
+    steer = [DecoderSteering(sae, [1, 2, 3], tier="proportional", alpha=2.0)]
+    kw = dict(steerers=steer, max_new_tokens=8, do_sample=True, top_p=0.9, seed=4, output_scores=True)
+    plain = generate(model, PROMPTS, **kw)
+    traced = generate(model, PROMPTS, compile="eager", **kw)
+    assert torch.equal(plain.tokens, traced.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, traced.scores))
+
+
+def test_compile_refuses_what_cannot_run_before_generating(monkeypatch):
+    from torch._inductor import cpp_builder
+
+    from saesteer.generation import check_compile_backend
+
+    model = tiny_model()
+    calls = []
+
+    class Recorder:
+        hook_name = "blocks.0.hook_resid_post"
+
+        def hook_fn(self, act, hook):
+            calls.append(act.shape)
+            return act
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler .*apt-get install g\+\+.*compile=False"):
+        generate(model, "the cat", steerers=[Recorder()], compile=True, max_new_tokens=3)
+    assert calls == []  # nothing ran
+    with pytest.raises(ValueError, match="needs Triton"):
+        monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
+        check_compile_backend("cuda")
+    with pytest.raises(ValueError, match="not a torch.compile backend here"):
+        generate(model, "the cat", compile="nope", max_new_tokens=3)
+    with pytest.raises(ValueError, match="compile must be False, True"):
+        generate(model, "the cat", compile=1, max_new_tokens=3)
+    with pytest.raises(ValueError, match="use_cache=False has none"):
+        generate(model, "the cat", compile="eager", use_cache=False, max_new_tokens=3)
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("SAESTEER_TEST_COMPILE"),
+    reason="inductor compiles C++ for minutes on a small CPU; set SAESTEER_TEST_COMPILE=1",
+)
+def test_compile_with_inductor_on_cpu():
+    """compile=True (inductor) on CPU: the same greedy tokens; logits equal up to fused-kernel rounding."""
+    from saesteer.models.tl_fixes import apply_all_fixes
+
+    model = apply_all_fixes(tiny_model(rotary=True, gated=True))
+    plain = generate(model, PROMPTS, max_new_tokens=6, output_scores=True)
+    compiled = generate(model, PROMPTS, max_new_tokens=6, output_scores=True, compile=True)
+    assert torch.equal(plain.tokens, compiled.tokens)
+    for a, b in zip(plain.scores, compiled.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -54,6 +54,12 @@ __all__ = [
 ]
 
 
+def _compiling() -> bool:
+    """True while ``torch.compile`` traces: the fixes' Python-side memos (identities, version counters) are
+    skipped then, and each fix computes as upstream would (the compiled graph fuses the work anyway)."""
+    return torch.compiler.is_compiling()
+
+
 def _bind(module: nn.Module, name: str, fn) -> None:
     """Make ``module.<name>`` call ``fn(module, ...)``: a ``functools.partial`` of a module-level function,
     so the patched module survives ``copy.deepcopy`` and pickling (``torch.save(model)``) with the fix."""
@@ -164,7 +170,7 @@ class _MaskMemo:
     def get(self, key: tuple, refs: tuple, mask: torch.Tensor, compute):
         """``compute()`` for (``key``, ``mask``), or the value cached for them. ``refs`` are the tensors
         behind the ids in ``key``: held so the ids are not reused while cached, and checked by identity."""
-        if mask.is_inference():  # no version counter to notice in-place edits by: not shared
+        if mask.is_inference() or _compiling():  # no version counter to notice in-place edits by: not shared
             return compute()
         version = mask._version  # an in-place edit of the mask must miss
         for held_key, held, mask_ref, stamp, value in self._entries:
@@ -224,6 +230,11 @@ def _apply_rotary_shared(
         return cos_table[ids, None, :], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
     group = getattr(self, "_saesteer_tables", None)
+    if _compiling():  # no memo under torch.compile (see _compiling)
+        cos, signed_sin = gather()
+        x_rot = x[..., :rd]
+        x_rotated = x_rot * cos + torch.roll(x_rot, half, dims=-1) * signed_sin
+        return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
     if group is not None and group.holds(cos_table, sin_table):  # equal to the group's tables: share the gather
         key, refs = ("rotary", "group", group.index, past_kv_pos_offset, length), ()
     else:  # edited, replaced or moved since apply_mask_sharing: this module's own tables, as they are now
@@ -405,7 +416,7 @@ def _block_forward_norm_once(
     block is a plain pre-norm one, :func:`_block_forward_lean` instead (issue 16, cause 3)."""
     norm = self.ln1
     reuse = not torch.is_grad_enabled() and _no_hooks(norm)
-    if reuse and shortformer_pos_embed is None and _plain_block(self.cfg):
+    if reuse and shortformer_pos_embed is None and self.__dict__.get("_saesteer_plain", False):
         return _block_forward_lean(self, resid_pre, past_kv_cache_entry, attention_mask)
     norm._saesteer_last = [] if reuse else None
     try:
@@ -414,21 +425,14 @@ def _block_forward_norm_once(
         norm._saesteer_last = None
 
 
-@functools.cache
-def _post_norm_architectures() -> tuple[str, ...]:
-    from transformer_lens.components import transformer_block
-
-    return tuple(getattr(transformer_block, "POST_NORM_ARCHITECTURES", ()))
-
-
 def _plain_block(cfg) -> bool:
     """A pre-norm block without split or per-head attention inputs and without ``hook_mlp_in``: what
-    :func:`_block_forward_lean` reproduces."""
+    :func:`_block_forward_lean` reproduces (decided when the fix is applied: see :func:`apply_norm_sharing`)."""
+    from transformer_lens.components import transformer_block
+
+    post_norm = tuple(getattr(transformer_block, "POST_NORM_ARCHITECTURES", ()))
     return not (
-        cfg.use_attn_in
-        or cfg.use_split_qkv_input
-        or cfg.use_hook_mlp_in
-        or cfg.original_architecture in _post_norm_architectures()
+        cfg.use_attn_in or cfg.use_split_qkv_input or cfg.use_hook_mlp_in or cfg.original_architecture in post_norm
     )
 
 
@@ -467,7 +471,7 @@ def _norm_forward_once(self, x: torch.Tensor) -> torch.Tensor:
     The input must be the same tensor object, and neither it nor the output may have been written to in
     place since (their version counters say; inference tensors have none, so they are never reused)."""
     last = getattr(self, "_saesteer_last", None)
-    if last is None or x.is_inference():
+    if last is None or x.is_inference() or _compiling():
         return type(self).forward(self, x)
     if last and last[0] is x and last[1] == x._version and last[3] == last[2]._version:
         return last[2]
@@ -489,6 +493,7 @@ def apply_norm_sharing(model: nn.Module) -> nn.Module:
         _bind(block, "forward", _block_forward_norm_once)
         _bind(norm, "forward", _norm_forward_once)
         norm._saesteer_last = None
+        block._saesteer_plain = _plain_block(block.cfg)
     return model
 
 
@@ -593,6 +598,8 @@ def _zero(module: nn.Module, t: torch.Tensor | None) -> bool:
     version (the check itself is a host sync)."""
     if t is None:
         return True
+    if _compiling():  # torch.compile traces the bias as upstream (a host sync cannot be traced)
+        return False
     memo = module.__dict__.setdefault("_saesteer_zero", {})
     key = (id(t), t._version)
     held = memo.get(id(t))
