@@ -49,7 +49,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saesteer import experiment
-from saesteer.benchmark import batch_prompts, best_of, paired, random_subspace, rss_mb, steering_settings, sync
+from saesteer.benchmark import (
+    batch_prompts,
+    best_of,
+    hf_folder,
+    matmul_floor,
+    paired,
+    random_subspace,
+    rss_mb,
+    steering_settings,
+)
 from saesteer.data.atomic import write_text_atomic
 from saesteer.experiment import command_line, project_or_random_sae, seed_everything
 from saesteer.generation import generate
@@ -57,18 +66,6 @@ from saesteer.hooks import steering
 from saesteer.steering.sasa import Attribute, SASADecoder
 
 REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
-
-
-def hf_folder(model_arg: str) -> str | None:
-    """The Hugging Face folder behind ``--model`` (short name or local folder), else None (official names)."""
-    from saesteer.models.loading import resolve_model_source
-
-    kind, source = resolve_model_source(model_arg)
-    if kind == "short":
-        from saesteer.data.assets import ensure_smollm2
-
-        return str(ensure_smollm2())
-    return source if kind == "local" else None
 
 
 def random_weights_folder(config_folder: str, dest: Path, seed: int = 0) -> str:
@@ -81,37 +78,6 @@ def random_weights_folder(config_folder: str, dest: Path, seed: int = 0) -> str:
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder)).save_pretrained(dest)
     AutoTokenizer.from_pretrained(config_folder).save_pretrained(dest)
     return str(dest)
-
-
-def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3, clock: str = "wall") -> float:
-    """Seconds per decoding step for the matrix products alone: ``rows`` rows through fresh copies of every
-    block's weight matrices (the shapes ``F.linear`` gets: q, k, v, o and the MLP's), in layer order, and
-    ``out_rows`` rows through the unembedding; best of ``repeats``. A step of SASA with C candidates at
-    batch b does at least this with rows = b * C (every candidate is a full-model row), whatever the code.
-    ``clock``: as :data:`saesteer.benchmark.CLOCKS`."""
-    from saesteer.benchmark import CLOCKS
-
-    now = CLOCKS[clock]
-    cfg = model.cfg
-    d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
-    shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]
-    shapes += [(cfg.d_mlp, d)] * (2 if cfg.gated_mlp else 1) + [(d, cfg.d_mlp)]
-    kw = dict(device=cfg.device, dtype=cfg.dtype)
-    weights = [[torch.randn(o, i, **kw) for o, i in shapes] for _ in range(cfg.n_layers)]
-    unembed = torch.randn(cfg.d_vocab_out, d, **kw)
-    x = {n: torch.randn(rows, n, **kw) for n in {i for _, i in shapes}}
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            sync()
-            t = now()
-            for layer in weights:
-                for w in layer:
-                    torch.nn.functional.linear(x[w.shape[1]], w)
-            torch.nn.functional.linear(x[d][:out_rows], unembed)
-            sync()
-            best = min(best, now() - t)
-    return best
 
 
 @torch.no_grad()

@@ -9,9 +9,9 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
   (TransformerLens as installed, none of saesteer's fixes);
 - steering-vectors' ``SteeringVector.apply`` (the vector at layer 15) around HF ``generate``, and nnsight's
   ``generate`` adding the vector to layer 15's output at every step, where those packages import (they are not
-  saesteer dependencies: ``--peers-path`` adds a folder to ``sys.path``, e.g. one filled with
-  ``pip install --no-deps --target DIR steering-vectors nnsight greenlet websocket-client zstandard``;
-  steering-vectors pins transformers < 5 but runs with 5.x);
+  saesteer dependencies: install them beside it, or put a folder filled with
+  ``pip install --no-deps --target DIR steering-vectors nnsight greenlet websocket-client zstandard`` on
+  ``PYTHONPATH``; steering-vectors pins transformers < 5 but runs with 5.x);
 - saesteer's :func:`saesteer.generate`: unsteered, with decoder steering (the proportional tier, latents
   0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace).
 
@@ -23,7 +23,7 @@ sides of a ratio. For SASA, "matrix products alone" is the time no implementatio
 a full-model row; see ``bench_generation.py``), as a ratio to HF's best time. Peak RSS: the highest resident
 set size sampled while the row ran (the whole process: every model loaded), and its rise over the RSS before.
 
-    python experiments/bench_peers.py --peers-path /tmp/peers          # writes figures/bench_peers.json
+    PYTHONPATH=/tmp/peers python experiments/bench_peers.py          # writes figures/bench_peers.json
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from saesteer import experiment
-from saesteer.benchmark import PeakRSS, batch_prompts, best_of, paired, random_subspace, rss_mb
+from saesteer.benchmark import PeakRSS, batch_prompts, best_of, hf_folder, matmul_floor, paired, random_subspace, rss_mb
 from saesteer.data.atomic import write_text_atomic
 from saesteer.experiment import command_line, project_or_random_sae, seed_everything
 
@@ -155,19 +154,13 @@ def main() -> None:
         help="cpu: this process' CPU seconds (default; a shared CPU's waits for a core do not count); wall: on a GPU",
     )
     ap.add_argument("--vector-norm", type=float, default=4.0, help="length of the vector the hook rows add")
-    ap.add_argument("--peers-path", default=None, help="a folder to add to sys.path for steering-vectors / nnsight")
     ap.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name has one")
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_peers.json"))
     args = ap.parse_args()
-    if args.peers_path:
-        sys.path.append(args.peers_path)
     seed_everything(0, threads=args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from saesteer.models.loading import load_model
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_generation import hf_folder, matmul_floor  # the HF folder and SASA's floor, as that benchmark
 
     folder = hf_folder(args.model)
     if folder is None:

@@ -31,6 +31,8 @@ __all__ = [
     "PeakRSS",
     "batch_prompts",
     "best_of",
+    "hf_folder",
+    "matmul_floor",
     "paired",
     "random_subspace",
     "rss_mb",
@@ -63,17 +65,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCKS: dict[str, str] = {"wall": "perf_counter", "cpu": "process_time"}
 """``wall``: wall-clock seconds (what a GPU run needs: its work is not this process' CPU time); ``cpu``: this
-process' CPU seconds, all threads (on a shared CPU, time spent waiting for a core does not count)."""
+process' CPU seconds, all threads (on a shared CPU, time spent waiting for a core does not count). Each names
+the :mod:`time` function that reads it."""
+
+
+def _clock(clock: str) -> Callable[[], float]:
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}.")
+    return getattr(time, CLOCKS[clock])
 
 
 def best_of(fn: Callable[[], object], repeats: int, clock: str = "wall") -> float:
     """The shortest seconds (``clock``: see :data:`CLOCKS`) of ``repeats`` calls of ``fn``."""
     check_positive_int("repeats", repeats)
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}.")
-    now = CLOCKS[clock]
+    now = _clock(clock)
     best = float("inf")
     for _ in range(repeats):
         sync()
@@ -133,6 +140,47 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def hf_folder(model_arg: str) -> str | None:
+    """The Hugging Face folder behind ``--model`` (short name or local folder), else None (official names)."""
+    from saesteer.models.loading import resolve_model_source
+
+    kind, source = resolve_model_source(model_arg)
+    if kind == "short":
+        from saesteer.data.assets import ensure_smollm2
+
+        return str(ensure_smollm2())
+    return source if kind == "local" else None
+
+
+def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3, clock: str = "wall") -> float:
+    """Seconds per decoding step for the matrix products alone: ``rows`` rows through fresh copies of every
+    block's weight matrices (the shapes ``F.linear`` gets: q, k, v, o and the MLP's), in layer order, and
+    ``out_rows`` rows through the unembedding; best of ``repeats``. A step of SASA with C candidates at
+    batch b does at least this with rows = b * C (every candidate is a full-model row), whatever the code.
+    ``clock``: as :data:`CLOCKS`."""
+    now = _clock(clock)
+    cfg = model.cfg
+    d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
+    shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]
+    shapes += [(cfg.d_mlp, d)] * (2 if cfg.gated_mlp else 1) + [(d, cfg.d_mlp)]
+    kw = dict(device=cfg.device, dtype=cfg.dtype)
+    weights = [[torch.randn(o, i, **kw) for o, i in shapes] for _ in range(cfg.n_layers)]
+    unembed = torch.randn(cfg.d_vocab_out, d, **kw)
+    x = {n: torch.randn(rows, n, **kw) for n in {i for _, i in shapes}}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            sync()
+            t = now()
+            for layer in weights:
+                for w in layer:
+                    torch.nn.functional.linear(x[w.shape[1]], w)
+            torch.nn.functional.linear(x[d][:out_rows], unembed)
+            sync()
+            best = min(best, now() - t)
+    return best
 
 
 def random_subspace(model: HookedTransformer, seed: int = 0):

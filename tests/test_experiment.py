@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import mmap
 import os
 import random
 import re
@@ -347,11 +348,13 @@ def test_peak_rss_sees_an_allocation_inside_the_block():
     assert bench.rss_mb() > 0
     with bench.PeakRSS(interval=0.001) as peak:
         start = bench.rss_mb()
-        block = b"\x01" * (128 * 2**20)  # written, so resident
+        block = mmap.mmap(-1, 128 * 2**20)  # fresh pages (a malloc may reuse freed, still-resident heap)
+        for i in range(0, len(block), mmap.PAGESIZE):
+            block[i] = 1  # written, so resident
         deadline = time.monotonic() + 10  # the sampler thread runs while the block is alive (under load it
         while peak.peak_mb < start + 100 and time.monotonic() < deadline:  # may take a while to be scheduled)
             time.sleep(0.01)
-        del block
+        block.close()
     assert peak.peak_mb >= start + 100
 
 
