@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from saesteer import experiment
 from saesteer.data.atomic import write_text_atomic
-from saesteer.experiment import command_line, seed_everything
+from saesteer.experiment import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +79,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_evaluate.json"))
     args = ap.parse_args()
+    started = time.time()
     seed_everything(0, threads=args.threads)
-    from saesteer.benchmark import random_subspace
+    from saesteer.benchmark import machine_meta, random_subspace
     from saesteer.evaluation.runner import RTP_SAMPLING, evaluate, load_prompt_arg
     from saesteer.models.loading import load_model
     from saesteer.steering.registry import Resources, build_method
@@ -145,9 +144,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         method=args.method,
         threads=args.threads,
-        cpu_count=os.cpu_count(),
-        torch=torch.__version__,
-        command=command_line(),
+        **machine_meta(started),
     )
     out = dict(meta=meta, pairs=pairs, summary=summary)
     write_text_atomic(Path(args.out), json.dumps(out, indent=2))

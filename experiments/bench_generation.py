@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -52,7 +51,10 @@ from saesteer import experiment
 from saesteer.benchmark import (
     batch_prompts,
     best_of,
+    fmt,
     hf_folder,
+    machine_meta,
+    markdown_table,
     matmul_floor,
     paired,
     random_subspace,
@@ -60,7 +62,7 @@ from saesteer.benchmark import (
     steering_settings,
 )
 from saesteer.data.atomic import write_text_atomic
-from saesteer.experiment import command_line, project_or_random_sae, seed_everything
+from saesteer.experiment import project_or_random_sae, seed_everything
 from saesteer.generation import generate
 from saesteer.hooks import steering
 from saesteer.steering.sasa import Attribute, SASADecoder
@@ -159,6 +161,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_generation.json"))
     args = ap.parse_args()
+    started = time.time()
     seed_everything(0, threads=args.threads)
     from saesteer.models.loading import load_model
 
@@ -354,38 +357,29 @@ def main() -> None:
         dtype=args.dtype,
         gpu=torch.cuda.get_device_name() if on_gpu else None,
         peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
-        cpu_count=os.cpu_count(),
         peak_rss_mb=peak_mb,
-        torch=torch.__version__,
-        command=command_line(),
+        **machine_meta(started),
     )
     print(f"\npeak RSS {peak_mb:.0f} MB; SAE: {sae_note}")
     print(markdown(results))
     if op_counts:
-        print("\n| operations per decoding step | batch | compute (kernels) | views |\n|---|---|---|---|")
-        for r in op_counts:
-            print(f"| {r['stack']} | {r['batch']} | {r['compute']:.0f} | {r['view']:.0f} |")
+        header = ["operations per decoding step", "batch", "compute (kernels)", "views"]
+        rows = [(r["stack"], r["batch"], fmt(r["compute"], ".0f"), fmt(r["view"], ".0f")) for r in op_counts]
+        print("\n" + markdown_table(header, rows))
     write_text_atomic(
         Path(args.out), json.dumps(dict(meta=meta, results=results, memory=memory, ops_per_step=op_counts), indent=2)
     )
 
 
 def markdown(results: list[dict]) -> str:
-    def f(x, fmt):
-        return format(x, fmt) if x is not None else "-"
-
-    out = [
-        "| setting | batch | s | tok/s | × unsteered | × HF generate | best s / HF's best s | our swap is × faster | "
-        "matrix products alone × HF |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        out.append(
-            f"| {r['setting']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | "
-            f"{f(r['vs_unsteered'], '.2f')} | {f(r['vs_hf'], '.2f')} | {f(r.get('best_vs_hf'), '.2f')} | "
-            f"{f(r.get('ours_faster'), '.1f')} | {f(r.get('matmul_floor_vs_hf'), '.2f')} |"
-        )
-    return "\n".join(out)
+    """The results as a markdown table, a line per result ("-" where a ratio does not apply)."""
+    header = (
+        "setting | batch | s | tok/s | × unsteered | × HF generate | best s / HF's best s | our swap is × faster | "
+        "matrix products alone × HF"
+    ).split(" | ")
+    cells = [("seconds", ".2f"), ("tok_per_s", ".1f"), ("vs_unsteered", ".2f"), ("vs_hf", ".2f"), ("best_vs_hf", ".2f")]
+    cells += [("ours_faster", ".1f"), ("matmul_floor_vs_hf", ".2f")]
+    return markdown_table(header, [(r["setting"], r["batch"], *(fmt(r.get(k), f) for k, f in cells)) for r in results])
 
 
 if __name__ == "__main__":

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from saesteer import benchmark as bench
 from saesteer import experiment
-from saesteer.benchmark import PeakRSS, batch_prompts, best_of, hf_folder, matmul_floor, paired, random_subspace, rss_mb
 from saesteer.data.atomic import write_text_atomic
-from saesteer.experiment import command_line, project_or_random_sae, seed_everything
+from saesteer.experiment import project_or_random_sae, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER = 15
@@ -124,7 +123,7 @@ def ours_rows(model, stock, sae, prompts: list[str], n: int, vec: torch.Tensor) 
             )
 
     scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
-    sub = random_subspace(model)
+    sub = bench.random_subspace(model)
     kw = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False)
     settings = {
         "saesteer unsteered": {},
@@ -157,12 +156,13 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name has one")
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_peers.json"))
     args = ap.parse_args()
+    started = time.time()
     seed_everything(0, threads=args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from saesteer.models.loading import load_model
 
-    folder = hf_folder(args.model)
+    folder = bench.hf_folder(args.model)
     if folder is None:
         raise SystemExit(f"--model {args.model!r}: a short name or a local Hugging Face folder (HF needs its files).")
     model = load_model(args.model)
@@ -175,7 +175,7 @@ def main() -> None:
     n = args.new_tokens
     results = []
     for b in [int(x) for x in args.batches.split(",")]:
-        prompts = batch_prompts(b)
+        prompts = bench.batch_prompts(b)
         rows = {**hf_rows(hf, tok, prompts, n, vec), **ours_rows(model, stock, sae.sae, prompts, n, vec)}
         if args.rows:
             wanted = args.rows.split(",")
@@ -185,12 +185,12 @@ def main() -> None:
         hf_best = None
         for name, fn in rows.items():
             fn()  # warm-up
-            before = rss_mb()
-            with PeakRSS() as peak:
+            before = bench.rss_mb()
+            with bench.PeakRSS() as peak:
                 if name == "HF generate":
-                    sec, ratio = best_of(fn, args.repeats, args.clock), 1.0
+                    sec, ratio = bench.best_of(fn, args.repeats, args.clock), 1.0
                 else:
-                    _, sec, ratio = paired(base_fn, fn, args.repeats, args.clock)
+                    _, sec, ratio = bench.paired(base_fn, fn, args.repeats, args.clock)
             if name == "HF generate":
                 hf_best = sec
             row = dict(
@@ -205,7 +205,7 @@ def main() -> None:
             )
             if "SASA" in name:
                 cands = 10 if "10 candidates" in name else 50
-                floor = n * matmul_floor(model, b * cands, b, clock=args.clock)
+                floor = n * bench.matmul_floor(model, b * cands, b, clock=args.clock)
                 row.update(matmul_floor_s=floor, matmul_floor_vs_hf=floor / hf_best, vs_floor=sec / floor)
             results.append(row)
             print(
@@ -214,41 +214,27 @@ def main() -> None:
                 + (f", x{row['vs_floor']:.2f} its floor" if "vs_floor" in row else ""),
                 flush=True,
             )
-    meta = dict(
-        model=args.model,
-        sae=sae.note,
-        new_tokens=n,
-        batches=args.batches,
-        repeats=args.repeats,
-        threads=args.threads,
-        clock=args.clock,
-        layer=LAYER,
-        vector_norm=args.vector_norm,
-        cpu_count=os.cpu_count(),
-        torch=torch.__version__,
-        command=command_line(),
-        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )
+    settings = ("model", "new_tokens", "batches", "repeats", "threads", "clock", "vector_norm")
+    meta = {k: getattr(args, k) for k in settings} | dict(sae=sae.note, layer=LAYER, **bench.machine_meta(started))
     table = markdown(results)
     print("\n" + table)
     write_text_atomic(Path(args.out), json.dumps(dict(meta=meta, results=results, markdown=table), indent=2))
 
 
 def markdown(results: list[dict]) -> str:
-    def f(x, fmt):
-        return format(x, fmt) if x is not None else "-"
-
-    out = [
-        "| row | batch | s (best) | tok/s | × HF generate (paired median) | best / HF best | peak RSS MB (rise) | "
-        "× matrix-product floor |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """The results as a markdown table, a line per row ("-" where a row has no matrix-product floor)."""
+    header = (
+        "row | batch | s (best) | tok/s | × HF generate (paired median) | best / HF best | peak RSS MB (rise) | "
+        "× matrix-product floor"
+    ).split(" | ")
+    cells = [("seconds", ".2f"), ("tok_per_s", ".1f"), ("vs_hf", ".2f"), ("best_vs_hf", ".2f")]
+    rows = []
     for r in results:
-        out.append(
-            f"| {r['row']} | {r['batch']} | {r['seconds']:.2f} | {r['tok_per_s']:.1f} | {r['vs_hf']:.2f} | "
-            f"{r['best_vs_hf']:.2f} | {r['peak_rss_mb']:.0f} (+{r['rss_rise_mb']:.0f}) | {f(r.get('vs_floor'), '.2f')} |"
+        rss = f"{r['peak_rss_mb']:.0f} (+{r['rss_rise_mb']:.0f})"
+        rows.append(
+            (r["row"], r["batch"], *(bench.fmt(r[k], f) for k, f in cells), rss, bench.fmt(r.get("vs_floor"), ".2f"))
         )
-    return "\n".join(out)
+    return bench.markdown_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -36,9 +35,18 @@ from pathlib import Path
 import torch
 
 from saesteer import experiment
-from saesteer.benchmark import PeakRSS, batch_prompts, best_of, random_subspace, steering_settings
+from saesteer.benchmark import (
+    PeakRSS,
+    batch_prompts,
+    best_of,
+    fmt,
+    machine_meta,
+    markdown_table,
+    random_subspace,
+    steering_settings,
+)
 from saesteer.data.atomic import write_text_atomic
-from saesteer.experiment import Say, command_line, logger, project_or_random_sae, seed_everything
+from saesteer.experiment import Say, logger, project_or_random_sae, seed_everything
 from saesteer.generation import Decoder, generate
 from saesteer.steering.sasa import Attribute, SASADecoder
 
@@ -212,19 +220,15 @@ def run_suite(
 
 
 def markdown(rows: list[dict]) -> str:
-    out = [
-        "| setting | batch | s per unit | tok/s | × unsteered (per token) | peak RSS MB |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The rows as a markdown table ("-" where a row has no tokens or no unsteered row to compare with)."""
+    header = "setting | batch | s per unit | tok/s | × unsteered (per token) | peak RSS MB".split(" | ")
+    lines = []
     for r in rows:
-        tps = f"{r['tok_per_s']:.3g}" if r["tok_per_s"] else "-"
-        vs = f"{r['vs_unsteered']:.2f}" if r["vs_unsteered"] is not None else "-"
         extra = f" ({r['mean_candidates']:.0f} cand.)" if "mean_candidates" in r else ""
-        out.append(
-            f"| {r['setting']}{extra} | {r['batch']} | {r['seconds_per_unit']:.4g} s/{r['unit']} | {tps} | "
-            f"{vs} | {r['peak_rss_mb']:.0f} |"
-        )
-    return "\n".join(out)
+        per_unit = f"{r['seconds_per_unit']:.4g} s/{r['unit']}"
+        tps, vs = fmt(r["tok_per_s"], ".3g"), fmt(r["vs_unsteered"], ".2f")
+        lines.append((r["setting"] + extra, r["batch"], per_unit, tps, vs, f"{r['peak_rss_mb']:.0f}"))
+    return markdown_table(header, lines)
 
 
 def main() -> None:
@@ -271,12 +275,9 @@ def main() -> None:
         top_p=args.top_p,
         threads=args.threads,
         device="cpu",
-        cpu_count=os.cpu_count(),
-        load_average=os.getloadavg(),
-        torch=torch.__version__,
         process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         wall_seconds=time.time() - t0,
-        command=command_line(),
+        **machine_meta(t0),
     )
     print(
         f"\nSAE: {sae_note} (d_sae {meta['d_sae']}); process peak RSS {meta['process_peak_rss_mb']:.0f} MB; "

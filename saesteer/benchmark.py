@@ -5,7 +5,9 @@
   spell of a shared machine then lands on both sides of a ratio, not on one row;
 - :func:`rss_mb` / :class:`PeakRSS`: the resident set size now / its peak while a block runs;
 - :data:`PROMPTS`, :func:`batch_prompts`, :func:`random_subspace`, :func:`steering_settings`: the prompts,
-  the SASA subspace and the SAE interventions every generation benchmark times.
+  the SASA subspace and the SAE interventions every generation benchmark times;
+- :func:`machine_meta`, :func:`markdown_table`, :func:`fmt`: what every benchmark records about the machine
+  and the run, and the table it prints.
 
 On a shared machine interference only ever adds time, so best-of times are what it leaves alone.
 """
@@ -17,13 +19,14 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from saesteer.checks import check_positive_int
+from saesteer.experiment import command_line
 
 __all__ = [
     "CLOCKS",
@@ -31,7 +34,10 @@ __all__ = [
     "PeakRSS",
     "batch_prompts",
     "best_of",
+    "fmt",
     "hf_folder",
+    "machine_meta",
+    "markdown_table",
     "matmul_floor",
     "paired",
     "random_subspace",
@@ -215,3 +221,28 @@ def steering_settings(model: HookedTransformer, sae: SAE) -> dict[str, dict]:
         "proportional": dict(steerers=[DecoderSteering(sae, latents, tier="proportional")]),
         "constant": dict(steerers=[DecoderSteering(sae, latents, tier="constant", alpha=0.1)]),
     }
+
+
+def machine_meta(started: float | None = None) -> dict[str, object]:
+    """The machine and run behind a benchmark, for its JSON ``meta``: ``cpu_count``, ``load_average`` (now; None
+    where the OS has none), ``torch`` (version), ``command`` (:func:`~saesteer.experiment.command_line`) and
+    ``started``: ``started`` (a :func:`time.time` value; default now) as local time, ISO 8601 to the second."""
+    return dict(
+        cpu_count=os.cpu_count(),
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        torch=torch.__version__,
+        command=command_line(),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+    )
+
+
+def fmt(x: object, spec: str = "") -> str:
+    """``format(x, spec)``, or ``"-"`` where ``x`` is None (a table cell with no value)."""
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A markdown table: the ``header`` line, its ``|---|`` rule, then a line per row (cells as ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import mmap
 import os
 import random
@@ -375,6 +376,24 @@ def test_random_subspace_and_steering_settings_run_on_a_model():
     for extra in settings.values():
         out = generate(model, ["the cat"], max_new_tokens=2, stop_at_eos=False, **extra)
         assert len(out.texts) == 1
+
+
+def test_markdown_table_and_fmt():
+    assert bench.fmt(None, ".2f") == "-" and bench.fmt(1.234, ".2f") == "1.23" and bench.fmt(3) == "3"
+    table = bench.markdown_table(["a", "b"], [(1, bench.fmt(None)), ("x", bench.fmt(0.5, ".1f"))])
+    assert table == "| a | b |\n|---|---|\n| 1 | - |\n| x | 0.5 |"
+    assert bench.markdown_table(["a"], []) == "| a |\n|---|"
+
+
+def test_machine_meta_records_the_machine_and_the_command(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--out", "a b.json"])
+    meta = bench.machine_meta(0.0)
+    assert list(meta) == ["cpu_count", "load_average", "torch", "command", "started"]
+    assert meta["cpu_count"] == os.cpu_count() and meta["torch"] == torch.__version__
+    assert meta["command"] == "python bench.py --out 'a b.json'"
+    assert meta["started"] == time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(0.0))
+    assert len(meta["load_average"]) == 3
+    json.dumps(meta)  # goes into the benchmarks' JSON as it is
 
 
 # ---------------------------------------------------------------------------------------------------
