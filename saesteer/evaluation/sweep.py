@@ -274,12 +274,12 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     specs = [baseline] + [s for specs in families.values() for s in specs if s != baseline]
     runs = {}
-    for i, spec in enumerate(dict.fromkeys(specs)):
-        log(f"sweep {i + 1}/{len(specs)}: {spec}")
-        runs[spec] = evaluate(
-            model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec), **evaluate_kwargs
-        )
     family_baselines = {}
+    todo = list(dict.fromkeys(specs))
+    log(f"sweep 1/{len(todo)}: {baseline}")
+    runs[baseline] = evaluate(
+        model, prompts, baseline, resources=resources, out_dir=setting_dir(out, baseline), **evaluate_kwargs
+    )
     if control_top_k is not None and any(f.startswith("sasa") for f in families):
         check_positive_int("control_top_k", control_top_k)
         label = control_label(control_top_k)
@@ -293,6 +293,11 @@ def run_sweep(
             **{**evaluate_kwargs, "top_k": control_top_k},
         )
         family_baselines = {f: label for f in families if f.startswith("sasa")}
+    for i, spec in enumerate(todo[1:], start=2):
+        log(f"sweep {i}/{len(todo)}: {spec}")
+        runs[spec] = evaluate(
+            model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec), **evaluate_kwargs
+        )
     result = summarize_sweep(runs, families, baseline, ppl_budget, family_baselines)
     write_text_atomic(out / "sweep.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "sweep.csv", result.table.to_csv(index=False))
