@@ -272,6 +272,12 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="sweep", help="one resumable folder per setting, sweep.json/csv/html")
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="evaluate nothing new: summarise the settings already finished in --out-dir (a partial sweep.json "
+        "that lists the unfinished ones)",
+    )
     p.add_argument("--report", action="store_true", help=_REPORT_HELP)
     p.add_argument("--report-k", type=int, default=10, help="generations per prompt of the reported table")
     p.add_argument("--report-dir", default=None, help="default: <out-dir>/report")
@@ -294,6 +300,8 @@ def _sweep(a: argparse.Namespace) -> int:
     _check_positive(a, "k", "max_new_tokens", "n_tune", "threads", "report_k")
     if not (a.ppl_budget >= 1):
         raise ValueError(f"--ppl-budget must be a PPL ratio >= 1; got {a.ppl_budget}.")
+    if a.finished_only and a.report:
+        raise ValueError("--finished-only summarises a partial sweep; --report needs the whole one. Drop one of them.")
     check_scorer_arg(a.scorer)
     check_sae_arg(a.sae)
     say = _say("sweep")
@@ -340,6 +348,7 @@ def _sweep(a: argparse.Namespace) -> int:
         model_name=a.model,
         ppl_model=ppl_model,
         control_top_k=get_method("sasa").defaults()["max_candidates"],
+        finished_only=a.finished_only,
         **_options(a, "out_dir", "k", "max_new_tokens", "top_p", "seed", "ppl_budget"),
     )
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)

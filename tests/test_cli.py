@@ -32,6 +32,7 @@ BAD_COMMAND_LINES = {
     "sweep --k 0": "--k must be a positive integer",
     "sweep --report --report-k 0": "--report-k must be a positive integer",
     "sweep --ppl-budget 0.5": "--ppl-budget",
+    "sweep --finished-only --report": "--report needs the whole one",
     "train-sae --widths 0": "widths must be positive",
     "train-sae --widths a,b": "--widths must be comma-separated",
     "train-sae --corpus /no/such/dir": "do not exist",

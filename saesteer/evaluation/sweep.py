@@ -136,6 +136,8 @@ class SweepResult:
     """Families judged against another run than ``baseline`` (SASA against the top-k control), by label."""
     baseline_summaries: dict[str, dict] = field(default_factory=dict)
     """The summary of every baseline a family is judged against, by label."""
+    unfinished: list[str] = field(default_factory=list)
+    """Settings of the grid left out because they had not finished (``run_sweep(finished_only=True)``)."""
 
     def baseline_of(self, family: str) -> str:
         return self.family_baselines.get(family, self.baseline)
@@ -157,6 +159,11 @@ class SweepResult:
                 f"{family}: {spec} lowers EMT by {-r['d_emt']:.3f} [95% {-r['d_emt_ci_high']:.3f}, "
                 f"{-r['d_emt_ci_low']:.3f}] vs {base} at PPL {r['ppl']:.1f} ({r['ppl_ratio']:.2f} x {base})."
             )
+        if self.unfinished:
+            lines.append(
+                f"Partial sweep: {len(self.unfinished)} settings not finished and left out (a family's choice may "
+                f"change when they finish): {', '.join(self.unfinished)}."
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -167,6 +174,7 @@ class SweepResult:
             "baseline_summary": self.baseline_summary,
             "family_baselines": self.family_baselines,
             "baseline_summaries": self.baseline_summaries,
+            "unfinished": self.unfinished,
             "settings": json.loads(self.table.to_json(orient="records")),
         }
 
@@ -253,6 +261,7 @@ def run_sweep(
     baseline: str = "unsteered",
     ppl_budget: float = PPL_BUDGET,
     control_top_k: int | None = None,
+    finished_only: bool = False,
     log: Callable[[str], None] = print,
     **evaluate_kwargs: Any,
 ) -> SweepResult:
@@ -262,7 +271,9 @@ def run_sweep(
     ``evaluate_kwargs`` go to :func:`~saesteer.evaluation.runner.evaluate` (k, max_new_tokens, top_p, seed,
     scorer, ppl_model, ...); they are the same for every setting. ``control_top_k`` (SASA's candidate cap):
     the SASA families are judged against ``baseline`` sampled with ``top_k=control_top_k`` (its folder and
-    label: :func:`control_label`). Writes ``sweep.json`` and ``sweep.csv``.
+    label: :func:`control_label`). ``finished_only``: evaluate nothing new; summarise the settings whose
+    folder holds a finished run (the baseline must be one; SASA families need their control too) and list
+    the others in :attr:`SweepResult.unfinished`. Writes ``sweep.json`` and ``sweep.csv``.
     """
     from saesteer.evaluation.runner import evaluate
     from saesteer.steering.registry import parse_method
@@ -276,13 +287,33 @@ def run_sweep(
     runs = {}
     family_baselines = {}
     todo = list(dict.fromkeys(specs))
+    unfinished: list[str] = []
+
+    def skip(spec: str) -> bool:
+        """True (and ``spec`` noted as unfinished) when ``finished_only`` and its folder holds no finished run."""
+        if finished_only and not (setting_dir(out, spec) / "summary.json").is_file():
+            unfinished.append(spec)
+            return True
+        return False
+
+    sasa = [f for f in families if f.startswith("sasa")]
+    label = None
+    if control_top_k is not None and sasa:
+        check_positive_int("control_top_k", control_top_k)
+        label = control_label(control_top_k)
+        if skip(label):  # SASA is not judged without its control
+            unfinished += [spec for f in sasa for spec in families[f]]
+            label = None
+    if skip(baseline):
+        raise ValueError(
+            f"finished_only: the baseline {baseline!r} has not finished in {out}; run the sweep without "
+            "finished_only (saesteer sweep without --finished-only) until it has."
+        )
     log(f"sweep 1/{len(todo)}: {baseline}")
     runs[baseline] = evaluate(
         model, prompts, baseline, resources=resources, out_dir=setting_dir(out, baseline), **evaluate_kwargs
     )
-    if control_top_k is not None and any(f.startswith("sasa") for f in families):
-        check_positive_int("control_top_k", control_top_k)
-        label = control_label(control_top_k)
+    if label is not None:
         log(f"sweep control: {label}")
         runs[label] = evaluate(
             model,
@@ -292,13 +323,17 @@ def run_sweep(
             out_dir=setting_dir(out, label),
             **{**evaluate_kwargs, "top_k": control_top_k},
         )
-        family_baselines = {f: label for f in families if f.startswith("sasa")}
+        family_baselines = {f: label for f in sasa}
     for i, spec in enumerate(todo[1:], start=2):
+        if spec in unfinished or skip(spec):
+            continue
         log(f"sweep {i}/{len(todo)}: {spec}")
         runs[spec] = evaluate(
             model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec), **evaluate_kwargs
         )
-    result = summarize_sweep(runs, families, baseline, ppl_budget, family_baselines)
+    done = {f: [spec for spec in v if spec in runs] for f, v in families.items()}
+    result = summarize_sweep(runs, {f: v for f, v in done.items() if v}, baseline, ppl_budget, family_baselines)
+    result.unfinished = unfinished
     write_text_atomic(out / "sweep.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "sweep.csv", result.table.to_csv(index=False))
     return result

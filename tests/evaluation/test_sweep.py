@@ -155,3 +155,35 @@ def test_run_sweep_evaluates_the_top_k_control_for_sasa_families(tmp_path):
     assert out.table["baseline"].tolist() == ["unsteered, top-k 4"]
     control = S.setting_dir(tmp_path, "unsteered, top-k 4")
     assert '"top_k": 4' in (control / "settings.json").read_text()
+
+
+def test_run_sweep_finished_only_summarises_what_has_finished_and_lists_the_rest(tmp_path):
+    import torch
+    from helpers import tiny_sae, tiny_subspace
+
+    from saesteer.steering.registry import Resources
+
+    model = tiny_model()
+    res = Resources(
+        sae=tiny_sae(), latent_scores=np.linspace(0, 1, 64), subspace=tiny_subspace(model, torch.Generator())
+    )
+    grid = {"weight": ["weight:strength=0", "weight:strength=1"], "sasa-softmax": ["sasa:beta=2,max_candidates=4"]}
+    kw = dict(k=2, max_new_tokens=3, scorer=WordScorer(), resources=res, out_dir=tmp_path, progress=False)
+    prompts = ["the cat sat", "you are a"]
+    with pytest.raises(ValueError, match="baseline 'unsteered' has not finished.*without --finished-only"):
+        S.run_sweep(model, prompts, grid, control_top_k=4, finished_only=True, log=lambda m: None, **kw)
+    assert not any(tmp_path.iterdir())  # nothing was evaluated
+    full = S.run_sweep(model, prompts, grid, control_top_k=4, log=lambda m: None, **kw)
+    assert full.unfinished == [] and "Partial" not in full.verdict()
+    (S.setting_dir(tmp_path, "weight:strength=1.0") / "summary.json").unlink()  # as if interrupted
+    (S.setting_dir(tmp_path, "unsteered, top-k 4") / "summary.json").unlink()  # SASA then has no control
+    part = S.run_sweep(model, prompts, grid, control_top_k=4, finished_only=True, log=lambda m: None, **kw)
+    assert part.table["spec"].tolist() == ["weight:strength=0.0"]
+    assert sorted(part.unfinished) == sorted(
+        ["unsteered, top-k 4", "sasa:beta=2.0,max_candidates=4", "weight:strength=1.0"]
+    )
+    assert "Partial sweep: 3 settings not finished" in part.verdict()
+    assert json.loads((tmp_path / "sweep.json").read_text())["unfinished"] == part.unfinished
+    assert not (S.setting_dir(tmp_path, "weight:strength=1.0") / "summary.json").exists()  # not evaluated
+    row = part.table.set_index("spec").loc["weight:strength=0.0"]
+    assert row["d_emt"] == full.table.set_index("spec").loc["weight:strength=0.0", "d_emt"]
