@@ -440,15 +440,9 @@ def _as_batch(model, prompts, attention_mask):
     return tokens, mask
 
 
-def _decode_step(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"],
-    cache: TransformerLensKeyValueCache | None,
-) -> Float[Tensor, "batch vocab"]:
-    """:func:`last_logits` without its ``no_grad`` decorator (what ``torch.compile`` traces; generate runs
-    under ``no_grad``)."""
-    return last_logits.__wrapped__(model, tokens, attention_mask, cache)
+_decode_step: Callable[..., Float[Tensor, "batch vocab"]] = last_logits.__wrapped__
+""":func:`last_logits` without its ``no_grad`` decorator (what ``torch.compile`` traces; generate runs
+under ``no_grad``)."""
 
 
 _COMPILED: dict[tuple, Callable] = {}

@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -55,13 +55,17 @@ def tiny_model(
     rotary: bool = False,
     n_layers: int = 2,
     d_model: int = 32,
-    normalization_type: str = "LN",
+    normalization_type: str | None = "LN",
     eos_prob_low: bool = True,
+    sharpen: bool = True,
+    **cfg: Any,
 ) -> HookedTransformer:
-    """A 2-layer model with a word-level tokenizer; its EOS logit is pushed down so generations run long."""
+    """A random model (2 layers by default) with a word-level tokenizer, in eval mode. ``sharpen``: logits x8 (so
+    greedy choices are not near-ties); ``eos_prob_low``: EOS logit pushed down (so generations run long); ``cfg``:
+    further :class:`HookedTransformerConfig` fields, over the ones the other arguments set."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(
+    settings = dict(
         n_layers=n_layers,
         d_model=d_model,
         n_ctx=128,
@@ -78,13 +82,26 @@ def tiny_model(
         default_prepend_bos=True,
         init_weights=True,
     )
-    model = HookedTransformer(cfg, tokenizer=tok)
+    model = HookedTransformer(HookedTransformerConfig(**{**settings, **cfg}), tokenizer=tok)
     with torch.no_grad():
-        # make the random model's logits sharper so greedy choices are not near-ties
-        model.unembed.W_U.mul_(8.0)
+        if sharpen:
+            model.unembed.W_U.mul_(8.0)
         if eos_prob_low:
             model.unembed.b_U[tok.eos_token_id] = -1e4
     model.eval()
+    return model
+
+
+def tiny_arch_model(arch: Mapping[str, Any], *, perturb: bool = False) -> HookedTransformer:
+    """A 3-layer random model of the architecture ``arch`` (:class:`HookedTransformerConfig` fields) with
+    TransformerLens' own initialisation and logits, in eval mode; ``perturb``: biases and norm gains moved off 0
+    and 1 (seeded), so that a test sees them."""
+    model = tiny_model(n_layers=3, n_ctx=64, d_mlp=64, sharpen=False, eos_prob_low=False, **arch)
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.split(".")[-1].startswith(("b_", "w")):
+                    p.add_(torch.randn_like(p) * 0.1)
     return model
 
 

@@ -168,21 +168,13 @@ def test_bad_prompts():
 
 def test_right_padded_token_prompts_are_repadded_left():
     model = tiny_model()
-    left = generate(
-        model,
-        torch.tensor([[0, 1, 4, 6]]),
-        attention_mask=torch.tensor([[0, 1, 1, 1]]),
-        max_new_tokens=5,
-        do_sample=False,
-    )
-    right = generate(
-        model,
-        torch.tensor([[1, 4, 6, 0]]),
-        attention_mask=torch.tensor([[1, 1, 1, 0]]),
-        max_new_tokens=5,
-        do_sample=False,
-    )
-    assert torch.equal(left.tokens, right.tokens)
+
+    def greedy(tokens: list[int], mask: list[int]) -> torch.Tensor:
+        return generate(
+            model, torch.tensor([tokens]), attention_mask=torch.tensor([mask]), max_new_tokens=5, do_sample=False
+        ).tokens
+
+    assert torch.equal(greedy([0, 1, 4, 6], [0, 1, 1, 1]), greedy([1, 4, 6, 0], [1, 1, 1, 0]))
 
 
 def test_nothing_is_written_to_disk_while_steering(tmp_path, monkeypatch):

@@ -344,21 +344,16 @@ def summarize(
     out.update(distinct_n([g["continuation"].tolist() for g in groups]))
     out["n_empty"] = int(generations["empty"].sum())
     if ci_n_boot:
+        resampling = dict(level=ci_level, n_boot=ci_n_boot, seed=ci_seed)  # recorded as ci_level, ci_n_boot, ci_seed
         cis = summary_intervals(
-            generations,
-            toxic_threshold=toxic_threshold,
-            max_ppl=max_ppl,
-            fluency=fluency,
-            level=ci_level,
-            n_boot=ci_n_boot,
-            seed=ci_seed,
+            generations, toxic_threshold=toxic_threshold, max_ppl=max_ppl, fluency=fluency, **resampling
         )
         ordered: dict[str, Any] = {}
         for key, v in out.items():  # each interval right after its metric
             ordered[key] = v
             if f"{key}_ci_low" in cis:
                 ordered[f"{key}_ci_low"], ordered[f"{key}_ci_high"] = cis[f"{key}_ci_low"], cis[f"{key}_ci_high"]
-        out = {**ordered, "ci_level": ci_level, "ci_n_boot": ci_n_boot, "ci_seed": ci_seed}
+        out = {**ordered, **{f"ci_{name}": v for name, v in resampling.items()}}
     return {k: _clean(v) if not isinstance(v, list) else v for k, v in out.items()}
 
 

@@ -47,7 +47,67 @@ def _prefix_length(view: Tensor, buffer: Tensor) -> int | None:
     return None
 
 
-class PreallocatedKVCacheEntry(TransformerLensKeyValueCacheEntry):
+class _Preallocated:
+    """What the cache and its entries share: a buffer (:meth:`_buffer`) of ``rows`` sequences x ``capacity``
+    positions (x a per-position shape) whose first positions are filled, and the check that a forward fits."""
+
+    def _buffer(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold per sequence."""
+        return int(self._buffer().shape[1])
+
+    @property
+    def rows(self) -> int:
+        """Sequences the buffers hold."""
+        return int(self._buffer().shape[0])
+
+    def _end_of_forward(self, rows: int, new: int, filled: int) -> int:
+        """``filled + new``: the end of a forward of ``rows`` x ``new`` positions written after the ``filled``
+        ones; a ValueError (nothing written) where it does not fit."""
+        end = filled + new
+        if rows != self.rows or end > self.capacity:
+            raise ValueError(
+                f"A forward of {rows} rows x {new} new positions does not fit this KV cache ({self.rows} rows, "
+                f"{filled} of {self.capacity} positions filled); allocate one for this batch and at least "
+                "prompt + new tokens positions."
+            )
+        return end
+
+
+class _FilledPart:
+    """An entry's ``past_keys`` (``i`` = 0) or ``past_values`` (1): the filled part of that buffer, a view.
+    Assigning a prefix view of the buffer sets its length; any other tensor is copied into its first positions."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __get__(self, entry: PreallocatedKVCacheEntry | None, owner: type | None = None) -> Tensor | _FilledPart:
+        if entry is None:
+            return self
+        return entry._buffers[self.i][:, : entry._filled[self.i]]
+
+    def __set__(self, entry: PreallocatedKVCacheEntry, value: Tensor) -> None:
+        buffer = entry._buffers[self.i]
+        n = _prefix_length(value, buffer)
+        if n is None:
+            if (
+                value.shape[0] != buffer.shape[0]
+                or value.shape[2:] != buffer.shape[2:]
+                or value.shape[1] > buffer.shape[1]
+            ):
+                raise ValueError(
+                    f"A {tuple(value.shape)} tensor does not fit this KV cache entry of {entry.rows} rows, "
+                    f"{entry.capacity} positions and per-position shape {tuple(buffer.shape[2:])}."
+                )
+            buffer[:, : value.shape[1]].copy_(value)
+            n = int(value.shape[1])
+        entry._filled[self.i] = n
+
+
+class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry):
     """One layer's keys and values in buffers of ``capacity`` positions; the first ``length`` are filled.
 
     ``past_keys`` / ``past_values`` are views of the filled part. Assigning them (as SASA's candidate forward
@@ -56,6 +116,9 @@ class PreallocatedKVCacheEntry(TransformerLensKeyValueCacheEntry):
     the next forward overwrites those positions), as upstream's frozen entry returns without storing.
     """
 
+    past_keys = _FilledPart(0)
+    past_values = _FilledPart(1)
+
     def __init__(
         self,
         keys: Float[Tensor, "batch capacity kv_head d_head"],
@@ -63,77 +126,38 @@ class PreallocatedKVCacheEntry(TransformerLensKeyValueCacheEntry):
     ) -> None:
         if keys.shape != values.shape:
             raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} buffers differ in shape.")
-        self._keys, self._values = keys, values
+        self._buffers = (keys, values)
         self._filled = [0, 0]  # keys, values (set apart while SASA keeps one and then the other)
         self.frozen = False
 
     def __repr__(self) -> str:
         return f"PreallocatedKVCacheEntry({self.length}/{self.capacity} positions, rows={self.rows})"
 
-    @property
-    def capacity(self) -> int:
-        return int(self._keys.shape[1])
-
-    @property
-    def rows(self) -> int:
-        return int(self._keys.shape[0])
+    def _buffer(self) -> Tensor:
+        return self._buffers[0]
 
     @property
     def length(self) -> int:
         """Positions filled."""
         return self._filled[0]
 
-    @property
-    def past_keys(self) -> Float[Tensor, "batch pos kv_head d_head"]:
-        return self._keys[:, : self._filled[0]]
-
-    @past_keys.setter
-    def past_keys(self, value: Tensor) -> None:
-        self._filled[0] = self._take(self._keys, value)
-
-    @property
-    def past_values(self) -> Float[Tensor, "batch pos kv_head d_head"]:
-        return self._values[:, : self._filled[1]]
-
-    @past_values.setter
-    def past_values(self, value: Tensor) -> None:
-        self._filled[1] = self._take(self._values, value)
-
-    def _take(self, buffer: Tensor, value: Tensor) -> int:
-        n = _prefix_length(value, buffer)
-        if n is not None:
-            return n
-        if value.shape[0] != buffer.shape[0] or value.shape[2:] != buffer.shape[2:] or value.shape[1] > buffer.shape[1]:
-            raise ValueError(
-                f"A {tuple(value.shape)} tensor does not fit this KV cache entry of {self.rows} rows, "
-                f"{self.capacity} positions and per-position shape {tuple(buffer.shape[2:])}."
-            )
-        buffer[:, : value.shape[1]].copy_(value)
-        return int(value.shape[1])
-
     def append(
         self, new_keys: Float[Tensor, "batch new kv_head d_head"], new_values: Float[Tensor, "batch new kv_head d_head"]
     ) -> tuple[Float[Tensor, "batch pos kv_head d_head"], Float[Tensor, "batch pos kv_head d_head"]]:
         """Write the new positions after the filled part; the keys and values up to them (views)."""
         start = self._filled[0]
-        end = start + new_keys.shape[1]
         if self._filled[1] != start:
             raise ValueError(f"This KV cache entry holds {start} keys but {self._filled[1]} values; set both alike.")
-        if new_keys.shape[0] != self.rows or end > self.capacity:
-            raise ValueError(
-                f"A forward of {new_keys.shape[0]} rows x {new_keys.shape[1]} new positions does not fit this KV "
-                f"cache ({self.rows} rows, {start} of {self.capacity} positions filled); allocate one for "
-                "this batch and at least prompt + new tokens positions."
-            )
-        self._keys[:, start:end] = new_keys
-        self._values[:, start:end] = new_values
-        keys, values = self._keys[:, :end], self._values[:, :end]
+        end = self._end_of_forward(new_keys.shape[0], new_keys.shape[1], start)
+        keys, values = self._buffers
+        keys[:, start:end] = new_keys
+        values[:, start:end] = new_values
         if not self.frozen:
             self._filled = [end, end]
-        return keys, values
+        return keys[:, :end], values[:, :end]
 
 
-class PreallocatedKVCache(TransformerLensKeyValueCache):
+class PreallocatedKVCache(_Preallocated, TransformerLensKeyValueCache):
     """TransformerLens' KV cache with every layer's buffers (and the attention mask) allocated once for
     ``capacity`` positions of ``rows`` sequences (:meth:`allocate`); see the module docstring."""
 
@@ -181,13 +205,8 @@ class PreallocatedKVCache(TransformerLensKeyValueCache):
         # long: upstream's int32 empty mask becomes int64 at its first cat with generate's mask
         return cls(entries, torch.zeros((rows, capacity), device=device, dtype=torch.long))
 
-    @property
-    def capacity(self) -> int:
-        return int(self._mask.shape[1])
-
-    @property
-    def rows(self) -> int:
-        return int(self._mask.shape[0])
+    def _buffer(self) -> Tensor:
+        return self._mask
 
     @property
     def length(self) -> int:
@@ -214,14 +233,7 @@ class PreallocatedKVCache(TransformerLensKeyValueCache):
     def append_attention_mask(self, attention_mask: Int[Tensor, "batch new"]) -> Int[Tensor, "batch pos"]:
         """Write the new positions' mask after the filled part (checking first that the forward's batch and
         new positions fit: TransformerLens calls this before any layer runs); the mask up to them (a view)."""
-        rows, new = attention_mask.shape
-        end = self._mask_length + new
-        if rows != self.rows or end > self.capacity:
-            raise ValueError(
-                f"A forward of {rows} rows x {new} new positions does not fit this KV cache ({self.rows} rows, "
-                f"{self._mask_length} of {self.capacity} positions filled); allocate one for this batch and at "
-                "least prompt + new tokens positions."
-            )
+        end = self._end_of_forward(*attention_mask.shape, self._mask_length)
         self._mask[:, self._mask_length : end] = attention_mask.to(self._mask.device)
         if not self.frozen:
             self._mask_length = end

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_model, tiny_sae
+from helpers import tiny_model, tiny_sae, tiny_subspace
 
 import saesteer.generation as generation
 from saesteer.cli import main as saesteer_main
@@ -26,7 +26,6 @@ from saesteer.evaluation.runner import (
 from saesteer.evaluation.statistics import bootstrap_ci, paired_difference
 from saesteer.generation import Decoder, SamplingConfig
 from saesteer.steering.registry import Method, Resources, parse_method
-from saesteer.steering.sasa_subspace import Subspace
 
 PROMPTS = [
     "the cat sat on the",
@@ -65,12 +64,7 @@ def model():
 @pytest.fixture(scope="module")
 def resources(model):
     g = torch.Generator().manual_seed(0)
-    sub = Subspace(
-        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
-        mu_mu=torch.zeros(32),
-        model_name=model.cfg.model_name,
-        d_model=32,
-    )
+    sub = tiny_subspace(model, g)
     table = pd.DataFrame({"latent": list(range(10)), "freq_non_toxic": [0.0] * 10})
     return Resources(sae=tiny_sae(), subspace=sub, contrast_table=table, latent_scores=torch.rand(64, generator=g))
 

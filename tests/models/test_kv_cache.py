@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_sae, tiny_tokenizer
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from helpers import tiny_arch_model, tiny_sae, tiny_subspace
+from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 import saesteer.generation as generation
@@ -15,7 +15,6 @@ from saesteer.models.kv_cache import PreallocatedKVCache
 from saesteer.models.tl_fixes import apply_all_fixes
 from saesteer.steering.decoder import DecoderSteering
 from saesteer.steering.sasa import Attribute, SASADecoder
-from saesteer.steering.sasa_subspace import Subspace
 
 _GQA = dict(
     gated_mlp=True,
@@ -41,16 +40,7 @@ HOSTED = {  # as tests/models/test_loading.py: the architecture families load_mo
 
 def _model(arch: str) -> HookedTransformer:
     """A random model of ``arch`` (biases and norm gains too), prepared as load_model prepares models."""
-    tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok), seed=0, **HOSTED[arch]
-    )
-    model = HookedTransformer(cfg, tokenizer=tok)
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.split(".")[-1].startswith(("b_", "w")):
-                p.add_(torch.randn_like(p) * 0.1)
+    model = tiny_arch_model(HOSTED[arch], perturb=True)
     apply_all_fixes(model)
     return model.eval()
 
@@ -73,13 +63,7 @@ def _padded_batch(model):
 
 
 def _runs(model):
-    g = torch.Generator().manual_seed(1)
-    sub = Subspace(
-        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
-        mu_mu=torch.zeros(32),
-        model_name=model.cfg.model_name,
-        d_model=32,
-    )
+    sub = tiny_subspace(model, torch.Generator().manual_seed(1))
     steer = DecoderSteering(tiny_sae(d_in=32, layer=1), [1, 2, 3], tier="proportional", alpha=2.0)
     sampled = dict(do_sample=True, top_p=0.9, seed=3)
     return {

@@ -440,23 +440,18 @@ def test_smollm2_fresh_processing_equals_cached(smollm2_folder: Path, smollm2) -
 def test_smollm2_fixes_change_no_logit_and_no_token(smollm2) -> None:
     """Issue 7's check on the real model: load_model's TransformerLens fixes (layout, mask and norm sharing)
     against the stock model, on a left-padded batch: logits, greedy tokens, SASA tokens."""
+    from helpers import tiny_subspace
+
     from saesteer.generation import generate
     from saesteer.models.tokens import tokenize
     from saesteer.steering.sasa import Attribute, SASADecoder
-    from saesteer.steering.sasa_subspace import Subspace
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stock = load_model("smollm2-135m", fix_layout=False)
     prompts = ["The capital of France is", "You are such a kind and thoughtful person, and I"]
     tokens, mask, _ = tokenize(smollm2, prompts, side="left")
-    d = smollm2.cfg.d_model
-    sub = Subspace(
-        wv=torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0),
-        mu_mu=torch.zeros(d),
-        model_name=smollm2.cfg.model_name,
-        d_model=d,
-    )
+    sub = tiny_subspace(smollm2, torch.Generator().manual_seed(0))
     results = []
     for model in (smollm2, stock):
         with torch.no_grad():
@@ -496,15 +491,9 @@ ROTARY = {
 
 
 def _rotary_model(arch: str) -> HookedTransformer:
-    from helpers import tiny_tokenizer
+    from helpers import tiny_arch_model
 
-    tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok), seed=0, **ROTARY[arch]
-    )
-    model = HookedTransformer(cfg, tokenizer=tok)
-    model.init_weights()
-    return model.eval()
+    return tiny_arch_model(ROTARY[arch])
 
 
 def _logits_and_greedy(model, tokens, mask, new_tokens: int, decoder=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -831,32 +820,15 @@ def test_all_fixes_keep_outputs_on_hosted_architectures(arch: str) -> None:
     """What load_model applies (apply_all_fixes: layout, mask and norm sharing, projection fixes, hook skipping)
     changes no logit and no greedy token, for
     plain and SASA decoding, on each architecture family (random weights, biases, padded batch)."""
-    from helpers import tiny_tokenizer
+    from helpers import tiny_arch_model, tiny_subspace
 
     from saesteer.steering.sasa import Attribute, SASADecoder
-    from saesteer.steering.sasa_subspace import Subspace
 
-    tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok), seed=0, **HOSTED[arch]
-    )
-    model = HookedTransformer(cfg, tokenizer=tok)
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.split(".")[-1].startswith(("b_", "w")):  # biases and norm gains, so the test sees them
-                p.add_(torch.randn_like(p) * 0.1)
-    model.eval()
-    tokens = torch.randint(3, len(tok), (3, 9), generator=torch.Generator().manual_seed(0))
+    model = tiny_arch_model(HOSTED[arch], perturb=True)  # biases and norm gains too, so the test sees them
+    tokens = torch.randint(3, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
     mask[0, :3] = 0
-    g = torch.Generator().manual_seed(1)
-    sub = Subspace(
-        wv=torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0),
-        mu_mu=torch.zeros(32),
-        model_name=cfg.model_name,
-        d_model=32,
-    )
+    sub = tiny_subspace(model, torch.Generator().manual_seed(1))
 
     def run():
         logits, plain = _logits_and_greedy(model, tokens, mask, 6)

@@ -142,9 +142,6 @@ PROMPTS3 = ["the cat sat on the mat and ran to the park", "hello you", "we love 
 def _variant(kind: str, seed: int = 0, n_ctx: int = 128):
     """Tiny variants: Llama-like (rotary, GQA, RMS, gated), rotary with partial rotation and no final norm,
     GPT-2-like (absolute positions), shortformer, and ALiBi (unsupported by the shared path)."""
-    from helpers import tiny_tokenizer
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     pos, kw = {
         "llama": (
             "rotary",
@@ -155,26 +152,7 @@ def _variant(kind: str, seed: int = 0, n_ctx: int = 128):
         "shortformer": ("shortformer", dict(normalization_type="LN", act_fn="gelu")),
         "alibi": ("alibi", dict(normalization_type="LN", act_fn="gelu")),
     }[kind]
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=n_ctx,
-        d_head=8,
-        n_heads=4,
-        d_mlp=64,
-        d_vocab=len(tok),
-        positional_embedding_type=pos,
-        seed=seed,
-        default_prepend_bos=True,
-        **kw,
-    )
-    model = HookedTransformer(cfg, tokenizer=tok)
-    with torch.no_grad():
-        model.unembed.W_U.mul_(8.0)
-        model.unembed.b_U[tok.eos_token_id] = -1e4
-    return model.eval()
+    return tiny_model(seed=seed, n_ctx=n_ctx, d_mlp=64, positional_embedding_type=pos, **kw)
 
 
 class _Recorder(SASADecoder):
