@@ -234,6 +234,12 @@ _REPORT_HELP = (
 )
 
 
+_FINISHED_ONLY_HELP = (
+    "evaluate nothing new: summarise the settings already finished in --out-dir (a partial sweep.json that lists "
+    "the unfinished ones)"
+)
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     from saesteer.evaluation.runner import RTP_SAMPLING as rtp
     from saesteer.evaluation.sweep import PPL_BUDGET
@@ -272,12 +278,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="sweep", help="one resumable folder per setting, sweep.json/csv/html")
-    p.add_argument(
-        "--finished-only",
-        action="store_true",
-        help="evaluate nothing new: summarise the settings already finished in --out-dir (a partial sweep.json "
-        "that lists the unfinished ones)",
-    )
+    p.add_argument("--finished-only", action="store_true", help=_FINISHED_ONLY_HELP)
     p.add_argument("--report", action="store_true", help=_REPORT_HELP)
     p.add_argument("--report-k", type=int, default=10, help="generations per prompt of the reported table")
     p.add_argument("--report-dir", default=None, help="default: <out-dir>/report")
