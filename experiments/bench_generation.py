@@ -142,6 +142,11 @@ def main() -> None:
         "with seeded random weights, for machines that cannot fetch the weights",
     )
     experiment.add_sae_argument(ap)
+    ap.add_argument(
+        "--compile",
+        default=None,
+        help="torch.compile backend of our cached decoding step (inductor: the GPU path; default: eager)",
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
@@ -180,7 +185,7 @@ def main() -> None:
     sae, sae_note = loaded.sae, loaded.note
     sub = random_subspace(model)
     n = args.new_tokens
-    kw = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False)
+    kw = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False, compile=args.compile or False)
     settings = steering_settings(model, sae)
     if not args.no_sasa:
         settings["sasa-10"] = dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=10))
@@ -205,7 +210,7 @@ def main() -> None:
 
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = batch_prompts(b)
-        generate(model, prompts, max_new_tokens=2, do_sample=False)  # warm-up
+        generate(model, prompts, **{**kw, "max_new_tokens": 2})  # warm-up (and compile)
         plain = lambda: generate(model, prompts, **kw)  # noqa: E731
         unsteered_vs_hf = None
         if hf is not None:
@@ -349,6 +354,7 @@ def main() -> None:
     meta = dict(
         model=args.model,
         random_weights=args.random_weights,
+        compile=args.compile,
         sae=sae_note,
         d_sae=sae.cfg.d_sae,
         new_tokens=n,
