@@ -366,7 +366,7 @@ def _sweep(a: argparse.Namespace) -> int:
         **_options(a, "out_dir", "k", "max_new_tokens", "top_p", "seed", "ppl_budget"),
     )
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)
-    print(result.verdict())
+    print(result.markdown() + "\n\n" + result.verdict())
     if a.report:
         from saesteer.evaluation.report import report_rows, run_report
 

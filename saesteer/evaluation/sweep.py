@@ -198,6 +198,41 @@ class SweepResult:
             )
         return "\n".join(lines)
 
+    def markdown(self, digits: int = 3) -> str:
+        """The table as Markdown: the baselines, then each setting with EMT, Tox. Prob. and PPL and their 95%
+        intervals, the paired EMT difference to its baseline with its interval, the PPL ratio, and a mark on
+        the recommended setting (R) and the Pareto front (P)."""
+
+        def iv(value: float, low: float | None, high: float | None, fmt: str = f".{digits}f") -> str:
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                return "-"
+            band = "" if low is None or high is None else f" [{low:{fmt}}, {high:{fmt}}]"
+            return f"{value:{fmt}}{band}"
+
+        def summary_cells(s: dict) -> list[str]:
+            return [
+                iv(s["exp_max_toxicity"], s.get("exp_max_toxicity_ci_low"), s.get("exp_max_toxicity_ci_high")),
+                iv(s["toxicity_prob"], s.get("toxicity_prob_ci_low"), s.get("toxicity_prob_ci_high")),
+                iv(s.get("ppl"), s.get("ppl_ci_low"), s.get("ppl_ci_high"), ".1f"),
+            ]
+
+        head = ["setting", "EMT [95%]", "Tox. Prob. [95%]", "PPL [95%]", "ΔEMT vs its baseline [95%]", "PPL ×", ""]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        summaries = {self.baseline: self.baseline_summary, **self.baseline_summaries}
+        for label, summary in summaries.items():
+            lines.append("| " + " | ".join([f"{label} (baseline)", *summary_cells(summary), "", "", ""]) + " |")
+        for _, r in self.table.iterrows():
+            cells = [
+                iv(r["emt"], r["emt_ci_low"], r["emt_ci_high"]),
+                iv(r["tox_prob"], r["tox_prob_ci_low"], r["tox_prob_ci_high"]),
+                iv(r["ppl"], r["ppl_ci_low"], r["ppl_ci_high"], ".1f"),
+                iv(r["d_emt"], r["d_emt_ci_low"], r["d_emt_ci_high"], f"+.{digits}f") + f" vs {r['baseline']}",
+                f"{r['ppl_ratio']:.2f}",
+                ("R" if self.recommended.get(r["family"]) == r["spec"] else "") + ("P" if r["pareto"] else ""),
+            ]
+            lines.append("| " + " | ".join([f"{r['family']}: {r['spec']}", *cells]) + " |")
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         return {
             "baseline": self.baseline,
@@ -305,7 +340,8 @@ def run_sweep(
     the SASA families are judged against ``baseline`` sampled with ``top_k=control_top_k`` (its folder and
     label: :func:`control_label`). ``finished_only``: evaluate nothing new; summarise the settings whose
     folder holds a finished run (the baseline must be one; SASA families need their control too) and list
-    the others in :attr:`SweepResult.unfinished`. Writes ``sweep.json`` and ``sweep.csv``.
+    the others in :attr:`SweepResult.unfinished`. Writes ``sweep.json``, ``sweep.csv`` and ``sweep.md`` (the
+    table and the verdict).
     """
     from saesteer.evaluation.runner import evaluate
     from saesteer.steering.registry import parse_method
@@ -368,6 +404,7 @@ def run_sweep(
     result.unfinished = unfinished
     write_text_atomic(out / "sweep.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "sweep.csv", result.table.to_csv(index=False))
+    write_text_atomic(out / "sweep.md", result.markdown() + "\n\n" + result.verdict() + "\n")
     return result
 
 

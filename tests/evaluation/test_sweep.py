@@ -121,6 +121,14 @@ def test_recommendation_rule_and_plain_verdict():
         S.summarize_sweep(runs, fam, "unsteered", ppl_budget=0.5)
     fig = S.sweep_figure(res)
     assert any(getattr(t, "error_y", None) is not None and t.error_y.array is not None for t in fig.data)
+    md = res.markdown().splitlines()
+    assert len(md) == 2 + 1 + 3 and md[2].startswith("| unsteered (baseline) | ")
+    line = next(x for x in md if x.startswith("| decoder: decoder:alpha=1.0 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert row["emt_ci_low"] is None and cells[1] == f"{row['emt']:.3f}"  # these summaries carry no interval
+    assert cells[4] == f"{row['d_emt']:+.3f} [{row['d_emt_ci_low']:+.3f}, {row['d_emt_ci_high']:+.3f}] vs unsteered"
+    assert cells[5] == "1.10" and cells[6] == "RP"  # recommended, and on the front (lowest PPL)
+    assert next(x for x in md if x.startswith("| swap:")).endswith("| P |")  # alone in its family: on its front
 
 
 def test_sasa_families_are_judged_against_the_top_k_control():
@@ -165,6 +173,7 @@ def test_run_sweep_on_a_tiny_model_resumes_from_its_folders(tmp_path):
     assert row["d_emt"] == 0 and row["d_emt_ci_low"] == row["d_emt_ci_high"] == 0
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["baseline"] == "unsteered" and len(saved["settings"]) == 2
+    assert (tmp_path / "sweep.md").read_text() == first.markdown() + "\n\n" + first.verdict() + "\n"
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert len(folders) == 3  # one per setting, baseline included
     again = S.run_sweep(model, prompts, grid, log=lambda m: None, **kw)
