@@ -718,11 +718,11 @@ def evaluate(
                 f"{paths['jsonl']} holds prompts that are not in this prompt set / shard (e.g. index {stray[0]}); "
                 "use another out_dir."
             )
-        if records:
-            _write_json(paths["settings"], settings)
-            settings_written = True
-
     todo = [i for i in positions if i not in records]
+    if paths and records:
+        if todo or old is None:
+            _write_json(paths["settings"], settings)
+        settings_written = True  # a finished folder read back keeps the settings (and command) that made it
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -796,15 +796,18 @@ def evaluate(
     )
     if paths:
         save_atomic(paths["csv"], lambda tmp: gens.to_csv(tmp, index=False))
-        _write_json(
-            paths["summary"],
-            {
-                "summary": summary,
-                "seconds_this_run": round(time.time() - t0, 2),
-                "prompts_computed_this_run": len(todo),
-                "generation_this_run": speed,
-            },
-        )
+        timing = {
+            "seconds_this_run": round(time.time() - t0, 2),
+            "prompts_computed_this_run": len(todo),
+            "generation_this_run": speed,
+        }
+        if not todo and paths["summary"].is_file():  # read back whole: how long the run took stays on record
+            try:
+                kept = json.loads(paths["summary"].read_text(encoding="utf-8"))
+                timing = {key: kept[key] for key in timing} if all(key in kept for key in timing) else timing
+            except (UnicodeDecodeError, ValueError):
+                pass  # a damaged summary is rewritten whole
+        _write_json(paths["summary"], {"summary": summary, **timing})
     return result
 
 

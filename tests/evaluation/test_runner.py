@@ -154,10 +154,15 @@ def test_interrupted_run_resumes_without_recomputing(model, tmp_path, monkeypatc
     assert calls == PROMPTS[2:] and scorer.texts == 4 * 3  # only the 4 prompts not done yet
     pd.testing.assert_frame_equal(resumed.generations, clean.generations, check_exact=True)
     assert resumed.summary == clean.summary
-    # a third run computes nothing
+    # a third run computes nothing, and leaves the record of the run that finished the folder as it was
+    settings_text = (tmp_path / "settings.json").read_text()
+    finished = json.loads((tmp_path / "summary.json").read_text())
+    assert finished["prompts_computed_this_run"] == 4
     calls.clear()
-    evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, **KW)
-    assert calls == []
+    again = evaluate(model, PROMPTS, scorer=WordScorer(), out_dir=tmp_path, **KW)
+    assert calls == [] and again.summary == clean.summary
+    assert (tmp_path / "settings.json").read_text() == settings_text
+    assert json.loads((tmp_path / "summary.json").read_text()) == finished
 
 
 def test_a_write_cut_off_mid_line_is_dropped_and_redone(model, tmp_path):
