@@ -804,7 +804,8 @@ def evaluate(
         if not todo and paths["summary"].is_file():  # read back whole: how long the run took stays on record
             try:
                 kept = json.loads(paths["summary"].read_text(encoding="utf-8"))
-                timing = {key: kept[key] for key in timing} if all(key in kept for key in timing) else timing
+                if "seconds_this_run" in kept:  # whatever timing the saesteer that made it recorded
+                    timing = {key: value for key, value in kept.items() if key != "summary"}
             except (UnicodeDecodeError, ValueError):
                 pass  # a damaged summary is rewritten whole
         _write_json(paths["summary"], {"summary": summary, **timing})
