@@ -677,13 +677,15 @@ def _grouped_bmm(lhs: torch.Tensor, rhs: torch.Tensor, stock_copies: bool) -> to
     return out.view(group, batch, kv, m, n).permute(1, 2, 0, 3, 4)
 
 
-def _upstream_gqa(self, heads: int, kv_heads: int, x: torch.Tensor) -> bool:
+def _upstream_gqa(self, heads: int, kv_heads: int, x: torch.Tensor, y: torch.Tensor) -> bool:
     """True where the grouped-query products are left to upstream: ungrouped attention, heads that do not divide
     into groups, tensors off the CPU or not in float32/float64 (the products' bits are measured on MKL's float
-    kernels only; CPU float16 products differ with the layout), and ``torch.compile`` (its functionalisation
-    rejects the ``out=`` writes into views; it compiles upstream's repeat instead)."""
+    kernels only; CPU float16 products differ with the layout), ``torch.compile`` (its functionalisation
+    rejects the ``out=`` writes into views; it compiles upstream's repeat instead) and inputs that autograd
+    records (``out=`` writes are not differentiable; generation runs under ``no_grad`` and takes the fast path)."""
     return bool(
-        self.cfg.ungroup_grouped_query_attention
+        (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
+        or self.cfg.ungroup_grouped_query_attention
         or heads % kv_heads
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
@@ -697,7 +699,7 @@ def _gqa_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
     batch, n_q, heads, d_head = q.shape
     kv_heads, n_k = k.shape[2], k.shape[1]
-    if _upstream_gqa(self, heads, kv_heads, q):
+    if _upstream_gqa(self, heads, kv_heads, q, k):
         return type(self).calculate_attention_scores(self, q, k)
     # upstream's matmul reshapes the repeated [batch, head, d_head, key] keys to [batch * head, d_head, key]: a
     # view at one row, one key or one head, else a copy
@@ -712,7 +714,7 @@ def _gqa_z(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     """``GroupedQueryAttention.calculate_z_scores`` without repeating the values (cause 4; bound)."""
     batch, heads, n_q, n_k = pattern.shape
     kv_heads = v.shape[2]
-    if _upstream_gqa(self, heads, kv_heads, v):
+    if _upstream_gqa(self, heads, kv_heads, v, pattern):
         return type(self).calculate_z_scores(self, v, pattern)
     products = _grouped_bmm(pattern, v.permute(0, 2, 1, 3), min(batch, n_k, heads) > 1)
     z = products.contiguous().view(batch, heads, n_q, v.shape[-1])  # upstream's layout (a copy of z, if not yet)

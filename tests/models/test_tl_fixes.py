@@ -121,3 +121,15 @@ def test_smollm2_decoding_one_row_equals_upstream_bit_for_bit() -> None:
     theirs = generate(stock, "The capital of France is", **kw)
     assert torch.equal(ours.tokens, theirs.tokens)
     assert all(torch.equal(a, b) for a, b in zip(ours.scores, theirs.scores))
+
+
+def test_gqa_products_stay_differentiable() -> None:
+    """Inputs that autograd records take upstream's products (``out=`` writes cannot be differentiated): the
+    same values, and gradients that flow back to queries, keys, values and pattern."""
+    attn = _attention(9, 3, 64)
+    q, k, v, pattern = (t.requires_grad_() for t in _inputs(2, 3, 7, attn, torch.Generator().manual_seed(0)))
+    scores, z = _gqa_scores(attn, q, k), _gqa_z(attn, v, pattern)
+    with torch.no_grad():
+        assert torch.equal(scores, _gqa_scores(attn, q, k)) and torch.equal(z, _gqa_z(attn, v, pattern))
+    (scores.sum() + z.sum()).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v, pattern))
