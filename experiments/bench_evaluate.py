@@ -77,6 +77,18 @@ def one_at_a_time(model, prompts, ids, built, sampling, k, seed) -> tuple[int, f
     return tokens, seconds, cpu
 
 
+def rate_summary(rates: list[tuple[float, float]], after: str) -> dict[str, float]:
+    """(before, after) tokens/s pairs -> the best of each side (``before_tok_s``, ``<after>_tok_s``), the ratio of
+    the bests and the median of the per-pair ratios (a slow spell of a shared machine lands on both sides)."""
+    best_before, best_after = max(b for b, _ in rates), max(a for _, a in rates)
+    return {
+        "before_tok_s": best_before,
+        f"{after}_tok_s": best_after,
+        "best_ratio": best_after / best_before,
+        "paired_ratio": statistics.median(a / b for b, a in rates),
+    }
+
+
 TIME_EVALUATE = """
 import json, sys, time
 import numpy as np, pandas as pd, torch
@@ -146,12 +158,7 @@ def compare_versions(args, frame, started: float) -> None:
     summary = {}
     for clock, label in (("wall", "wall-clock"), ("cpu", "CPU")):
         rates = [(p["before"]["tokens"] / p["before"][clock], p["after"]["tokens"] / p["after"][clock]) for p in pairs]
-        summary[label] = dict(
-            before_tok_s=max(b for b, _ in rates),
-            now_tok_s=max(a for _, a in rates),
-            best_ratio=max(a for _, a in rates) / max(b for b, _ in rates),
-            paired_ratio=statistics.median(a / b for b, a in rates),
-        )
+        summary[label] = rate_summary(rates, "now")
         print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary[label].items()), flush=True)
     meta = dict(
         model=args.model,
@@ -225,20 +232,15 @@ def main() -> None:
             flush=True,
         )
 
-    def rate(p, side, clock):
-        return p[f"{side}_tokens"] / p[f"{side}_{clock}"]
-
     summary = {}
     for clock, label in (("s", "wall-clock"), ("cpu_s", "CPU")):
-        best_before = max(rate(p, "before", clock) for p in pairs)
-        best_after = max(rate(p, "batched", clock) for p in pairs)
-        ratio = statistics.median(rate(p, "batched", clock) / rate(p, "before", clock) for p in pairs)
-        summary[label] = dict(
-            before_tok_s=best_before, batched_tok_s=best_after, best_ratio=best_after / best_before, paired_ratio=ratio
-        )
+        rates = [
+            (p["before_tokens"] / p[f"before_{clock}"], p["batched_tokens"] / p[f"batched_{clock}"]) for p in pairs
+        ]
+        sm = summary[label] = rate_summary(rates, "batched")
         print(
-            f"{label}: one prompt at a time {best_before:.1f} tok/s, batched {best_after:.1f} tok/s (best of "
-            f"{args.repeats}): x{best_after / best_before:.2f}; median of paired ratios x{ratio:.2f}"
+            f"{label}: one prompt at a time {sm['before_tok_s']:.1f} tok/s, batched {sm['batched_tok_s']:.1f} tok/s "
+            f"(best of {args.repeats}): x{sm['best_ratio']:.2f}; median of paired ratios x{sm['paired_ratio']:.2f}"
         )
     meta = dict(
         model=args.model,

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from saesteer.data.atomic import write_text_atomic
+from saesteer.evaluation.statistics import with_interval
 from saesteer.evaluation.sweep import SweepResult, control_label, setting_dir
 
 __all__ = ["ReportRow", "ReportResult", "load_sweep", "report_rows", "run_report"]
@@ -119,12 +120,7 @@ class ReportResult:
         """The table as Markdown: each metric with its 95% interval, differences with theirs."""
 
         def iv(r: pd.Series, key: str) -> str:
-            v, lo, hi = r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                return "—"
-            if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
-                return f"{v:.{digits}f}"
-            return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+            return with_interval(r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high"), f".{digits}f")
 
         head = (
             "| setting | EMT [95%] | Tox. Prob. [95%] | ΔEMT vs unsteered [95%] | ΔEMT vs top-k control [95%] "

@@ -50,6 +50,7 @@ __all__ = [
     "prompt_table",
     "resample_indices",
     "summary_intervals",
+    "with_interval",
 ]
 
 #: The metrics with an interval, in the order the summary lists them.
@@ -440,3 +441,17 @@ def summary_intervals(
         out[f"{m}_ci_low"] = iv.low if iv is not None else math.nan
         out[f"{m}_ci_high"] = iv.high if iv is not None else math.nan
     return out
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def with_interval(value: Any, low: Any = None, high: Any = None, fmt: str = ".3f") -> str:
+    """``value [low, high]`` formatted with ``fmt`` for a Markdown table: ``value`` alone where the interval is
+    missing, "—" where the value is."""
+    if _missing(value):
+        return "—"
+    if _missing(low) or _missing(high):
+        return f"{value:{fmt}}"
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"

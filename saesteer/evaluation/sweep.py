@@ -203,16 +203,14 @@ class SweepResult:
         intervals, the paired EMT difference to its baseline with its interval, the PPL ratio, and a mark on
         the recommended setting (R) and the Pareto front (P)."""
 
-        def iv(value: float, low: float | None, high: float | None, fmt: str = f".{digits}f") -> str:
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                return "-"
-            band = "" if low is None or high is None else f" [{low:{fmt}}, {high:{fmt}}]"
-            return f"{value:{fmt}}{band}"
+        from saesteer.evaluation.statistics import with_interval as iv
+
+        fmt = f".{digits}f"
 
         def summary_cells(s: dict) -> list[str]:
             return [
-                iv(s["exp_max_toxicity"], s.get("exp_max_toxicity_ci_low"), s.get("exp_max_toxicity_ci_high")),
-                iv(s["toxicity_prob"], s.get("toxicity_prob_ci_low"), s.get("toxicity_prob_ci_high")),
+                iv(s["exp_max_toxicity"], s.get("exp_max_toxicity_ci_low"), s.get("exp_max_toxicity_ci_high"), fmt),
+                iv(s["toxicity_prob"], s.get("toxicity_prob_ci_low"), s.get("toxicity_prob_ci_high"), fmt),
                 iv(s.get("ppl"), s.get("ppl_ci_low"), s.get("ppl_ci_high"), ".1f"),
             ]
 
@@ -223,8 +221,8 @@ class SweepResult:
             lines.append("| " + " | ".join([f"{label} (baseline)", *summary_cells(summary), "", "", ""]) + " |")
         for _, r in self.table.iterrows():
             cells = [
-                iv(r["emt"], r["emt_ci_low"], r["emt_ci_high"]),
-                iv(r["tox_prob"], r["tox_prob_ci_low"], r["tox_prob_ci_high"]),
+                iv(r["emt"], r["emt_ci_low"], r["emt_ci_high"], fmt),
+                iv(r["tox_prob"], r["tox_prob_ci_low"], r["tox_prob_ci_high"], fmt),
                 iv(r["ppl"], r["ppl_ci_low"], r["ppl_ci_high"], ".1f"),
                 iv(r["d_emt"], r["d_emt_ci_low"], r["d_emt_ci_high"], f"+.{digits}f") + f" vs {r['baseline']}",
                 f"{r['ppl_ratio']:.2f}",

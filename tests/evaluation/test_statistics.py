@@ -351,3 +351,13 @@ def test_tradeoff_table_and_figure_carry_intervals_and_paired_differences():
     assert sasa[0].error_x.array[0] == pytest.approx(s["ppl_ci_high"] - s["ppl"])
     assert sasa[0].error_x.arrayminus[0] == pytest.approx(s["ppl"] - s["ppl_ci_low"])
     assert "[" in sasa[0].hovertext[0]  # the hover shows the intervals
+
+
+def test_with_interval_formats_a_value_and_its_interval_for_a_table():
+    from saesteer.evaluation.statistics import with_interval
+
+    assert with_interval(0.4567, 0.3, 0.61) == "0.457 [0.300, 0.610]"
+    assert with_interval(-0.05, -0.1, 0.002, "+.2f") == "-0.05 [-0.10, +0.00]"
+    assert with_interval(12.0, None, 13.0, ".1f") == "12.0"  # half an interval is no interval
+    assert with_interval(12.0, float("nan"), 13.0, ".1f") == "12.0"
+    assert with_interval(None, 0.1, 0.2) == with_interval(float("nan")) == "—"
