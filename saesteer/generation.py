@@ -28,6 +28,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -54,9 +55,9 @@ same to the bit whatever the other rows are, on x86 CPUs with MKL (measured; GPU
   vector lanes, and padding moves the keys to other lanes, in a way that depends on the shapes), so
   prompts of different lengths do not share a batch.
 
-:func:`saesteer.evaluation.evaluate` batches this way (prompts of equal length; copies of a prompt fill a
-batch up to this many rows) and SASA forwards at least
-:data:`saesteer.steering.sasa.MIN_FORWARDED_CANDIDATES` candidates."""
+:func:`saesteer.evaluation.evaluate` batches this way: prompts of equal length, and ``generate(min_rows=16)``
+adds filler rows (decoded, not sampled) where a product would have fewer; SASA forwards at least
+:data:`saesteer.steering.sasa.MIN_FORWARDED_CANDIDATES` candidates per row, so its steps need none."""
 
 
 def _caller_stacklevel() -> int:
@@ -279,12 +280,41 @@ def process_logits(
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - cfg.top_p)
-        remove[..., -1:] = False
-        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+        logits = top_p_filter(logits, cfg.top_p)
     return logits
+
+
+def _top_p_by_index(logits: Float[Tensor, "batch vocab"], top_p: float) -> Float[Tensor, "batch vocab"]:
+    """Hugging Face's ``TopPLogitsWarper``: sort ascending, drop the tokens whose cumulative probability is
+    <= 1 - top_p (the most likely one always kept)."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cum <= (1 - top_p)
+    remove[..., -1:] = False
+    return logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+
+
+def top_p_filter(logits: Float[Tensor, "batch vocab"], top_p: float) -> Float[Tensor, "batch vocab"]:
+    """Nucleus filtering (Holtzman et al. 2020) with Hugging Face's arithmetic, the same bits as
+    :func:`_top_p_by_index`, from sorted values alone: cum = cumsum(softmax(sorted ascending)) never decreases,
+    so the dropped tokens are the n = #{cum <= 1 - top_p} smallest, i.e. those below the first kept value v_n.
+    On CPU numpy's vectorised sort gives the values ~15x faster than ``torch.sort`` with its indices (the
+    sampling step's largest cost at a 49k vocabulary). A row where v_n ties a dropped value (which of the
+    tied tokens go then depends on the index sort's order) or holds a NaN is filtered by the index sort."""
+    values = logits.detach()
+    if values.device.type == "cpu":
+        values = torch.from_numpy(np.sort(values.numpy(), axis=-1))
+    else:
+        values = torch.sort(values, dim=-1).values
+    cum = values.softmax(-1).cumsum(-1)
+    n = (cum <= (1 - top_p)).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    first_kept = values.gather(-1, n)
+    out = logits.masked_fill(logits < first_kept, float("-inf"))
+    tied = (n > 0) & (values.gather(-1, (n - 1).clamp(min=0)) == first_kept)
+    redo = (tied.squeeze(-1) | logits.isnan().any(-1)).nonzero().squeeze(-1)
+    if len(redo):
+        out[redo] = _top_p_by_index(logits[redo], top_p)
+    return out
 
 
 _PICKED: ContextVar[list[Tensor] | None] = ContextVar("saesteer_picked_logits", default=None)
@@ -339,20 +369,37 @@ def pick(
     return torch.cat(parts).squeeze(-1)
 
 
+def unembed_last(
+    model: HookedTransformer, normed: Float[Tensor, "batch d_model"], min_rows: int = 1
+) -> Float[Tensor, "batch vocab"]:
+    """Logits of one position per row: softcap(normed @ W_U + b_U).
+
+    ``min_rows``: below it, zero rows pad the product to that many rows and are dropped after, so that the
+    product's bits are those of a batch of ``min_rows`` (:data:`INVARIANT_ROWS`: MKL's 16-or-more-row class,
+    whatever the batch)."""
+    extra = min_rows - normed.shape[0]
+    if extra > 0:
+        normed = torch.cat([normed, normed.new_zeros(extra, normed.shape[-1])])
+    logits = apply_softcap(model.unembed(normed.unsqueeze(1)), model.cfg.output_logits_soft_cap)[:, -1]
+    return logits[: logits.shape[0] - max(extra, 0)]
+
+
 @torch.no_grad()
 def last_logits(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
     cache: TransformerLensKeyValueCache | None,
+    min_rows: int = 1,
 ) -> Float[Tensor, "batch vocab"]:
-    """Logits at the last position only (unembedding one row per sequence, not every position)."""
+    """Logits at the last position only (unembedding one row per sequence, not every position; at least
+    ``min_rows`` rows, see :func:`unembed_last`)."""
     with forward_positions(attention_mask):  # steerers take sink medians over real tokens only
         resid = model(tokens, attention_mask=attention_mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
     resid = resid[:, -1:]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
-    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[:, -1]
+    return unembed_last(model, resid[:, -1], min_rows)
 
 
 LogitsProcessor = Callable[[Int[Tensor, "batch pos"], Float[Tensor, "batch vocab"]], Float[Tensor, "batch vocab"]]
@@ -370,6 +417,8 @@ class DecodeState:
     gen: torch.Generator | RowGenerators | None
     """The sampling generator; :class:`RowGenerators` when :func:`generate` got ``seeds`` (draw through :func:`pick`)."""
     step: int = 0
+    unembed_rows: int = 1
+    """Rows the last-position unembedding runs on at least (:func:`unembed_last`; ``generate(min_rows=)``)."""
     forward: Callable[..., Float[Tensor, "batch vocab"]] = field(default=None, repr=False)
     """The cached decoding step, ``forward(model, tokens, mask, cache)`` -> last logits: :func:`last_logits`, or
     its ``torch.compile``d form with ``generate(compile=...)``."""
@@ -387,6 +436,12 @@ class Decoder:
         (:func:`generate` preallocates them; SASA's shared candidate forward appends its candidates)."""
         return 0
 
+    def invariant_steps(self) -> bool:
+        """True when every matrix product of the decoder's decoding forwards has at least
+        :data:`INVARIANT_ROWS` rows whatever the batch (SASA's candidates), so that only the prompt's forward
+        and the unembedding need filler rows for batch-invariant bits. Plain decoding: one row per sequence."""
+        return False
+
     def choose(self, state: DecodeState, logits: Float[Tensor, "batch vocab"]) -> Int[Tensor, " batch"]:
         return pick(logits, state.cfg, state.gen)
 
@@ -394,8 +449,8 @@ class Decoder:
         """Logits for the position after ``chosen`` (the tokens in ``state`` already include it)."""
         if state.cache is not None:
             ones = torch.ones_like(chosen).unsqueeze(-1)
-            return state.forward(state.model, chosen.unsqueeze(-1), ones, state.cache)
-        return last_logits(state.model, state.tokens, state.mask, None)
+            return state.forward(state.model, chosen.unsqueeze(-1), ones, state.cache, state.unembed_rows)
+        return last_logits(state.model, state.tokens, state.mask, None, state.unembed_rows)
 
 
 @dataclass
@@ -524,7 +579,9 @@ def _compiled_step(backend: str, hooks: tuple) -> Callable:
     if key not in _COMPILED:
         code = _decode_step.__code__.replace(co_name=f"_decode_step_{len(_COMPILED)}")
         fn = torch.compile(
-            types.FunctionType(code, _decode_step.__globals__, code.co_name), backend=backend, dynamic=True
+            types.FunctionType(code, _decode_step.__globals__, code.co_name, _decode_step.__defaults__),
+            backend=backend,
+            dynamic=True,
         )
 
         def step(*args, fn=fn):
@@ -537,6 +594,14 @@ def _compiled_step(backend: str, hooks: tuple) -> Callable:
         while len(_COMPILED) > _COMPILED_KEEP:
             del _COMPILED[next(iter(_COMPILED))]
     return _COMPILED[key]
+
+
+def _filler_rows(decoder: Decoder, rows: int, prompt_tokens: int, min_rows: int) -> int:
+    """Rows :func:`generate` adds for ``min_rows`` (see there): up to ``min_rows`` rows, or, for a decoder whose
+    steps have that many rows anyway, up to rows x prompt tokens >= ``min_rows``."""
+    if decoder.invariant_steps():
+        return max(0, -(-min_rows // prompt_tokens) - rows)
+    return max(0, min_rows - rows)
 
 
 def _check_seeds(seeds: Sequence[int], n_prompts: int) -> list[int]:
@@ -600,6 +665,7 @@ def generate(
     sampling: SamplingConfig | None = None,
     seeds: Sequence[int] | None = None,
     compile: bool | str = False,
+    min_rows: int = 1,
     **generation_kwargs,
 ) -> GenerationOutput:
     """Generate continuations of ``prompts`` with ``steerers`` hooked in and ``decoder`` choosing tokens.
@@ -627,6 +693,15 @@ def generate(
     (bit-exact, for checks). A missing backend (Triton on CUDA, a C++ compiler on CPU) is a ValueError before
     anything is generated.
 
+    ``min_rows``: decode at least this many rows; :data:`INVARIANT_ROWS` makes a row's bits independent of the
+    batch (prompts of one token length). Filler rows repeating the last prompt are added and dropped from the
+    output; they are decoded but not sampled (they repeat the last row's token), so they change no draw
+    (a decoder that chooses tokens itself samples them from a generator of their own). A decoder whose
+    decoding forwards have that many rows anyway (:meth:`Decoder.invariant_steps`: SASA's candidates) gets
+    fillers only while rows x prompt tokens < ``min_rows`` (the prompt's forward); the last position's
+    unembedding is padded with zero rows instead (:func:`unembed_last`). :func:`saesteer.evaluation.evaluate`
+    passes :data:`INVARIANT_ROWS`.
+
     ``seeds``: one sampling seed per prompt, used instead of ``seed``: prompt i's ``num_return_sequences``
     rows draw from a generator of their own seeded with ``seeds[i]`` (:class:`RowGenerators`), exactly what
     they would draw generated alone. Their logits are the same to the bit as alone where the batch is
@@ -636,6 +711,7 @@ def generate(
     if sampling is not None and generation_kwargs:
         raise ValueError("Pass either sampling=SamplingConfig(...) or generation keyword arguments, not both.")
     cfg = sampling if sampling is not None else SamplingConfig.from_kwargs(**generation_kwargs)
+    min_rows = check_positive_int("min_rows", min_rows)
     step_forward = last_logits
     if compile is not False:
         if not (compile is True or (isinstance(compile, str) and compile)):
@@ -670,20 +746,31 @@ def generate(
     if cfg.num_return_sequences > 1:
         tokens = tokens.repeat_interleave(cfg.num_return_sequences, dim=0)
         mask = mask.repeat_interleave(cfg.num_return_sequences, dim=0)
+    real = tokens.shape[0]
+    fillers = _filler_rows(decoder, real, tokens.shape[1], min_rows)
+    if fillers:
+        tokens = torch.cat([tokens, tokens[-1:].expand(fillers, -1)])
+        mask = torch.cat([mask, mask[-1:].expand(fillers, -1)])
     batch = tokens.shape[0]
+    sample_fillers = fillers > 0 and type(decoder).choose is not Decoder.choose  # the decoder picks for all rows
+    sampled = batch if sample_fillers else real  # rows whose logits are processed and drawn from
     gen: torch.Generator | RowGenerators
     if seeds is not None:
         per = cfg.num_return_sequences
-        gen = RowGenerators(
-            tuple(torch.Generator(device=tokens.device).manual_seed(s) for s in seeds),
-            tuple(range(0, batch + 1, per)),
-        )
+        generators = [torch.Generator(device=tokens.device).manual_seed(s) for s in seeds]
+        bounds = list(range(0, real + 1, per))
     else:
         gen = torch.Generator(device=tokens.device)
         if cfg.seed is not None:
             gen.manual_seed(cfg.seed)
         else:  # a fresh generator starts from a fixed default seed: draw a new one, or every call would repeat
             gen.seed()
+        generators, bounds = [gen], [0, real]
+    if sample_fillers:  # a generator of their own: the real rows draw what they would draw without them
+        generators.append(torch.Generator(device=tokens.device).manual_seed(seeds[-1] if seeds else 0))
+        bounds.append(batch)
+    if seeds is not None or sample_fillers:
+        gen = RowGenerators(tuple(generators), tuple(bounds))
     seen = None
     if cfg.repetition_penalty != 1.0:
         counts = torch.zeros(batch, vocab, device=tokens.device)
@@ -704,19 +791,22 @@ def generate(
         with steering(model, steerers, decoder=decoder):
             if compile is not False:  # keyed by the hooks now attached (see _compiled_step)
                 step_forward = _compiled_step(backend, _hook_fingerprint(model))
-            state = DecodeState(model, cfg, cache, tokens, mask, gen, forward=step_forward)
-            logits = last_logits(model, tokens, mask, cache)
+            state = DecodeState(model, cfg, cache, tokens, mask, gen, unembed_rows=min_rows, forward=step_forward)
+            logits = last_logits(model, tokens, mask, cache, min_rows)
             for step in range(new_max):
                 state.step = step
                 for proc in logits_processors:
                     logits = proc(state.tokens, logits)
+                logits = logits[:sampled]
                 if step < cfg.min_new_tokens and len(suppress):
                     logits = logits.float().index_fill(-1, suppress, float("-inf"))
-                processed = process_logits(logits, seen, cfg)
+                processed = process_logits(logits, None if seen is None else seen[:sampled], cfg)
                 sink.clear()
                 chosen = decoder.choose(state, processed)
                 if scores is not None:  # what the decoder drew from (SASA re-weights its candidates)
-                    scores.append(sink[-1] if sink else processed)
+                    scores.append((sink[-1] if sink else processed)[:real])
+                if len(chosen) < batch:  # fillers repeat the last row's token
+                    chosen = torch.cat([chosen, chosen[-1:].expand(batch - len(chosen))])
                 chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
                 new.append(chosen)
                 if len(stop):
@@ -732,7 +822,8 @@ def generate(
         if sink_token is not None:
             _PICKED.reset(sink_token)
 
-    out = torch.stack(new, dim=1)
+    out = torch.stack(new, dim=1)[:real]
+    tokens, mask = tokens[:real], mask[:real]
     texts = []
     for row in out:
         ids = row.tolist()

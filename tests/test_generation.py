@@ -506,6 +506,72 @@ def test_seeds_give_each_prompt_what_it_gets_alone(rotary):
             assert batch.texts[j * k : (j + 1) * k] == alone.texts[:k]
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_top_p_from_sorted_values_is_the_index_sort_to_the_bit(top_p):
+    """top_p_filter (numpy's value sort, cut at the first kept value) against Hugging Face's index-sort
+    arithmetic: equal to the bit on real-vocabulary rows, rows full of ties (where the index sort decides),
+    rows with -inf (top-k, suppressed EOS) and NaN, and a row whose mass sits on one token."""
+    from saesteer.generation import _top_p_by_index, top_p_filter
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        torch.randn(8, 49152, generator=g) * 3,
+        torch.randint(0, 6, (8, 500), generator=g).float(),  # ties everywhere, at every cut
+        torch.randn(4, 1000, generator=g).round(decimals=1),
+    ]
+    with_inf = torch.randn(4, 3000, generator=g)
+    with_inf[:, ::3] = float("-inf")
+    one = torch.full((1, 3000), -20.0)
+    one[0, 7] = 30.0
+    nan = torch.randn(2, 300, generator=g)
+    nan[0, 5] = float("nan")
+    for logits in [*rows, with_inf, one, nan]:
+        expected, got = _top_p_by_index(logits, top_p), top_p_filter(logits, top_p)
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(0.0), expected.nan_to_num(0.0))
+    assert torch.isfinite(top_p_filter(one, top_p)).sum() == 1
+
+
+def test_unembed_last_pads_the_product_with_zero_rows():
+    """unembed_last(x, min_rows=16): row i's logits are those of the 16-row product [x; zeros] (bit for bit)."""
+    from saesteer.generation import unembed_last
+
+    model = tiny_model()
+    x = torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([x, torch.zeros(13, model.cfg.d_model)])
+    expected = torch.nn.functional.linear(padded, model.W_U.T, model.b_U)[:3]
+    assert torch.equal(unembed_last(model, x, 16), expected)
+    assert torch.equal(unembed_last(model, x, 3), unembed_last(model, x))
+    assert torch.equal(unembed_last(model, x), model.unembed(x.unsqueeze(1))[:, 0])
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_min_rows_fillers_change_no_bit_and_draw_nothing(rotary):
+    """generate(prompts, seeds, min_rows=16): each prompt's tokens, scores and texts equal, bit for bit, those
+    of the same prompts filled up to 16+ rows with copies of the last prompt that are sampled from its seed
+    (what evaluate did before); only the real rows come back. With a steerer, and greedy too."""
+    from saesteer.generation import INVARIANT_ROWS
+
+    model, sae = tiny_model(rotary=rotary, gated=rotary), tiny_sae()
+    kw = dict(max_new_tokens=8, do_sample=True, top_p=0.9, output_scores=True, num_return_sequences=3)
+    prompts, seeds = SAME_LENGTH[:2], [21, 22]
+    for steerers in ([], [DecoderSteering(sae, [1, 2, 3], tier="proportional", alpha=2.0)]):
+        for extra in ({}, {"do_sample": False, "num_return_sequences": 1}):
+            args = {**kw, **extra}
+            fill = -(-INVARIANT_ROWS // args["num_return_sequences"]) - len(prompts)
+            mine = generate(model, prompts, steerers=steerers, seeds=seeds, min_rows=INVARIANT_ROWS, **args)
+            filled = generate(
+                model, prompts + prompts[-1:] * fill, steerers=steerers, seeds=seeds + seeds[-1:] * fill, **args
+            )
+            n = len(prompts) * args["num_return_sequences"]
+            assert mine.tokens.shape[0] == len(mine.texts) == mine.prompt_tokens.shape[0] == n
+            assert torch.equal(mine.tokens, filled.tokens[:n])
+            assert all(torch.equal(a, b[:n]) for a, b in zip(mine.scores, filled.scores))
+            assert mine.texts == filled.texts[:n]
+    with pytest.raises(ValueError, match="min_rows must be an integer >= 1"):
+        generate(model, ["the cat sat"], min_rows=0, max_new_tokens=2)
+
+
 def test_seeds_draw_each_prompt_from_its_own_generator():
     """With seeds, a prompt's draws come from torch.Generator().manual_seed(its seed) over its own rows: the same
     as generate(seed=that seed) on that prompt's rows alone (here: when their logits are the same, greedy-free

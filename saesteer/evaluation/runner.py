@@ -21,8 +21,8 @@ of both); its k samples are scored as one batch and their perplexity computed in
 k texts. Generation batches ``prompt_batch`` prompts (k rows each) into one :func:`saesteer.generate` call,
 with batch-invariant arithmetic: each prompt's rows draw from the prompt's own generator
 (``generate(seeds=...)``), a batch holds only prompts of one token length (no padding, which would change
-the last bits of a row) and at least :data:`~saesteer.generation.INVARIANT_ROWS` rows (copies of its last
-prompt fill it up, their outputs dropped). So nothing about prompt i depends on the other prompts, ``prompt_batch``, their order, the shard
+the last bits of a row) and at least :data:`~saesteer.generation.INVARIANT_ROWS` rows in every matrix product
+(``generate(min_rows=...)``: filler rows, decoded but not sampled, dropped). So nothing about prompt i depends on the other prompts, ``prompt_batch``, their order, the shard
 or a resumed run, and every split of the work reproduces the single run exactly (bit for bit on the same
 machine and library versions; the invariance was measured on x86 CPUs with MKL, see
 :data:`~saesteer.generation.INVARIANT_ROWS`: on a GPU a prompt's last bits may depend on its batch).
@@ -731,7 +731,6 @@ def evaluate(
             return _NoBar()
 
     batches = _prompt_batches(model, [frame["prompt"].iloc[i] for i in todo], todo, sampling, prompt_batch)
-    fill_to = -(-INVARIANT_ROWS // k)  # prompts per generate call at least (fillers: copies of the last one)
     per_prompt = replace(sampling, num_return_sequences=k)  # each prompt's k rows, from the prompt's own seed
     stops = set(sampling.stop_ids(model))
     speed = {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0, "calls": 0, "prompt_batch": prompt_batch}
@@ -742,20 +741,20 @@ def evaluate(
             pids = [frame["prompt_id"].iloc[i] for i in batch]
             texts_in = [frame["prompt"].iloc[i] for i in batch]
             seeds = [prompt_seed(seed, pid) for pid in pids]
-            fill = max(0, fill_to - len(batch))
             t_gen, t_cpu = time.perf_counter(), time.process_time()
             gen = generate(
                 model,
-                texts_in + texts_in[-1:] * fill,
+                texts_in,
                 steerers=built.steerers,
                 decoder=built.decoder,
                 sampling=per_prompt,
-                seeds=seeds + seeds[-1:] * fill,
+                seeds=seeds,
+                min_rows=INVARIANT_ROWS,  # filler rows: a row's bits do not depend on its batch
             )
             speed["seconds"] += time.perf_counter() - t_gen
             speed["cpu_seconds"] += time.process_time() - t_cpu
             speed["calls"] += 1
-            for row in gen.tokens[: len(batch) * k].tolist():
+            for row in gen.tokens.tolist():
                 speed["tokens"] += next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
             for j, (i, pid, prompt, s) in enumerate(zip(batch, pids, texts_in, seeds)):
                 texts = list(gen.texts[j * k : (j + 1) * k])

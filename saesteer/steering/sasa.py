@@ -58,12 +58,11 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.components import Attention, GroupedQueryAttention
-from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saesteer.checks import check_positive_int, check_strength
 from saesteer.data.datasets import LabelledTexts, load_jigsaw
 from saesteer.data.digests import texts_digest
-from saesteer.generation import Decoder, DecodeState, pick
+from saesteer.generation import Decoder, DecodeState, pick, unembed_last
 from saesteer.hooks import forward_positions
 from saesteer.models.kv_cache import PreallocatedKVCache
 from saesteer.models.tl_fixes import rotary_position_mask, rotary_supports_position_mask
@@ -424,6 +423,10 @@ class SASADecoder(Decoder):
     def active(self) -> bool:
         return any(a.beta > 0 for a in self.attributes)
 
+    def invariant_steps(self) -> bool:
+        """Each decoding step forwards rows x (>= 16) candidates (all at once: no ``max_rows`` chunks)."""
+        return self.active and self.max_rows is None and self.max_candidates >= MIN_FORWARDED_CANDIDATES
+
     def cache_headroom(self, model: HookedTransformer) -> int:
         """The shared candidate forward appends up to ``max_candidates`` positions to the KV cache."""
         return self.max_candidates if self.active and self.forward_mode(model) == "shared" else 0
@@ -493,8 +496,7 @@ class SASADecoder(Decoder):
             raise
         rows = torch.arange(batch, device=logits.device)
         self.last_margins = margins[rows, idx]
-        next_logits = model.unembed(normed[rows, idx].unsqueeze(1))
-        self._next_logits = apply_softcap(next_logits, model.cfg.output_logits_soft_cap)[:, -1]
+        self._next_logits = unembed_last(model, normed[rows, idx], state.unembed_rows)
         return chosen
 
     @staticmethod

@@ -481,7 +481,7 @@ def _record_logits(monkeypatch):
         sampling = kw.pop("sampling")
         out = real(model_, prompts, sampling=dataclasses.replace(sampling, output_scores=True), **kw)
         k = sampling.num_return_sequences
-        calls.append(({len(model_.to_tokens(p)[0]) for p in prompts}, out.tokens.shape[0]))
+        calls.append(({len(model_.to_tokens(p)[0]) for p in prompts}, kw["min_rows"]))
         scores = torch.stack(out.scores, 1)
         for j, (p, s) in enumerate(zip(prompts, kw["seeds"])):
             logits.setdefault((p, s), scores[j * k : (j + 1) * k])
@@ -502,7 +502,7 @@ def test_prompt_batch_does_not_change_a_bit(spec, rotary, resources, monkeypatch
     for prompt_batch in (1, 3, None):
         logits, calls = _record_logits(monkeypatch)
         res = evaluate(model, MIXED, spec, resources=resources, scorer=WordScorer(), prompt_batch=prompt_batch, **KW)
-        assert all(len(lengths) == 1 and rows >= generation.INVARIANT_ROWS for lengths, rows in calls)
+        assert all(len(lengths) == 1 and min_rows == generation.INVARIANT_ROWS for lengths, min_rows in calls)
         runs.append((res, logits, len(calls)))
     (base, base_logits, n1), *others = runs
     assert n1 == len(MIXED)  # prompt_batch=1: one call per prompt
@@ -512,6 +512,41 @@ def test_prompt_batch_does_not_change_a_bit(spec, rotary, resources, monkeypatch
         assert res.summary == base.summary
         assert logits.keys() == base_logits.keys()
         assert all(torch.equal(logits[key], base_logits[key]) for key in logits)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_sasa_without_filler_rows_changes_no_bit(rotary, resources, monkeypatch):
+    """Under SASA, generate(min_rows=16) adds filler rows only while rows x prompt tokens < 16 (its candidate
+    forwards have 16+ rows; the last position's unembedding is padded with zero rows): the same texts, scores
+    and logits to the bit as filling every batch up to 16 rows, with fewer rows decoded."""
+    from saesteer.models.kv_cache import PreallocatedKVCache
+    from saesteer.steering.sasa import SASADecoder
+
+    model = tiny_model(rotary=rotary, gated=rotary)
+    spec = "sasa:beta=10"
+    # k = 1 and a prompt of 16+ tokens: a batch of ONE row, whose unembedding is a 1-row product unless padded
+    prompts = [*MIXED, "the cat sat on the mat and the dog ran to the big house and we read a good book"]
+    allocate = PreallocatedKVCache.allocate.__func__
+    runs = []
+    for lean in (True, False):
+        decoded = []
+
+        def counting(cls, cfg, batch, *a, decoded=decoded, **kw):
+            decoded.append(batch)
+            return allocate(cls, cfg, batch, *a, **kw)
+
+        monkeypatch.setattr(SASADecoder, "invariant_steps", lambda self, lean=lean: lean)
+        monkeypatch.setattr(PreallocatedKVCache, "allocate", classmethod(counting))
+        logits, _ = _record_logits(monkeypatch)
+        res = evaluate(model, prompts, spec, resources=resources, scorer=WordScorer(), prompt_batch=1, **{**KW, "k": 1})
+        runs.append((res, logits, decoded))
+        monkeypatch.undo()
+    (lean, lean_logits, lean_rows), (full, full_logits, full_rows) = runs
+    assert min(full_rows) == 16 and min(lean_rows) == 1 and sum(lean_rows) < sum(full_rows)
+    pd.testing.assert_frame_equal(lean.generations, full.generations, check_exact=True)
+    assert lean.summary == full.summary
+    assert lean_logits.keys() == full_logits.keys()
+    assert all(torch.equal(lean_logits[key], full_logits[key]) for key in lean_logits)
 
 
 def test_generation_speed_is_reported(model, tmp_path):
