@@ -1,4 +1,5 @@
-"""Steered generation against the other ways to do it: one process, the same SmolLM2 weights, greedy.
+"""Steered generation against the other ways to do it: one process, the same SmolLM2 weights, greedy (or, with
+``--top-p``, nucleus sampling for every row: the evaluation protocol's decoding).
 
 Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, from the prompts of
 :func:`saesteer.benchmark.batch_prompts`):
@@ -24,6 +25,7 @@ a full-model row; see ``bench_generation.py``), as a ratio to HF's best time. Pe
 set size sampled while the row ran (the whole process: every model loaded), and its rise over the RSS before.
 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py          # writes figures/bench_peers.json
+    PYTHONPATH=/tmp/peers python experiments/bench_peers.py --top-p 0.9 --out figures/bench_peers_top_p.json
 """
 
 from __future__ import annotations
@@ -50,10 +52,15 @@ def steering_vector(d_model: int, norm: float, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(d_model, generator=g), dim=0) * norm
 
 
-def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor) -> dict:
+def sampling_kwargs(top_p: float | None) -> dict:
+    """Greedy, or nucleus sampling (``do_sample=True, top_p``) with the same arguments for every row."""
+    return dict(do_sample=False) if top_p is None else dict(do_sample=True, top_p=top_p)
+
+
+def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor, top_p: float | None = None) -> dict:
     """Name -> callable for HF generate, with a hook, and with steering-vectors / nnsight where they import."""
     enc = tok(prompts, return_tensors="pt", padding=True)
-    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw = dict(max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id, **sampling_kwargs(top_p))
 
     @torch.no_grad()
     def plain():
@@ -105,7 +112,7 @@ def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor) -> dict:
     return rows
 
 
-def ours_rows(model, stock, sae, prompts: list[str], n: int, vec: torch.Tensor) -> dict:
+def ours_rows(model, stock, sae, prompts: list[str], n: int, vec: torch.Tensor, top_p: float | None = None) -> dict:
     """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting."""
     from saesteer.generation import generate
     from saesteer.steering.decoder import DecoderSteering
@@ -119,12 +126,17 @@ def ours_rows(model, stock, sae, prompts: list[str], n: int, vec: torch.Tensor) 
     def stock_tl():
         with stock.hooks(fwd_hooks=[(f"blocks.{LAYER}.hook_resid_post", add)]):
             return stock.generate(
-                prompts, max_new_tokens=n, stop_at_eos=False, do_sample=False, padding_side="left", verbose=False
+                prompts,
+                max_new_tokens=n,
+                stop_at_eos=False,
+                padding_side="left",
+                verbose=False,
+                **sampling_kwargs(top_p),
             )
 
     scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
     sub = bench.random_subspace(model)
-    kw = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False)
+    kw = dict(max_new_tokens=n, stop_at_eos=False, **sampling_kwargs(top_p))
     settings = {
         "saesteer unsteered": {},
         "saesteer + decoder steering": dict(steerers=[DecoderSteering(sae, list(range(10)), tier="proportional")]),
@@ -154,6 +166,12 @@ def main() -> None:
     )
     ap.add_argument("--vector-norm", type=float, default=4.0, help="length of the vector the hook rows add")
     ap.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name has one")
+    ap.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="sample with nucleus top-p (every row alike; the evaluation protocol uses 0.9) instead of greedy",
+    )
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_peers.json"))
     args = ap.parse_args()
     started = time.time()
@@ -176,7 +194,10 @@ def main() -> None:
     results = []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = bench.batch_prompts(b)
-        rows = {**hf_rows(hf, tok, prompts, n, vec), **ours_rows(model, stock, sae.sae, prompts, n, vec)}
+        rows = {
+            **hf_rows(hf, tok, prompts, n, vec, args.top_p),
+            **ours_rows(model, stock, sae.sae, prompts, n, vec, args.top_p),
+        }
         if args.rows:
             wanted = args.rows.split(",")
             rows = {k: v for k, v in rows.items() if k == "HF generate" or any(w in k for w in wanted)}
@@ -214,7 +235,7 @@ def main() -> None:
                 + (f", x{row['vs_floor']:.2f} its floor" if "vs_floor" in row else ""),
                 flush=True,
             )
-    settings = ("model", "new_tokens", "batches", "repeats", "threads", "clock", "vector_norm")
+    settings = ("model", "new_tokens", "batches", "repeats", "threads", "clock", "vector_norm", "top_p")
     meta = {k: getattr(args, k) for k in settings} | dict(sae=sae.note, layer=LAYER, **bench.machine_meta(started))
     table = markdown(results)
     print("\n" + table)

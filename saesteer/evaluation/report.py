@@ -159,14 +159,6 @@ def _seconds(folder: Path) -> float | None:
         return None
 
 
-def _computed_now(run: Any) -> int | None:
-    """Prompts the last :func:`evaluate` call generated (from its summary file), None if unknown."""
-    try:
-        return int(json.loads(Path(run.paths["summary"]).read_text())["prompts_computed_this_run"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _host_ppl(model: Any, generations: pd.DataFrame, batch_size: int) -> float:
     """Median per-continuation perplexity under ``model`` (the host), empty continuations left out."""
     from saesteer.evaluation.metrics import continuation_nll
@@ -218,7 +210,8 @@ def run_report(
         runs[row.label] = evaluate(
             model, prompts, row.spec, resources=resources, out_dir=folder, **evaluate_kwargs, **extra
         )
-        if done_before is not None and _computed_now(runs[row.label]) == 0:
+        # (the folder's summary.json keeps the call that finished it; the result's generation is this call's)
+        if done_before is not None and runs[row.label].generation.get("calls") == 0:
             seconds[row.label] = done_before  # read back whole: this call generated nothing
         else:
             seconds[row.label] = (done_before or 0.0) + time.time() - t0
