@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -119,9 +120,15 @@ def time_version(pythonpath: str | None, cfg: dict) -> dict:
     """Run :data:`TIME_EVALUATE` in a fresh interpreter, with ``pythonpath`` first on its path (None: the
     installed saesteer); its ``RESULT`` line as a dict (wall and CPU seconds, tokens, the code it ran)."""
     env = {**os.environ, "PYTHONPATH": pythonpath or ""}
-    done = subprocess.run(
-        [sys.executable, "-c", TIME_EVALUATE, json.dumps(cfg)], env=env, capture_output=True, text=True, check=False
-    )
+    with tempfile.TemporaryDirectory() as empty:  # `python -c` puts its working folder first on sys.path
+        done = subprocess.run(
+            [sys.executable, "-c", TIME_EVALUATE, json.dumps(cfg)],
+            env=env,
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"timing evaluate (PYTHONPATH={pythonpath!r}) failed:\n{done.stderr[-3000:]}")
