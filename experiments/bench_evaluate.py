@@ -120,7 +120,7 @@ def time_version(pythonpath: str | None, cfg: dict) -> dict:
     """Run :data:`TIME_EVALUATE` in a fresh interpreter, with ``pythonpath`` first on its path (None: the
     installed saesteer); its ``RESULT`` line as a dict (wall and CPU seconds, tokens, the code it ran)."""
     env = {**os.environ, "PYTHONPATH": pythonpath or ""}
-    with tempfile.TemporaryDirectory() as empty:  # `python -c` puts its working folder first on sys.path
+    with tempfile.TemporaryDirectory() as empty:  # `python -c` imports from its working folder first
         done = subprocess.run(
             [sys.executable, "-c", TIME_EVALUATE, json.dumps(cfg)],
             env=env,

@@ -52,15 +52,19 @@ def steering_vector(d_model: int, norm: float, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(d_model, generator=g), dim=0) * norm
 
 
-def sampling_kwargs(top_p: float | None) -> dict:
-    """Greedy, or nucleus sampling (``do_sample=True, top_p``) with the same arguments for every row."""
-    return dict(do_sample=False) if top_p is None else dict(do_sample=True, top_p=top_p)
+def sampling_kwargs(top_p: float | None, hf: bool = False) -> dict:
+    """Greedy, or nucleus sampling (``do_sample=True, top_p``) with the same arguments for every row. HF's
+    ``generate`` also applies its default ``top_k=50`` unless told not to (``top_k=0``): without it HF would
+    sort 50 finite logits where the others sort the whole vocabulary."""
+    if top_p is None:
+        return dict(do_sample=False)
+    return dict(do_sample=True, top_p=top_p) | (dict(top_k=0) if hf else {})
 
 
 def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor, top_p: float | None = None) -> dict:
     """Name -> callable for HF generate, with a hook, and with steering-vectors / nnsight where they import."""
     enc = tok(prompts, return_tensors="pt", padding=True)
-    kw = dict(max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id, **sampling_kwargs(top_p))
+    kw = dict(max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id, **sampling_kwargs(top_p, hf=True))
 
     @torch.no_grad()
     def plain():

@@ -556,7 +556,7 @@ def test_min_rows_fillers_change_no_bit_and_draw_nothing(rotary):
     kw = dict(max_new_tokens=8, do_sample=True, top_p=0.9, output_scores=True, num_return_sequences=3)
     prompts, seeds = SAME_LENGTH[:2], [21, 22]
     for steerers in ([], [DecoderSteering(sae, [1, 2, 3], tier="proportional", alpha=2.0)]):
-        for extra in ({}, {"do_sample": False, "num_return_sequences": 1}):
+        for extra in ({}, {"do_sample": False, "top_p": None, "num_return_sequences": 1}):
             args = {**kw, **extra}
             fill = -(-INVARIANT_ROWS // args["num_return_sequences"]) - len(prompts)
             mine = generate(model, prompts, steerers=steerers, seeds=seeds, min_rows=INVARIANT_ROWS, **args)
