@@ -300,12 +300,11 @@ def top_p_filter(logits: Float[Tensor, "batch vocab"], top_p: float) -> Float[Te
     so the dropped tokens are the n = #{cum <= 1 - top_p} smallest, i.e. those below the first kept value v_n.
     On CPU numpy's vectorised sort gives the values far faster than ``torch.sort`` with its indices (16 rows of
     SmolLM2 logits: 8.7 against 68 CPU ms for the whole filter). A row where v_n ties a dropped value (which of the
-    tied tokens go then depends on the index sort's order) or holds a NaN is filtered by the index sort."""
-    values = logits.detach()
-    if values.device.type == "cpu":
-        values = torch.from_numpy(np.sort(values.numpy(), axis=-1))
-    else:
-        values = torch.sort(values, dim=-1).values
+    tied tokens go then depends on the index sort's order) or holds a NaN is filtered by the index sort. Off the
+    CPU (``torch.sort`` computes the indices anyway) the index sort filters every row."""
+    if logits.device.type != "cpu":
+        return _top_p_by_index(logits, top_p)
+    values = torch.from_numpy(np.sort(logits.detach().numpy(), axis=-1))
     cum = values.softmax(-1).cumsum(-1)
     n = (cum <= (1 - top_p)).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
     first_kept = values.gather(-1, n)
@@ -377,11 +376,10 @@ def unembed_last(
     ``min_rows``: below it, zero rows pad the product to that many rows and are dropped after, so that the
     product's bits are those of a batch of ``min_rows`` (:data:`INVARIANT_ROWS`: MKL's 16-or-more-row class,
     whatever the batch)."""
-    extra = min_rows - normed.shape[0]
-    if extra > 0:
-        normed = torch.cat([normed, normed.new_zeros(extra, normed.shape[-1])])
-    logits = apply_softcap(model.unembed(normed.unsqueeze(1)), model.cfg.output_logits_soft_cap)[:, -1]
-    return logits[: logits.shape[0] - max(extra, 0)]
+    rows = normed.shape[0]
+    if rows < min_rows:
+        normed = torch.cat([normed, normed.new_zeros(min_rows - rows, normed.shape[-1])])
+    return apply_softcap(model.unembed(normed.unsqueeze(1)), model.cfg.output_logits_soft_cap)[:rows, -1]
 
 
 @torch.no_grad()
