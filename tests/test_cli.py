@@ -33,6 +33,8 @@ BAD_COMMAND_LINES = {
     "sweep --report --report-k 0": "--report-k must be a positive integer",
     "sweep --ppl-budget 0.5": "--ppl-budget",
     "sweep --finished-only --report": "--report needs the whole one",
+    "sweep --report-shard 0/2": "pass --report with it",
+    "sweep --report --report-shard 2/2": "shard",
     "train-sae --widths 0": "widths must be positive",
     "train-sae --widths a,b": "--widths must be comma-separated",
     "train-sae --corpus /no/such/dir": "do not exist",

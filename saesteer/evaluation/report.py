@@ -15,6 +15,12 @@ at a larger ``k``, so the table's numbers are not selected on the prompts they a
 Each row carries the summary metrics with 95% bootstrap intervals over prompts, the paired difference
 (same prompts, same per-prompt seeds) to its baseline(s), the perplexity under the host model beside the
 judge's, and its wall time.
+
+Shards. ``run_report(..., shard=(i, n))`` evaluates shard ``i`` of every row's prompts
+(:func:`~saesteer.evaluation.runner.evaluate`'s ``shard``), so ``n`` processes share the table's work; the
+call that finds every row's shards complete merges them (bit-identical to one unsharded run: each prompt
+draws from its own seed) and writes the table; the others return None. A row's seconds are then the sum
+of its shards' wall seconds.
 """
 
 from __future__ import annotations
@@ -151,12 +157,37 @@ class ReportResult:
         return "\n".join(out)
 
 
-def _seconds(folder: Path) -> float | None:
-    """Wall seconds spent on a row's folder by earlier calls (``wall_seconds.json``), None if none."""
+def _seconds_file(folder: Path, shard: tuple[int, int] | None) -> Path:
+    return folder / ("wall_seconds.json" if shard is None else f"wall_seconds.shard-{shard[0]}-of-{shard[1]}.json")
+
+
+def _seconds(folder: Path, shard: tuple[int, int] | None = None) -> float | None:
+    """Wall seconds spent on a row's folder (or one shard of it) by earlier calls, None if none; for a
+    merged folder without its own record, the sum over its shards' records."""
+    files = [_seconds_file(folder, shard)]
+    if shard is None and not files[0].exists():
+        files = sorted(folder.glob("wall_seconds.shard-*-of-*.json"))
     try:
-        return float(json.loads((folder / "wall_seconds.json").read_text())["seconds"])
+        return sum(float(json.loads(f.read_text())["seconds"]) for f in files) if files else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _merge_if_complete(folder: Path) -> bool:
+    """Merge a row's shard files into its folder once every prompt has its result; True when the folder
+    holds the whole row (merged now or before). Inconsistent shards raise
+    (:func:`~saesteer.evaluation.runner.merge_shards`)."""
+    from saesteer.evaluation.runner import merge_shards
+
+    if (folder / "generations.jsonl").exists():
+        return True
+    if not any(folder.glob("generations.shard-*-of-*.jsonl")):
+        return False
+    part = merge_shards(folder, allow_missing=True)
+    if part.generations["prompt_index"].nunique() < int(part.settings["prompts"]["n_total"]):
+        return False
+    merge_shards(folder, out_dir=folder)
+    return True
 
 
 def _host_ppl(model: Any, generations: pd.DataFrame, batch_size: int) -> float:
@@ -180,16 +211,19 @@ def run_report(
     out_dir: str | os.PathLike,
     host_ppl: bool = True,
     batch_size: int = 8,
+    shard: str | Sequence[int] | None = None,
     log: Callable[[str], None] = print,
     **evaluate_kwargs: Any,
-) -> ReportResult:
+) -> ReportResult | None:
     """Evaluate every row on ``prompts`` (one resumable folder per row under ``out_dir``), pair each with
     its baselines, and write ``report.json`` and ``report.md``.
 
     ``evaluate_kwargs`` go to :func:`~saesteer.evaluation.runner.evaluate` (k, max_new_tokens, top_p, seed,
     scorer, ppl_model, ...) and are the same for every row; a row's ``top_k`` overrides the sampling's.
+    ``shard=(i, n)`` (or ``"i/n"``): evaluate only shard ``i`` of every row; returns None unless this call
+    completes the last shard, in which case the rows are merged and the table written as without shards.
     """
-    from saesteer.evaluation.runner import evaluate
+    from saesteer.evaluation.runner import evaluate, parse_shard
     from saesteer.evaluation.statistics import paired_difference
 
     labels = [r.label for r in rows]
@@ -198,17 +232,49 @@ def run_report(
     missing = sorted({b for r in rows for b in r.baselines} - set(labels))
     if missing:
         raise ValueError(f"rows are paired with {missing}, which are not rows of the report {labels}.")
+    shard_t = parse_shard(shard)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    folders = {row.label: setting_dir(out, row.label if row.top_k is not None else row.spec) for row in rows}
+    extras = {row.label: {} if row.top_k is None else {"top_k": row.top_k} for row in rows}
+    if shard_t is not None:
+        for i, row in enumerate(rows):
+            log(f"report {i + 1}/{len(rows)}, shard {shard_t[0]}/{shard_t[1]}: {row.label}")
+            t0, folder = time.time(), folders[row.label]
+            if (folder / "generations.jsonl").exists():
+                continue  # merged (or run whole) before
+            done_before = _seconds(folder, shard_t)
+            part = evaluate(
+                model,
+                prompts,
+                row.spec,
+                resources=resources,
+                out_dir=folder,
+                shard=shard_t,
+                **evaluate_kwargs,
+                **extras[row.label],
+            )
+            if done_before is None or part.generation.get("calls") != 0:
+                spent = (done_before or 0.0) + time.time() - t0
+                write_text_atomic(_seconds_file(folder, shard_t), json.dumps({"seconds": spent}))
+        if not all(_merge_if_complete(folders[row.label]) for row in rows):
+            log(f"shard {shard_t[0]}/{shard_t[1]} done; the table is written by the call that finishes the last shard.")
+            return None
+    unfinished = [
+        str(f) for f in folders.values() if not _merge_if_complete(f) and any(f.glob("generations.shard-*-of-*.jsonl"))
+    ]
+    if unfinished:
+        raise ValueError(
+            f"{unfinished} hold unfinished shards; finish every shard (run_report(shard=(i, n)), or `saesteer sweep "
+            "--report --report-shard i/n`, for each i) and the last one writes the table."
+        )
     runs, seconds = {}, {}
     for i, row in enumerate(rows):
         log(f"report {i + 1}/{len(rows)}: {row.label}")
-        t0 = time.time()
-        extra = {} if row.top_k is None else {"top_k": row.top_k}
-        folder = setting_dir(out, row.label if row.top_k is not None else row.spec)
+        t0, folder = time.time(), folders[row.label]
         done_before = _seconds(folder)
         runs[row.label] = evaluate(
-            model, prompts, row.spec, resources=resources, out_dir=folder, **evaluate_kwargs, **extra
+            model, prompts, row.spec, resources=resources, out_dir=folder, **evaluate_kwargs, **extras[row.label]
         )
         # (the folder's summary.json keeps the call that finished it; the result's generation is this call's)
         if done_before is not None and runs[row.label].generation.get("calls") == 0:

@@ -117,7 +117,7 @@ __all__ = [
 ]
 
 #: Settings that may differ between shards / reruns of the same evaluation.
-_RUN_KEYS = ("shard", "out_dir", "started", "versions", "command", "host", "batching")
+_RUN_KEYS = ("shard", "merged_from", "out_dir", "started", "versions", "command", "host", "batching")
 #: Prompts per generate call when ``evaluate(prompt_batch=None)``: enough for about this many rows (k each).
 DEFAULT_BATCH_ROWS = 32
 #: Columns of :attr:`EvalResult.generations`, before the prompt set's own metadata columns.

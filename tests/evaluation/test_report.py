@@ -91,6 +91,39 @@ def test_run_report_pairs_rows_resumes_and_writes_json(tmp_path):
         R.run_report(model, prompts, [rows[0], R.ReportRow("x", "unsteered", baselines=("nope",))], **kw)
 
 
+def test_sharded_report_is_the_unsharded_one(tmp_path):
+    """Two shards, the second of which writes the table, give the generations and numbers of one run; the
+    seconds are the sum of the shards'; a table asked for while a shard is unfinished is refused."""
+    model = tiny_model()
+    res = Resources(sae=tiny_sae(), latent_scores=np.linspace(0, 1, 64))
+    rows = [
+        R.ReportRow("unsteered", "unsteered"),
+        R.ReportRow("weight: weight:strength=2.0", "weight:strength=2", "weight", None, False, ("unsteered",)),
+    ]
+    prompts = pd.DataFrame({"prompt_id": list("abcde"), "prompt": ["the cat sat", "you are", "i hate", "hi", "no"]})
+    kw = dict(k=3, max_new_tokens=4, scorer=WordScorer(), resources=res, progress=False, log=lambda m: None)
+    whole = R.run_report(model, prompts, rows, out_dir=tmp_path / "whole", **kw)
+    assert R.run_report(model, prompts, rows, out_dir=tmp_path / "sh", shard="0/2", **kw) is None
+    with pytest.raises(ValueError, match="unfinished shards"):
+        R.run_report(model, prompts, rows, out_dir=tmp_path / "sh", **kw)
+    assert not (tmp_path / "sh" / "report.json").exists()
+    sharded = R.run_report(model, prompts, rows, out_dir=tmp_path / "sh", shard=(1, 2), **kw)
+    for name in ("whole", "sh"):
+        assert (tmp_path / name / "report.json").exists()
+    cols = [c for c in whole.table.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(whole.table[cols], sharded.table[cols])
+    for folder in (tmp_path / "sh").iterdir():
+        if folder.is_dir():
+            a = pd.read_csv(tmp_path / "whole" / folder.name / "generations.csv")
+            pd.testing.assert_frame_equal(a, pd.read_csv(folder / "generations.csv"))
+            per_shard = [json.loads(f.read_text())["seconds"] for f in folder.glob("wall_seconds.shard-*.json")]
+            row = sharded.table[[R.setting_dir(tmp_path, lab).name == folder.name for lab in sharded.table["spec"]]]
+            assert len(per_shard) == 2 and row["seconds"].iloc[0] == pytest.approx(sum(per_shard), abs=0.1)
+    # read back without shards: the same table
+    again = R.run_report(model, prompts, rows, out_dir=tmp_path / "sh", **kw)
+    pd.testing.assert_frame_equal(sharded.table, again.table)
+
+
 def test_load_sweep_round_trip_and_bad_file(tmp_path):
     sweep = _sweep({"f": None}, [("f", "sasa:beta=5.0", 0.5, 1.0)])
     (tmp_path / "sweep.json").write_text(json.dumps(sweep.to_json()))
