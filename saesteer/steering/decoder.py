@@ -92,6 +92,9 @@ class DecoderSteering(HookSteerer):
     It steers the residual stream: on a ``HookedSAETransformer`` with an SAE attached at ``hook_name`` by
     ``add_sae`` it acts on that SAE's output (``hook_name + ".hook_sae_output"``, :mod:`saesteer.hooks`); an
     attached SAE's latent hooks are refused.
+
+    The SAE's decoder (its directions and norms) is read when the steerer is built, not at every step:
+    build a new steerer after changing the SAE's weights.
     """
 
     sae: SAE
@@ -117,7 +120,8 @@ class DecoderSteering(HookSteerer):
                 f"latent indices must lie in [0, {d_sae}); got {idx[(idx < 0) | (idx >= d_sae)].tolist()}."
             )
         self._idx = idx.to(self.sae.W_dec.device)
-        self._dirs = sae_ops.decoder_matrix(self.sae)[self._idx]  # [n, d_in]
+        self._norms = sae_ops.decoder_norms(self.sae)  # once, not per step (the decoder is read when built)
+        self._dirs = sae_ops.decoder_matrix(self.sae, self._norms)[self._idx]  # [n, d_in]
         self._units = torch.nn.functional.normalize(self._dirs, dim=-1).sum(0)  # sum_i d_i / ||d_i||
         if not self.hook_name:
             self.hook_name = sae_hook_name(self.sae) or ""
@@ -128,7 +132,7 @@ class DecoderSteering(HookSteerer):
         """The change added to h (already multiplied by -alpha)."""
         if self.tier == "constant":
             return -self.alpha * h.norm(dim=-1, keepdim=True) * self._units.to(h.dtype)
-        enc = sae_ops.encode(self.sae, h.to(self.sae.W_dec.dtype))
+        enc = sae_ops.encode(self.sae, h.to(self.sae.W_dec.dtype), self._norms)
         f = enc.acts[..., self._idx]
         if self.tier == "conditional":
             f = f * (f > self.threshold).to(f.dtype)
