@@ -53,6 +53,7 @@ from saesteer.experiment import command_line, load_project_sae, logger, register
 from saesteer.sae.contrast import select_latents
 from saesteer.steering.registry import parse_method, prepare_resources
 from saesteer.viz.export import save_figure
+from saesteer.viz.intervals import error_bars
 
 REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
 SAE_COMPONENTS = {"decoder", "swap", "clamp", "weight"}
@@ -177,23 +178,6 @@ def paired_record(rows: list[dict], runs: dict) -> dict:
     return out
 
 
-def _error(g: pd.DataFrame, metric: str) -> dict:
-    """Asymmetric plotly error bars from ``<metric>_ci_low/high`` (none where a row has no interval)."""
-    if f"{metric}_ci_low" not in g or f"{metric}_ci_high" not in g:
-        return dict(visible=False)
-    est = pd.to_numeric(g[metric], errors="coerce")
-    lo = pd.to_numeric(g[f"{metric}_ci_low"], errors="coerce")
-    hi = pd.to_numeric(g[f"{metric}_ci_high"], errors="coerce")
-    return dict(
-        type="data",
-        symmetric=False,
-        array=(hi - est).clip(lower=0).fillna(0).tolist(),
-        arrayminus=(est - lo).clip(lower=0).fillna(0).tolist(),
-        thickness=1,
-        width=3,
-    )
-
-
 def _ci_text(r: pd.Series, metric: str) -> str:
     lo, hi = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
     ok = lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi)
@@ -232,8 +216,8 @@ def plot(df: pd.DataFrame, title: str):
                     legendgroup=fam,
                     showlegend=col == 1,
                     line=dict(color=color),
-                    error_x={**_error(g, "ppl"), "color": color},
-                    error_y={**_error(g, metric), "color": color},
+                    error_x={**error_bars(g, "ppl"), "color": color},
+                    error_y={**error_bars(g, metric), "color": color},
                     text=text if col == 1 else None,
                     textposition="middle right",
                     textfont=dict(size=10, color=color),

@@ -5,7 +5,10 @@ default: every SAE the project registers for ``--model``, narrowest first) the t
 latents (contrast on the Kaggle insults comments) and latent scores (non-toxic target) are computed,
 then each ``--methods`` spec is evaluated like ``experiments/tradeoff.py`` does (same prompts, seeds,
 scorer, perplexity under the unsteered model); the unsteered model is evaluated once as the reference.
-With a single SAE it says so and produces the one-point result.
+Every row carries 95% bootstrap intervals over prompts and its paired difference to unsteered (same
+prompts, same per-prompt seeds); each method also gets the paired difference between its widest and its
+narrowest SAE (does a wider SAE steer better: Breaking Bad Tokens' feature-splitting claim). With a single
+SAE it says so and produces the one-point result.
 
     python experiments/width_scaling.py                       # the project's SAEs for SmolLM2-135M
     python experiments/width_scaling.py --sae smollm2-135m-res-15-4608 --sae path/to/another-width-folder
@@ -26,10 +29,12 @@ from pathlib import Path
 import pandas as pd
 
 from saesteer import experiment
-from saesteer.evaluation.runner import evaluate, load_prompt_arg, to_markdown
+from saesteer.evaluation.runner import evaluate, load_prompt_arg
+from saesteer.evaluation.statistics import difference_fields, paired_difference, with_interval
 from saesteer.experiment import command_line, load_project_sae, logger, registered_sae_names, seed_everything, slug
 from saesteer.steering.registry import parse_method, prepare_resources
 from saesteer.viz.export import save_figure
+from saesteer.viz.intervals import error_bars
 
 REPO = Path(__file__).resolve().parents[1]  # only for the default --out: this repository's figures/
 say = logger("width_scaling")
@@ -48,13 +53,52 @@ def sae_names(values: list[str] | None, model_name: str) -> list[str]:
     return items
 
 
+def widest_minus_narrowest(runs_by: dict) -> list[dict]:
+    """Per method evaluated with >= 2 widths: the paired difference widest SAE minus narrowest SAE."""
+    out = []
+    for spec in dict.fromkeys(s for s, _ in runs_by):
+        ws = sorted(w for s, w in runs_by if s == spec)
+        if len(ws) >= 2:
+            d = paired_difference(runs_by[(spec, ws[-1])], runs_by[(spec, ws[0])], names=(f"{ws[-1]}", f"{ws[0]}"))
+            out.append({"spec": spec, "wide": ws[-1], "narrow": ws[0], **difference_fields(d, "wide_minus_narrow")})
+    return out
+
+
+def markdown(df: pd.DataFrame, base: dict, widths: list[dict]) -> str:
+    """The rows with 95% intervals and paired differences, then the widest-minus-narrowest differences."""
+
+    def iv(r: dict, key: str, fmt: str = ".3f") -> str:
+        return with_interval(r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high"), fmt)
+
+    lines = [
+        "| setting | d_sae | EMT [95%] | Tox. Prob. [95%] | ΔEMT vs unsteered [95%] | PPL (host) [95%] | dist-2 |",
+        "|---|---:|---|---|---|---|---:|",
+        f"| unsteered | — | {iv(base, 'exp_max_toxicity')} | {iv(base, 'toxicity_prob')} | | {iv(base, 'ppl', '.1f')} "
+        f"| {base['dist-2']:.3f} |",
+    ]
+    for r in df.to_dict("records"):
+        lines.append(
+            f"| {r['spec']} | {r['d_sae']} | {iv(r, 'exp_max_toxicity')} | {iv(r, 'toxicity_prob')} | "
+            f"{iv(r, 'd_emt_vs_unsteered', '+.3f')} | {iv(r, 'ppl', '.1f')} | {r['dist-2']:.3f} |"
+        )
+    for w in widths:
+        lines.append(
+            f"\n{w['spec']}: d_sae {w['wide']} minus {w['narrow']}: ΔEMT {iv(w, 'd_emt_wide_minus_narrow', '+.3f')}, "
+            f"ΔTox. Prob. {iv(w, 'd_tox_prob_wide_minus_narrow', '+.3f')} (paired, 95%)"
+        )
+    return "\n".join(lines)
+
+
 def plot(df: pd.DataFrame, base: dict, title: str):
+    import plotly.colors
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(
         rows=1, cols=3, subplot_titles=("Expected maximum toxicity", "Toxicity probability", "Perplexity")
     )
+    palette = plotly.colors.qualitative.Plotly
+    colors = {spec: palette[i % len(palette)] for i, spec in enumerate(dict.fromkeys(df["spec"]))}
     for col, metric in enumerate(("exp_max_toxicity", "toxicity_prob", "ppl"), start=1):
         for spec, g in df.groupby("spec", sort=False):
             g = g.sort_values("d_sae")
@@ -63,6 +107,8 @@ def plot(df: pd.DataFrame, base: dict, title: str):
                     x=g["d_sae"],
                     y=g[metric],
                     mode="lines+markers",
+                    line=dict(color=colors[spec]),
+                    error_y={**error_bars(g, metric), "color": colors[spec]},
                     name=spec,
                     legendgroup=spec,
                     showlegend=col == 1,
@@ -73,7 +119,8 @@ def plot(df: pd.DataFrame, base: dict, title: str):
                 col=col,
             )
         fig.add_hline(y=base[metric], line_dash="dot", annotation_text="unsteered", row=1, col=col)
-        fig.update_xaxes(title_text="SAE width d_sae", type="log", row=1, col=col)
+        widths = sorted(df["d_sae"].unique().tolist())
+        fig.update_xaxes(title_text="SAE width d_sae", type="log", tickvals=widths, row=1, col=col)
     fig.update_layout(title=title, template="plotly_white", width=1400, height=480)
     return fig
 
@@ -131,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     say("unsteered reference")
-    base = evaluate(model, prompts, "unsteered", out_dir=runs / "unsteered", **common).summary
-    rows = []
+    base_run = evaluate(model, prompts, "unsteered", out_dir=runs / "unsteered", **common)
+    base = base_run.summary
+    rows, runs_by = [], {}
     for name in names:
         loaded = load_project_sae(model, name, model_name=args.model)
         sae = loaded.sae
@@ -151,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{loaded.name} (d_sae={sae.cfg.d_sae}): {spec}")
             where = runs / f"{loaded.name}-{res.info['sae']['digest']}" / slug(spec)
             r = evaluate(model, prompts, spec, resources=res, out_dir=where, **common)
+            runs_by[(str(parse_method(spec)), int(sae.cfg.d_sae))] = r
             rows.append(
                 {
                     "sae": name,
@@ -159,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                     "hook_name": res.info["sae"]["hook_name"],
                     "spec": str(parse_method(spec)),
                     **r.summary,
+                    **difference_fields(paired_difference(r, base_run, names=(spec, "unsteered")), "vs_unsteered"),
                     "seconds": round(time.time() - t, 1),
                 }
             )
     df = pd.DataFrame(rows)
+    widths = widest_minus_narrowest(runs_by)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "width_scaling.csv", index=False)
@@ -173,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "saes": names,
         "one_point": len(names) == 1,
         "rows": rows,
+        "widest_minus_narrowest": widths,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "width_scaling.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
@@ -181,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "width_scaling.html",
         log=say,
     )
-    cols = ["spec", "d_sae", "exp_max_toxicity", "toxicity_prob", "ppl", "dist-2"]
-    print(
-        f"unsteered: EMT {base['exp_max_toxicity']:.3f}, tox. prob. {base['toxicity_prob']:.3f}, PPL {base['ppl']:.2f}"
-    )
-    print(to_markdown(df[cols]))
+    print(markdown(df, base, widths))
     print(f"wrote {out / 'width_scaling.csv'}, {out / 'width_scaling.json'}, {', '.join(map(str, written))}")
     print(f"({time.time() - t0:.0f} s) command: {cmd}")
     return 0

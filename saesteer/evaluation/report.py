@@ -224,7 +224,7 @@ def run_report(
     completes the last shard, in which case the rows are merged and the table written as without shards.
     """
     from saesteer.evaluation.runner import evaluate, parse_shard
-    from saesteer.evaluation.statistics import paired_difference
+    from saesteer.evaluation.statistics import difference_fields, paired_difference
 
     labels = [r.label for r in rows]
     if len(set(labels)) != len(labels) or UNSTEERED not in labels:
@@ -305,11 +305,7 @@ def run_report(
             rec[f"{key}_ci_high"] = s.get(f"{metric}_ci_high", math.nan)
         for base in row.baselines:
             suffix = "unsteered" if base == UNSTEERED else "control"
-            d = paired_difference(run, runs[base], names=(row.label, base))
-            for key, metric in (("emt", "exp_max_toxicity"), ("tox_prob", "toxicity_prob")):
-                rec[f"d_{key}_{suffix}"] = d[metric].estimate
-                rec[f"d_{key}_{suffix}_ci_low"] = d[metric].low
-                rec[f"d_{key}_{suffix}_ci_high"] = d[metric].high
+            rec |= difference_fields(paired_difference(run, runs[base], names=(row.label, base)), suffix)
         rec["ppl_host"] = _host_ppl(model, run.generations, batch_size) if host_ppl else math.nan
         records.append(rec)
     settings = {

@@ -447,6 +447,21 @@ def _missing(x: Any) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
+#: Short names of the metrics whose paired differences tables report: ``d_<short>_<suffix>`` columns.
+SHORT_NAMES = {"exp_max_toxicity": "emt", "toxicity_prob": "tox_prob"}
+
+
+def difference_fields(diff: Mapping[str, Interval], suffix: str) -> dict[str, float]:
+    """Flat record fields of a :func:`paired_difference` for EMT and Tox. Prob.: ``d_emt_<suffix>``,
+    ``d_emt_<suffix>_ci_low``, ``d_emt_<suffix>_ci_high``, likewise ``d_tox_prob_<suffix>...``."""
+    out: dict[str, float] = {}
+    for metric, short in SHORT_NAMES.items():
+        iv = diff[metric]
+        key = f"d_{short}_{suffix}"
+        out |= {key: iv.estimate, f"{key}_ci_low": iv.low, f"{key}_ci_high": iv.high}
+    return out
+
+
 def with_interval(value: Any, low: Any = None, high: Any = None, fmt: str = ".3f") -> str:
     """``value [low, high]`` formatted with ``fmt`` for a Markdown table: ``value`` alone where the interval is
     missing, "—" where the value is."""

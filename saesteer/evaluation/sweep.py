@@ -411,14 +411,11 @@ def sweep_figure(result: SweepResult):
     recommended setting circled and the baseline's PPL budget as a dashed line."""
     import plotly.graph_objects as go
 
+    from saesteer.viz.intervals import error_bars
+
     def points(rows: pd.DataFrame, **style: Any) -> go.Scatter:
         """``rows`` as points at (PPL, EMT)."""
         return go.Scatter(x=rows["ppl"], y=rows["emt"], **style)
-
-    def error_bars(rows: pd.DataFrame, metric: str) -> dict:
-        """The (asymmetric) 95% interval of ``metric`` around each row's value."""
-        low, high = rows[f"{metric}_ci_low"], rows[f"{metric}_ci_high"]
-        return dict(type="data", symmetric=False, array=high - rows[metric], arrayminus=rows[metric] - low)
 
     fig = go.Figure()
     for family, rows in result.table.groupby("family", sort=False):

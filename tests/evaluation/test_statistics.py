@@ -16,9 +16,11 @@ from saesteer.evaluation.statistics import (
     METRICS,
     Interval,
     bootstrap_ci,
+    difference_fields,
     paired_difference,
     paired_differences,
     resample_indices,
+    with_interval,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -351,6 +353,50 @@ def test_tradeoff_table_and_figure_carry_intervals_and_paired_differences():
     assert sasa[0].error_x.array[0] == pytest.approx(s["ppl_ci_high"] - s["ppl"])
     assert sasa[0].error_x.arrayminus[0] == pytest.approx(s["ppl"] - s["ppl_ci_low"])
     assert "[" in sasa[0].hovertext[0]  # the hover shows the intervals
+
+
+def test_width_scaling_pairs_each_width_with_unsteered_and_the_widest_with_the_narrowest():
+    spec = importlib.util.spec_from_file_location("width_script", ROOT / "experiments" / "width_scaling.py")
+    width = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(width)
+    tox, nll, nt = toy(n=12, k=3)
+    base = make_frame(tox, nll=nll, n_tokens=nt)
+    runs = {("swap:strength=1.0", 64): make_frame(tox * 0.9, nll=nll, n_tokens=nt)}
+    runs[("swap:strength=1.0", 256)] = make_frame(tox * 0.5, nll=nll, n_tokens=nt)
+    runs[("decoder:alpha=1.0", 64)] = make_frame(tox * 0.7, nll=nll, n_tokens=nt)  # one width: no pair
+    (w,) = width.widest_minus_narrowest(runs)
+    d = paired_difference(runs[("swap:strength=1.0", 256)], runs[("swap:strength=1.0", 64)])
+    assert (w["wide"], w["narrow"]) == (256, 64)
+    assert w["d_emt_wide_minus_narrow"] == d["exp_max_toxicity"].estimate < 0
+    assert w["d_tox_prob_wide_minus_narrow_ci_high"] == d["toxicity_prob"].high
+    rows = []
+    for (s, d_sae), f in runs.items():
+        dif = difference_fields(paired_difference(f, base), "vs_unsteered")
+        rows.append({"spec": s, "d_sae": d_sae, "sae": f"sae-{d_sae}", **summarize(f), **dif})
+    df = pd.DataFrame(rows)
+    md = width.markdown(df, summarize(base), [w])
+    first = df.iloc[0]
+    assert (
+        with_interval(
+            first["d_emt_vs_unsteered"], first["d_emt_vs_unsteered_ci_low"], first["d_emt_vs_unsteered_ci_high"], "+.3f"
+        )
+        in md
+    )
+    assert (
+        "d_sae 256 minus 64: ΔEMT "
+        + with_interval(
+            w["d_emt_wide_minus_narrow"],
+            w["d_emt_wide_minus_narrow_ci_low"],
+            w["d_emt_wide_minus_narrow_ci_high"],
+            "+.3f",
+        )
+        in md
+    )
+    fig = width.plot(df, summarize(base), "t")
+    swap = [t for t in fig.data if t.name == "swap:strength=1.0"]
+    assert len({t.line.color for t in swap}) == 1  # one colour per method in every panel
+    s = summarize(runs[("swap:strength=1.0", 64)])
+    assert swap[0].error_y.array[0] == pytest.approx(s["exp_max_toxicity_ci_high"] - s["exp_max_toxicity"])
 
 
 def test_with_interval_formats_a_value_and_its_interval_for_a_table():
