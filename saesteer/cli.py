@@ -379,7 +379,7 @@ def _sweep(a: argparse.Namespace) -> int:
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)
     print(result.markdown() + "\n\n" + result.verdict())
     if a.report:
-        from saesteer.evaluation.report import report_rows, run_report
+        from saesteer.evaluation.report import omitted_families, report_rows, run_report
 
         rows = report_rows(result, max_candidates=get_method("sasa").defaults()["max_candidates"])
         rep = run_report(
@@ -394,6 +394,7 @@ def _sweep(a: argparse.Namespace) -> int:
             k=a.report_k,
             ppl_model=ppl_model,
             shard=a.report_shard,
+            omitted=omitted_families(result),
             **_options(a, "max_new_tokens", "top_p", "seed"),
         )
         if rep is not None:

@@ -10,7 +10,8 @@ at a larger ``k``, so the table's numbers are not selected on the prompts they a
   SASA rows are also paired with it;
 - per family, the recommended setting; where the sweep recommends none, the family's least toxic setting
   within the PPL budget, marked ``recommended=False``, so the table states what the method does on held-out
-  prompts instead of leaving the family out.
+  prompts instead of leaving the family out; a family with no setting within the budget has no row, and
+  the verdict says so (:func:`omitted_families`).
 
 Each row carries the summary metrics with 95% bootstrap intervals over prompts, the paired difference
 (same prompts, same per-prompt seeds) to its baseline(s), the perplexity under the host model beside the
@@ -30,7 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from saesteer.data.atomic import write_text_atomic
 from saesteer.evaluation.statistics import with_interval
 from saesteer.evaluation.sweep import SweepResult, control_label, setting_dir
 
-__all__ = ["ReportRow", "ReportResult", "load_sweep", "report_rows", "run_report"]
+__all__ = ["ReportRow", "ReportResult", "load_sweep", "omitted_families", "report_rows", "run_report"]
 
 UNSTEERED = "unsteered"
 
@@ -88,7 +89,7 @@ def load_sweep(path: str | os.PathLike) -> SweepResult:
 def report_rows(sweep: SweepResult, *, max_candidates: int) -> list[ReportRow]:
     """The rows for ``sweep``: unsteered, the top-k control at ``max_candidates``, and one per family
     (recommended setting, or the least toxic one within the budget; a family with no setting within the
-    budget gets no row and is named by :meth:`ReportResult.verdict`)."""
+    budget gets no row: :func:`omitted_families` says why, and :meth:`ReportResult.verdict` states it)."""
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
         raise ValueError(f"max_candidates must be a positive int (SASA's candidate cap); got {max_candidates!r}.")
     control = control_label(max_candidates)
@@ -107,6 +108,25 @@ def report_rows(sweep: SweepResult, *, max_candidates: int) -> list[ReportRow]:
     return rows
 
 
+def omitted_families(sweep: SweepResult) -> dict[str, str]:
+    """Family -> why it has no row in the reported table: no setting within the PPL budget on the tuning
+    prompts, with its mildest setting (lowest PPL ratio) named."""
+    out = {}
+    table = sweep.table
+    for family in dict.fromkeys(table["family"]) if len(table) else ():
+        rows = table[table["family"] == family]
+        if (rows["ppl_ratio"] <= sweep.ppl_budget).any():
+            continue
+        mildest = rows.sort_values("ppl_ratio").iloc[0]
+        d = with_interval(mildest.get("d_emt"), mildest.get("d_emt_ci_low"), mildest.get("d_emt_ci_high"), "+.3f")
+        out[family] = (
+            f"no setting within the PPL budget ({sweep.ppl_budget:g} x {sweep.baseline_of(family)}) on the tuning "
+            f"prompts; its mildest, {mildest['spec']}, is at {mildest['ppl_ratio']:.2f} x (ΔEMT {d}), so it is "
+            "not evaluated on the held-back prompts"
+        )
+    return out
+
+
 @dataclass
 class ReportResult:
     """The reported table (one row per :class:`ReportRow`), the rows and the evaluation settings."""
@@ -114,12 +134,15 @@ class ReportResult:
     table: pd.DataFrame
     rows: list[ReportRow]
     settings: dict
+    omitted: dict[str, str] = field(default_factory=dict)
+    """Families of the sweep without a row, and why (:func:`omitted_families`)."""
 
     def to_json(self) -> dict:
         return {
             "settings": self.settings,
             "rows": [asdict(r) for r in self.rows],
             "table": json.loads(self.table.to_json(orient="records")),
+            "omitted": self.omitted,
         }
 
     def markdown(self, digits: int = 3) -> str:
@@ -154,6 +177,7 @@ class ReportResult:
                 f"{r['label']}: {helps} EMT vs unsteered ({d:+.3f} [95% {lo:+.3f}, {hi:+.3f}]) at judge PPL "
                 f"{r['ppl']:.1f} ({r['ppl'] / ppl0:.2f} x unsteered)."
             )
+        out += [f"{family}: {why}." for family, why in self.omitted.items()]
         return "\n".join(out)
 
 
@@ -212,6 +236,7 @@ def run_report(
     host_ppl: bool = True,
     batch_size: int = 8,
     shard: str | Sequence[int] | None = None,
+    omitted: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
     **evaluate_kwargs: Any,
 ) -> ReportResult | None:
@@ -222,6 +247,7 @@ def run_report(
     scorer, ppl_model, ...) and are the same for every row; a row's ``top_k`` overrides the sampling's.
     ``shard=(i, n)`` (or ``"i/n"``): evaluate only shard ``i`` of every row; returns None unless this call
     completes the last shard, in which case the rows are merged and the table written as without shards.
+    ``omitted``: families without a row and why (:func:`omitted_families`), stated in the verdict.
     """
     from saesteer.evaluation.runner import evaluate, parse_shard
     from saesteer.evaluation.statistics import difference_fields, paired_difference
@@ -311,7 +337,7 @@ def run_report(
     settings = {
         k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in evaluate_kwargs.items()
     }
-    result = ReportResult(pd.DataFrame(records), list(rows), settings)
+    result = ReportResult(pd.DataFrame(records), list(rows), settings, dict(omitted or {}))
     write_text_atomic(out / "report.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "report.md", result.markdown() + "\n\n" + result.verdict() + "\n")
     return result

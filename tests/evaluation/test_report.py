@@ -40,6 +40,10 @@ def test_rows_take_the_recommended_setting_or_the_best_within_budget():
     dec = by["decoder-constant: decoder:alpha=0.1,tier=constant"]
     assert not dec.recommended and dec.baselines == ("unsteered",)
     assert not any(r.family == "swap" for r in rows)
+    omitted = R.omitted_families(sweep)
+    assert list(omitted) == ["swap"] and "swap:strength=1.0, is at 2.00 x" in omitted["swap"]
+    verdict = R.ReportResult(pd.DataFrame({"label": ["unsteered"], "family": [None], "ppl": [10.0]}), [], {}, omitted)
+    assert verdict.verdict() == f"swap: {omitted['swap']}."
     with pytest.raises(ValueError, match="max_candidates"):
         R.report_rows(sweep, max_candidates=0)
 
