@@ -14,10 +14,15 @@ Autoencoders) does with ``swap``; toxicity is this project's use of it. The meas
   difference to unsteered with its interval.
 - fluency: perplexity under a judge model (default Gemma 3 270M, not the steered model) and dist-2.
 
+Rows: ``swap`` at each strength with the SAE's error term kept, h + D(f' - f) (saesteer's default, strength
+0 = unsteered), and without it, decode(f') (the IBM paper's setting), whose strength-0 row (the SAE's
+reconstruction alone, no steering) separates what the reconstruction does from what the swap does.
+
 Prompts: ``--n-prompts`` sentence starts (the first ``--prompt-words`` words of a seeded sample of English
 corpus sentences of 12+ words), topic-neutral text the SAE has seen the register of.
 
     python experiments/medical_swap.py                               # the project's default SAE, 100 prompts x 5
+    python experiments/medical_swap.py --error-term drop             # the paper's decode(f') only
     python experiments/medical_swap.py --strengths 0.25,0.5,1 --k 5 --ppl-model gemma-3-270m
 
 Writes ``--out`` (default ``figures/medical_swap``): ``medical_swap.json`` (every row with intervals, the
@@ -90,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     experiment.add_model_sae_arguments(ap)
     ap.add_argument("--strengths", default="0.25,0.5,1", help="swap strengths (comma-separated)")
+    ap.add_argument(
+        "--error-term",
+        choices=["keep", "drop", "both"],
+        default="both",
+        help="keep: h + D(f' - f) (saesteer's default); drop: decode(f'), the IBM paper's setting, with "
+        "strength 0 (the SAE's reconstruction alone) as its control; both (default)",
+    )
     ap.add_argument("--n-prompts", type=int, default=100)
     ap.add_argument("--prompt-words", type=int, default=6)
     experiment.add_sampling_arguments(ap)
@@ -125,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         extra_settings={"experiment": "medical_swap", **config},
     )
     results, rows = {}, []
-    for spec in ["unsteered"] + [f"swap:strength={s:g}" for s in strengths]:
+    specs = ["unsteered"]
+    if args.error_term in ("keep", "both"):
+        specs += [f"swap:strength={s:g}" for s in strengths]
+    if args.error_term in ("drop", "both"):
+        specs += [f"swap:strength={s:g},use_error_term=false" for s in [0.0, *strengths]]
+    for spec in specs:
         say(spec)
         t = time.time()
         results[spec] = r = evaluate(model, prompts, spec, resources=res, out_dir=runs / slug(spec), **common)
