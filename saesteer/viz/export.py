@@ -48,24 +48,77 @@ def _kaleido02_scope() -> Any:
         return _SCOPE
 
 
-def figure_png(fig: Any, *, width: int | None = None, height: int | None = None, scale: float = 1.0) -> bytes:
+PNG_TIMEOUT_S = 120.0
+"""Seconds a PNG export may take before it is abandoned (a headless Chromium can hang; a long run must not)."""
+
+
+def _drop_kaleido02_scope() -> None:
+    """Forget (and try to stop) the kaleido 0.2 scope, so that the next export starts a fresh Chromium."""
+    global _SCOPE
+    with _LOCK:
+        scope, _SCOPE = _SCOPE, None
+    stop = getattr(scope, "_shutdown_kaleido", None)
+    if callable(stop):
+        try:
+            stop()
+        except Exception:  # noqa: BLE001 - a hung subprocess may refuse; the next export starts anew anyway
+            pass
+
+
+def _within(seconds: float, fn: Any) -> Any:
+    """``fn()`` on a daemon thread; TimeoutError if it has not returned after ``seconds``."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True, name="saesteer-png-export")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def figure_png(
+    fig: Any,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    scale: float = 1.0,
+    timeout: float | None = None,
+) -> bytes:
     """The PNG bytes of plotly figure ``fig`` (size: ``width`` x ``height`` CSS pixels, default the layout's
-    or 700 x 500, times ``scale``).
+    or 700 x 500, times ``scale``), abandoned after ``timeout`` seconds (default :data:`PNG_TIMEOUT_S`).
 
     Raises:
-        RuntimeError: no PNG backend (the message says what to install), or the export failed.
+        RuntimeError: no PNG backend (the message says what to install), or the export failed or timed out
+            (a timed-out kaleido 0.2 scope is dropped, so the next export starts a fresh one).
     """
     backend = png_backend()
     if backend is None:
         raise RuntimeError(PNG_HINT)
     width = width or fig.layout.width or 700
     height = height or fig.layout.height or 500
-    try:
+
+    def export() -> bytes:
         if backend == "kaleido-0.2":
             return _kaleido02_scope().transform(
                 fig.to_plotly_json(), format="png", width=width, height=height, scale=scale
             )
         return fig.to_image(format="png", width=width, height=height, scale=scale)
+
+    try:
+        return _within(PNG_TIMEOUT_S if timeout is None else timeout, export)
+    except TimeoutError as exc:
+        if backend == "kaleido-0.2":
+            _drop_kaleido02_scope()
+        raise RuntimeError(f"PNG export with {backend} timed out ({exc}). {PNG_HINT}") from exc
     except Exception as exc:
         raise RuntimeError(f"PNG export with {backend} failed ({type(exc).__name__}: {exc}). {PNG_HINT}") from exc
 

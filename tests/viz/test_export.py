@@ -56,3 +56,33 @@ def test_save_figure_writes_both(tmp_path):
     written = save_figure(_fig(), tmp_path / "f.html", scale=1.0)
     assert [p.name for p in written] == ["f.html", "f.png"]
     assert _png_size((tmp_path / "f.png").read_bytes()) == (700, 500)  # plotly's default size
+
+
+def test_a_hung_png_export_is_abandoned_and_the_next_one_starts_afresh(tmp_path, monkeypatch):
+    """A kaleido scope that never answers: save_figure writes the HTML, notes the timeout, drops the scope."""
+    import threading
+
+    release = threading.Event()
+
+    class Hung:
+        stopped = False
+
+        def transform(self, *a, **k):
+            release.wait(30)
+            return b""
+
+        def _shutdown_kaleido(self):
+            Hung.stopped = True
+
+    monkeypatch.setattr(figure_export, "png_backend", lambda: "kaleido-0.2")
+    monkeypatch.setattr(figure_export, "_SCOPE", Hung())
+    monkeypatch.setattr(figure_export, "PNG_TIMEOUT_S", 0.2)
+    with pytest.raises(RuntimeError, match="timed out"):
+        figure_png(_fig(), timeout=0.2)
+    assert figure_export._SCOPE is None and Hung.stopped  # the next export starts a fresh Chromium
+    monkeypatch.setattr(figure_export, "_SCOPE", Hung())
+    notes = []
+    written = save_figure(_fig(), tmp_path / "f.html", log=notes.append)
+    release.set()
+    assert written == [tmp_path / "f.html"] and not (tmp_path / "f.png").exists()
+    assert len(notes) == 1 and "timed out" in notes[0]
