@@ -341,6 +341,8 @@ def _sweep(a: argparse.Namespace) -> int:
         f"(prompt toxicity >= {a.min_prompt_toxicity})"
     )
     model = load_model(a.model)
+    if ppl_model is not None:  # the judge loaded once, not by every setting's evaluate (same settings record)
+        ppl_model = load_model(ppl_model, device=str(model.cfg.device))
     fams = families or list(default_grid(margin_std=1.0, threshold=1.0))
     specs_needed = [specs[0] for specs in default_grid(margin_std=1.0, methods=fams, threshold=1.0).values()]
     needs_sae = any("sae" in get_method(c).needs for s in specs_needed for c in parse_method(s).components)

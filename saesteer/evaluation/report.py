@@ -214,6 +214,15 @@ def _merge_if_complete(folder: Path) -> bool:
     return True
 
 
+def _setting_value(value: Any) -> Any:
+    """An evaluate() argument as report.json records it: plain values as they are, a model by its name, a
+    scorer by its ``name``, anything else by its type."""
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    model_name = getattr(getattr(value, "cfg", None), "model_name", None)
+    return model_name or getattr(value, "name", None) or type(value).__name__
+
+
 def _host_ppl(model: Any, generations: pd.DataFrame, batch_size: int) -> float:
     """Median per-continuation perplexity under ``model`` (the host), empty continuations left out."""
     from saesteer.evaluation.metrics import continuation_nll
@@ -334,9 +343,7 @@ def run_report(
             rec |= difference_fields(paired_difference(run, runs[base], names=(row.label, base)), suffix)
         rec["ppl_host"] = _host_ppl(model, run.generations, batch_size) if host_ppl else math.nan
         records.append(rec)
-    settings = {
-        k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in evaluate_kwargs.items()
-    }
+    settings = {k: _setting_value(v) for k, v in evaluate_kwargs.items()}
     result = ReportResult(pd.DataFrame(records), list(rows), settings, dict(omitted or {}))
     write_text_atomic(out / "report.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "report.md", result.markdown() + "\n\n" + result.verdict() + "\n")

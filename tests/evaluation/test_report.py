@@ -123,6 +123,7 @@ def test_sharded_report_is_the_unsharded_one(tmp_path):
             per_shard = [json.loads(f.read_text())["seconds"] for f in folder.glob("wall_seconds.shard-*.json")]
             row = sharded.table[[R.setting_dir(tmp_path, lab).name == folder.name for lab in sharded.table["spec"]]]
             assert len(per_shard) == 2 and row["seconds"].iloc[0] == pytest.approx(sum(per_shard), abs=0.1)
+    assert json.loads((tmp_path / "sh" / "report.json").read_text())["settings"]["scorer"] == "words"
     # read back without shards: the same table
     again = R.run_report(model, prompts, rows, out_dir=tmp_path / "sh", **kw)
     pd.testing.assert_frame_equal(sharded.table, again.table)
