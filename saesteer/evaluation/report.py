@@ -223,16 +223,32 @@ def _setting_value(value: Any) -> Any:
     return model_name or getattr(value, "name", None) or type(value).__name__
 
 
-def _host_ppl(model: Any, generations: pd.DataFrame, batch_size: int) -> float:
-    """Median per-continuation perplexity under ``model`` (the host), empty continuations left out."""
+def _host_ppl(model: Any, generations: pd.DataFrame, batch_size: int, folder: Path | None = None) -> float:
+    """Median per-continuation perplexity under ``model`` (the host), empty continuations left out.
+
+    With ``folder``, the value is kept in ``folder/ppl_host.json`` keyed by the host's weights digest and
+    the digest of the (prompt, continuation) texts, and read back when both match: a finished table is
+    re-read without scoring every continuation again."""
+    from saesteer.data.digests import json_digest, module_digest, texts_digest
     from saesteer.evaluation.metrics import continuation_nll
 
-    nll = continuation_nll(
-        model, generations["prompt"].tolist(), generations["continuation"].tolist(), batch_size=batch_size
-    )
+    prompts, continuations = generations["prompt"].tolist(), generations["continuation"].tolist()
+    key = None
+    if folder is not None:
+        key = json_digest({"host": module_digest(model), "texts": texts_digest(prompts + continuations)})
+        try:
+            cached = json.loads((folder / "ppl_host.json").read_text())
+            if cached.get("key") == key:
+                return float(cached["ppl_host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    nll = continuation_nll(model, prompts, continuations, batch_size=batch_size)
     ppl = np.asarray(nll.ppl, dtype=float)
     ppl = ppl[np.isfinite(ppl)]
-    return float(np.median(ppl)) if len(ppl) else math.nan
+    value = float(np.median(ppl)) if len(ppl) else math.nan
+    if folder is not None:
+        write_text_atomic(folder / "ppl_host.json", json.dumps({"key": key, "ppl_host": value}))
+    return value
 
 
 def run_report(
@@ -341,7 +357,9 @@ def run_report(
         for base in row.baselines:
             suffix = "unsteered" if base == UNSTEERED else "control"
             rec |= difference_fields(paired_difference(run, runs[base], names=(row.label, base)), suffix)
-        rec["ppl_host"] = _host_ppl(model, run.generations, batch_size) if host_ppl else math.nan
+        rec["ppl_host"] = (
+            _host_ppl(model, run.generations, batch_size, folders[row.label]) if host_ppl else math.nan
+        )
         records.append(rec)
     settings = {k: _setting_value(v) for k, v in evaluate_kwargs.items()}
     result = ReportResult(pd.DataFrame(records), list(rows), settings, dict(omitted or {}))

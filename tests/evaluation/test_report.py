@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import tiny_model, tiny_sae
 
 from saesteer.evaluation import report as R
@@ -91,6 +92,22 @@ def test_run_report_pairs_rows_resumes_and_writes_json(tmp_path):
         pd.read_csv(next(folder[n] for n in folder if n.startswith("unsteered-")) / "generations.csv"),
     )
     assert strong["d_emt_unsteered"] == pytest.approx(d["exp_max_toxicity"].estimate)
+    # the host perplexity is read back from the row's ppl_host.json while the host's weights and the texts
+    # match (a marked value comes back), and scored again once the host's weights change
+    strong_dir = next(folder[n] for n in folder if "strength_2" in n)
+    cached = json.loads((strong_dir / "ppl_host.json").read_text())
+    assert cached["ppl_host"] == pytest.approx(strong["ppl_host"])
+    (strong_dir / "ppl_host.json").write_text(json.dumps(cached | {"ppl_host": 12345.0}))
+    marked = R.run_report(model, prompts, rows, log=lambda m: None, **kw).table.set_index("label")
+    assert marked.loc["weight: weight:strength=2.0", "ppl_host"] == 12345.0
+    other = tiny_model()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.unembed.W_U.mul_(1.5)
+    generations = pd.read_csv(strong_dir / "generations.csv", keep_default_na=False)
+    rescored = R._host_ppl(other, generations, 8, strong_dir)
+    assert rescored not in (12345.0, strong["ppl_host"]) and np.isfinite(rescored)
+    assert json.loads((strong_dir / "ppl_host.json").read_text())["ppl_host"] == rescored
     with pytest.raises(ValueError, match="not rows of the report"):
         R.run_report(model, prompts, [rows[0], R.ReportRow("x", "unsteered", baselines=("nope",))], **kw)
 
