@@ -357,9 +357,7 @@ def run_report(
         for base in row.baselines:
             suffix = "unsteered" if base == UNSTEERED else "control"
             rec |= difference_fields(paired_difference(run, runs[base], names=(row.label, base)), suffix)
-        rec["ppl_host"] = (
-            _host_ppl(model, run.generations, batch_size, folders[row.label]) if host_ppl else math.nan
-        )
+        rec["ppl_host"] = _host_ppl(model, run.generations, batch_size, folders[row.label]) if host_ppl else math.nan
         records.append(rec)
     settings = {k: _setting_value(v) for k, v in evaluate_kwargs.items()}
     result = ReportResult(pd.DataFrame(records), list(rows), settings, dict(omitted or {}))
