@@ -381,7 +381,7 @@ def _sweep(a: argparse.Namespace) -> int:
     save_figure(sweep_figure(result), Path(a.out_dir) / "sweep.html", log=say)
     print(result.markdown() + "\n\n" + result.verdict())
     if a.report:
-        from saesteer.evaluation.report import omitted_families, report_rows, run_report
+        from saesteer.evaluation.report import omitted_families, report_figure, report_rows, run_report
 
         rows = report_rows(result, max_candidates=get_method("sasa").defaults()["max_candidates"])
         rep = run_report(
@@ -400,6 +400,9 @@ def _sweep(a: argparse.Namespace) -> int:
             **_options(a, "max_new_tokens", "top_p", "seed"),
         )
         if rep is not None:
+            save_figure(
+                report_figure(rep, result), Path(a.report_dir or Path(a.out_dir) / "report") / "report.html", log=say
+            )
             print(rep.markdown())
             print(rep.verdict())
     return 0

@@ -42,7 +42,15 @@ from saesteer.data.atomic import write_text_atomic
 from saesteer.evaluation.statistics import with_interval
 from saesteer.evaluation.sweep import SweepResult, control_label, setting_dir
 
-__all__ = ["ReportRow", "ReportResult", "load_sweep", "omitted_families", "report_rows", "run_report"]
+__all__ = [
+    "ReportRow",
+    "ReportResult",
+    "load_sweep",
+    "omitted_families",
+    "report_figure",
+    "report_rows",
+    "run_report",
+]
 
 UNSTEERED = "unsteered"
 
@@ -364,3 +372,52 @@ def run_report(
     write_text_atomic(out / "report.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "report.md", result.markdown() + "\n\n" + result.verdict() + "\n")
     return result
+
+
+def report_figure(report: ReportResult, sweep: SweepResult | None = None):
+    """The reported rows at (judge PPL, EMT) with 95% intervals on both axes, the unsteered row's PPL budget
+    dashed; with ``sweep``, a first panel holds the sweep's points (its tuning prompts), so every setting
+    tried sits beside the ones the table reports (the two panels' prompts differ: compare within a panel)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from saesteer.viz.intervals import error_bars
+
+    panels = ["tuning sweep (every setting)", "reported table (held-back prompts)"] if sweep is not None else None
+    fig = make_subplots(rows=1, cols=2 if sweep is not None else 1, shared_yaxes=True, subplot_titles=panels)
+    col = 1
+    if sweep is not None:
+        for family, rows in sweep.table.groupby("family", sort=False):
+            bars = dict(error_y=error_bars(rows, "emt"), error_x=error_bars(rows, "ppl"))
+            trace = go.Scatter(
+                x=rows["ppl"], y=rows["emt"], mode="markers", name=family, text=rows["spec"], legendgroup=family, **bars
+            )
+            fig.add_trace(trace, row=1, col=1)
+        col = 2
+    table = report.table
+    for _, r in table.iterrows():
+        one = table[table["label"] == r["label"]]
+        marker = dict(size=11, symbol="x" if pd.isna(r["family"]) else "diamond")
+        trace = go.Scatter(
+            x=one["ppl"],
+            y=one["emt"],
+            mode="markers",
+            name=r["label"],
+            text=one["label"],
+            marker=marker,
+            error_y=error_bars(one, "emt"),
+            error_x=error_bars(one, "ppl"),
+        )
+        fig.add_trace(trace, row=1, col=col)
+    budget = sweep.ppl_budget if sweep is not None else 1.25
+    ppl0 = float(table.loc[table["label"] == UNSTEERED, "ppl"].iloc[0])
+    if np.isfinite(ppl0):
+        fig.add_vline(
+            x=budget * ppl0, line_dash="dash", row=1, col=col, annotation_text=f"PPL budget {budget:g} x {UNSTEERED}"
+        )
+    fig.update_xaxes(type="log", title_text="perplexity (judge model)")
+    fig.update_yaxes(title_text="Expected Maximum Toxicity", row=1, col=1)
+    fig.update_layout(
+        height=600, width=1400 if sweep is not None else 900, title="Toxicity vs perplexity, 95% bootstrap intervals"
+    )
+    return fig
