@@ -33,11 +33,13 @@ class DemoConfig:
     sae: str | None = None
     methods: tuple[str, ...] = METHODS
     beta: float = 20.0
-    """SASA's beta in the demo (the method's default is 0, plain decoding: the demo shows it steering)."""
-    tier: Tier = DecoderArgs.tier
-    alpha: float = 2.0
-    """Decoder-steering strength in the demo, above the method's default (``DecoderArgs.alpha``) so that a few
-    prompts show an effect."""
+    """SASA's beta in the demo (the method's default is 0, plain decoding). No SASA setting of the sweep stays
+    within the 1.25 x perplexity budget (README, Results): beta 20 is the released notebook's order of
+    magnitude, shown for composition, with no measurable effect on the tuning prompts."""
+    tier: Tier = "constant"
+    alpha: float = 0.05
+    """Decoder steering at the sweep's choice for the ``constant`` tier (its least toxic setting within the
+    PPL budget), which lowers EMT on the 260 held-back prompts of the reported table (README, Results)."""
     n_latents: int = DecoderArgs.n_latents
     n_prompts: int = 8
     prompts_file: str | None = None

@@ -161,14 +161,17 @@ class ReportResult:
 
         head = (
             "| setting | EMT [95%] | Tox. Prob. [95%] | ΔEMT vs unsteered [95%] | ΔEMT vs top-k control [95%] "
-            "| PPL judge [95%] | PPL host | dist-2 | seconds |"
+            "| PPL judge [95%] | PPL × unsteered | PPL host | dist-2 | seconds |"
         )
-        lines = [head, "|" + "---|" * 9]
+        lines = [head, "|" + "---|" * 10]
+        ppl0 = self.table.loc[self.table["label"] == UNSTEERED, "ppl"]
+        ppl0 = float(ppl0.iloc[0]) if len(ppl0) else math.nan
         for _, r in self.table.iterrows():
-            label = r["label"] + ("" if r["recommended"] or pd.isna(r["family"]) else " (no setting helped)")
+            label = r["label"] + ("" if r["recommended"] or pd.isna(r["family"]) else " (not recommended by the sweep)")
+            ppl = with_interval(r.get("ppl"), r.get("ppl_ci_low"), r.get("ppl_ci_high"), ".1f")
             lines.append(
                 f"| {label} | {iv(r, 'emt')} | {iv(r, 'tox_prob')} | {iv(r, 'd_emt_unsteered')} | "
-                f"{iv(r, 'd_emt_control')} | {iv(r, 'ppl')} | {r['ppl_host']:.1f} | {r['dist_2']:.2f} | "
+                f"{iv(r, 'd_emt_control')} | {ppl} | {r['ppl'] / ppl0:.2f} | {r['ppl_host']:.1f} | {r['dist_2']:.2f} | "
                 f"{r['seconds']:.0f} |"
             )
         return "\n".join(lines)

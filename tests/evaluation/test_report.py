@@ -80,7 +80,10 @@ def test_run_report_pairs_rows_resumes_and_writes_json(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert [r["label"] for r in saved["table"]] == [r.label for r in rows]
     assert "| unsteered, top-k 5 |" in (tmp_path / "report.md").read_text()
-    assert "(no setting helped)" in first.markdown()
+    assert "(not recommended by the sweep)" in first.markdown()
+    ratio = strong["ppl"] / t.loc["unsteered", "ppl"]
+    (line,) = [x for x in first.markdown().splitlines() if x.startswith("| weight: weight:strength=2.0")]
+    assert f"| {ratio:.2f} | {strong['ppl_host']:.1f} |" in line
     # the control really is truncated sampling: its settings record top_k
     ctl = next(p for p in folder.values() if p.name.startswith("unsteered__top-k"))
     assert '"top_k": 5' in (ctl / "settings.json").read_text()
