@@ -384,7 +384,7 @@ def report_figure(report: ReportResult, sweep: SweepResult | None = None):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from saesteer.viz.intervals import error_bars
+    from saesteer.viz.intervals import error_bars, vertical_line
 
     panels = ["tuning sweep (every setting)", "reported table (held-back prompts)"] if sweep is not None else None
     fig = make_subplots(rows=1, cols=2 if sweep is not None else 1, shared_yaxes=True, subplot_titles=panels)
@@ -415,9 +415,7 @@ def report_figure(report: ReportResult, sweep: SweepResult | None = None):
     budget = sweep.ppl_budget if sweep is not None else 1.25
     ppl0 = float(table.loc[table["label"] == UNSTEERED, "ppl"].iloc[0])
     if np.isfinite(ppl0):
-        fig.add_vline(
-            x=budget * ppl0, line_dash="dash", row=1, col=col, annotation_text=f"PPL budget {budget:g} x {UNSTEERED}"
-        )
+        fig.add_trace(vertical_line(budget * ppl0, (0, 1), f"PPL budget {budget:g} x {UNSTEERED}"), row=1, col=col)
     fig.update_xaxes(type="log", title_text="perplexity (judge model)")
     fig.update_yaxes(title_text="Expected Maximum Toxicity", row=1, col=1)
     fig.update_layout(

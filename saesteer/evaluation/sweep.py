@@ -411,7 +411,7 @@ def sweep_figure(result: SweepResult):
     recommended setting circled and the baseline's PPL budget as a dashed line."""
     import plotly.graph_objects as go
 
-    from saesteer.viz.intervals import error_bars
+    from saesteer.viz.intervals import error_bars, vertical_line
 
     def points(rows: pd.DataFrame, **style: Any) -> go.Scatter:
         """``rows`` as points at (PPL, EMT)."""
@@ -441,10 +441,8 @@ def sweep_figure(result: SweepResult):
         )
     )
     if b.get("ppl"):
-        fig.add_vline(
-            x=result.ppl_budget * b["ppl"],
-            line_dash="dash",
-            annotation_text=f"PPL budget {result.ppl_budget:g} x {result.baseline}",
+        fig.add_trace(
+            vertical_line(result.ppl_budget * b["ppl"], (0, 1), f"PPL budget {result.ppl_budget:g} x {result.baseline}")
         )
     fig.update_layout(
         xaxis_title="perplexity (judge model)",

@@ -176,13 +176,13 @@ def test_report_figure_draws_rows_with_intervals_beside_the_sweep():
     sweep = _sweep({"swap": None}, [("swap", "swap:strength=0.25", 0.45, 1.1), ("swap", "swap:strength=1.0", 0.3, 2.0)])
     sweep.table["ppl"] = [11.0, 20.0]
     fig = R.report_figure(rep, sweep)
-    assert [t.name for t in fig.data] == ["swap", "unsteered", "swap: swap:strength=0.25"]
+    assert [t.name for t in fig.data][:3] == ["swap", "unsteered", "swap: swap:strength=0.25"]
     assert list(fig.data[0].x) == [11.0, 20.0] and fig.data[0].xaxis == "x"  # sweep: the first panel
     row = fig.data[2]
     assert row.xaxis == "x2" and list(row.y) == [0.4]
     assert row.error_y.array == (pytest.approx(0.05),) and row.error_y.arrayminus == (pytest.approx(0.1),)
     assert row.error_x.array == (pytest.approx(8.0),) and row.error_x.arrayminus == (pytest.approx(3.0),)
-    (budget,) = [s for s in fig.layout.shapes if s.xref == "x2"]
-    assert budget.x0 == pytest.approx(1.25 * 20.0)
+    (budget,) = [t for t in fig.data if (t.name or "").startswith("PPL budget")]
+    assert budget.xaxis == "x2" and list(budget.x) == [pytest.approx(1.25 * 20.0)] * 2
     alone = R.report_figure(rep)
-    assert [t.name for t in alone.data] == ["unsteered", "swap: swap:strength=0.25"]
+    assert [t.name for t in alone.data] == ["unsteered", "swap: swap:strength=0.25", budget.name]

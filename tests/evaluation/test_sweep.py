@@ -121,6 +121,10 @@ def test_recommendation_rule_and_plain_verdict():
         S.summarize_sweep(runs, fam, "unsteered", ppl_budget=0.5)
     fig = S.sweep_figure(res)
     assert any(getattr(t, "error_y", None) is not None and t.error_y.array is not None for t in fig.data)
+    # the budget line sits at 1.25 x the baseline's PPL in data units (a trace: a vline shape on a log axis
+    # would be read as log10(x) and stretch the axis)
+    (line,) = [t for t in fig.data if (t.name or "").startswith("PPL budget")]
+    assert list(line.x) == [pytest.approx(1.25 * res.baseline_summary["ppl"])] * 2 and not fig.layout.shapes
     md = res.markdown().splitlines()
     assert len(md) == 2 + 1 + 3 and md[2].startswith("| unsteered (baseline) | ")
     line = next(x for x in md if x.startswith("| decoder: decoder:alpha=1.0 |"))
