@@ -382,25 +382,40 @@ def report_figure(report: ReportResult, sweep: SweepResult | None = None):
     dashed; with ``sweep``, a first panel holds the sweep's points (its tuning prompts), so every setting
     tried sits beside the ones the table reports (the two panels' prompts differ: compare within a panel)."""
     import plotly.graph_objects as go
+    from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
     from saesteer.viz.intervals import error_bars, vertical_line
 
     panels = ["tuning sweep (every setting)", "reported table (held-back prompts)"] if sweep is not None else None
     fig = make_subplots(rows=1, cols=2 if sweep is not None else 1, shared_yaxes=True, subplot_titles=panels)
+    families = list(dict.fromkeys([*(sweep.table["family"] if sweep is not None else []), *report.table["family"]]))
+    families = [f for f in families if isinstance(f, str)]
+    color = {f: qualitative.Plotly[i % len(qualitative.Plotly)] for i, f in enumerate(families)}
     col = 1
     if sweep is not None:
         for family, rows in sweep.table.groupby("family", sort=False):
             bars = dict(error_y=error_bars(rows, "emt"), error_x=error_bars(rows, "ppl"))
             trace = go.Scatter(
-                x=rows["ppl"], y=rows["emt"], mode="markers", name=family, text=rows["spec"], legendgroup=family, **bars
+                x=rows["ppl"],
+                y=rows["emt"],
+                mode="markers",
+                name=f"{family} (sweep)",
+                text=rows["spec"],
+                marker=dict(color=color[family], size=6),
+                **bars,
             )
             fig.add_trace(trace, row=1, col=1)
         col = 2
     table = report.table
     for _, r in table.iterrows():
         one = table[table["label"] == r["label"]]
-        marker = dict(size=11, symbol="x" if pd.isna(r["family"]) else "diamond")
+        baseline = pd.isna(r["family"])
+        marker = dict(
+            size=11,
+            symbol="x" if baseline else "diamond",
+            color=("black" if r["label"] == UNSTEERED else "grey") if baseline else color[r["family"]],
+        )
         trace = go.Scatter(
             x=one["ppl"],
             y=one["emt"],
@@ -419,6 +434,9 @@ def report_figure(report: ReportResult, sweep: SweepResult | None = None):
     fig.update_xaxes(type="log", title_text="perplexity (judge model)")
     fig.update_yaxes(title_text="Expected Maximum Toxicity", row=1, col=1)
     fig.update_layout(
-        height=600, width=1400 if sweep is not None else 900, title="Toxicity vs perplexity, 95% bootstrap intervals"
+        height=700,
+        width=1500 if sweep is not None else 1000,
+        legend=dict(font=dict(size=10)),
+        title="Toxicity vs perplexity, 95% bootstrap intervals (compare within a panel: their prompts differ)",
     )
     return fig

@@ -176,7 +176,8 @@ def test_report_figure_draws_rows_with_intervals_beside_the_sweep():
     sweep = _sweep({"swap": None}, [("swap", "swap:strength=0.25", 0.45, 1.1), ("swap", "swap:strength=1.0", 0.3, 2.0)])
     sweep.table["ppl"] = [11.0, 20.0]
     fig = R.report_figure(rep, sweep)
-    assert [t.name for t in fig.data][:3] == ["swap", "unsteered", "swap: swap:strength=0.25"]
+    assert [t.name for t in fig.data][:3] == ["swap (sweep)", "unsteered", "swap: swap:strength=0.25"]
+    assert fig.data[0].marker.color == fig.data[2].marker.color  # a family keeps its colour across panels
     assert list(fig.data[0].x) == [11.0, 20.0] and fig.data[0].xaxis == "x"  # sweep: the first panel
     row = fig.data[2]
     assert row.xaxis == "x2" and list(row.y) == [0.4]
