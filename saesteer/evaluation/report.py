@@ -157,7 +157,8 @@ class ReportResult:
         """The table as Markdown: each metric with its 95% interval, differences with theirs."""
 
         def iv(r: pd.Series, key: str) -> str:
-            return with_interval(r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high"), f".{digits}f")
+            fmt = f"{'+' if key.startswith('d_') else ''}.{digits}f"  # differences signed
+            return with_interval(r.get(key), r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high"), fmt)
 
         head = (
             "| setting | EMT [95%] | Tox. Prob. [95%] | ΔEMT vs unsteered [95%] | ΔEMT vs top-k control [95%] "
