@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ import pandas as pd
 
 from saesteer.data.atomic import write_text_atomic
 from saesteer.evaluation.statistics import with_interval
-from saesteer.evaluation.sweep import SweepResult, control_label, setting_dir
+from saesteer.evaluation.sweep import SweepResult, control_label, setting_dir, timed_evaluate
 
 __all__ = [
     "ReportRow",
@@ -193,22 +192,6 @@ class ReportResult:
         return "\n".join(out)
 
 
-def _seconds_file(folder: Path, shard: tuple[int, int] | None) -> Path:
-    return folder / ("wall_seconds.json" if shard is None else f"wall_seconds.shard-{shard[0]}-of-{shard[1]}.json")
-
-
-def _seconds(folder: Path, shard: tuple[int, int] | None = None) -> float | None:
-    """Wall seconds spent on a row's folder (or one shard of it) by earlier calls, None if none; for a
-    merged folder without its own record, the sum over its shards' records."""
-    files = [_seconds_file(folder, shard)]
-    if shard is None and not files[0].exists():
-        files = sorted(folder.glob("wall_seconds.shard-*-of-*.json"))
-    try:
-        return sum(float(json.loads(f.read_text())["seconds"]) for f in files) if files else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _merge_if_complete(folder: Path) -> bool:
     """Merge a row's shard files into its folder once every prompt has its result; True when the folder
     holds the whole row (merged now or before). Inconsistent shards raise
@@ -303,23 +286,15 @@ def run_report(
     if shard_t is not None:
         for i, row in enumerate(rows):
             log(f"report {i + 1}/{len(rows)}, shard {shard_t[0]}/{shard_t[1]}: {row.label}")
-            t0, folder = time.time(), folders[row.label]
+            folder = folders[row.label]
             if (folder / "generations.jsonl").exists():
                 continue  # merged (or run whole) before
-            done_before = _seconds(folder, shard_t)
-            part = evaluate(
-                model,
-                prompts,
-                row.spec,
-                resources=resources,
-                out_dir=folder,
-                shard=shard_t,
-                **evaluate_kwargs,
-                **extras[row.label],
-            )
-            if done_before is None or part.generation.get("calls") != 0:
-                spent = (done_before or 0.0) + time.time() - t0
-                write_text_atomic(_seconds_file(folder, shard_t), json.dumps({"seconds": spent}))
+
+            def call(row: ReportRow = row, folder: Path = folder) -> Any:
+                kw = {**evaluate_kwargs, **extras[row.label]}
+                return evaluate(model, prompts, row.spec, resources=resources, out_dir=folder, shard=shard_t, **kw)
+
+            timed_evaluate(folder, call, shard_t)
         if not all(_merge_if_complete(folders[row.label]) for row in rows):
             log(f"shard {shard_t[0]}/{shard_t[1]} done; the table is written by the call that finishes the last shard.")
             return None
@@ -334,17 +309,13 @@ def run_report(
     runs, seconds = {}, {}
     for i, row in enumerate(rows):
         log(f"report {i + 1}/{len(rows)}: {row.label}")
-        t0, folder = time.time(), folders[row.label]
-        done_before = _seconds(folder)
-        runs[row.label] = evaluate(
-            model, prompts, row.spec, resources=resources, out_dir=folder, **evaluate_kwargs, **extras[row.label]
-        )
-        # (the folder's summary.json keeps the call that finished it; the result's generation is this call's)
-        if done_before is not None and runs[row.label].generation.get("calls") == 0:
-            seconds[row.label] = done_before  # read back whole: this call generated nothing
-        else:
-            seconds[row.label] = (done_before or 0.0) + time.time() - t0
-            write_text_atomic(folder / "wall_seconds.json", json.dumps({"seconds": seconds[row.label]}))
+        folder = folders[row.label]
+
+        def call(row: ReportRow = row, folder: Path = folder) -> Any:
+            kw = {**evaluate_kwargs, **extras[row.label]}
+            return evaluate(model, prompts, row.spec, resources=resources, out_dir=folder, **kw)
+
+        runs[row.label], seconds[row.label] = timed_evaluate(folder, call)
     records = []
     for row in rows:
         run = runs[row.label]

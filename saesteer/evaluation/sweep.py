@@ -255,9 +255,10 @@ def summarize_sweep(
     baseline: str,
     ppl_budget: float = PPL_BUDGET,
     family_baselines: Mapping[str, str] | None = None,
+    seconds: Mapping[str, float] | None = None,
 ) -> SweepResult:
     """Build the sweep table from evaluation results: ``runs`` maps spec (or label) -> EvalResult, baselines
-    included. Each family is judged against ``family_baselines.get(family, baseline)``: its PPL ratio, its
+    included; ``seconds``: each setting's wall seconds (:func:`timed_evaluate`; default: each result's own). Each family is judged against ``family_baselines.get(family, baseline)``: its PPL ratio, its
     paired differences and the recommendation rule (SASA samples among its top candidates only, so it is
     judged against the unsteered top-k control at that cap; truncation alone lowers PPL and may lower EMT).
 
@@ -301,7 +302,7 @@ def summarize_sweep(
                     "d_tox_prob_ci_low": d["toxicity_prob"].low,
                     "d_tox_prob_ci_high": d["toxicity_prob"].high,
                     "dist_2": s.get("dist-2"),
-                    "seconds": runs[spec].seconds,
+                    "seconds": runs[spec].seconds if seconds is None else seconds.get(spec, math.nan),
                 }
             )
     table = pd.DataFrame(rows)
@@ -314,6 +315,39 @@ def summarize_sweep(
         recommended[family] = None if ok.empty else str(ok.sort_values("emt").iloc[0]["spec"])
     summaries = {b: dict(runs[b].summary) for b in {baseline, *family_baselines.values()}}
     return SweepResult(table, baseline, summaries[baseline], ppl_budget, recommended, family_baselines, summaries)
+
+
+def wall_seconds_file(folder: Path, shard: tuple[int, int] | None = None) -> Path:
+    """Where a setting's folder (or one shard of it) keeps the wall seconds spent generating it."""
+    return folder / ("wall_seconds.json" if shard is None else f"wall_seconds.shard-{shard[0]}-of-{shard[1]}.json")
+
+
+def recorded_seconds(folder: Path, shard: tuple[int, int] | None = None) -> float | None:
+    """Wall seconds recorded for a folder (or one shard of it) by earlier calls, None if none; for a merged
+    folder without its own record, the sum over its shards' records."""
+    files = [wall_seconds_file(folder, shard)]
+    if shard is None and not files[0].exists():
+        files = sorted(folder.glob("wall_seconds.shard-*-of-*.json"))
+    try:
+        return sum(float(json.loads(f.read_text())["seconds"]) for f in files) if files else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def timed_evaluate(folder: Path, run: Callable[[], Any], shard: tuple[int, int] | None = None) -> tuple[Any, float]:
+    """Call ``run`` (an :func:`~saesteer.evaluation.runner.evaluate` into ``folder``) and return its result
+    and the folder's wall seconds: those recorded before plus this call's when it generated anything (kept
+    in ``wall_seconds.json``), the recorded ones alone when it read everything back, NaN when it read back
+    a folder that has no record (a read-back's seconds are not the setting's)."""
+    import time
+
+    t0, before = time.time(), recorded_seconds(folder, shard)
+    result = run()
+    if result.generation.get("calls") == 0:
+        return result, math.nan if before is None else before
+    spent = (before or 0.0) + time.time() - t0
+    write_text_atomic(wall_seconds_file(folder, shard), json.dumps({"seconds": spent}))
+    return result, spent
 
 
 def run_sweep(
@@ -376,29 +410,30 @@ def run_sweep(
             "finished_only (saesteer sweep without --finished-only) until it has."
         )
     log(f"sweep 1/{len(todo)}: {baseline}")
-    runs[baseline] = evaluate(
-        model, prompts, baseline, resources=resources, out_dir=setting_dir(out, baseline), **evaluate_kwargs
-    )
+    seconds: dict[str, float] = {}
+
+    def timed(key: str, spec: str, **extra: Any) -> None:
+        folder = setting_dir(out, key)
+
+        def call() -> Any:
+            return evaluate(model, prompts, spec, resources=resources, out_dir=folder, **{**evaluate_kwargs, **extra})
+
+        runs[key], seconds[key] = timed_evaluate(folder, call)
+
+    timed(baseline, baseline)
     if label is not None:
         log(f"sweep control: {label}")
-        runs[label] = evaluate(
-            model,
-            prompts,
-            baseline,
-            resources=resources,
-            out_dir=setting_dir(out, label),
-            **{**evaluate_kwargs, "top_k": control_top_k},
-        )
+        timed(label, baseline, top_k=control_top_k)
         family_baselines = {f: label for f in sasa}
     for i, spec in enumerate(todo[1:], start=2):
         if spec in unfinished or skip(spec):
             continue
         log(f"sweep {i}/{len(todo)}: {spec}")
-        runs[spec] = evaluate(
-            model, prompts, spec, resources=resources, out_dir=setting_dir(out, spec), **evaluate_kwargs
-        )
+        timed(spec, spec)
     done = {f: [spec for spec in v if spec in runs] for f, v in families.items()}
-    result = summarize_sweep(runs, {f: v for f, v in done.items() if v}, baseline, ppl_budget, family_baselines)
+    result = summarize_sweep(
+        runs, {f: v for f, v in done.items() if v}, baseline, ppl_budget, family_baselines, seconds=seconds
+    )
     result.unfinished = unfinished
     write_text_atomic(out / "sweep.json", json.dumps(result.to_json(), indent=1))
     write_text_atomic(out / "sweep.csv", result.table.to_csv(index=False))

@@ -181,7 +181,13 @@ def test_run_sweep_on_a_tiny_model_resumes_from_its_folders(tmp_path):
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert len(folders) == 3  # one per setting, baseline included
     again = S.run_sweep(model, prompts, grid, log=lambda m: None, **kw)
-    pd.testing.assert_frame_equal(first.table.drop(columns="seconds"), again.table.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(first.table, again.table)  # seconds too: the generation's, not the read-back's
+    one = S.setting_dir(tmp_path, "weight:strength=1.0")
+    recorded = json.loads((one / "wall_seconds.json").read_text())["seconds"]
+    assert first.table.set_index("spec").loc["weight:strength=1.0", "seconds"] == recorded > 0
+    (one / "wall_seconds.json").unlink()  # a folder from before the record: its seconds are unknown, not 0
+    unknown = S.run_sweep(model, prompts, grid, log=lambda m: None, **kw).table.set_index("spec")
+    assert np.isnan(unknown.loc["weight:strength=1.0", "seconds"]) and not (one / "wall_seconds.json").exists()
 
 
 def test_run_sweep_evaluates_the_top_k_control_for_sasa_families(tmp_path):
