@@ -193,17 +193,23 @@ class ReportResult:
 
 
 def _merge_if_complete(folder: Path) -> bool:
-    """Merge a row's shard files into its folder once every prompt has its result; True when the folder
-    holds the whole row (merged now or before). Inconsistent shards raise
-    (:func:`~saesteer.evaluation.runner.merge_shards`)."""
+    """Merge a row's shard files into its folder once every shard has finished (its ``summary.shard-i-of-n.json``
+    is written when it returns); True when the folder holds the whole row (merged now or before).
+    Inconsistent shards raise (:func:`~saesteer.evaluation.runner.merge_shards`)."""
+    import re
+
     from saesteer.evaluation.runner import merge_shards
 
     if (folder / "generations.jsonl").exists():
         return True
-    if not any(folder.glob("generations.shard-*-of-*.jsonl")):
+    shards = {
+        re.fullmatch(r"generations\.shard-(\d+)-of-(\d+)\.jsonl", f.name) for f in folder.glob("generations.shard-*")
+    }
+    counts = {int(m.group(2)) for m in shards if m}
+    if not counts:
         return False
-    part = merge_shards(folder, allow_missing=True)
-    if part.generations["prompt_index"].nunique() < int(part.settings["prompts"]["n_total"]):
+    n = max(counts)  # several shard counts: merge_shards below names the conflict
+    if len(counts) == 1 and not all((folder / f"summary.shard-{i}-of-{n}.json").is_file() for i in range(n)):
         return False
     merge_shards(folder, out_dir=folder)
     return True
