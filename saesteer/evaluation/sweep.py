@@ -258,8 +258,9 @@ def summarize_sweep(
     seconds: Mapping[str, float] | None = None,
 ) -> SweepResult:
     """Build the sweep table from evaluation results: ``runs`` maps spec (or label) -> EvalResult, baselines
-    included; ``seconds``: each setting's wall seconds (:func:`timed_evaluate`; default: each result's own). Each family is judged against ``family_baselines.get(family, baseline)``: its PPL ratio, its
-    paired differences and the recommendation rule (SASA samples among its top candidates only, so it is
+    included; ``seconds``: each setting's wall seconds (:func:`timed_evaluate`; default: each result's own).
+    Each family is judged against ``family_baselines.get(family, baseline)``: its PPL ratio, its paired
+    differences and the recommendation rule (SASA samples among its top candidates only, so it is
     judged against the unsteered top-k control at that cap; truncation alone lowers PPL and may lower EMT).
 
     Raises:
