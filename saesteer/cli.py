@@ -384,12 +384,13 @@ def _sweep(a: argparse.Namespace) -> int:
         from saesteer.evaluation.report import omitted_families, report_figure, report_rows, run_report
 
         rows = report_rows(result, max_candidates=get_method("sasa").defaults()["max_candidates"])
+        report_dir = Path(a.report_dir or Path(a.out_dir) / "report")
         rep = run_report(
             model,
             report,
             rows,
             resources=res,
-            out_dir=a.report_dir or Path(a.out_dir) / "report",
+            out_dir=report_dir,
             log=say,
             scorer=scorer,
             model_name=a.model,
@@ -400,9 +401,7 @@ def _sweep(a: argparse.Namespace) -> int:
             **_options(a, "max_new_tokens", "top_p", "seed"),
         )
         if rep is not None:
-            save_figure(
-                report_figure(rep, result), Path(a.report_dir or Path(a.out_dir) / "report") / "report.html", log=say
-            )
+            save_figure(report_figure(rep, result), report_dir / "report.html", log=say)
             print(rep.markdown())
             print(rep.verdict())
     return 0

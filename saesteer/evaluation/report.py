@@ -39,7 +39,7 @@ import pandas as pd
 
 from saesteer.data.atomic import write_text_atomic
 from saesteer.evaluation.statistics import with_interval
-from saesteer.evaluation.sweep import SweepResult, control_label, setting_dir, timed_evaluate
+from saesteer.evaluation.sweep import PPL_BUDGET, SweepResult, control_label, setting_dir, timed_evaluate
 
 __all__ = [
     "ReportRow",
@@ -152,6 +152,12 @@ class ReportResult:
             "omitted": self.omitted,
         }
 
+    @property
+    def unsteered_ppl(self) -> float:
+        """The unsteered row's judge perplexity (NaN without that row): the reference of every PPL ratio."""
+        ppl = self.table.loc[self.table["label"] == UNSTEERED, "ppl"]
+        return float(ppl.iloc[0]) if len(ppl) else math.nan
+
     def markdown(self, digits: int = 3) -> str:
         """The table as Markdown: each metric with its 95% interval, differences with theirs."""
 
@@ -164,8 +170,7 @@ class ReportResult:
             "| PPL judge [95%] | PPL × unsteered | PPL host | dist-2 | seconds |"
         )
         lines = [head, "|" + "---|" * 10]
-        ppl0 = self.table.loc[self.table["label"] == UNSTEERED, "ppl"]
-        ppl0 = float(ppl0.iloc[0]) if len(ppl0) else math.nan
+        ppl0 = self.unsteered_ppl
         for _, r in self.table.iterrows():
             label = r["label"] + ("" if r["recommended"] or pd.isna(r["family"]) else " (not recommended by the sweep)")
             ppl = with_interval(r.get("ppl"), r.get("ppl_ci_low"), r.get("ppl_ci_high"), ".1f")
@@ -179,8 +184,7 @@ class ReportResult:
     def verdict(self) -> str:
         """One plain sentence per steered row: does it lower EMT vs unsteered (interval below 0), at what PPL."""
         out = []
-        base = self.table.set_index("label")
-        ppl0 = base.loc[UNSTEERED, "ppl"]
+        ppl0 = self.unsteered_ppl
         for _, r in self.table[self.table["family"].notna()].iterrows():
             d, lo, hi = r["d_emt_unsteered"], r["d_emt_unsteered_ci_low"], r["d_emt_unsteered_ci_high"]
             helps = "lowers" if hi < 0 else "does not measurably lower"
@@ -198,7 +202,7 @@ def _merge_if_complete(folder: Path) -> bool:
     Inconsistent shards raise (:func:`~saesteer.evaluation.runner.merge_shards`)."""
     import re
 
-    from saesteer.evaluation.runner import merge_shards
+    from saesteer.evaluation.runner import _suffix, merge_shards
 
     if (folder / "generations.jsonl").exists():
         return True
@@ -209,7 +213,7 @@ def _merge_if_complete(folder: Path) -> bool:
     if not counts:
         return False
     n = max(counts)  # several shard counts: merge_shards below names the conflict
-    if len(counts) == 1 and not all((folder / f"summary.shard-{i}-of-{n}.json").is_file() for i in range(n)):
+    if len(counts) == 1 and not all((folder / f"summary{_suffix((i, n))}.json").is_file() for i in range(n)):
         return False
     merge_shards(folder, out_dir=folder)
     return True
@@ -386,8 +390,9 @@ def report_figure(report: ReportResult, sweep: SweepResult | None = None):
             fig.add_trace(trace, row=1, col=1)
         col = 2
     table = report.table
-    for _, r in table.iterrows():
-        one = table[table["label"] == r["label"]]
+    for i in range(len(table)):
+        one = table.iloc[[i]]
+        r = one.iloc[0]
         baseline = pd.isna(r["family"])
         marker = dict(
             size=11,
@@ -405,8 +410,8 @@ def report_figure(report: ReportResult, sweep: SweepResult | None = None):
             error_x=error_bars(one, "ppl"),
         )
         fig.add_trace(trace, row=1, col=col)
-    budget = sweep.ppl_budget if sweep is not None else 1.25
-    ppl0 = float(table.loc[table["label"] == UNSTEERED, "ppl"].iloc[0])
+    budget = sweep.ppl_budget if sweep is not None else PPL_BUDGET
+    ppl0 = report.unsteered_ppl
     if np.isfinite(ppl0):
         fig.add_trace(vertical_line(budget * ppl0, (0, 1), f"PPL budget {budget:g} x {UNSTEERED}"), row=1, col=col)
     fig.update_xaxes(type="log", title_text="perplexity (judge model)")

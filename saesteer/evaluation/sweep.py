@@ -320,7 +320,9 @@ def summarize_sweep(
 
 def wall_seconds_file(folder: Path, shard: tuple[int, int] | None = None) -> Path:
     """Where a setting's folder (or one shard of it) keeps the wall seconds spent generating it."""
-    return folder / ("wall_seconds.json" if shard is None else f"wall_seconds.shard-{shard[0]}-of-{shard[1]}.json")
+    from saesteer.evaluation.runner import _suffix  # the shard files' naming, defined once
+
+    return folder / f"wall_seconds{_suffix(shard)}.json"
 
 
 def recorded_seconds(folder: Path, shard: tuple[int, int] | None = None) -> float | None:
