@@ -314,7 +314,7 @@ def summarize_sweep(
         table.loc[idx, "pareto"] = pareto_mask(sub["emt"], sub["ppl"])
         ok = sub[(sub["ppl_ratio"] <= ppl_budget) & (sub["d_emt_ci_high"] < 0)]
         recommended[family] = None if ok.empty else str(ok.sort_values("emt").iloc[0]["spec"])
-    summaries = {b: dict(runs[b].summary) for b in {baseline, *family_baselines.values()}}
+    summaries = {b: dict(runs[b].summary) for b in dict.fromkeys([baseline, *family_baselines.values()])}
     return SweepResult(table, baseline, summaries[baseline], ppl_budget, recommended, family_baselines, summaries)
 
 
