@@ -14,12 +14,23 @@ logits and tokens). It is a subclass of TransformerLens' cache: ``model(tokens, 
 as it is. Delete this module (and use ``TransformerLensKeyValueCache.init_cache``) when TransformerLens
 preallocates its cache.
 
+Second fix, rotated keys: by TransformerLens' convention the cache holds keys before the rotary embedding,
+and every forward rotates all cached keys again (``AbstractAttention.forward`` calls ``apply_rotary`` on the whole
+``k`` after the append): O(length) multiplications per layer and step, ~6% of a batch-8 step at 40 positions.
+Rotation is elementwise per position, so :meth:`PreallocatedKVCacheEntry.rotated_keys` keeps each position's
+rotated key once computed and rotates only the positions not yet rotated, with the same arithmetic on the same
+values (bit for bit; the rotary replacement of :func:`saesteer.models.tl_fixes.apply_mask_sharing` calls it). The
+cache itself still holds unrotated keys, which every hook and SASA's candidate forward see as before.
+
 Errors, before the forward runs: a capacity beyond the model's ``n_ctx`` (at allocation), a forward whose
 batch is not the cache's, and one with more new positions than the cache has room left (at the mask append,
 which TransformerLens does before any layer).
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -29,7 +40,16 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from saesteer.checks import check_positive_int
 
-__all__ = ["PreallocatedKVCache", "PreallocatedKVCacheEntry"]
+__all__ = ["PreallocatedKVCache", "PreallocatedKVCacheEntry", "entry_holding"]
+
+# id(key buffer) -> its entry (the entry holds the buffer, so the id is not reused while the entry lives)
+_ENTRY_OF_KEYS: weakref.WeakValueDictionary[int, PreallocatedKVCacheEntry] = weakref.WeakValueDictionary()
+
+
+def entry_holding(keys: Tensor) -> PreallocatedKVCacheEntry | None:
+    """The entry whose key buffer ``keys`` is a view of (as ``append`` returns it), or None."""
+    base = keys._base
+    return None if base is None else _ENTRY_OF_KEYS.get(id(base))
 
 
 def _prefix_length(view: Tensor, buffer: Tensor) -> int | None:
@@ -92,6 +112,8 @@ class _FilledPart:
     def __set__(self, entry: PreallocatedKVCacheEntry, value: Tensor) -> None:
         buffer = entry._buffers[self.i]
         n = _prefix_length(value, buffer)
+        if self.i == 0:  # rotated keys beyond the new length are not kept (a copy below is seen by its version)
+            entry._rot_valid = min(entry._rot_valid, n if n is not None else 0)
         if n is None:
             if (
                 value.shape[0] != buffer.shape[0]
@@ -129,6 +151,15 @@ class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry)
         self._buffers = (keys, values)
         self._filled = [0, 0]  # keys, values (set apart while SASA keeps one and then the other)
         self.frozen = False
+        # rotated keys (rotated_keys): buffer, positions valid, the key buffer's version when last seen by this
+        # entry, and the attention mask (its base tensor and version) and stamp the positions were rotated with
+        self._rot: Tensor | None = None
+        self._rot_valid = 0
+        self._rot_keys_version = -1
+        self._rot_mask: tuple[Tensor | None, int, tuple] = (None, -1, ())
+        self._versioned = not keys.is_inference()  # inference tensors have no version counter: never kept
+        if keys._base is None:
+            _ENTRY_OF_KEYS[id(keys)] = self
 
     def __repr__(self) -> str:
         return f"PreallocatedKVCacheEntry({self.length}/{self.capacity} positions, rows={self.rows})"
@@ -150,11 +181,54 @@ class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry)
             raise ValueError(f"This KV cache entry holds {start} keys but {self._filled[1]} values; set both alike.")
         end = self._end_of_forward(new_keys.shape[0], new_keys.shape[1], start)
         keys, values = self._buffers
+        if self._versioned and keys._version != self._rot_keys_version:  # written since rotated_keys saw it
+            self._rot_valid = 0
         keys[:, start:end] = new_keys
         values[:, start:end] = new_values
+        if self._versioned:
+            self._rot_keys_version = keys._version
         if not self.frozen:
             self._filled = [end, end]
         return keys[:, :end], values[:, :end]
+
+    def rotated_keys(
+        self,
+        keys: Float[Tensor, "batch pos kv_head d_head"],
+        attention_mask: Int[Tensor, "batch pos"],
+        rotate: Callable[[Tensor, int], Tensor],
+        stamp: tuple = (),
+    ) -> Float[Tensor, "batch pos kv_head d_head"] | None:
+        """The rotary embedding of ``keys`` (this entry's filled keys, as ``append`` returned them) at the
+        positions ``attention_mask`` gives them: ``rotate(keys[:, s:], s)`` for the positions ``s`` on not
+        rotated before, the rest as kept (a view of the kept buffer). Kept positions hold while neither the keys
+        (other than by ``append``) nor the mask (other than by one append per forward) were written since and
+        ``stamp`` (what else the rotation reads: its tables' identities and versions) is unchanged; else all are
+        rotated again. None where ``keys`` is not this entry's prefix or tensors have no version counter.
+
+        Rotation acts on each position alone, ``x * cos_p + rot(x) * sin_p``, so the kept values are the bits
+        rotating the whole cache again would give."""
+        buffer = self._buffers[0]
+        end = _prefix_length(keys, buffer)
+        if end is None or not self._versioned or attention_mask.is_inference():
+            return None
+        base = attention_mask if attention_mask._base is None else attention_mask._base
+        held, version, held_stamp = self._rot_mask
+        valid = self._rot_valid
+        if (
+            buffer._version != self._rot_keys_version
+            or held is not base
+            or attention_mask._version != version + 1
+            or held_stamp != stamp
+        ):
+            valid = 0
+        if self._rot is None:
+            self._rot = torch.empty_like(buffer)
+        if valid < end:
+            self._rot[:, valid:end] = rotate(keys[:, valid:end], valid)
+        self._rot_valid = min(end, self._filled[0])
+        self._rot_keys_version = buffer._version
+        self._rot_mask = (base, attention_mask._version, stamp)
+        return self._rot[:, :end]
 
 
 class PreallocatedKVCache(_Preallocated, TransformerLensKeyValueCache):

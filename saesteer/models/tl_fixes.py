@@ -38,7 +38,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_registries
 from transformer_lens.hook_points import HookPoint
+
+from saesteer.models.kv_cache import entry_holding
 
 __all__ = [
     "QuietHookPoint",
@@ -196,7 +199,39 @@ def _drop_entry(memo_ref, entry_id: int, _dead_mask_ref) -> None:
 def _apply_rotary_shared(
     self, x: torch.Tensor, past_kv_pos_offset: int = 0, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``AbstractAttention.apply_rotary`` with the gathered cos/sin shared across layers (bound per module)."""
+    """``AbstractAttention.apply_rotary`` with the gathered cos/sin shared across layers (bound per module), and
+    a preallocated cache's keys rotated once per position (:meth:`PreallocatedKVCacheEntry.rotated_keys`)."""
+    entry = None if past_kv_pos_offset or attention_mask is None or _compiling() else entry_holding(x)
+    if entry is not None and self._saesteer_memo.rotary_mask is None and _rotates_per_position(self, x, attention_mask):
+        cos, sin = self.rotary_cos, self.rotary_sin
+        rotated = entry.rotated_keys(
+            x,
+            attention_mask,
+            functools.partial(_rotate_shared, self, attention_mask=attention_mask),
+            stamp=(id(cos), id(sin), cos._version, sin._version),
+        )
+        if rotated is not None:  # a hook on hook_rot_k gets its own tensor, as upstream's (edits stay out of the cache)
+            return rotated.clone() if _hooked(self.hook_rot_k) else rotated
+    return _rotate_shared(self, x, past_kv_pos_offset, attention_mask)
+
+
+def _rotates_per_position(self, x: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """True where :func:`_rotate_shared` rotates ``x`` with tables fixed per position (what keeping rotated keys
+    needs): not dynamic NTK (its tables change with the length), on the tables' device, within their length."""
+    cfg = self.cfg
+    return not (
+        cfg.use_dynamic_ntk_rope
+        or cfg.rotary_adjacent_pairs
+        or x.device != self.rotary_sin.device
+        or attention_mask.shape[1] != x.size(1)
+        or x.size(1) > self.rotary_cos.shape[0]
+    )
+
+
+def _rotate_shared(
+    self, x: torch.Tensor, past_kv_pos_offset: int = 0, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The rotation of :func:`_apply_rotary_shared`: positions ``past_kv_pos_offset`` on, cos/sin shared."""
     cfg = self.cfg
     length = x.size(1)
     override = self._saesteer_memo.rotary_mask
@@ -393,15 +428,7 @@ def _same_tables(a: nn.Module, b: nn.Module) -> bool:
 
 def _no_hooks(module: nn.Module) -> bool:
     """True when neither ``module`` and its submodules nor the global registries hold any module hook."""
-    from torch.nn.modules import module as module_mod
-
-    registries = (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-    if any(getattr(module_mod, name, None) for name in registries):
+    if _global_hooks():
         return False
     return not any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in module.modules()
@@ -548,27 +575,28 @@ class QuietHookPoint(HookPoint):
     and otherwise runs the module call as upstream (:func:`apply_hook_skipping`, cause 1 above)."""
 
     def __call__(self, *args, **kwargs):
-        if (
-            self._forward_hooks
-            or self._forward_pre_hooks
-            or self._backward_hooks
-            or self._backward_pre_hooks
-            or _global_hooks()
-            or kwargs
-            or len(args) != 1
-        ):
+        if _hooked(self) or kwargs or len(args) != 1:
             return super().__call__(*args, **kwargs)
         return args[0]
 
 
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_mod
-
+def _hooked(module: nn.Module) -> bool:
+    """True when ``module`` itself (not its submodules) or the global registries hold a module hook."""
     return bool(
-        module_mod._global_forward_hooks
-        or module_mod._global_forward_pre_hooks
-        or module_mod._global_backward_hooks
-        or module_mod._global_backward_pre_hooks
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _global_hooks()
+    )
+
+
+def _global_hooks() -> bool:
+    return bool(
+        _module_registries._global_forward_hooks
+        or _module_registries._global_forward_pre_hooks
+        or _module_registries._global_backward_hooks
+        or _module_registries._global_backward_pre_hooks
     )
 
 

@@ -3,11 +3,14 @@ written in place, and clear errors for what does not fit."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import tiny_arch_model, tiny_sae, tiny_subspace
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 import saesteer.generation as generation
 from saesteer.generation import Decoder, generate
@@ -157,3 +160,95 @@ def test_entries_take_prefix_views_and_copies() -> None:
     assert keys.shape[1] == 6 and e.length == 5
     mask = cache.append_attention_mask(torch.ones(2, 4, dtype=torch.long))
     assert mask.shape == (2, 4) and cache.length == 0
+
+
+@pytest.mark.parametrize("arch", list(HOSTED))
+def test_fixed_model_and_cache_equal_stock_transformer_lens(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fix together (load_model's TransformerLens fixes, the preallocated cache, its kept rotated keys)
+    against stock TransformerLens with its own cache: every logit of 12 greedy and 12 sampled steps of a padded
+    batch, bit for bit."""
+    stock = tiny_arch_model(HOSTED[arch], perturb=True).eval()
+    fixed = apply_all_fixes(copy.deepcopy(stock)).eval()
+    tokens, mask = _padded_batch(stock)
+    runs = [dict(do_sample=False), dict(do_sample=True, top_p=0.9, seed=3)]
+    kw = dict(attention_mask=mask, max_new_tokens=12, stop_at_eos=False, output_scores=True)
+    ours = [generate(fixed, tokens, **kw, **extra) for extra in runs]
+    _upstream_cache(monkeypatch)
+    for extra, mine in zip(runs, ours):
+        theirs = generate(stock, tokens, **kw, **extra)
+        assert torch.equal(mine.tokens, theirs.tokens)
+        assert all(torch.equal(a, b) for a, b in zip(mine.scores, theirs.scores))
+
+
+def _decode(model, cache, tokens, mask, steps: int) -> list[torch.Tensor]:
+    """Logits of a prompt forward and ``steps`` one-token forwards (the argmax fed back) over ``cache``."""
+    out = []
+    with torch.no_grad():
+        logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+        for _ in range(steps):
+            out.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, attention_mask=torch.ones_like(nxt), past_kv_cache=cache)[:, -1]
+    return out
+
+
+def test_rotated_keys_are_kept_and_dropped_when_their_inputs_change() -> None:
+    """Each cached key is rotated once and kept; a write to the keys outside ``append``, to the attention mask, or
+    to the rotary tables makes every position rotate again, and the logits stay those of TransformerLens' own
+    cache (which rotates all keys at every step)."""
+    model = _model("llama")
+    tokens, mask = _padded_batch(model)
+    one = torch.ones(3, 1, dtype=torch.long)
+    reference = _decode(model, TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", 3), tokens, mask, 4)
+    cache = PreallocatedKVCache.allocate(model.cfg, 3, 20)
+    assert [torch.equal(a, b) for a, b in zip(_decode(model, cache, tokens, mask, 4), reference)] == [True] * 4
+    entry, attn = cache.entries[1], model.blocks[1].attn
+    assert entry._rot_valid == entry.length == 13
+    for edit in ("keys", "mask", "table"):
+        if edit == "keys":
+            entry.past_keys[1, 0] += 1.0
+        elif edit == "mask":
+            cache.previous_attention_mask[0, 3] = 0
+        else:
+            with torch.no_grad():
+                attn.rotary_sin[2] += 0.5
+        fresh = _fresh_reference(model, cache)
+        entry._rot[:, : entry.length] = 0.0  # had a kept position been read, the logits would differ
+        with torch.no_grad():
+            got = model(torch.tensor([[5], [6], [7]]), attention_mask=one, past_kv_cache=cache)
+        assert torch.equal(got, fresh), edit
+    assert entry._rot_valid == entry.length == 16
+    fresh = _fresh_reference(model, cache)
+    entry._rot[:, :16] = 0.0  # nothing edited: the kept positions are read
+    with torch.no_grad():
+        got = model(torch.tensor([[5], [6], [7]]), attention_mask=one, past_kv_cache=cache)
+    assert not torch.allclose(got, fresh)
+
+
+def _fresh_reference(model, cache: PreallocatedKVCache) -> torch.Tensor:
+    """The next forward's logits over a TransformerLens cache holding a copy of ``cache``'s keys, values, mask."""
+    entries = [
+        TransformerLensKeyValueCacheEntry(e.past_keys.clone(), e.past_values.clone()) for e in cache.entries
+    ]
+    upstream = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=cache.previous_attention_mask.clone())
+    with torch.no_grad():
+        return model(torch.tensor([[5], [6], [7]]), attention_mask=torch.ones(3, 1, dtype=torch.long),
+                     past_kv_cache=upstream)
+
+
+def test_a_hook_editing_rotated_keys_in_place_edits_one_forward() -> None:
+    """A hook on ``hook_rot_k`` that edits its input in place changes that forward alone, as with upstream's
+    cache (it gets its own copy of the kept rotated keys)."""
+    model = _model("llama")
+    tokens, mask = _padded_batch(model)
+    caches = [PreallocatedKVCache.allocate(model.cfg, 3, 20), TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", 3)]
+    results = []
+    for cache in caches:
+        with torch.no_grad():
+            model(tokens, attention_mask=mask, past_kv_cache=cache)
+            one = torch.ones(3, 1, dtype=torch.long)
+            with model.hooks(fwd_hooks=[("blocks.0.attn.hook_rot_k", lambda act, hook: act.mul_(2.0))]):
+                hooked = model(torch.tensor([[5], [6], [7]]), attention_mask=one, past_kv_cache=cache)
+            after = model(torch.tensor([[8], [9], [4]]), attention_mask=one, past_kv_cache=cache)
+        results.append((hooked, after))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
