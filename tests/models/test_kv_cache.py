@@ -227,13 +227,14 @@ def test_rotated_keys_are_kept_and_dropped_when_their_inputs_change() -> None:
 
 def _fresh_reference(model, cache: PreallocatedKVCache) -> torch.Tensor:
     """The next forward's logits over a TransformerLens cache holding a copy of ``cache``'s keys, values, mask."""
-    entries = [
-        TransformerLensKeyValueCacheEntry(e.past_keys.clone(), e.past_values.clone()) for e in cache.entries
-    ]
-    upstream = TransformerLensKeyValueCache(entries=entries, previous_attention_mask=cache.previous_attention_mask.clone())
+    entries = [TransformerLensKeyValueCacheEntry(e.past_keys.clone(), e.past_values.clone()) for e in cache.entries]
+    upstream = TransformerLensKeyValueCache(
+        entries=entries, previous_attention_mask=cache.previous_attention_mask.clone()
+    )
     with torch.no_grad():
-        return model(torch.tensor([[5], [6], [7]]), attention_mask=torch.ones(3, 1, dtype=torch.long),
-                     past_kv_cache=upstream)
+        return model(
+            torch.tensor([[5], [6], [7]]), attention_mask=torch.ones(3, 1, dtype=torch.long), past_kv_cache=upstream
+        )
 
 
 def test_a_hook_editing_rotated_keys_in_place_edits_one_forward() -> None:
@@ -241,7 +242,10 @@ def test_a_hook_editing_rotated_keys_in_place_edits_one_forward() -> None:
     cache (it gets its own copy of the kept rotated keys)."""
     model = _model("llama")
     tokens, mask = _padded_batch(model)
-    caches = [PreallocatedKVCache.allocate(model.cfg, 3, 20), TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", 3)]
+    caches = [
+        PreallocatedKVCache.allocate(model.cfg, 3, 20),
+        TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", 3),
+    ]
     results = []
     for cache in caches:
         with torch.no_grad():
