@@ -67,6 +67,20 @@ def _prefix_length(view: Tensor, buffer: Tensor) -> int | None:
     return None
 
 
+def _attention_layout(like: Tensor, order: tuple[int, int, int, int]) -> Tensor:
+    """An empty tensor shaped as ``like`` [rows, capacity, heads, d_head], stored so that ``permute(*order)`` is
+    contiguous where there are several rows: values (0, 2, 1, 3), keys (0, 2, 3, 1) as the attention's products
+    read them, so that a prefix of positions is, per (row, head), a row-major matrix with one batch stride, which
+    the products read in place (TransformerLens' layout makes its matmul copy it first, into a row-major matrix:
+    the same bits, see ``saesteer.models.tl_fixes``, cause 4). One row keeps TransformerLens' layout, which
+    its products read in place, some as transposed matrices (other bits)."""
+    if like.shape[0] == 1:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    inverse = tuple(sorted(range(4), key=order.__getitem__))
+    stored = torch.empty([like.shape[i] for i in order], device=like.device, dtype=like.dtype)
+    return stored.permute(*inverse)
+
+
 class _Preallocated:
     """What the cache and its entries share: a buffer (:meth:`_buffer`) of ``rows`` sequences x ``capacity``
     positions (x a per-position shape) whose first positions are filled, and the check that a forward fits."""
@@ -222,7 +236,7 @@ class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry)
         ):
             valid = 0
         if self._rot is None:
-            self._rot = torch.empty_like(buffer)
+            self._rot = _attention_layout(buffer, (0, 2, 3, 1))
         if valid < end:
             self._rot[:, valid:end] = rotate(keys[:, valid:end], valid)
         self._rot_valid = min(end, self._filled[0])
@@ -271,11 +285,8 @@ class PreallocatedKVCache(_Preallocated, TransformerLensKeyValueCache):
         for i in range(cfg.n_layers):
             where = get_device_for_block_index(i, cfg, device) if hasattr(cfg, "n_devices") else device
             shape = (rows, capacity, heads, cfg.d_head)
-            entries.append(
-                PreallocatedKVCacheEntry(
-                    torch.empty(shape, device=where, dtype=cfg.dtype), torch.empty(shape, device=where, dtype=cfg.dtype)
-                )
-            )
+            keys = torch.empty(shape, device=where, dtype=cfg.dtype)
+            entries.append(PreallocatedKVCacheEntry(keys, _attention_layout(keys, (0, 2, 1, 3))))
         # long: upstream's int32 empty mask becomes int64 at its first cat with generate's mask
         return cls(entries, torch.zeros((rows, capacity), device=device, dtype=torch.long))
 

@@ -697,12 +697,28 @@ def _grouped_bmm(lhs: torch.Tensor, rhs: torch.Tensor, stock_copies: bool) -> to
             torch.bmm(a, b, out=o)
         return out
     # one product per position i in the groups, over every (row, key/value head): query heads i, group + i, ...
-    rhs = rhs.contiguous().view(batch * kv, inner, n) if stock_copies else rhs.reshape(batch * kv, inner, n)
+    if stock_copies:  # upstream's row-major copy; a preallocated cache's buffers are row-major already (no copy)
+        view = _row_major_batch(rhs)
+        rhs = view if view is not None else rhs.contiguous().view(batch * kv, inner, n)
+    else:
+        rhs = rhs.reshape(batch * kv, inner, n)
     lhs = lhs.view(batch, kv, group, m, inner).permute(2, 0, 1, 3, 4).reshape(group, batch * kv, m, inner)
     out = lhs.new_empty(group, batch * kv, m, n)
     for a, o in zip(lhs.unbind(), out.unbind()):
         torch.bmm(a, rhs, out=o)
     return out.view(group, batch, kv, m, n).permute(1, 2, 0, 3, 4)
+
+
+def _row_major_batch(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` [batch, heads, rows, cols] as a view [batch * heads, rows, cols] of row-major matrices (unit column
+    stride, rows apart by at least a row, one stride between matrices), or None where its strides do not allow it.
+    Such a matrix gives the bits of its contiguous copy (measured: only the leading dimension and batch stride
+    differ, see cause 4)."""
+    batch, heads, rows, cols = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if s3 != 1 or s2 < cols or (s0 != heads * s1 and batch > 1):
+        return None
+    return t.as_strided((batch * heads, rows, cols), (s1, s2, 1))
 
 
 def _upstream_gqa(self, heads: int, kv_heads: int, x: torch.Tensor, y: torch.Tensor) -> bool:

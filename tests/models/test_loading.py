@@ -437,11 +437,14 @@ def test_smollm2_fresh_processing_equals_cached(smollm2_folder: Path, smollm2) -
 
 
 @pytest.mark.assets
-def test_smollm2_fixes_change_no_logit_and_no_token(smollm2) -> None:
-    """Issue 7's check on the real model: load_model's TransformerLens fixes (layout, mask and norm sharing)
-    against the stock model, on a left-padded batch: logits, greedy tokens, SASA tokens."""
+def test_smollm2_fixes_change_no_logit_and_no_token(smollm2, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7's check on the real model: load_model's TransformerLens fixes (layout, mask and norm sharing) and
+    the preallocated cache against the stock model with TransformerLens' own cache, on a left-padded batch: logits
+    of the prompts and of every greedy decoding step, greedy tokens, SASA tokens."""
     from helpers import tiny_subspace
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+    import saesteer.generation as generation
     from saesteer.generation import generate
     from saesteer.models.tokens import tokenize
     from saesteer.steering.sasa import Attribute, SASADecoder
@@ -449,20 +452,29 @@ def test_smollm2_fixes_change_no_logit_and_no_token(smollm2) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stock = load_model("smollm2-135m", fix_layout=False)
-    prompts = ["The capital of France is", "You are such a kind and thoughtful person, and I"]
+    prompts = ["The capital of France is", "You are such a kind and thoughtful person, and I", "Once upon a time"]
     tokens, mask, _ = tokenize(smollm2, prompts, side="left")
     sub = tiny_subspace(smollm2, torch.Generator().manual_seed(0))
     results = []
     for model in (smollm2, stock):
+        if model is stock:  # TransformerLens' own (torch.cat) cache
+            monkeypatch.setattr(
+                generation.PreallocatedKVCache,
+                "allocate",
+                staticmethod(
+                    lambda cfg, rows, capacity, device=None: TransformerLensKeyValueCache.init_cache(cfg, device, rows)
+                ),
+            )
         with torch.no_grad():
             logits = model(tokens, attention_mask=mask)
         kw = dict(max_new_tokens=10, do_sample=False, stop_at_eos=False)
-        plain = generate(model, prompts, **kw).tokens
+        plain = generate(model, prompts, output_scores=True, **kw)
         sasa = generate(model, prompts, decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=8), **kw).tokens
         results.append((logits, plain, sasa))
     (fixed_logits, fixed_plain, fixed_sasa), (stock_logits, stock_plain, stock_sasa) = results
     assert torch.equal(fixed_logits, stock_logits)  # bit for bit (the issue asks 1e-5)
-    assert torch.equal(fixed_plain, stock_plain) and torch.equal(fixed_sasa, stock_sasa)
+    assert all(torch.equal(a, b) for a, b in zip(fixed_plain.scores, stock_plain.scores))
+    assert torch.equal(fixed_plain.tokens, stock_plain.tokens) and torch.equal(fixed_sasa, stock_sasa)
 
 
 @pytest.mark.assets
