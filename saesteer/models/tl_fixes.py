@@ -297,6 +297,18 @@ def _apply_causal_mask_shared(
     query_len, key_len = attn_scores.size(-2), attn_scores.size(-1)
     if attention_mask is None or query_len + past_kv_pos_offset != key_len:
         return type(self).apply_causal_mask(self, attn_scores, past_kv_pos_offset, attention_mask)
+    final_mask = _final_mask(self, query_len, key_len, past_kv_pos_offset, attention_mask)
+    ignore = self.IGNORE.to(final_mask.device)
+    return torch.where(final_mask, attn_scores.to(final_mask.device), ignore)
+
+
+def _mask_key(self, kind: str, query_len: int, key_len: int, past_kv_pos_offset: int) -> tuple:
+    window = self.cfg.window_size if self.attn_type == "local" else None
+    return (kind, self.attn_type, window, past_kv_pos_offset, query_len, key_len)
+
+
+def _final_mask(self, query_len: int, key_len: int, past_kv_pos_offset: int, attention_mask: torch.Tensor):
+    """The causal (or local) and padding mask [batch, 1, query, key] of one forward, built once for its layers."""
 
     def build() -> torch.Tensor:
         causal = self._make_causal_mask(
@@ -307,11 +319,23 @@ def _apply_causal_mask_shared(
         )
         return causal & attention_mask[:, None, None, :].bool()
 
-    window = self.cfg.window_size if self.attn_type == "local" else None
-    key = ("causal", self.attn_type, window, past_kv_pos_offset, query_len, key_len)
-    final_mask = self._saesteer_memo.get(key, (), attention_mask, build)
-    ignore = self.IGNORE.to(final_mask.device)
-    return torch.where(final_mask, attn_scores.to(final_mask.device), ignore)
+    key = _mask_key(self, "causal", query_len, key_len, past_kv_pos_offset)
+    return self._saesteer_memo.get(key, (), attention_mask, build)
+
+
+def _every_row_attends(self, query_len: int, key_len: int, past_kv_pos_offset: int, attention_mask) -> bool:
+    """True when every query row of the forward's causal and padding mask keeps at least one key (once per
+    forward: a host sync). Without a padding mask every row keeps its own position."""
+    if attention_mask is None:
+        return True
+    if query_len + past_kv_pos_offset != key_len:
+        return False  # (upstream's own mask: not inspected)
+    key = _mask_key(self, "attends", query_len, key_len, past_kv_pos_offset)
+
+    def check() -> bool:
+        return bool(_final_mask(self, query_len, key_len, past_kv_pos_offset, attention_mask).any(-1).all())
+
+    return self._saesteer_memo.get(key, (), attention_mask, check)
 
 
 def apply_mask_sharing(model: nn.Module) -> nn.Module:
@@ -565,9 +589,18 @@ def apply_norm_sharing(model: nn.Module) -> nn.Module:
 # 6. ``GatedMLP`` adds ``b_in`` even where it is all zeros (Llama-like models): skipped while it is (same
 #    -0.0 argument as 2).
 #
-# Left as upstream: the softmax's NaN clean-up (3 operations; inside ``AbstractAttention.forward``) and the
-# re-rotation of every cached key at every step (rotary models): the cache holds unrotated keys by
-# TransformerLens' convention, which SASA's shared candidate forward and every hooked forward rely on.
+# 7. ``AbstractAttention.forward`` replaces NaN in the softmax's output by 0 (``isnan``, ``zeros_like``, ``where``:
+#    3 operations per layer and step over the whole pattern). Softmax gives NaN only on a row whose scores are all
+#    -inf (a query with every key masked: left padding's pad positions in a prompt's forward) or not finite.
+#    :func:`_attention_forward_lean` skips the clean-up where, for float32/float64 scores, the forward's mask keeps
+#    a key in every row (checked once per forward) and no hook on ``hook_attn_scores`` could have masked one
+#    (SASA's candidate forward hooks it); non-finite scores, which an all-finite model in these dtypes cannot
+#    make from finite inputs, are the one case it does not cover. It also leaves out an all-zero ``b_O`` (as 2) and
+#    einops' parsing of the output projection's layout. Every hook point is called as upstream.
+#
+# The re-rotation of every cached key at every step (rotary models) is fixed in ``saesteer.models.kv_cache``: the
+# cache holds unrotated keys by TransformerLens' convention (SASA's shared candidate forward and every hooked
+# forward rely on it) and keeps their rotations beside them.
 
 
 class QuietHookPoint(HookPoint):
@@ -786,9 +819,97 @@ def _unembed_lean(self, residual: torch.Tensor) -> torch.Tensor:
     return _linear(self, residual, self.W_U.T.contiguous(), self.b_U)
 
 
+_OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _lean_attention(module: nn.Module) -> bool:
+    """True where :func:`_attention_forward_lean` reproduces ``module``'s forward: AbstractAttention's own forward
+    on the plain q/k/v path with the shared causal mask, rotary or absolute positions, without attention sinks,
+    log-n scaling, q/k/v clipping, per-head results, 4-bit weights or OLMo's full-width QK norm."""
+    from transformer_lens.components import AbstractAttention
+
+    if not isinstance(module, AbstractAttention):
+        return False
+    cfg = module.cfg
+    return (
+        type(module).forward is AbstractAttention.forward
+        and _plain_attention(module) is not None
+        and _bound(module, "apply_causal_mask") is _apply_causal_mask_shared
+        and cfg.positional_embedding_type in ("rotary", "standard", "shortformer")
+        and not getattr(cfg, "use_attention_sinks", False)
+        and not getattr(cfg, "use_logn_attn", False)
+        and getattr(cfg, "clip_qkv", None) is None
+        and not cfg.use_attn_result
+        and cfg.original_architecture not in _OLMO_QK_NORM
+    )
+
+
+def _attention_forward_lean(
+    self,
+    query_input,
+    key_input,
+    value_input,
+    past_kv_cache_entry=None,
+    additive_attention_mask=None,
+    attention_mask=None,
+    position_bias=None,
+):
+    """``AbstractAttention.forward`` (cause 7; bound per module where :func:`_lean_attention`): the same operations on
+    the same tensors, without the softmax's NaN clean-up where no row can be empty, an all-zero ``b_O``, or einops.
+    Other cases (an additive mask, a position bias, non-causal attention, MPS, ``torch.compile``, weights on
+    another device) run upstream's forward."""
+    cfg = self.cfg
+    if (
+        additive_attention_mask is not None
+        or position_bias is not None
+        or (self._attention_dir_override or cfg.attention_dir) != "causal"
+        or query_input.device.type == "mps"
+        or query_input.device != self.W_O.device
+        or _compiling()
+    ):
+        return type(self).forward(
+            self,
+            query_input,
+            key_input,
+            value_input,
+            past_kv_cache_entry,
+            additive_attention_mask,
+            attention_mask,
+            position_bias,
+        )
+    q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+    if past_kv_cache_entry is not None:
+        offset = past_kv_cache_entry.past_keys.size(1)
+        k, v = past_kv_cache_entry.append(k, v)
+    else:
+        offset = 0
+    if cfg.positional_embedding_type == "rotary":
+        q = self.hook_rot_q(self.apply_rotary(q, offset, attention_mask))
+        k = self.hook_rot_k(self.apply_rotary(k, 0, attention_mask))
+    scores = self.apply_causal_mask(self.calculate_attention_scores(q, k), offset, attention_mask)
+    scores_hooked = _hooked(self.hook_attn_scores)
+    scores = self.hook_attn_scores(scores)
+    pattern = torch.nn.functional.softmax(scores, dim=-1)
+    if (
+        scores_hooked
+        or pattern.dtype not in (torch.float32, torch.float64)
+        or not _every_row_attends(self, scores.size(-2), scores.size(-1), offset, attention_mask)
+    ):
+        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    pattern = self.hook_pattern(pattern).to(device=v.device, dtype=v.dtype)
+    z = self.calculate_z_scores(v, pattern)
+    w = self.W_O
+    w = w.permute(2, 0, 1).reshape(w.shape[2], -1).contiguous()  # "head d_head d_model -> d_model (head d_head)"
+    if z.dtype != w.dtype:
+        z = z.to(w.dtype)
+    z = z.reshape(z.shape[0], z.shape[1], cfg.d_head * cfg.n_heads)
+    return _linear(self, z, w, self.b_O)
+
+
 def apply_projection_fixes(model: nn.Module) -> nn.Module:
-    """Leave all-zero biases out of the q/k/v, MLP and unembedding products and let grouped-query attention
-    multiply without repeating keys and values (float32/float64 on the CPU; causes 2, 4 and 6 above). Same outputs
+    """Leave all-zero biases out of the q/k/v, output, MLP and unembedding products, let grouped-query attention
+    multiply without repeating keys and values (float32/float64 on the CPU) and skip the softmax's NaN clean-up
+    where no row can be empty (causes 2, 4, 6 and 7 above). Same outputs
     bit for bit; idempotent; survives ``copy.deepcopy`` and pickling. Returns ``model``."""
     from transformer_lens.components import GroupedQueryAttention, Unembed
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
@@ -804,6 +925,8 @@ def apply_projection_fixes(model: nn.Module) -> nn.Module:
                 _bind(module, "calculate_attention_scores", _gqa_scores)
             if base.calculate_z_scores is GroupedQueryAttention.calculate_z_scores:
                 _bind(module, "calculate_z_scores", _gqa_z)
+        if _lean_attention(module):
+            _bind(module, "forward", _attention_forward_lean)
         if isinstance(module, GatedMLP) and type(module).forward is GatedMLP.forward:
             _bind(module, "forward", _gated_mlp_lean)
         if isinstance(module, Unembed) and type(module).forward is Unembed.forward:

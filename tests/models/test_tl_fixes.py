@@ -133,3 +133,66 @@ def test_gqa_products_stay_differentiable() -> None:
         assert torch.equal(scores, _gqa_scores(attn, q, k)) and torch.equal(z, _gqa_z(attn, v, pattern))
     (scores.sum() + z.sum()).backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v, pattern))
+
+
+class _CountIsnan(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket is torch.ops.aten.isnan
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_llama_pair():
+    """A random Llama-like test model with every fix, and a stock copy of it."""
+    import copy
+
+    from helpers import tiny_arch_model
+
+    from saesteer.models.tl_fixes import apply_all_fixes
+
+    cfg = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
+               act_fn="silu", rotary_dim=8)  # fmt: skip
+    stock = tiny_arch_model(cfg, perturb=True).eval()
+    return apply_all_fixes(copy.deepcopy(stock)).eval(), stock
+
+
+def test_softmax_clean_up_runs_only_where_a_row_can_be_empty() -> None:
+    """Cause 7: the NaN clean-up runs in every layer of a left-padded prompt's forward (its pad positions attend to
+    nothing), in none of a decoding step's (every new token attends to itself), and wherever a hook on
+    ``hook_attn_scores`` could have emptied a row; the logits equal the stock model's in each case."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    fixed, stock = _tiny_llama_pair()
+    n_layers = fixed.cfg.n_layers
+    tokens = torch.randint(3, fixed.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0
+    one = torch.ones(2, 1, dtype=torch.long)
+
+    def empty_row(scores, hook):  # a hook that masks every key of the first query: upstream's clean-up zeroes it
+        scores[:, :, 0] = float("-inf")
+        return scores
+
+    outputs, counts = [], []
+    for model in (fixed, stock):
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", 2)
+        seen, got = [], []
+        with torch.no_grad():
+            for run in range(3):
+                with _CountIsnan() as count:
+                    if run == 0:
+                        got.append(model(tokens, attention_mask=mask, past_kv_cache=cache))
+                    elif run == 1:
+                        got.append(model(tokens[:, :1], attention_mask=one, past_kv_cache=cache))
+                    else:
+                        with model.hooks(fwd_hooks=[("blocks.1.attn.hook_attn_scores", empty_row)]):
+                            got.append(model(tokens, attention_mask=torch.ones_like(tokens)))
+                seen.append(count.n)
+        outputs.append(got)
+        counts.append(seen)
+    assert counts == [[n_layers, 0, 1], [n_layers] * 3]
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    assert not outputs[0][2].isnan().any()
