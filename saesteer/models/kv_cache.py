@@ -10,7 +10,9 @@ layer and step, O(length^2) over a generation, and an allocator that keeps handi
 ``append`` writes the new positions into the buffer; ``past_keys`` / ``past_values`` /
 ``previous_attention_mask`` are views of the filled part. The tensors the attention reads are the same
 values in the same shapes as with upstream's cache, so the outputs are bit for bit the same (tests compare
-logits and tokens). It is a subclass of TransformerLens' cache: ``model(tokens, past_kv_cache=cache)`` takes it
+logits and tokens, against stock TransformerLens too). With several rows the values (and kept rotated keys,
+below) are stored in the order the attention's products read them, [row, head, position, d_head], so that the
+products read them in place where upstream's matmul copies them (see :func:`_attention_layout`). It is a subclass of TransformerLens' cache: ``model(tokens, past_kv_cache=cache)`` takes it
 as it is. Delete this module (and use ``TransformerLensKeyValueCache.init_cache``) when TransformerLens
 preallocates its cache.
 
@@ -20,7 +22,9 @@ and every forward rotates all cached keys again (``AbstractAttention.forward`` c
 Rotation is elementwise per position, so :meth:`PreallocatedKVCacheEntry.rotated_keys` keeps each position's
 rotated key once computed and rotates only the positions not yet rotated, with the same arithmetic on the same
 values (bit for bit; the rotary replacement of :func:`saesteer.models.tl_fixes.apply_mask_sharing` calls it). The
-cache itself still holds unrotated keys, which every hook and SASA's candidate forward see as before.
+cache itself still holds unrotated keys, which every hook and SASA's candidate forward see as before. The
+kept rotations take a third buffer as large as the keys': the cache of a rotary model holds 1.5x the memory of
+TransformerLens' own at the same length.
 
 Errors, before the forward runs: a capacity beyond the model's ``n_ctx`` (at allocation), a forward whose
 batch is not the cache's, and one with more new positions than the cache has room left (at the mask append,
