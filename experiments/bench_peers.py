@@ -21,7 +21,8 @@ does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--r
 HF generate is the median over
 ``--repeats`` back-to-back (HF generate, row) pairs, so that a slow spell of a shared machine lands on both
 sides of a ratio. For SASA, "matrix products alone" is the time no implementation can skip (every candidate is
-a full-model row; see ``bench_generation.py``), as a ratio to HF's best time. Peak RSS: the highest resident
+a full-model row; :func:`saesteer.benchmark.matmul_products`), and the row's "x matrix-product floor" is the median
+over ``--repeats`` back-to-back (products alone for every step, SASA row) pairs. Peak RSS: the highest resident
 set size sampled while the row ran (the whole process: every model loaded), and its rise over the RSS before.
 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py          # writes figures/bench_peers.json
@@ -228,10 +229,12 @@ def main() -> None:
                 peak_rss_mb=peak.peak_mb,
                 rss_rise_mb=peak.peak_mb - before,
             )
-            if "SASA" in name:
+            if "SASA" in name:  # the floor: n steps of the products alone, timed in pairs with the row
                 cands = 10 if "10 candidates" in name else 50
-                floor = n * bench.matmul_floor(model, b * cands, b, clock=args.clock)
-                row.update(matmul_floor_s=floor, matmul_floor_vs_hf=floor / hf_best, vs_floor=sec / floor)
+                products = bench.matmul_products(model, b * cands, b)
+                floor, _, vs_floor = bench.paired(lambda: [products() for _ in range(n)], fn, args.repeats, args.clock)
+                del products
+                row.update(matmul_floor_s=floor, matmul_floor_vs_hf=floor / hf_best, vs_floor=vs_floor)
             results.append(row)
             print(
                 f"batch {b} {name}: {sec:.2f} s, {row['tok_per_s']:.1f} tok/s, x{ratio:.2f} HF generate (paired), "

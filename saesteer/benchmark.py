@@ -39,6 +39,7 @@ __all__ = [
     "machine_meta",
     "markdown_table",
     "matmul_floor",
+    "matmul_products",
     "paired",
     "random_subspace",
     "rss_mb",
@@ -160,13 +161,11 @@ def hf_folder(model_arg: str) -> str | None:
     return source if kind == "local" else None
 
 
-def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3, clock: str = "wall") -> float:
-    """Seconds per decoding step for the matrix products alone: ``rows`` rows through fresh copies of every
+def matmul_products(model, rows: int, out_rows: int) -> Callable[[], None]:
+    """A function doing one decoding step's matrix products alone: ``rows`` rows through fresh copies of every
     block's weight matrices (the shapes ``F.linear`` gets: q, k, v, o and the MLP's), in layer order, and
-    ``out_rows`` rows through the unembedding; best of ``repeats``. A step of SASA with C candidates at
-    batch b does at least this with rows = b * C (every candidate is a full-model row), whatever the code.
-    ``clock``: as :data:`CLOCKS`."""
-    now = _clock(clock)
+    ``out_rows`` rows through the unembedding. A step of SASA with C candidates at batch b does at least this with
+    rows = b * C (every candidate is a full-model row), whatever the code: its floor."""
     cfg = model.cfg
     d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
     shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]
@@ -175,18 +174,21 @@ def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3, clock: str =
     weights = [[torch.randn(o, i, **kw) for o, i in shapes] for _ in range(cfg.n_layers)]
     unembed = torch.randn(cfg.d_vocab_out, d, **kw)
     x = {n: torch.randn(rows, n, **kw) for n in {i for _, i in shapes}}
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            sync()
-            t = now()
-            for layer in weights:
-                for w in layer:
-                    torch.nn.functional.linear(x[w.shape[1]], w)
-            torch.nn.functional.linear(x[d][:out_rows], unembed)
-            sync()
-            best = min(best, now() - t)
-    return best
+
+    @torch.no_grad()
+    def step() -> None:
+        for layer in weights:
+            for w in layer:
+                torch.nn.functional.linear(x[w.shape[1]], w)
+        torch.nn.functional.linear(x[d][:out_rows], unembed)
+
+    return step
+
+
+def matmul_floor(model, rows: int, out_rows: int, repeats: int = 3, clock: str = "wall") -> float:
+    """Seconds per decoding step of :func:`matmul_products` (``rows``, ``out_rows``): best of ``repeats``, timed by
+    ``clock`` (as :data:`CLOCKS`)."""
+    return best_of(matmul_products(model, rows, out_rows), repeats, clock)
 
 
 def random_subspace(model: HookedTransformer, seed: int = 0):

@@ -366,6 +366,26 @@ def test_batch_prompts_cycle_the_prompts():
         bench.batch_prompts(0)
 
 
+def test_matmul_products_are_one_steps_weight_products(monkeypatch):
+    """The SASA floor: every block's q, k, v, o and MLP products for ``rows`` rows, then the unembedding for
+    ``out_rows``, in that order, and nothing else."""
+    model = tiny_model(n_layers=2, gated=True, n_key_value_heads=2)
+    cfg = model.cfg
+    step = bench.matmul_products(model, rows=12, out_rows=3)
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda x, w, b=None: calls.append((*x.shape, *w.shape)) or real(x, w)
+    )
+    step()
+    d, dh = cfg.d_model, cfg.d_head
+    block = [(12, d, cfg.n_heads * dh, d), (12, d, 2 * dh, d), (12, d, 2 * dh, d), (12, cfg.n_heads * dh, d, cfg.n_heads * dh),
+             (12, d, cfg.d_mlp, d), (12, d, cfg.d_mlp, d), (12, cfg.d_mlp, d, cfg.d_mlp)]  # fmt: skip
+    assert calls == block * cfg.n_layers + [(3, d, cfg.d_vocab_out, d)]
+    monkeypatch.setattr(torch.nn.functional, "linear", real)
+    assert bench.matmul_floor(model, 12, 3, repeats=2) > 0
+
+
 def test_random_subspace_and_steering_settings_run_on_a_model():
     model, sae = tiny_model(), tiny_sae("topk", layer=1)
     sub = bench.random_subspace(model)
