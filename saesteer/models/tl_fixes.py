@@ -202,7 +202,7 @@ def _apply_rotary_shared(
     """``AbstractAttention.apply_rotary`` with the gathered cos/sin shared across layers (bound per module), and
     a preallocated cache's keys rotated once per position (:meth:`PreallocatedKVCacheEntry.rotated_keys`)."""
     entry = None if past_kv_pos_offset or attention_mask is None or _compiling() else entry_holding(x)
-    if entry is not None and self._saesteer_memo.rotary_mask is None and _rotates_per_position(self, x, attention_mask):
+    if entry is not None and self._saesteer_memo.rotary_mask is None and _rotates_here(self, x, 0, attention_mask):
         cos, sin = self.rotary_cos, self.rotary_sin
         rotated = entry.rotated_keys(
             x,
@@ -215,16 +215,19 @@ def _apply_rotary_shared(
     return _rotate_shared(self, x, past_kv_pos_offset, attention_mask)
 
 
-def _rotates_per_position(self, x: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-    """True where :func:`_rotate_shared` rotates ``x`` with tables fixed per position (what keeping rotated keys
-    needs): not dynamic NTK (its tables change with the length), on the tables' device, within their length."""
+def _rotates_here(self, x: torch.Tensor, past_kv_pos_offset: int, attention_mask: torch.Tensor | None) -> bool:
+    """True where :func:`_rotate_shared` rotates ``x`` itself (else upstream's ``apply_rotary`` does), with tables
+    fixed per position, which keeping rotated keys needs too: a mask covering the positions, not dynamic NTK (its
+    tables change with the length) nor adjacent pairs, on the tables' device, within their length."""
     cfg = self.cfg
+    end = past_kv_pos_offset + x.size(1)
     return not (
         cfg.use_dynamic_ntk_rope
         or cfg.rotary_adjacent_pairs
+        or attention_mask is None
         or x.device != self.rotary_sin.device
-        or attention_mask.shape[1] != x.size(1)
-        or x.size(1) > self.rotary_cos.shape[0]
+        or end > self.rotary_cos.shape[0]
+        or attention_mask.shape[1] != end
     )
 
 
@@ -242,14 +245,7 @@ def _rotate_shared(
                 f"{past_kv_pos_offset} past + {length} new positions of {x.size(0)} rows."
             )
         attention_mask = override.to(x.device)
-    if (
-        cfg.use_dynamic_ntk_rope
-        or cfg.rotary_adjacent_pairs
-        or attention_mask is None
-        or x.device != self.rotary_sin.device
-        or past_kv_pos_offset + length > self.rotary_cos.shape[0]
-        or attention_mask.shape[1] != past_kv_pos_offset + length
-    ):
+    if not _rotates_here(self, x, past_kv_pos_offset, attention_mask):
         return type(self).apply_rotary(self, x, past_kv_pos_offset, attention_mask)
     cos_table, sin_table = self.rotary_cos, self.rotary_sin
 
