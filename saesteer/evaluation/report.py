@@ -202,7 +202,7 @@ def _merge_if_complete(folder: Path) -> bool:
     Inconsistent shards raise (:func:`~saesteer.evaluation.runner.merge_shards`)."""
     import re
 
-    from saesteer.evaluation.runner import _suffix, merge_shards
+    from saesteer.evaluation.runner import merge_shards, shard_suffix
 
     if (folder / "generations.jsonl").exists():
         return True
@@ -213,7 +213,7 @@ def _merge_if_complete(folder: Path) -> bool:
     if not counts:
         return False
     n = max(counts)  # several shard counts: merge_shards below names the conflict
-    if len(counts) == 1 and not all((folder / f"summary{_suffix((i, n))}.json").is_file() for i in range(n)):
+    if len(counts) == 1 and not all((folder / f"summary{shard_suffix((i, n))}.json").is_file() for i in range(n)):
         return False
     merge_shards(folder, out_dir=folder)
     return True

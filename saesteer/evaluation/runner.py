@@ -112,6 +112,7 @@ __all__ = [
     "paper_table",
     "parse_shard",
     "prompt_seed",
+    "shard_suffix",
     "summarize",
     "to_markdown",
 ]
@@ -219,7 +220,8 @@ def parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int] | None:
     return i, n
 
 
-def _suffix(shard: tuple[int, int] | None) -> str:
+def shard_suffix(shard: tuple[int, int] | None) -> str:
+    """The infix of shard ``(i, n)``'s files in an ``out_dir`` (``generations.shard-i-of-n.jsonl``); "" for a whole run."""
     return "" if shard is None else f".shard-{shard[0]}-of-{shard[1]}"
 
 
@@ -667,7 +669,7 @@ def evaluate(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        sfx = _suffix(shard_t)
+        sfx = shard_suffix(shard_t)
         paths = {
             "settings": out / f"settings{sfx}.json",
             "jsonl": out / f"generations{sfx}.jsonl",
@@ -1023,7 +1025,7 @@ def merge_shards(
 def load_result(out_dir: str | os.PathLike, shard: str | Sequence[int] | None = None) -> EvalResult:
     """Read a finished (or partial) evaluation back from ``out_dir`` and recompute its metrics."""
     shard_t = parse_shard(shard)
-    sfx = _suffix(shard_t)
+    sfx = shard_suffix(shard_t)
     jsonl = Path(out_dir) / f"generations{sfx}.jsonl"
     if not jsonl.exists():
         raise ValueError(f"no {jsonl.name} in {out_dir}.")

@@ -320,9 +320,9 @@ def summarize_sweep(
 
 def wall_seconds_file(folder: Path, shard: tuple[int, int] | None = None) -> Path:
     """Where a setting's folder (or one shard of it) keeps the wall seconds spent generating it."""
-    from saesteer.evaluation.runner import _suffix  # the shard files' naming, defined once
+    from saesteer.evaluation.runner import shard_suffix
 
-    return folder / f"wall_seconds{_suffix(shard)}.json"
+    return folder / f"wall_seconds{shard_suffix(shard)}.json"
 
 
 def recorded_seconds(folder: Path, shard: tuple[int, int] | None = None) -> float | None:
