@@ -166,6 +166,12 @@ def matmul_products(model, rows: int, out_rows: int) -> Callable[[], None]:
     block's weight matrices (the shapes ``F.linear`` gets: q, k, v, o and the MLP's), in layer order, and
     ``out_rows`` rows through the unembedding. A step of SASA with C candidates at batch b does at least this with
     rows = b * C (every candidate is a full-model row), whatever the code: its floor."""
+    check_positive_int("rows", rows)
+    check_positive_int("out_rows", out_rows)
+    if out_rows > rows:
+        raise ValueError(
+            f"out_rows ({out_rows}) must not exceed rows ({rows}): the unembedding reads the rows' first ones."
+        )
     cfg = model.cfg
     d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
     shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]

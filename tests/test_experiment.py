@@ -384,6 +384,10 @@ def test_matmul_products_are_one_steps_weight_products(monkeypatch):
     assert calls == block * cfg.n_layers + [(3, d, cfg.d_vocab_out, d)]
     monkeypatch.setattr(torch.nn.functional, "linear", real)
     assert bench.matmul_floor(model, 12, 3, repeats=2) > 0
+    with pytest.raises(ValueError, match="rows must be an integer >= 1"):
+        bench.matmul_products(model, 0, 0)
+    with pytest.raises(ValueError, match=r"out_rows \(13\) must not exceed rows \(12\)"):
+        bench.matmul_products(model, 12, 13)
 
 
 def test_random_subspace_and_steering_settings_run_on_a_model():
