@@ -247,10 +247,25 @@ def _rotate_shared(
         attention_mask = override.to(x.device)
     if not _rotates_here(self, x, past_kv_pos_offset, attention_mask):
         return type(self).apply_rotary(self, x, past_kv_pos_offset, attention_mask)
-    cos_table, sin_table = self.rotary_cos, self.rotary_sin
+    cos, signed_sin = _shared_tables(self, past_kv_pos_offset, length, attention_mask)
+    return _rotate(x, cos, signed_sin, cfg.rotary_dim)
 
-    rd = cfg.rotary_dim
-    half = rd // 2
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, rd: int) -> torch.Tensor:
+    """rotate_every_two, NeoX layout, on the first ``rd`` features: ``x_rot * cos + cat(-x2, x1) * sin``, with the
+    sign in the table (``roll(x_rot) * signed_sin``: cause 5 of issue 16)."""
+    x_rot = x[..., :rd]
+    x_rotated = x_rot * cos + torch.roll(x_rot, rd // 2, dims=-1) * signed_sin
+    return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
+
+
+def _shared_tables(
+    self, past_kv_pos_offset: int, length: int, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sine (first half negated) at the positions ``past_kv_pos_offset`` on of ``attention_mask``,
+    gathered once per forward for every layer with equal tables (where :func:`_rotates_here`)."""
+    cos_table, sin_table = self.rotary_cos, self.rotary_sin
+    half = self.cfg.rotary_dim // 2
 
     def gather() -> tuple[torch.Tensor, torch.Tensor]:
         from transformer_lens.utilities.tensors import get_offset_position_ids
@@ -260,30 +275,23 @@ def _rotate_shared(
         # sine with its first half negated: roll(x) * it == cat(-x2, x1) * sine (issue 16, cause 5)
         return cos_table[ids, None, :], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
-    group = getattr(self, "_saesteer_tables", None)
     if _compiling():  # no memo under torch.compile (see _compiling)
-        cos, signed_sin = gather()
-        x_rot = x[..., :rd]
-        x_rotated = x_rot * cos + torch.roll(x_rot, half, dims=-1) * signed_sin
-        return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
-    if group is not None and group.holds(cos_table, sin_table):  # equal to the group's tables: share the gather
-        key, refs = ("rotary", "group", group.index, past_kv_pos_offset, length), ()
-    else:  # edited, replaced or moved since apply_mask_sharing: this module's own tables, as they are now
-        key = (
-            "rotary",
-            id(cos_table),
-            id(sin_table),
-            cos_table._version,
-            sin_table._version,
-            past_kv_pos_offset,
-            length,
-        )
-        refs = (cos_table, sin_table)
-    cos, signed_sin = self._saesteer_memo.get(key, refs, attention_mask, gather)
-    x_rot = x[..., :rd]
-    # rotate_every_two, NeoX layout: x_rot * cos + cat(-x2, x1) * sin, with the sign in the table
-    x_rotated = x_rot * cos + torch.roll(x_rot, half, dims=-1) * signed_sin
-    return x_rotated if rd == x.size(-1) else torch.cat([x_rotated, x[..., rd:]], dim=-1)
+        return gather()
+    key, refs = _tables_key(self, "rotary", past_kv_pos_offset, length)
+    return self._saesteer_memo.get(key, refs, attention_mask, gather)
+
+
+def _tables_key(self, kind: str, past_kv_pos_offset: int, length: int) -> tuple[tuple, tuple]:
+    """The memo key of ``kind`` computed from this module's rotary tables at positions ``past_kv_pos_offset`` to
+    ``+ length``, and the tensors behind the ids in it: the group's (shared by every layer) while this module's
+    tables are the group's, else this module's own tables as they are now (edited, replaced, moved or copied since
+    apply_mask_sharing)."""
+    cos_table, sin_table = self.rotary_cos, self.rotary_sin
+    group = getattr(self, "_saesteer_tables", None)
+    if group is not None and group.holds(cos_table, sin_table):
+        return (kind, "group", group.index, past_kv_pos_offset, length), ()
+    versions = (cos_table._version, sin_table._version)
+    return (kind, id(cos_table), id(sin_table), *versions, past_kv_pos_offset, length), (cos_table, sin_table)
 
 
 def _apply_causal_mask_shared(
@@ -932,14 +940,18 @@ def apply_projection_fixes(model: nn.Module) -> nn.Module:
 
 def apply_all_fixes(model: nn.Module) -> nn.Module:
     """Every fix of this module, in order: :func:`apply_layout_fixes`, :func:`apply_mask_sharing`,
-    :func:`apply_norm_sharing`, :func:`apply_projection_fixes`, :func:`apply_hook_skipping` (what
+    :func:`apply_norm_sharing`, :func:`apply_projection_fixes`, :func:`apply_hook_skipping`, then
+    :func:`saesteer.models.fused_block.apply_fused_blocks`, which runs them as one function per block (what
     :func:`saesteer.models.loading.load_model` applies). Same outputs bit for bit. Returns ``model``."""
+    from saesteer.models.fused_block import apply_fused_blocks
+
     for fix in (
         apply_layout_fixes,
         apply_mask_sharing,
         apply_norm_sharing,
         apply_projection_fixes,
         apply_hook_skipping,
+        apply_fused_blocks,
     ):
         fix(model)
     return model

@@ -1,0 +1,194 @@
+"""The fused block forward (saesteer.models.fused_block): taken where it applies, the same bits as the lean path
+and stock TransformerLens, and out of the way of every hook, replaced module, gradient and override."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from helpers import tiny_arch_model
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.hook_points import HookPoint
+
+import saesteer.models.fused_block as fused_block
+from saesteer.models.kv_cache import PreallocatedKVCache
+from saesteer.models.tl_fixes import apply_all_fixes, rotary_position_mask
+
+_LLAMA = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
+              act_fn="silu", rotary_dim=8)  # fmt: skip
+VARIANTS = {
+    "llama": _LLAMA,
+    "pre-norm folded (RMSPre)": dict(_LLAMA, normalization_type="RMSPre"),
+    "partial rotary": dict(_LLAMA, rotary_dim=4),
+    "one key/value head": dict(_LLAMA, n_key_value_heads=1),
+    "float64": dict(_LLAMA, dtype=torch.float64),
+}
+
+
+def _pair(arch: dict) -> tuple:
+    stock = tiny_arch_model(arch, perturb=True).eval()
+    return apply_all_fixes(copy.deepcopy(stock)).eval(), stock
+
+
+class _Count:
+    """Counts the blocks that :func:`fused_forward` ran (not None) while active."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        inner = fused_block.fused_forward
+
+        def counting(*args):
+            out = inner(*args)
+            self.n += out is not None
+            return out
+
+        monkeypatch.setattr(fused_block, "fused_forward", counting)
+
+
+def _batch(model, rows: int):
+    tokens = torch.randint(3, model.cfg.d_vocab, (rows, 7), generator=torch.Generator().manual_seed(rows))
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0  # left padding: the prompt's pad rows attend to nothing (the softmax clean-up runs)
+    return tokens, mask
+
+
+def _decode(model, cache, tokens, mask, steps: int = 5) -> list[torch.Tensor]:
+    """Logits of the prompt's forward and of ``steps`` one-token forwards (argmax fed back) over ``cache``."""
+    out = []
+    with torch.no_grad():
+        logits = model(tokens, attention_mask=mask, past_kv_cache=cache)
+        for _ in range(steps):
+            out.append(logits)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(nxt, attention_mask=torch.ones_like(nxt), past_kv_cache=cache)
+    return out
+
+
+def _preallocated(model, rows: int) -> PreallocatedKVCache:
+    return PreallocatedKVCache.allocate(model.cfg, rows, 20)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_forward_is_taken_and_equals_the_lean_path_and_stock(
+    variant: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every block of every forward (a padded prompt, then one token at a time) runs fused, and every logit is
+    the lean path's (the plans removed) and stock TransformerLens' with its own cache, bit for bit."""
+    fixed, stock = _pair(VARIANTS[variant])
+    assert all(block._saesteer_fused is not None for block in fixed.blocks)
+    tokens, mask = _batch(fixed, rows)
+    count = _Count(monkeypatch)
+    fused = _decode(fixed, _preallocated(fixed, rows), tokens, mask)
+    assert count.n == 6 * fixed.cfg.n_layers
+    lean_model = copy.deepcopy(fixed)
+    for block in lean_model.blocks:
+        block._saesteer_fused = None
+    lean = _decode(lean_model, _preallocated(lean_model, rows), tokens, mask)
+    theirs = _decode(stock, TransformerLensKeyValueCache.init_cache(stock.cfg, "cpu", rows), tokens, mask)
+    assert count.n == 6 * fixed.cfg.n_layers  # (the copy without plans ran none)
+    for a, b, c in zip(fused, lean, theirs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _double(x, hook):
+    return x * 2.0
+
+
+def _fused_blocks(model, monkeypatch, run) -> tuple[int, list[torch.Tensor]]:
+    count = _Count(monkeypatch)
+    out = run()
+    return count.n, out
+
+
+@pytest.mark.parametrize(
+    "hook_name, fused_per_forward",
+    [
+        ("blocks.1.attn.hook_z", 2),  # inside block 1: it runs the lean path (the hook sees z), the others fused
+        ("blocks.1.ln2.hook_normalized", 2),
+        ("blocks.1.hook_resid_post", 3),  # called by the fused forward as upstream calls it
+        ("blocks.1.hook_resid_pre", 3),
+    ],
+)
+def test_hooks_are_honoured(hook_name: str, fused_per_forward: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook inside a block sends that block to the lean path, which calls it; hooks on the residual stream keep
+    the fused path; the logits equal stock TransformerLens' with the same hook, and nothing stays after."""
+    fixed, stock = _pair(_LLAMA)
+    tokens, mask = _batch(fixed, 2)
+    seen = []
+
+    def hook(x, hook):
+        seen.append(hook.name)
+        return x * 2.0
+
+    with fixed.hooks(fwd_hooks=[(hook_name, hook)]):
+        n, ours = _fused_blocks(fixed, monkeypatch, lambda: _decode(fixed, _preallocated(fixed, 2), tokens, mask))
+    assert n == 6 * fused_per_forward and seen == [hook_name] * 6
+    with stock.hooks(fwd_hooks=[(hook_name, _double)]):
+        theirs = _decode(stock, TransformerLensKeyValueCache.init_cache(stock.cfg, "cpu", 2), tokens, mask)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    n, _ = _fused_blocks(fixed, monkeypatch, lambda: _decode(fixed, _preallocated(fixed, 2), tokens, mask, 1))
+    assert n == 2 * 3  # the hook removed: every block fused again
+
+
+def test_replaced_modules_global_hooks_gradients_and_overrides_take_the_lean_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hook point replaced in a block (as SAELens' HookedSAETransformer splices an SAE in), a global module
+    hook, gradients, a stock cache entry and SASA's rotary position override each keep the fused path out."""
+    fixed, _ = _pair(_LLAMA)
+    tokens, mask = _batch(fixed, 2)
+
+    def run(steps: int = 1):
+        return lambda: _decode(fixed, _preallocated(fixed, 2), tokens, mask, steps)
+
+    fixed.blocks[0].mlp.hook_post = HookPoint()
+    assert _fused_blocks(fixed, monkeypatch, run())[0] == 2 * 2
+    fixed.blocks[0].mlp.hook_post = fixed.blocks[1].mlp.hook_post.__class__()
+    assert _fused_blocks(fixed, monkeypatch, run())[0] == 2 * 2  # a new module, even of the same class
+    fixed, _ = _pair(_LLAMA)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert _fused_blocks(fixed, monkeypatch, run())[0] == 0
+    finally:
+        handle.remove()
+    count = _Count(monkeypatch)
+    fixed(tokens, attention_mask=mask, past_kv_cache=_preallocated(fixed, 2))  # gradients on
+    with torch.no_grad():
+        fixed(tokens, attention_mask=mask, past_kv_cache=TransformerLensKeyValueCache.init_cache(fixed.cfg, "cpu", 2))
+        with rotary_position_mask(fixed, mask):
+            fixed(tokens, attention_mask=mask, past_kv_cache=_preallocated(fixed, 2))
+    assert count.n == 0
+    assert _fused_blocks(fixed, monkeypatch, run())[0] == 2 * 3
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_fuse_their_own_modules(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copied or unpickled model's plans name its own modules: it runs fused, with the original's logits, and
+    a hook on the copy does not reach the original."""
+    fixed, _ = _pair(_LLAMA)
+    other = copy.deepcopy(fixed) if how == "deepcopy" else pickle.loads(pickle.dumps(fixed))
+    assert other.blocks[0]._saesteer_fused.attn is other.blocks[0].attn
+    tokens, mask = _batch(fixed, 2)
+    mine = _decode(fixed, _preallocated(fixed, 2), tokens, mask)
+    n, theirs = _fused_blocks(other, monkeypatch, lambda: _decode(other, _preallocated(other, 2), tokens, mask))
+    assert n == 6 * 3 and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    other.blocks[1].attn.hook_z.add_hook(_double)
+    assert _fused_blocks(fixed, monkeypatch, lambda: _decode(fixed, _preallocated(fixed, 2), tokens, mask, 1))[0] == 6
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(positional_embedding_type="standard", normalization_type="LN", act_fn="gelu_new"),  # GPT-2
+        dict(_LLAMA, attn_scores_soft_cap=50.0),
+        dict(_LLAMA, use_qk_norm=True),
+        dict(_LLAMA, gated_mlp=False),
+        dict(_LLAMA, n_key_value_heads=None),  # plain multi-head attention (other products upstream)
+    ],
+)
+def test_blocks_it_does_not_reproduce_get_no_plan(arch: dict) -> None:
+    fixed, _ = _pair(arch)
+    assert all(block._saesteer_fused is None for block in fixed.blocks)
