@@ -4,8 +4,10 @@ Rows: unsteered generation with our loop; each SAE intervention (swap, clamp, we
 decoder tiers); SASA with 10 and 50 candidates; Hugging Face ``generate`` on the same weights; and the
 reference loop. Greedy decoding, fixed length (EOS ignored), batch 1 and 8. Each row's time
 is the best of ``--repeats`` runs; its ratio to unsteered generation is the median over ``--repeats``
-back-to-back (unsteered, setting) pairs, and its ratio to HF is that times the paired unsteered/HF ratio.
-Two noisy ratios multiply there, so the table also gives the plain ratio of best times (setting / HF):
+back-to-back (unsteered, setting) pairs, with its distribution-free 95% interval (6 pairs or more:
+:func:`saesteer.benchmark.median_interval`), and its ratio to HF is that times the paired unsteered/HF ratio
+(whose interval the HF row gives). Two noisy ratios multiply there, so the table also gives the plain ratio of
+best times (setting / HF):
 on a shared machine, interference only ever adds time, and best-of times are what it leaves alone.
 
 The reference loop is a faithful re-implementation of the IBM SAE-steering code's generation: one prompt
@@ -52,7 +54,9 @@ from saesteer.benchmark import (
     batch_prompts,
     best_of,
     fmt,
+    fmt_interval,
     hf_folder,
+    interval_level,
     machine_meta,
     markdown_table,
     matmul_floor,
@@ -149,7 +153,7 @@ def main() -> None:
     )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=6, help="pairs per ratio (6 or more: a 95%% interval)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-tokens", type=int, default=256, help="tokens for the memory rows (0 skips them)")
     ap.add_argument(
@@ -222,23 +226,28 @@ def main() -> None:
                         **enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=hf_tok.pad_token_id
                     )
 
-            hf_sec, _, unsteered_vs_hf = paired(hf_run, plain, args.repeats)
+            timed = paired(hf_run, plain, args.repeats)
+            hf_sec, unsteered_vs_hf = timed.base_s, timed.ratio
             print(
                 f"batch {b} HF transformers generate: {hf_sec:7.2f} s; our unsteered loop takes "
-                f"x{unsteered_vs_hf:.2f} its time (median of {args.repeats} back-to-back pairs)",
+                f"x{timed.ratio:.2f} [{timed.low:.2f}, {timed.high:.2f}] its time (median of {args.repeats} "
+                f"back-to-back pairs, {timed.coverage:.0%} interval)",
                 flush=True,
             )
-            add("HF transformers generate", b, hf_sec, vs_unsteered=1 / unsteered_vs_hf, vs_hf=1.0, best_vs_hf=1.0)
+            add("HF transformers generate", b, hf_sec, vs_hf=1.0, best_vs_hf=1.0, **timed.fields("unsteered_vs_hf"))
         for name, extra in settings.items():
             if name == "unsteered":
-                sec, ratio = best_of(plain, args.repeats), 1.0
+                sec, vs_unsteered = best_of(plain, args.repeats), {"vs_unsteered": 1.0}
             else:
-                _, sec, ratio = paired(plain, lambda: generate(model, prompts, **kw, **extra), args.repeats)
+                timed = paired(plain, lambda: generate(model, prompts, **kw, **extra), args.repeats)
+                sec, vs_unsteered = timed.s, timed.fields("vs_unsteered")
+            ratio = vs_unsteered["vs_unsteered"]
             vs_hf = ratio * unsteered_vs_hf if unsteered_vs_hf else None
-            add(name, b, sec, vs_unsteered=ratio, vs_hf=vs_hf, best_vs_hf=sec / hf_sec if hf is not None else None)
+            add(name, b, sec, **vs_unsteered, vs_hf=vs_hf, best_vs_hf=sec / hf_sec if hf is not None else None)
             hf_note = f"  x{vs_hf:.2f} of HF's time" if vs_hf else ""
             print(
-                f"batch {b} {name:>14}: {sec:7.2f} s  {b * n / sec:7.1f} tok/s  x{ratio:.2f} unsteered{hf_note}",
+                f"batch {b} {name:>14}: {sec:7.2f} s  {b * n / sec:7.1f} tok/s  "
+                f"x{fmt_interval(results[-1], 'vs_unsteered')} unsteered{hf_note}",
                 flush=True,
             )
             decoder = extra.get("decoder")
@@ -379,13 +388,19 @@ def main() -> None:
 
 def markdown(results: list[dict]) -> str:
     """The results as a markdown table, a line per result ("-" where a ratio does not apply)."""
+    level = interval_level(results, "vs_unsteered")
     header = (
-        "setting | batch | s | tok/s | × unsteered | × HF generate | best s / HF's best s | our swap is × faster | "
-        "matrix products alone × HF"
+        f"setting | batch | s | tok/s | × unsteered (paired median [{level}]) | "
+        f"unsteered × HF generate (paired median [{level}]) | × HF generate (product of the medians) | "
+        "best s / HF's best s | our swap is × faster | matrix products alone × HF"
     ).split(" | ")
-    cells = [("seconds", ".2f"), ("tok_per_s", ".1f"), ("vs_unsteered", ".2f"), ("vs_hf", ".2f"), ("best_vs_hf", ".2f")]
-    cells += [("ours_faster", ".1f"), ("matmul_floor_vs_hf", ".2f")]
-    return markdown_table(header, [(r["setting"], r["batch"], *(fmt(r.get(k), f) for k, f in cells)) for r in results])
+    cells = [("vs_hf", ".2f"), ("best_vs_hf", ".2f"), ("ours_faster", ".1f"), ("matmul_floor_vs_hf", ".2f")]
+    rows = []
+    for r in results:
+        timed = (fmt_interval(r, "vs_unsteered"), fmt_interval(r, "unsteered_vs_hf"))
+        rows.append((r["setting"], r["batch"], fmt(r["seconds"], ".2f"), fmt(r["tok_per_s"], ".1f"), *timed))
+        rows[-1] += tuple(fmt(r.get(k), f) for k, f in cells)
+    return markdown_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
 
 Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
 does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--repeats`` runs, and its ratio to
-HF generate is the median over
-``--repeats`` back-to-back (HF generate, row) pairs, so that a slow spell of a shared machine lands on both
-sides of a ratio. For SASA, "matrix products alone" is the time no implementation can skip (every candidate is
-a full-model row; :func:`saesteer.benchmark.matmul_products`), and the row's "x matrix-product floor" is the median
-over ``--repeats`` back-to-back (products alone for every step, SASA row) pairs. Peak RSS: the highest resident
+HF generate is the median over ``--repeats`` back-to-back (HF generate, row) pairs, so that a slow spell of a
+shared machine lands on both sides of a ratio, with its distribution-free 95% interval (6 pairs or more:
+:func:`saesteer.benchmark.median_interval`). For SASA, "matrix products alone" is the time no implementation can
+skip (every candidate is a full-model row; :func:`saesteer.benchmark.matmul_products`), and the row's "x
+matrix-product floor" is the median over ``--repeats`` back-to-back (products alone for every step, SASA row) pairs,
+with its interval likewise. Peak RSS: the highest resident
 set size sampled while the row ran (the whole process: every model loaded), and its rise over the RSS before.
 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py          # writes figures/bench_peers.json
@@ -161,7 +162,7 @@ def main() -> None:
     experiment.add_sae_argument(ap)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=6, help="pairs per ratio (6 or more: a 95%% interval)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--clock",
@@ -214,9 +215,10 @@ def main() -> None:
             before = bench.rss_mb()
             with bench.PeakRSS() as peak:
                 if name == "HF generate":
-                    sec, ratio = bench.best_of(fn, args.repeats, args.clock), 1.0
+                    sec, vs_hf = bench.best_of(fn, args.repeats, args.clock), {"vs_hf": 1.0}
                 else:
-                    _, sec, ratio = bench.paired(base_fn, fn, args.repeats, args.clock)
+                    timed = bench.paired(base_fn, fn, args.repeats, args.clock)
+                    sec, vs_hf = timed.s, timed.fields("vs_hf")
             if name == "HF generate":
                 hf_best = sec
             row = dict(
@@ -224,7 +226,7 @@ def main() -> None:
                 batch=b,
                 seconds=sec,
                 tok_per_s=b * n / sec,
-                vs_hf=ratio,
+                **vs_hf,
                 best_vs_hf=sec / hf_best,
                 peak_rss_mb=peak.peak_mb,
                 rss_rise_mb=peak.peak_mb - before,
@@ -232,14 +234,15 @@ def main() -> None:
             if "SASA" in name:  # the floor: n steps of the products alone, timed in pairs with the row
                 cands = 10 if "10 candidates" in name else 50
                 products = bench.matmul_products(model, b * cands, b)
-                floor, _, vs_floor = bench.paired(lambda: [products() for _ in range(n)], fn, args.repeats, args.clock)
+                floor = bench.paired(lambda: [products() for _ in range(n)], fn, args.repeats, args.clock)
                 del products
-                row.update(matmul_floor_s=floor, matmul_floor_vs_hf=floor / hf_best, vs_floor=vs_floor)
+                row.update(matmul_floor_s=floor.base_s, matmul_floor_vs_hf=floor.base_s / hf_best)
+                row.update(floor.fields("vs_floor"))
             results.append(row)
             print(
-                f"batch {b} {name}: {sec:.2f} s, {row['tok_per_s']:.1f} tok/s, x{ratio:.2f} HF generate (paired), "
-                f"peak RSS {peak.peak_mb:.0f} MB"
-                + (f", x{row['vs_floor']:.2f} its floor" if "vs_floor" in row else ""),
+                f"batch {b} {name}: {sec:.2f} s, {row['tok_per_s']:.1f} tok/s, x{bench.fmt_interval(row, 'vs_hf')} "
+                f"HF generate (paired), peak RSS {peak.peak_mb:.0f} MB"
+                + (f", x{bench.fmt_interval(row, 'vs_floor')} its floor" if "vs_floor" in row else ""),
                 flush=True,
             )
     settings = ("model", "new_tokens", "batches", "repeats", "threads", "clock", "vector_norm", "top_p")
@@ -251,17 +254,17 @@ def main() -> None:
 
 def markdown(results: list[dict]) -> str:
     """The results as a markdown table, a line per row ("-" where a row has no matrix-product floor)."""
+    level = bench.interval_level(results, "vs_hf")
     header = (
-        "row | batch | s (best) | tok/s | × HF generate (paired median) | best / HF best | peak RSS MB (rise) | "
-        "× matrix-product floor"
+        f"row | batch | s (best) | tok/s | × HF generate (paired median [{level}]) | best / HF best | "
+        f"peak RSS MB (rise) | × matrix-product floor (paired median [{level}])"
     ).split(" | ")
-    cells = [("seconds", ".2f"), ("tok_per_s", ".1f"), ("vs_hf", ".2f"), ("best_vs_hf", ".2f")]
     rows = []
     for r in results:
         rss = f"{r['peak_rss_mb']:.0f} (+{r['rss_rise_mb']:.0f})"
-        rows.append(
-            (r["row"], r["batch"], *(bench.fmt(r[k], f) for k, f in cells), rss, bench.fmt(r.get("vs_floor"), ".2f"))
-        )
+        cells = (bench.fmt(r["seconds"], ".2f"), bench.fmt(r["tok_per_s"], ".1f"), bench.fmt_interval(r, "vs_hf"))
+        cells += (bench.fmt(r["best_vs_hf"], ".2f"), rss, bench.fmt_interval(r, "vs_floor"))
+        rows.append((r["row"], r["batch"], *cells))
     return bench.markdown_table(header, rows)
 
 

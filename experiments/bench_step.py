@@ -5,8 +5,8 @@ so that what it measures is the forward: TransformerLens with saesteer's fixes a
 
 Both caches hold the same prompt (random token ids, every position attended); ours is frozen (each step writes
 the same next position), HF's is cropped back after each step, so every step does the same work. The two
-forwards alternate ``--pairs`` times; the ratio is the median of the per-pair ratios (ours / HF), with a 95%
-percentile-bootstrap interval over the pairs (2,000 resamples, seeded), and each side's best and median time.
+forwards alternate ``--pairs`` times; the ratio is the median of the per-pair ratios (ours / HF), with its
+distribution-free 95% interval (:func:`saesteer.benchmark.median_interval`), and each side's best and median time.
 
     python experiments/bench_step.py                     # writes figures/bench_step.json
     # the same forward of another checkout's saesteer (e.g. before a change), this script unchanged:
@@ -22,14 +22,12 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import saesteer
 from saesteer import benchmark as bench
 from saesteer import experiment
 from saesteer.data.atomic import write_text_atomic
-from saesteer.evaluation.statistics import percentile_interval
 from saesteer.experiment import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +67,6 @@ def hf_step(hf, rows: int, positions: int, gen: torch.Generator):
     return step
 
 
-def median_interval(ratios: list[float], seed: int = 0, n_boot: int = 2000) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the median of ``ratios`` (pairs resampled with replacement)."""
-    r = np.asarray(ratios)
-    idx = np.random.default_rng(seed).integers(0, len(r), size=(n_boot, len(r)))
-    return percentile_interval(np.median(r[idx], axis=1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=experiment.DEFAULT_MODEL, help="short name or Hugging Face folder")
@@ -107,7 +98,7 @@ def main() -> None:
                     fn()
                     times[name].append(time.perf_counter() - t)
             ratios = [a / b for a, b in zip(times["ours"], times["hf"])]
-            low, high = median_interval(ratios)
+            low, high, coverage = bench.median_interval(ratios)
             row = dict(
                 batch=rows,
                 ours_best_ms=min(times["ours"]) * 1e3,
@@ -117,12 +108,13 @@ def main() -> None:
                 ratio_median=statistics.median(ratios),
                 ratio_low=low,
                 ratio_high=high,
+                ratio_coverage=coverage,
                 ratio_best=min(times["ours"]) / min(times["hf"]),
             )
             results.append(row)
             print(
                 f"batch {rows}: ours {row['ours_median_ms']:.1f} ms, HF {row['hf_median_ms']:.1f} ms (medians); "
-                f"ours / HF {row['ratio_median']:.3f} [{low:.3f}, {high:.3f}] (paired median, 95% bootstrap), "
+                f"ours / HF {row['ratio_median']:.3f} [{low:.3f}, {high:.3f}] (paired median, {coverage:.0%} interval), "
                 f"best / best {row['ratio_best']:.3f}",
                 flush=True,
             )

@@ -1,8 +1,9 @@
 """Timing and memory helpers, and the shared rows, of the benchmarks under ``experiments/``.
 
 - :func:`best_of`: the best time of ``repeats`` runs, wall-clock or CPU (:data:`CLOCKS`; waits for queued GPU work);
-- :func:`paired`: (base, setting) run back to back ``repeats`` times, the per-pair ratio's median: a slow
-  spell of a shared machine then lands on both sides of a ratio, not on one row;
+- :func:`paired`: (base, setting) run back to back ``repeats`` times, the per-pair ratio's median and its
+  distribution-free interval (:func:`median_interval`): a slow spell of a shared machine then lands on both sides
+  of a ratio, not on one row;
 - :func:`rss_mb` / :class:`PeakRSS`: the resident set size now / its peak while a block runs;
 - :data:`PROMPTS`, :func:`batch_prompts`, :func:`random_subspace`, :func:`steering_settings`: the prompts,
   the SASA subspace and the SAE interventions every generation benchmark times;
@@ -14,12 +15,14 @@ On a shared machine interference only ever adds time, so best-of times are what 
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from sae_lens import SAE
@@ -31,15 +34,19 @@ from saesteer.experiment import command_line
 __all__ = [
     "CLOCKS",
     "PROMPTS",
+    "Paired",
     "PeakRSS",
     "batch_prompts",
     "best_of",
     "fmt",
+    "fmt_interval",
+    "interval_level",
     "hf_folder",
     "machine_meta",
     "markdown_table",
     "matmul_floor",
     "matmul_products",
+    "median_interval",
     "paired",
     "random_subspace",
     "rss_mb",
@@ -98,18 +105,59 @@ def best_of(fn: Callable[[], object], repeats: int, clock: str = "wall") -> floa
     return best
 
 
-def paired(
-    fn_base: Callable[[], object], fn: Callable[[], object], repeats: int, clock: str = "wall"
-) -> tuple[float, float, float]:
-    """Run ``fn_base`` then ``fn`` back to back, ``repeats`` times: (best base s, best s, median of the
-    per-pair ratios fn / fn_base), timed by ``clock``."""
+class Paired(NamedTuple):
+    """What :func:`paired` measured: the best times and the median per-pair ratio with its interval."""
+
+    base_s: float
+    """Best seconds of the base."""
+    s: float
+    """Best seconds of the setting."""
+    ratio: float
+    """Median over the pairs of setting / base."""
+    low: float
+    high: float
+    """The ratio's distribution-free interval (:func:`median_interval`)."""
+    coverage: float
+    """The interval's coverage of the true median ratio (at least 0.95 from 6 pairs on)."""
+
+    def fields(self, key: str) -> dict[str, float]:
+        """The ratio and its interval as a result row's ``key``, ``key_low``, ``key_high``, ``key_coverage``
+        (what :func:`fmt_interval` reads)."""
+        return {key: self.ratio, f"{key}_low": self.low, f"{key}_high": self.high, f"{key}_coverage": self.coverage}
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, coverage): the distribution-free confidence interval of the median of independent ``values``,
+    the order statistics ``x_(k) <= median <= x_(n+1-k)`` with the largest ``k`` whose coverage
+    ``1 - 2 P(Binomial(n, 1/2) < k)`` is at least ``level`` (Conover, Practical Nonparametric Statistics, 3.2).
+    Under 6 values no interval reaches 0.95: then [min, max] and its lower coverage ``1 - 2^(1-n)``."""
+    x = sorted(float(v) for v in values)
+    n = len(x)
+    if not n:
+        raise ValueError("median_interval needs at least one value.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}.")
+
+    def coverage(k: int) -> float:  # P(x_(k) <= median <= x_(n+1-k)) for continuous values
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
+
+
+def paired(fn_base: Callable[[], object], fn: Callable[[], object], repeats: int, clock: str = "wall") -> Paired:
+    """Run ``fn_base`` then ``fn`` back to back, ``repeats`` times, timed by ``clock``: the best times, the median
+    of the per-pair ratios fn / fn_base and its 95% interval (:func:`median_interval`; 6 pairs or more for
+    0.95 coverage)."""
     check_positive_int("repeats", repeats)
     base, other, ratios = [], [], []
     for _ in range(repeats):
         base.append(best_of(fn_base, 1, clock))
         other.append(best_of(fn, 1, clock))
         ratios.append(other[-1] / base[-1])
-    return min(base), min(other), statistics.median(ratios)
+    return Paired(min(base), min(other), statistics.median(ratios), *median_interval(ratios))
 
 
 def rss_mb() -> float:
@@ -247,6 +295,23 @@ def machine_meta(started: float | None = None) -> dict[str, object]:
 def fmt(x: object, spec: str = "") -> str:
     """``format(x, spec)``, or ``"-"`` where ``x`` is None (a table cell with no value)."""
     return "-" if x is None else format(x, spec)
+
+
+def fmt_interval(row: dict, key: str, spec: str = ".2f") -> str:
+    """``row[key]`` with its interval (:meth:`Paired.fields`) as ``value [low, high]``; the value alone where the
+    row has no interval, ``"-"`` where it has no value."""
+    if row.get(key) is None:
+        return "-"
+    if row.get(f"{key}_low") is None:
+        return format(row[key], spec)
+    return f"{row[key]:{spec}} [{row[f'{key}_low']:{spec}}, {row[f'{key}_high']:{spec}}]"
+
+
+def interval_level(results: Iterable[dict], key: str) -> str:
+    """How a table names the intervals of ``key`` in ``results``: e.g. ``"97% interval"``, the lowest coverage among
+    them (:meth:`Paired.fields`)."""
+    cover = [r[f"{key}_coverage"] for r in results if r.get(f"{key}_coverage") is not None]
+    return f"{math.floor(min(cover) * 100)}% interval" if cover else "interval"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

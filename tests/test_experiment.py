@@ -7,6 +7,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import math
 import mmap
 import os
 import random
@@ -337,12 +338,42 @@ def test_best_of_and_paired(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(bench, "time", clock)
     assert bench.best_of(clock.spend([3.0, 1.0, 2.0]), 3) == 1.0
-    base, other, ratio = bench.paired(clock.spend([2.0, 4.0, 2.0]), clock.spend([4.0, 4.0, 8.0]), 3)
-    assert (base, other, ratio) == (2.0, 4.0, 2.0)  # ratios 2, 1, 4: median 2
+    timed = bench.paired(clock.spend([2.0, 4.0, 2.0]), clock.spend([4.0, 4.0, 8.0]), 3)
+    assert timed[:3] == (2.0, 4.0, 2.0)  # ratios 2, 1, 4: median 2
+    assert (timed.low, timed.high, timed.coverage) == (1.0, 4.0, 0.75)  # three pairs: their range, 75%
+    row = timed.fields("vs_hf")
+    assert (
+        bench.fmt_interval(row, "vs_hf") == "2.00 [1.00, 4.00]"
+        and bench.interval_level([row], "vs_hf") == "75% interval"
+    )
+    assert bench.fmt_interval({"x": 1.5}, "x") == "1.50" and bench.fmt_interval({}, "x") == "-"
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         bench.best_of(lambda: None, 0)
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         bench.paired(lambda: None, lambda: None, 0)
+
+
+def test_median_interval_is_the_order_statistic_interval():
+    """Against the binomial coverage computed here by enumeration, and textbook cases (n = 60: ranks 22 and 39)."""
+    from itertools import product
+
+    assert bench.median_interval(range(60))[:2] == (21.0, 38.0)
+    assert bench.median_interval([3.0, 1.0, 2.0, 5.0, 4.0, 6.0]) == (1.0, 6.0, 1 - 2 / 64)
+    for n in (6, 9, 13, 20):
+        low, high, coverage = bench.median_interval([float(i) for i in range(n)])
+        k = int(low) + 1  # x_(k), 1-based
+        assert high == n - k
+        # P(x_(k) <= median <= x_(n+1-k)): at least k of n draws fall below the median, and at least k above
+        below = [sum(bits) for bits in product((0, 1), repeat=n)] if n <= 13 else None
+        if below is not None:
+            exact = sum(k <= b <= n - k for b in below) / 2**n
+            assert coverage == pytest.approx(exact)
+        assert coverage >= 0.95
+        if k + 1 <= (n + 1) // 2:  # the next pair inward covers less than 95%
+            inner = sum(math.comb(n, i) for i in range(k + 1, n - k)) / 2**n
+            assert inner < 0.95
+    with pytest.raises(ValueError, match="at least one value"):
+        bench.median_interval([])
 
 
 def test_peak_rss_sees_an_allocation_inside_the_block():
