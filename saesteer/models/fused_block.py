@@ -212,6 +212,7 @@ def fused_forward(
         or resid_pre.device.type != "cpu"
         or resid_pre.dtype not in (torch.float32, torch.float64)
         or resid_pre.dtype != block.cfg.dtype
+        or tl_fixes._extra_hook_points(block.cfg)
         or tl_fixes._compiling()
         or not _holds(plan)
     ):

@@ -471,13 +471,28 @@ def _block_forward_norm_once(
     block is a plain pre-norm one, :func:`_block_forward_lean` instead (issue 16, cause 3)."""
     norm = self.ln1
     reuse = not torch.is_grad_enabled() and _no_hooks(norm)
-    if reuse and shortformer_pos_embed is None and self.__dict__.get("_saesteer_plain", False):
+    plain = self.__dict__.get("_saesteer_plain", False) and not _extra_hook_points(self.cfg)
+    if reuse and shortformer_pos_embed is None and plain:
         return _block_forward_lean(self, resid_pre, past_kv_cache_entry, attention_mask)
     norm._saesteer_last = [] if reuse else None
     try:
         return type(self).forward(self, resid_pre, shortformer_pos_embed, past_kv_cache_entry, attention_mask)
     finally:
         norm._saesteer_last = None
+
+
+def _extra_hook_points(cfg) -> bool:
+    """True while one of TransformerLens' run-time switches for more hook points is on (``set_use_attn_result``,
+    ``set_use_split_qkv_input``, ``set_use_attn_in``, ``set_use_hook_mlp_in``,
+    ``set_ungroup_grouped_query_attention``): the lean forwards, chosen when the fixes were applied, do not call
+    those hook points, so upstream's forwards run while it is."""
+    return bool(
+        cfg.use_attn_result
+        or cfg.use_split_qkv_input
+        or cfg.use_attn_in
+        or cfg.use_hook_mlp_in
+        or cfg.ungroup_grouped_query_attention
+    )
 
 
 def _plain_block(cfg) -> bool:
@@ -695,7 +710,12 @@ def _qkv_lean(self, query_input, key_input, value_input):
     """``calculate_qkv_matrices`` of the plain path with all-zero biases left out (cause 2; bound per module)."""
     names = self.__dict__.get("_saesteer_qkv")
     inputs = (query_input, key_input, value_input)
-    if names is None or query_input.dim() != 3 or any(x.device != self._parameters[names[0]].device for x in inputs):
+    if (
+        names is None
+        or query_input.dim() != 3
+        or _extra_hook_points(self.cfg)
+        or any(x.device != self._parameters[names[0]].device for x in inputs)
+    ):
         return type(self).calculate_qkv_matrices(self, query_input, key_input, value_input)
     out = []
     for x, hook, w_name, b_name in zip(inputs, (self.hook_q, self.hook_k, self.hook_v), names[:3], names[3:]):
@@ -861,7 +881,7 @@ def _attention_forward_lean(
     """``AbstractAttention.forward`` (cause 7; bound per module where :func:`_lean_attention`): the same operations on
     the same tensors, without the softmax's NaN clean-up where no row can be empty, an all-zero ``b_O``, or einops.
     Other cases (an additive mask, a position bias, non-causal attention, MPS, ``torch.compile``, weights on
-    another device) run upstream's forward."""
+    another device, a switch for more hook points: :func:`_extra_hook_points`) run upstream's forward."""
     cfg = self.cfg
     if (
         additive_attention_mask is not None
@@ -869,6 +889,7 @@ def _attention_forward_lean(
         or (self._attention_dir_override or cfg.attention_dir) != "causal"
         or query_input.device.type == "mps"
         or query_input.device != self.W_O.device
+        or _extra_hook_points(cfg)
         or _compiling()
     ):
         return type(self).forward(

@@ -196,3 +196,47 @@ def test_softmax_clean_up_runs_only_where_a_row_can_be_empty() -> None:
     assert counts == [[n_layers, 0, 1], [n_layers] * 3]
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
     assert not outputs[0][2].isnan().any()
+
+
+@pytest.mark.parametrize(
+    "switch, hook_name",
+    [
+        ("set_use_split_qkv_input", "blocks.1.hook_q_input"),
+        ("set_use_attn_result", "blocks.1.attn.hook_result"),
+        ("set_use_hook_mlp_in", "blocks.1.hook_mlp_in"),
+        ("set_ungroup_grouped_query_attention", "blocks.1.attn.hook_k"),
+    ],
+)
+@pytest.mark.parametrize("cache", [None, "preallocated"])
+def test_switches_for_more_hook_points_turned_on_after_loading(switch: str, hook_name: str, cache) -> None:
+    """TransformerLens' run-time switches (``model.set_use_attn_result(True)`` and the like), turned on after the
+    fixes were applied: the hook points they add are called, and the outputs equal the stock model's with the
+    same switch and hook (the lean and fused forwards give way while a switch is on)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from saesteer.models.kv_cache import PreallocatedKVCache
+
+    if cache and switch == "set_ungroup_grouped_query_attention":
+        pytest.skip("TransformerLens' own cache does not hold ungrouped keys")
+    fixed, stock = _tiny_llama_pair()
+    tokens = torch.randint(3, fixed.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    outputs, calls = [], []
+    for model in (fixed, stock):
+        getattr(model, switch)(True)
+        seen = []
+
+        def hook(x, hook, seen=seen):
+            seen.append(hook.name)
+            return x * 1.5
+
+        kw = {}
+        if cache:
+            allocate = PreallocatedKVCache.allocate if model is fixed else None
+            kw["past_kv_cache"] = (
+                allocate(model.cfg, 2, 10) if allocate else TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", 2)
+            )
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, hook)]):
+            outputs.append(model(tokens, attention_mask=torch.ones_like(tokens), **kw))
+        calls.append(seen)
+    assert calls == [[hook_name], [hook_name]]
+    assert torch.equal(*outputs)
