@@ -79,7 +79,8 @@ class _Plan(NamedTuple):
 
 
 def _eligible(block: nn.Module) -> bool:
-    """True for a block whose every step :func:`fused_forward` reproduces (see the module docstring)."""
+    """True for a block whose every step :func:`fused_forward` reproduces (see the module docstring). The run-time
+    switches for more hook points are read at every call; the lean attention forward is required by _BINDINGS."""
     from transformer_lens.components import GroupedQueryAttention, RMSNorm, RMSNormPre
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
     from transformer_lens.utilities.activation_functions import softcap_enabled
@@ -95,7 +96,6 @@ def _eligible(block: nn.Module) -> bool:
         and not cfg.attn_only
         and not cfg.parallel_attn_mlp
         and not cfg.use_normalization_before_and_after
-        and not cfg.ungroup_grouped_query_attention
         and not cfg.use_qk_norm
         and not cfg.is_layer_norm_activation()
         and cfg.positional_embedding_type == "rotary"
@@ -104,7 +104,6 @@ def _eligible(block: nn.Module) -> bool:
         and not softcap_enabled(cfg.attn_scores_soft_cap)
         and attn.attn_type == "global"
         and cfg.n_heads % cfg.n_key_value_heads == 0
-        and tl_fixes._lean_attention(attn)
     )
 
 

@@ -496,14 +496,13 @@ def _extra_hook_points(cfg) -> bool:
 
 
 def _plain_block(cfg) -> bool:
-    """A pre-norm block without split or per-head attention inputs and without ``hook_mlp_in``: what
-    :func:`_block_forward_lean` reproduces (decided when the fix is applied: see :func:`apply_norm_sharing`)."""
+    """A pre-norm block: what :func:`_block_forward_lean` reproduces (the architecture, decided when the fix is
+    applied: see :func:`apply_norm_sharing`; the run-time switches for split or per-head attention inputs and
+    ``hook_mlp_in`` are read at every call, :func:`_extra_hook_points`)."""
     from transformer_lens.components import transformer_block
 
     post_norm = tuple(getattr(transformer_block, "POST_NORM_ARCHITECTURES", ()))
-    return not (
-        cfg.use_attn_in or cfg.use_split_qkv_input or cfg.use_hook_mlp_in or cfg.original_architecture in post_norm
-    )
+    return cfg.original_architecture not in post_norm
 
 
 def _block_forward_lean(self, resid_pre, past_kv_cache_entry, attention_mask):
@@ -849,7 +848,8 @@ _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 def _lean_attention(module: nn.Module) -> bool:
     """True where :func:`_attention_forward_lean` reproduces ``module``'s forward: AbstractAttention's own forward
     on the plain q/k/v path with the shared causal mask, rotary or absolute positions, without attention sinks,
-    log-n scaling, q/k/v clipping, per-head results, 4-bit weights or OLMo's full-width QK norm."""
+    log-n scaling, q/k/v clipping, 4-bit weights or OLMo's full-width QK norm (per-head results and the other
+    run-time switches are read at every call: :func:`_extra_hook_points`)."""
     from transformer_lens.components import AbstractAttention
 
     if not isinstance(module, AbstractAttention):
@@ -863,7 +863,6 @@ def _lean_attention(module: nn.Module) -> bool:
         and not getattr(cfg, "use_attention_sinks", False)
         and not getattr(cfg, "use_logn_attn", False)
         and getattr(cfg, "clip_qkv", None) is None
-        and not cfg.use_attn_result
         and cfg.original_architecture not in _OLMO_QK_NORM
     )
 
