@@ -1,11 +1,13 @@
 """One cached decoding step, ours against Hugging Face's, alone: the model forward of one new token per row over
 a KV cache of ``--positions`` positions, without the generation loop around it (no sampling, no stopping checks),
 so that what it measures is the forward: TransformerLens with saesteer's fixes and preallocated cache against
-``AutoModelForCausalLM`` with its ``DynamicCache``, the same SmolLM2 weights, fp32 CPU.
+``AutoModelForCausalLM`` with its ``DynamicCache``, the same SmolLM2 weights, fp32 CPU. Ours twice: with
+TransformerLens' attention bit for bit (``attn_implementation="eager"``, the default) and with one
+``scaled_dot_product_attention`` call as HF's (``"sdpa"``: :func:`saesteer.models.fused_block.set_attn_implementation`).
 
 Both caches hold the same prompt (random token ids, every position attended); ours is frozen (each step writes
 the same next position), HF's is cropped back after each step, so every step does the same work. The two
-forwards alternate ``--pairs`` times; the ratio is the median of the per-pair ratios (ours / HF), with its
+forwards (eager, HF, sdpa) take turns ``--pairs`` times; each ratio is the median of the per-turn ratios (ours / HF), with its
 distribution-free 95% interval (:func:`saesteer.benchmark.median_interval`), and each side's best and median time.
 
     python experiments/bench_step.py                     # writes figures/bench_step.json
@@ -82,42 +84,50 @@ def main() -> None:
 
     from saesteer.models.loading import load_model
 
-    model = load_model(args.model)
-    hf = AutoModelForCausalLM.from_pretrained(bench.hf_folder(args.model), dtype=model.cfg.dtype).eval()
+    models = {impl: load_model(args.model, attn_implementation=impl) for impl in ("eager", "sdpa")}
+    hf = AutoModelForCausalLM.from_pretrained(bench.hf_folder(args.model), dtype=models["eager"].cfg.dtype).eval()
     results = []
     with torch.no_grad():
         for rows in (int(b) for b in args.batches.split(",")):
-            gen = torch.Generator().manual_seed(rows)
-            ours, theirs = ours_step(model, rows, args.positions, gen), hf_step(hf, rows, args.positions, gen)
-            for fn in (ours, theirs, ours, theirs):  # warm-up
+            steps = {}
+            for name in ("eager", "hf", "sdpa"):  # the same prompt and token for each
+                gen = torch.Generator().manual_seed(rows)
+                steps[name] = (
+                    hf_step(hf, rows, args.positions, gen)
+                    if name == "hf"
+                    else ours_step(models[name], rows, args.positions, gen)
+                )
+            for fn in [*steps.values()] * 2:  # warm-up
                 fn()
-            times: dict[str, list[float]] = {"ours": [], "hf": []}
+            times: dict[str, list[float]] = {name: [] for name in steps}
             for _ in range(args.pairs):
-                for name, fn in (("ours", ours), ("hf", theirs)):
+                for name, fn in steps.items():
                     t = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t)
-            ratios = [a / b for a, b in zip(times["ours"], times["hf"])]
-            low, high, coverage = bench.median_interval(ratios)
-            row = dict(
-                batch=rows,
-                ours_best_ms=min(times["ours"]) * 1e3,
-                ours_median_ms=statistics.median(times["ours"]) * 1e3,
-                hf_best_ms=min(times["hf"]) * 1e3,
-                hf_median_ms=statistics.median(times["hf"]) * 1e3,
-                ratio_median=statistics.median(ratios),
-                ratio_low=low,
-                ratio_high=high,
-                ratio_coverage=coverage,
-                ratio_best=min(times["ours"]) / min(times["hf"]),
-            )
-            results.append(row)
-            print(
-                f"batch {rows}: ours {row['ours_median_ms']:.1f} ms, HF {row['hf_median_ms']:.1f} ms (medians); "
-                f"ours / HF {row['ratio_median']:.3f} [{low:.3f}, {high:.3f}] (paired median, {coverage:.0%} interval), "
-                f"best / best {row['ratio_best']:.3f}",
-                flush=True,
-            )
+            for impl in ("eager", "sdpa"):
+                ratios = [a / b for a, b in zip(times[impl], times["hf"])]
+                low, high, coverage = bench.median_interval(ratios)
+                row = dict(
+                    batch=rows,
+                    attn_implementation=impl,
+                    ours_best_ms=min(times[impl]) * 1e3,
+                    ours_median_ms=statistics.median(times[impl]) * 1e3,
+                    hf_best_ms=min(times["hf"]) * 1e3,
+                    hf_median_ms=statistics.median(times["hf"]) * 1e3,
+                    ratio_median=statistics.median(ratios),
+                    ratio_low=low,
+                    ratio_high=high,
+                    ratio_coverage=coverage,
+                    ratio_best=min(times[impl]) / min(times["hf"]),
+                )
+                results.append(row)
+                print(
+                    f"batch {rows} {impl}: ours {row['ours_median_ms']:.1f} ms, HF {row['hf_median_ms']:.1f} ms "
+                    f"(medians); ours / HF {row['ratio_median']:.3f} [{low:.3f}, {high:.3f}] (paired median, "
+                    f"{coverage:.0%} interval), best / best {row['ratio_best']:.3f}",
+                    flush=True,
+                )
     meta = dict(
         model=args.model,
         positions=args.positions,

@@ -137,6 +137,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-fluency", action="store_true", help="skip perplexity")
     r.add_argument("--batch-size", type=int, default=8, help="sequences per perplexity forward pass")
     r.add_argument("--device", default="cpu")
+    r.add_argument(
+        "--attn-implementation",
+        choices=("eager", "sdpa"),
+        default="eager",
+        help="eager: TransformerLens' attention bit for bit; sdpa: one fused call, equal up to rounding, faster",
+    )
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
     r.add_argument("--out-dir", required=True, help="results folder (resumable)")
     r.add_argument("--shard", default=None, help="i/n: evaluate prompts i, i+n, i+2n, ...")
@@ -178,7 +184,7 @@ def _evaluate_run(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    model = load_model(a.model, device=a.device)
+    model = load_model(a.model, device=a.device, attn_implementation=a.attn_implementation)
     sae = load_sae(a.sae, model=model, device=a.device) if a.sae else None
     res = prepare_resources(
         model,

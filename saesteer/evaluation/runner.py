@@ -445,9 +445,13 @@ def _versions() -> dict:
 
 
 def _model_record(model: Any, name: str | None) -> dict:
+    """What identifies the model a run used; its attention implementation where not eager (the same function up
+    to rounding, other bits: a run is not continued under the other one)."""
     from saesteer.data.digests import module_digest
+    from saesteer.models.fused_block import attn_implementation
 
     cfg = model.cfg
+    attn = attn_implementation(model)
     return {
         "name": name or cfg.model_name,
         "model_name": cfg.model_name,
@@ -457,6 +461,7 @@ def _model_record(model: Any, name: str | None) -> dict:
         "dtype": str(cfg.dtype),
         "processing": _clean(getattr(model, "saesteer_processing", None)),
         "weights_sha256": module_digest(model),
+        **({"attn_implementation": attn} if attn != "eager" else {}),
     }
 
 

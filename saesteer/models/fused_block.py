@@ -36,7 +36,15 @@ from torch import Tensor, nn
 from saesteer.models import tl_fixes
 from saesteer.models.kv_cache import PreallocatedKVCacheEntry, entry_holding
 
-__all__ = ["apply_fused_blocks", "fused_forward"]
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "apply_fused_blocks",
+    "attn_implementation",
+    "fused_forward",
+    "set_attn_implementation",
+]
+
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 # the hook points of a block that the fused forward does not call, per submodule ("" the block itself)
 _SKIPPED = {
@@ -175,6 +183,8 @@ class _Forward(NamedTuple):
     signed_sin: Tensor
     final_mask: Tensor
     every_row_attends: bool
+    attends_all: bool
+    """Every query attends every key (a decoding step without padding): the mask changes nothing."""
 
 
 def _shared(attn: nn.Module, resid: Tensor, start: int, n: int, attention_mask: Tensor) -> _Forward | None:
@@ -185,10 +195,12 @@ def _shared(attn: nn.Module, resid: Tensor, start: int, n: int, attention_mask: 
         if not tl_fixes._rotates_here(attn, resid, start, attention_mask):
             return None
         key_len = start + n
+        final_mask = tl_fixes._final_mask(attn, n, key_len, start, attention_mask)
         return _Forward(
             *tl_fixes._shared_tables(attn, start, n, attention_mask),
-            tl_fixes._final_mask(attn, n, key_len, start, attention_mask),
+            final_mask,
             tl_fixes._every_row_attends(attn, n, key_len, start, attention_mask),
+            bool(final_mask.all()),  # (a host sync, once per forward)
         )
 
     key, refs = tl_fixes._tables_key(attn, "fused", start, n)
@@ -251,30 +263,20 @@ def fused_forward(
     rd = attn.cfg.rotary_dim
     q = tl_fixes._rotate(q, shared.cos, shared.signed_sin, rd)
     tables = attn._buffers["rotary_cos"], attn._buffers["rotary_sin"]
+    sdpa = block.__dict__.get("_saesteer_attn") == "sdpa"
     rotated = entry and entry.rotated_keys(
         k,
         attention_mask,
         functools.partial(_rotate_keys, attn, attention_mask, start, shared),
         stamp=(id(tables[0]), id(tables[1]), tables[0]._version, tables[1]._version),
+        order=(0, 2, 1, 3) if sdpa else (0, 2, 3, 1),
     )
     k = rotated if rotated is not None else tl_fixes._rotate_shared(attn, k, 0, attention_mask)
+    z = _sdpa(attn, q, k, v, shared) if sdpa else _eager(attn, q, k, v, shared)
 
-    # scores (_gqa_scores), causal mask (_apply_causal_mask_shared), softmax (_attention_forward_lean)
-    heads, key_len = q.shape[2], k.shape[1]
-    products = tl_fixes._grouped_bmm(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), min(batch, key_len, heads) > 1)
-    scores = q.new_empty(batch, heads, n, key_len)
-    torch.div(products, attn.attn_scale, out=scores.view(products.shape))
-    scores = torch.where(shared.final_mask, scores, attn._buffers["IGNORE"])
-    pattern = torch.nn.functional.softmax(scores, dim=-1)
-    if not shared.every_row_attends:
-        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
-
-    # z (_gqa_z) and the output projection
-    products = tl_fixes._grouped_bmm(pattern, v.permute(0, 2, 1, 3), min(batch, key_len, heads) > 1)
-    z = products.contiguous().view(batch, heads, n, v.shape[-1]).permute(0, 2, 1, 3)
+    # the output projection
     w_o = params["W_O"]
     w_o = w_o.permute(2, 0, 1).reshape(w_o.shape[2], -1).contiguous()
-    z = z.reshape(batch, n, attn.cfg.d_head * attn.cfg.n_heads)
     b_o = params["b_O"]
     attn_out = _product(z, w_o, None if tl_fixes._zero(attn, b_o) else b_o).view(resid_pre.shape)
 
@@ -290,6 +292,55 @@ def fused_forward(
         post = post + b_in
     mlp_out = _product(post, _gated_weight(weights["W_out"]), None if tl_fixes._zero(mlp, b_out) else b_out)
     return block.hook_resid_post(resid_mid + mlp_out.view(resid_pre.shape))
+
+
+def _eager(
+    attn: nn.Module,
+    q: Float[Tensor, "batch pos head d_head"],
+    k: Float[Tensor, "batch key_pos kv_head d_head"],
+    v: Float[Tensor, "batch key_pos kv_head d_head"],
+    shared: _Forward,
+) -> Float[Tensor, "batch pos d_attn"]:
+    """TransformerLens' attention, bit for bit: ``softmax(where(mask, q k^T / attn_scale, IGNORE)) v`` through the
+    lean path's grouped products (_gqa_scores, _apply_causal_mask_shared, _attention_forward_lean, _gqa_z); the
+    ``where`` left out where the mask keeps every key (it would return the scores unchanged)."""
+    batch, n, heads, _ = q.shape
+    key_len = k.shape[1]
+    products = tl_fixes._grouped_bmm(q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1), min(batch, key_len, heads) > 1)
+    scores = q.new_empty(batch, heads, n, key_len)
+    torch.div(products, attn.attn_scale, out=scores.view(products.shape))
+    if not shared.attends_all:
+        scores = torch.where(shared.final_mask, scores, attn._buffers["IGNORE"])
+    pattern = torch.nn.functional.softmax(scores, dim=-1)
+    if not shared.every_row_attends:
+        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    products = tl_fixes._grouped_bmm(pattern, v.permute(0, 2, 1, 3), min(batch, key_len, heads) > 1)
+    z = products.contiguous().view(batch, heads, n, v.shape[-1]).permute(0, 2, 1, 3)
+    return z.reshape(batch, n, heads * v.shape[-1])
+
+
+def _sdpa(
+    attn: nn.Module,
+    q: Float[Tensor, "batch pos head d_head"],
+    k: Float[Tensor, "batch key_pos kv_head d_head"],
+    v: Float[Tensor, "batch key_pos kv_head d_head"],
+    shared: _Forward,
+) -> Float[Tensor, "batch pos d_attn"]:
+    """The same function in one ``scaled_dot_product_attention`` call (each query head reading its group's
+    key/value head, ``enable_gqa``), as Hugging Face's default attention: equal up to float rounding, not bit for
+    bit (see :func:`set_attn_implementation`). A query that attends nothing gets 0, as upstream's NaN clean-up."""
+    batch, n, heads, _ = q.shape
+    z = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if shared.attends_all else shared.final_mask,
+        scale=1.0 / float(attn.attn_scale),
+        enable_gqa=True,
+    )
+    if not shared.every_row_attends:
+        z = torch.nan_to_num(z, nan=0.0)
+    return z.transpose(1, 2).reshape(batch, n, heads * v.shape[-1])
 
 
 def _rotate_keys(
@@ -312,6 +363,50 @@ def _block_forward_fused(self, resid_pre, shortformer_pos_embed=None, past_kv_ca
     return tl_fixes._block_forward_norm_once(
         self, resid_pre, shortformer_pos_embed, past_kv_cache_entry, attention_mask
     )
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+"""How a fused block computes attention (:func:`set_attn_implementation`)."""
+
+
+def set_attn_implementation(model: nn.Module, attn_implementation: str = "eager") -> nn.Module:
+    """Choose how ``model``'s fused blocks compute attention; returns ``model``.
+
+    - ``"eager"`` (the default): TransformerLens' arithmetic, bit for bit (every logit equals stock
+      TransformerLens').
+    - ``"sdpa"``: ``softmax(q k^T / attn_scale + mask) v`` in one ``torch.nn.functional.scaled_dot_product_attention``
+      call, Hugging Face's default: the same function up to float rounding (~1e-7 relative in the attention output,
+      so a near-tie can decode another token), one fused kernel where eager dispatches ~12 operations per layer.
+
+    Either way only where :func:`fused_forward` runs: a hook inside a block (``hook_pattern``,
+    ``hook_attn_scores``, ...), gradients, a stock cache or a GPU send that block to the lean path, which is
+    eager. Raises ValueError for another value, and for ``"sdpa"`` on a model without fused blocks (the Llama family,
+    loaded by :func:`saesteer.models.load_model` with ``fix_layout=True``) or with torch < 2.5 (no ``enable_gqa``).
+    """
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}.")
+    blocks = [m for m in model.modules() if m.__dict__.get("_saesteer_fused") is not None]
+    if attn_implementation == "sdpa":
+        if not blocks:
+            raise ValueError(
+                "attn_implementation='sdpa' runs in fused blocks only, and this model has none (they cover the "
+                "Llama family: RMS norms, grouped rotary attention, gated MLP, loaded by saesteer.models.load_model "
+                "with fix_layout=True). Keep 'eager'."
+            )
+        if not _SDPA_GQA:
+            raise ValueError(
+                f"attn_implementation='sdpa' needs torch >= 2.5 (scaled_dot_product_attention's enable_gqa); this is "
+                f"torch {torch.__version__}. Upgrade torch or keep 'eager'."
+            )
+    for block in blocks:
+        block._saesteer_attn = attn_implementation
+    return model
+
+
+def attn_implementation(model: nn.Module) -> str:
+    """``model``'s attention implementation as :func:`set_attn_implementation` set it (``"eager"`` if never)."""
+    found = {m.__dict__.get("_saesteer_attn", "eager") for m in model.modules() if "_saesteer_fused" in m.__dict__}
+    return found.pop() if len(found) == 1 else "eager" if not found else "mixed"
 
 
 def apply_fused_blocks(model: nn.Module) -> nn.Module:

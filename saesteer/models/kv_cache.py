@@ -172,6 +172,7 @@ class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry)
         # rotated keys (rotated_keys): buffer, positions valid, the key buffer's version when last seen by this
         # entry, and the attention mask (its base tensor and version) and stamp the positions were rotated with
         self._rot: Tensor | None = None
+        self._rot_order: tuple[int, int, int, int] | None = None
         self._rot_valid = 0
         self._rot_keys_version = -1
         self._rot_mask: tuple[Tensor | None, int, tuple] = (None, -1, ())
@@ -215,6 +216,7 @@ class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry)
         attention_mask: Int[Tensor, "batch pos"],
         rotate: Callable[[Tensor, int], Tensor],
         stamp: tuple = (),
+        order: tuple[int, int, int, int] = (0, 2, 3, 1),
     ) -> Float[Tensor, "batch pos kv_head d_head"] | None:
         """The rotary embedding of ``keys`` (this entry's filled keys, as ``append`` returned them) at the
         positions ``attention_mask`` gives them: ``rotate(keys[:, s:], s)`` for the positions ``s`` on not
@@ -222,6 +224,8 @@ class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry)
         (other than by ``append``) nor the mask (other than by one append per forward) were written since and
         ``stamp`` (what else the rotation reads: its tables' identities and versions) is unchanged; else all are
         rotated again. None where ``keys`` is not this entry's prefix or tensors have no version counter.
+        ``order``: the kept buffer's layout where there are several rows (as :func:`_attention_layout`): the eager
+        products' (0, 2, 3, 1), or (0, 2, 1, 3) for scaled_dot_product_attention; a new one rotates all again.
 
         Rotation acts on each position alone, ``x * cos_p + rot(x) * sin_p``, so the kept values are the bits
         rotating the whole cache again would give."""
@@ -239,8 +243,8 @@ class PreallocatedKVCacheEntry(_Preallocated, TransformerLensKeyValueCacheEntry)
             or held_stamp != stamp
         ):
             valid = 0
-        if self._rot is None:
-            self._rot = _attention_layout(buffer, (0, 2, 3, 1))
+        if self._rot is None or self._rot_order != order:
+            self._rot, self._rot_order, valid = _attention_layout(buffer, order), order, 0
         if valid < end:
             self._rot[:, valid:end] = rotate(keys[:, valid:end], valid)
         self._rot_valid = min(end, self._filled[0])

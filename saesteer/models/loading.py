@@ -86,6 +86,7 @@ def load_model(
     center_unembed: bool | None = None,
     fix_layout: bool = True,
     cache: bool = True,
+    attn_implementation: str = "eager",
     **kwargs: Any,
 ) -> HookedSAETransformer:
     """Load ``name_or_path`` as a HookedSAETransformer on ``device`` in ``dtype``, processed as
@@ -119,6 +120,9 @@ def load_model(
             versions; the cached weights file is verified against the size and sha256 recorded when
             it was written, and rebuilt with a warning if damaged). Not used when ``kwargs`` change
             the weights (``n_ctx``, ``first_n_layers``, ``hf_model`` ...).
+        attn_implementation: ``"eager"``, TransformerLens' attention bit for bit, or ``"sdpa"``, one fused
+            ``scaled_dot_product_attention`` call, equal up to float rounding and faster (needs ``fix_layout``
+            and a Llama-family model): :func:`saesteer.models.fused_block.set_attn_implementation`.
         **kwargs: ``default_prepend_bos``, ``default_padding_side``, ``first_n_layers``, ``n_ctx``
             configure the HookedTransformer; ``hf_model`` / ``tokenizer`` supply already loaded
             objects; anything else goes to Hugging Face's ``from_pretrained``.
@@ -131,6 +135,12 @@ def load_model(
             TransformerLens cannot convert, or one whose config.json or safetensors weights are damaged
             (the message names the file).
     """
+    from saesteer.models.fused_block import ATTN_IMPLEMENTATIONS, set_attn_implementation
+
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:  # before the load
+        raise ValueError(f"attn_implementation={attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}.")
+    if attn_implementation != "eager" and not fix_layout:
+        raise ValueError(f"attn_implementation={attn_implementation!r} needs fix_layout=True (the fused blocks).")
     kind, source = resolve_model_source(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -167,6 +177,8 @@ def load_model(
         from saesteer.models.tl_fixes import apply_all_fixes
 
         apply_all_fixes(model)
+        if attn_implementation != "eager":
+            set_attn_implementation(model, attn_implementation)
     return model
 
 

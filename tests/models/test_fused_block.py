@@ -192,3 +192,103 @@ def test_copies_fuse_their_own_modules(how: str, monkeypatch: pytest.MonkeyPatch
 def test_blocks_it_does_not_reproduce_get_no_plan(arch: dict) -> None:
     fixed, _ = _pair(arch)
     assert all(block._saesteer_fused is None for block in fixed.blocks)
+
+
+# --- attn_implementation="sdpa": one scaled_dot_product_attention call, equal up to rounding ---------------------
+
+
+def _forced(model, cache, tokens, mask, nexts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits of the prompt's forward and of one-token forwards of ``nexts`` (given: a near-tie decoded otherwise
+    by one implementation cannot make the two runs part)."""
+    with torch.no_grad():
+        out = [model(tokens, attention_mask=mask, past_kv_cache=cache)]
+        out += [model(n, attention_mask=torch.ones_like(n), past_kv_cache=cache) for n in nexts]
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sdpa_is_taken_and_equals_eager_up_to_rounding(variant: str, rows: int, monkeypatch) -> None:
+    """Under "sdpa" every block of every forward runs fused (a padded prompt: its pad rows attend nothing, then
+    one token at a time), every logit within float rounding of eager's (which stays stock's, bit for bit), and
+    none is NaN; setting "eager" back gives eager's bits again."""
+    fixed, _ = _pair(VARIANTS[variant])
+    tokens, mask = _batch(fixed, rows)
+    eager = _decode(fixed, _preallocated(fixed, rows), tokens, mask)
+    nexts = [logits[:, -1].argmax(-1, keepdim=True) for logits in eager[:-1]]
+    eager = _forced(fixed, _preallocated(fixed, rows), tokens, mask, nexts)
+    assert fused_block.set_attn_implementation(fixed, "sdpa") is fixed
+    assert fused_block.attn_implementation(fixed) == "sdpa"
+    count = _Count(monkeypatch)
+    sdpa = _forced(fixed, _preallocated(fixed, rows), tokens, mask, nexts)
+    assert count.n == len(nexts + [tokens]) * fixed.cfg.n_layers
+    tol = dict(atol=1e-5, rtol=1e-5) if fixed.cfg.dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    for a, b in zip(sdpa, eager):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, **tol)
+    assert any(not torch.equal(a, b) for a, b in zip(sdpa, eager))  # another computation, not the same one
+    fused_block.set_attn_implementation(fixed, "eager")
+    again = _forced(fixed, _preallocated(fixed, rows), tokens, mask, nexts)
+    assert all(torch.equal(a, b) for a, b in zip(again, eager))
+
+
+def test_sdpa_leaves_hooked_blocks_to_eager(monkeypatch) -> None:
+    """A hook on the attention pattern sees TransformerLens' pattern: its block runs the lean path (eager, as
+    stock with the same hook, bit for bit where every block is hooked), the others sdpa."""
+    fixed, stock = _pair(_LLAMA)
+    fused_block.set_attn_implementation(fixed, "sdpa")
+    tokens, mask = _batch(fixed, 2)
+    seen = []
+
+    def hook(x, hook):
+        seen.append(x.shape)
+        return x
+
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(fixed.cfg.n_layers)]
+    with fixed.hooks(fwd_hooks=[(name, hook) for name in names]):
+        n, ours = _fused_blocks(fixed, monkeypatch, lambda: _decode(fixed, _preallocated(fixed, 2), tokens, mask))
+    assert n == 0 and len(seen) == 6 * fixed.cfg.n_layers
+    theirs = _decode(stock, TransformerLensKeyValueCache.init_cache(stock.cfg, "cpu", 2), tokens, mask)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    with fixed.hooks(fwd_hooks=[(names[1], hook)]):
+        assert _fused_blocks(fixed, monkeypatch, lambda: _decode(fixed, _preallocated(fixed, 2), tokens, mask))[0] == 12
+
+
+def test_sdpa_survives_copies_and_switching_mid_generation() -> None:
+    """The choice travels with deepcopy and pickle; switching between decoding steps re-lays the kept rotated keys
+    (several rows: eager's products and sdpa read them in other layouts) and stays within rounding of eager."""
+    fixed, _ = _pair(_LLAMA)
+    fused_block.set_attn_implementation(fixed, "sdpa")
+    for other in (copy.deepcopy(fixed), pickle.loads(pickle.dumps(fixed))):
+        assert fused_block.attn_implementation(other) == "sdpa"
+    tokens, mask = _batch(fixed, 3)
+    fused_block.set_attn_implementation(fixed, "eager")
+    eager = _decode(fixed, _preallocated(fixed, 3), tokens, mask, 4)
+    nexts = [logits[:, -1].argmax(-1, keepdim=True) for logits in eager[:-1]]
+    cache = _preallocated(fixed, 3)
+    with torch.no_grad():
+        mixed = [fixed(tokens, attention_mask=mask, past_kv_cache=cache)]
+        for i, n in enumerate(nexts):
+            fused_block.set_attn_implementation(fixed, ("sdpa", "eager")[i % 2])
+            mixed.append(fixed(n, attention_mask=torch.ones_like(n), past_kv_cache=cache))
+            rot = cache.entries[0]._rot
+            assert rot.permute(0, 2, 1, 3).is_contiguous() if i % 2 == 0 else rot.permute(0, 2, 3, 1).is_contiguous()
+    for a, b in zip(mixed, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attn_implementation_bad_input(tmp_path) -> None:
+    from saesteer.models.loading import load_model
+
+    fixed, _ = _pair(_LLAMA)
+    with pytest.raises(ValueError, match="use one of"):
+        fused_block.set_attn_implementation(fixed, "flash")
+    gpt2, _ = _pair(dict(positional_embedding_type="standard", normalization_type="LN", act_fn="gelu_new"))
+    with pytest.raises(ValueError, match="has none"):
+        fused_block.set_attn_implementation(gpt2, "sdpa")
+    fused_block.set_attn_implementation(gpt2, "eager")  # (what every model does)
+    assert fused_block.attn_implementation(gpt2) == "eager"
+    with pytest.raises(ValueError, match="use one of"):  # before anything is loaded
+        load_model(tmp_path / "missing", attn_implementation="SDPA")
+    with pytest.raises(ValueError, match="fix_layout=True"):
+        load_model(tmp_path / "missing", attn_implementation="sdpa", fix_layout=False)
