@@ -14,7 +14,9 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
   ``pip install --no-deps --target DIR steering-vectors nnsight greenlet websocket-client zstandard`` on
   ``PYTHONPATH``; steering-vectors pins transformers < 5 but runs with 5.x);
 - saesteer's :func:`saesteer.generate`: unsteered, with decoder steering (the proportional tier, latents
-  0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace).
+  0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace); the first
+  three again with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused call, equal to
+  TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit).
 
 Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
 does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--repeats`` runs, and its ratio to
@@ -118,8 +120,11 @@ def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor, top_p: float
     return rows
 
 
-def ours_rows(model, stock, sae, prompts: list[str], n: int, vec: torch.Tensor, top_p: float | None = None) -> dict:
-    """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting."""
+def ours_rows(
+    model, stock, fast, sae, prompts: list[str], n: int, vec: torch.Tensor, top_p: float | None = None
+) -> dict:
+    """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting, and
+    unsteered and SAE-steered on ``fast`` (the same model with ``attn_implementation="sdpa"``)."""
     from saesteer.generation import generate
     from saesteer.steering.decoder import DecoderSteering
     from saesteer.steering.latent import LatentSteering
@@ -153,6 +158,8 @@ def ours_rows(model, stock, sae, prompts: list[str], n: int, vec: torch.Tensor, 
     rows = {"stock TransformerLens generate + hook": stock_tl}
     for name, extra in settings.items():
         rows[name] = lambda extra=extra: generate(model, prompts, **kw, **extra)
+    for name in ("saesteer unsteered", "saesteer + decoder steering", "saesteer + latent steering (swap)"):
+        rows[f"{name}, sdpa"] = lambda extra=settings[name]: generate(fast, prompts, **kw, **extra)
     return rows
 
 
@@ -191,6 +198,7 @@ def main() -> None:
         raise SystemExit(f"--model {args.model!r}: a short name or a local Hugging Face folder (HF needs its files).")
     model = load_model(args.model)
     stock = load_model(args.model, fix_layout=False)  # TransformerLens as installed
+    fast = load_model(args.model, attn_implementation="sdpa")
     sae = project_or_random_sae(model, args.sae, model_name=args.model)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.cfg.dtype).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -202,7 +210,7 @@ def main() -> None:
         prompts = bench.batch_prompts(b)
         rows = {
             **hf_rows(hf, tok, prompts, n, vec, args.top_p),
-            **ours_rows(model, stock, sae.sae, prompts, n, vec, args.top_p),
+            **ours_rows(model, stock, fast, sae.sae, prompts, n, vec, args.top_p),
         }
         if args.rows:
             wanted = args.rows.split(",")
