@@ -7,8 +7,10 @@ widths took ~17 ms a step through TransformerLens' modules (with :mod:`saesteer.
 TransformerLens path makes ~450 Python calls: 5 module calls, ~20 hook-point calls (each checking for hooks),
 ~50 ``nn.Module.__getattr__`` lookups, and per-layer re-checks of what is the same for every layer of a forward
 (rotary tables, mask, the cache entry's layout). Fused: ~12 ms; SmolLM2-135M's one-token forward went from
-1.155x to 1.068x HF's at batch 1 (``experiments/bench_step.py``). What remains is the operations themselves:
-TransformerLens' attention is per key/value head products where HF calls one fused kernel (not bit-exact).
+1.155x to 1.068x HF's at batch 1 (``experiments/bench_step.py``). What remained is TransformerLens' attention:
+per key/value head products, a mask and a softmax, ~12 operations per layer where HF calls one fused kernel,
+which does not give TransformerLens' bits. :func:`set_attn_implementation` offers both: ``"eager"`` (the default,
+bit for bit) and ``"sdpa"`` (that one kernel; equal up to float rounding).
 
 :func:`fused_forward` runs the same tensor operations, on the same tensors, in the same order as the lean path
 of ``tl_fixes`` (so the outputs are the same bits: the tests compare every logit against stock TransformerLens),
@@ -404,9 +406,10 @@ def set_attn_implementation(model: nn.Module, attn_implementation: str = "eager"
 
 
 def attn_implementation(model: nn.Module) -> str:
-    """``model``'s attention implementation as :func:`set_attn_implementation` set it (``"eager"`` if never)."""
-    found = {m.__dict__.get("_saesteer_attn", "eager") for m in model.modules() if "_saesteer_fused" in m.__dict__}
-    return found.pop() if len(found) == 1 else "eager" if not found else "mixed"
+    """``model``'s attention implementation as :func:`set_attn_implementation` set it: ``"sdpa"`` where a fused
+    block computes attention so, else ``"eager"``."""
+    fused = (m for m in model.modules() if m.__dict__.get("_saesteer_fused") is not None)
+    return "sdpa" if any(m.__dict__.get("_saesteer_attn") == "sdpa" for m in fused) else "eager"
 
 
 def apply_fused_blocks(model: nn.Module) -> nn.Module:

@@ -517,7 +517,23 @@ def test_prompt_batch_does_not_change_a_bit(spec, rotary, resources, monkeypatch
     """evaluate at prompt_batch 1, 3 and the default: identical texts and scores, and each prompt's logits
     identical to the bit, with prompts of different token lengths (no batch mixes lengths: padding would change
     the bits) and k = 3 (batches filled up to INVARIANT_ROWS rows)."""
-    model = tiny_model(rotary=rotary, gated=rotary)
+    _check_prompt_batch_invariance(tiny_model(rotary=rotary, gated=rotary), spec, resources, monkeypatch)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_prompt_batch_does_not_change_a_bit_in_fused_blocks(attn, resources, monkeypatch):
+    """The same on a Llama-like model prepared by load_model's fixes, whose blocks run fused, under either
+    attention implementation."""
+    from saesteer.models.fused_block import set_attn_implementation
+    from saesteer.models.tl_fixes import apply_all_fixes
+
+    model = tiny_model(rotary=True, gated=True, normalization_type="RMS", n_key_value_heads=2)
+    model = set_attn_implementation(apply_all_fixes(model), attn)
+    assert all(block._saesteer_fused is not None for block in model.blocks)
+    _check_prompt_batch_invariance(model, "unsteered", resources, monkeypatch)
+
+
+def _check_prompt_batch_invariance(model, spec, resources, monkeypatch) -> None:
     runs = []
     for prompt_batch in (1, 3, None):
         logits, calls = _record_logits(monkeypatch)
