@@ -30,6 +30,11 @@ set size sampled while the row ran (the whole process: every model loaded), and 
 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py          # writes figures/bench_peers.json
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py --top-p 0.9 --out figures/bench_peers_top_p.json
+    # eager against sdpa, our rows only (greedy, then top-p; then unsteered with 20 pairs)
+    python experiments/bench_peers.py --rows "forward hook,saesteer unsteered,saesteer + " --out figures/bench_peers_sdpa.json
+    python experiments/bench_peers.py --rows "forward hook,saesteer unsteered,saesteer + " --top-p 0.9 \
+        --out figures/bench_peers_top_p_sdpa.json
+    python experiments/bench_peers.py --rows "saesteer unsteered" --repeats 20 --out figures/bench_peers_unsteered.json
 """
 
 from __future__ import annotations
