@@ -216,7 +216,8 @@ def fused_forward(
     attention_mask: Int[Tensor, "batch key_pos"] | None,
 ) -> Float[Tensor, "batch pos d_model"] | None:
     """The block's forward with a preallocated cache entry, as one function (see the module docstring); None
-    where it does not apply (the caller runs the lean path). Same operations, same bits as the lean path."""
+    where it does not apply (the caller runs the lean path). Same operations, same bits as the lean path (under
+    ``"sdpa"`` the attention is one kernel instead: :func:`set_attn_implementation`)."""
     plan: _Plan | None = block.__dict__.get("_saesteer_fused")
     if (
         plan is None
