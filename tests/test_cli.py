@@ -73,3 +73,23 @@ def test_outputs_default_to_the_current_folder():
     assert p.parse_args(["demo"]).out_dir == "."
     assert p.parse_args(["dashboard", "--latents", "1"]).out_dir == "."
     assert p.parse_args(["train-sae"]).out_dir == "."
+
+
+def test_evaluate_run_loads_the_model_with_its_attention_implementation(monkeypatch, tmp_path):
+    """``evaluate run --attn-implementation sdpa`` reaches load_model (the default, eager, when not given)."""
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def capture(*a, **k):
+        seen.append(k.get("attn_implementation"))
+        raise Loaded
+
+    monkeypatch.setattr("saesteer.models.loading.load_model", capture)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello there\n")
+    for extra, want in (([], "eager"), (["--attn-implementation", "sdpa"], "sdpa")):
+        with pytest.raises(Loaded):
+            cli.main(["evaluate", "run", "--out-dir", str(tmp_path), "--prompts", str(prompts), *extra])
+    assert seen == ["eager", "sdpa"]
