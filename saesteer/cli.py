@@ -112,6 +112,7 @@ def _demo(a: argparse.Namespace) -> int:
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     from saesteer.evaluation.runner import RTP_SAMPLING as rtp
+    from saesteer.models.fused_block import ATTN_IMPLEMENTATIONS
 
     sub = p.add_subparsers(dest="evaluate_command", required=True)
     r = sub.add_parser("run", help="evaluate one method (optionally one shard)")
@@ -139,7 +140,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="cpu")
     r.add_argument(
         "--attn-implementation",
-        choices=("eager", "sdpa"),
+        choices=ATTN_IMPLEMENTATIONS,
         default="eager",
         help="eager: TransformerLens' attention bit for bit; sdpa: one fused call, equal up to rounding, faster",
     )

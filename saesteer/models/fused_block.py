@@ -42,6 +42,7 @@ __all__ = [
     "ATTN_IMPLEMENTATIONS",
     "apply_fused_blocks",
     "attn_implementation",
+    "check_attn_implementation",
     "fused_forward",
     "set_attn_implementation",
 ]
@@ -266,16 +267,16 @@ def fused_forward(
     rd = attn.cfg.rotary_dim
     q = tl_fixes._rotate(q, shared.cos, shared.signed_sin, rd)
     tables = attn._buffers["rotary_cos"], attn._buffers["rotary_sin"]
-    sdpa = block.__dict__.get("_saesteer_attn") == "sdpa"
+    attention, key_order = _ATTENTION[block.__dict__.get("_saesteer_attn", "eager")]
     rotated = entry and entry.rotated_keys(
         k,
         attention_mask,
         functools.partial(_rotate_keys, attn, attention_mask, start, shared),
         stamp=(id(tables[0]), id(tables[1]), tables[0]._version, tables[1]._version),
-        order=(0, 2, 1, 3) if sdpa else (0, 2, 3, 1),
+        order=key_order,
     )
     k = rotated if rotated is not None else tl_fixes._rotate_shared(attn, k, 0, attention_mask)
-    z = _sdpa(attn, q, k, v, shared) if sdpa else _eager(attn, q, k, v, shared)
+    z = attention(attn, q, k, v, shared)
 
     # the output projection
     w_o = params["W_O"]
@@ -368,8 +369,19 @@ def _block_forward_fused(self, resid_pre, shortformer_pos_embed=None, past_kv_ca
     )
 
 
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+_ATTENTION = {"eager": (_eager, (0, 2, 3, 1)), "sdpa": (_sdpa, (0, 2, 1, 3))}
+"""Each attention implementation and the layout of the kept rotated keys it reads (``rotated_keys``' ``order``:
+positions contiguous for eager's products, d_head contiguous for scaled_dot_product_attention)."""
+
+ATTN_IMPLEMENTATIONS = tuple(_ATTENTION)
 """How a fused block computes attention (:func:`set_attn_implementation`)."""
+
+
+def check_attn_implementation(attn_implementation: str) -> str:
+    """``attn_implementation`` if it is one of :data:`ATTN_IMPLEMENTATIONS`, else ValueError naming them."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}.")
+    return attn_implementation
 
 
 def set_attn_implementation(model: nn.Module, attn_implementation: str = "eager") -> nn.Module:
@@ -386,8 +398,7 @@ def set_attn_implementation(model: nn.Module, attn_implementation: str = "eager"
     eager. Raises ValueError for another value, and for ``"sdpa"`` on a model without fused blocks (the Llama family,
     loaded by :func:`saesteer.models.load_model` with ``fix_layout=True``) or with torch < 2.5 (no ``enable_gqa``).
     """
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}.")
+    check_attn_implementation(attn_implementation)
     blocks = [m for m in model.modules() if m.__dict__.get("_saesteer_fused") is not None]
     if attn_implementation == "sdpa":
         if not blocks:

@@ -135,10 +135,9 @@ def load_model(
             TransformerLens cannot convert, or one whose config.json or safetensors weights are damaged
             (the message names the file).
     """
-    from saesteer.models.fused_block import ATTN_IMPLEMENTATIONS, set_attn_implementation
+    from saesteer.models.fused_block import check_attn_implementation, set_attn_implementation
 
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:  # before the load
-        raise ValueError(f"attn_implementation={attn_implementation!r}: use one of {ATTN_IMPLEMENTATIONS}.")
+    check_attn_implementation(attn_implementation)  # before the load
     if attn_implementation != "eager" and not fix_layout:
         raise ValueError(f"attn_implementation={attn_implementation!r} needs fix_layout=True (the fused blocks).")
     kind, source = resolve_model_source(name_or_path)
