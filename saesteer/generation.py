@@ -46,7 +46,9 @@ DEFAULT_MAX_NEW_TOKENS = 30
 
 INVARIANT_ROWS = 16
 """A batch of at least this many rows, all of one token length (no padding), computes each row's logits the
-same to the bit whatever the other rows are, on x86 CPUs with MKL (measured; GPUs give no such promise).
+same to the bit whatever the other rows are, on Intel x86 CPUs with MKL (measured; GPUs give no such promise;
+on AMD EPYC a small matrix's place in a batched product changes its bits, so there the rows agree within float32
+rounding: :func:`saesteer.models.blas.batched_products_exact`).
 
 - Rows: MKL's single-precision matrix product gives a row of its input other bits at 1 row, at 2 to 15 and
   at 16 or more (every shape of SmolLM2 and Gemma 3 measured); within each class a row's result does not

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from saesteer.models.blas import batched_products_exact
 from saesteer.steering.sasa_subspace import Subspace
 
 WORDS = (
@@ -30,6 +31,17 @@ WORDS = (
     "green tree house car road food water fire book read write go come see look think know"
 ).split()
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """``a`` equals ``b`` bit for bit where this machine's batched products are place-independent
+    (:func:`saesteer.models.blas.batched_products_exact`: Intel MKL), else within float32 rounding (AMD EPYC). For
+    results that regroup batched products: grouped-query attention against stock TransformerLens' repeated heads, a
+    row batched with others against the row alone."""
+    if batched_products_exact():
+        assert torch.equal(a, b), f"not bit for bit: max |diff| {(a.double() - b.double()).abs().max().item():.3g}"
+    else:
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -24,8 +24,8 @@ with batch-invariant arithmetic: each prompt's rows draw from the prompt's own g
 the last bits of a row) and at least :data:`~saesteer.generation.INVARIANT_ROWS` rows in every matrix product
 (``generate(min_rows=...)``: filler rows, decoded but not sampled, dropped). So nothing about prompt i depends on the other prompts, ``prompt_batch``, their order, the shard
 or a resumed run, and every split of the work reproduces the single run exactly (bit for bit on the same
-machine and library versions; the invariance was measured on x86 CPUs with MKL, see
-:data:`~saesteer.generation.INVARIANT_ROWS`: on a GPU a prompt's last bits may depend on its batch).
+machine and library versions; the invariance was measured on Intel x86 CPUs with MKL, see
+:data:`~saesteer.generation.INVARIANT_ROWS`: on a GPU or an AMD EPYC a prompt's last bits may depend on its batch).
 Against saesteer before batching (each prompt alone, k rows): the same bits at k >= 16; at k < 16 the
 last bits differ (the batch now has at least 16 rows), so sampled tokens differ now and then. A run folder
 started before batching is read back as it is, but not continued (that would mix the two).

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_model, tiny_sae, tiny_subspace
+from helpers import assert_same_bits, tiny_model, tiny_sae, tiny_subspace
 
 import saesteer.generation as generation
 from saesteer.cli import main as saesteer_main
@@ -515,8 +515,9 @@ def _record_logits(monkeypatch):
 @pytest.mark.parametrize("spec", ["unsteered", "sasa+decoder+clamp:beta=10,alpha=1,n_latents=3,strength=2,top_n=3"])
 def test_prompt_batch_does_not_change_a_bit(spec, rotary, resources, monkeypatch):
     """evaluate at prompt_batch 1, 3 and the default: identical texts and scores, and each prompt's logits
-    identical to the bit, with prompts of different token lengths (no batch mixes lengths: padding would change
-    the bits) and k = 3 (batches filled up to INVARIANT_ROWS rows)."""
+    identical to the bit (where batched products are place-independent, saesteer.models.blas; else within
+    rounding), with prompts of different token lengths (no batch mixes lengths: padding would change the bits) and
+    k = 3 (batches filled up to INVARIANT_ROWS rows)."""
     _check_prompt_batch_invariance(tiny_model(rotary=rotary, gated=rotary), spec, resources, monkeypatch)
 
 
@@ -547,7 +548,8 @@ def _check_prompt_batch_invariance(model, spec, resources, monkeypatch) -> None:
         pd.testing.assert_frame_equal(res.generations, base.generations, check_exact=True)
         assert res.summary == base.summary
         assert logits.keys() == base_logits.keys()
-        assert all(torch.equal(logits[key], base_logits[key]) for key in logits)
+        for key in logits:  # a row's place in a batch: bit for bit where batched products are place-independent
+            assert_same_bits(logits[key], base_logits[key])
 
 
 @pytest.mark.parametrize("rotary", [False, True])

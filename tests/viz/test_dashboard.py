@@ -284,7 +284,8 @@ def test_sinks_left_out_of_contexts_histogram_and_density(sunk):
             assert s.n_sinks == (n_sinks if drop else 0)
             assert s.sink_factor == (3.0 if drop else None)
             assert s.n_fired == int((counted > 0).sum())
-            assert s.max_activation == pytest.approx(counted.max(), rel=1e-5)
+            # (batches of 5 against one text at a time: float32 rounding, up to 4e-5 relative on AMD EPYC)
+            assert s.max_activation == pytest.approx(counted.max(), rel=1e-4)
             ref, _ = np.histogram(counted[counted > 0], bins=s.hist_edges)
             assert s.hist_counts.tolist() == ref.tolist()
             maxima = torch.stack([c.max() for c in cols])
@@ -293,7 +294,7 @@ def test_sinks_left_out_of_contexts_histogram_and_density(sunk):
             for c in s.top_contexts:
                 p = int(cols[c.text_index].argmax())
                 assert c.position == p + 1
-                assert c.activation == pytest.approx(float(cols[c.text_index][p]), rel=1e-5)
+                assert c.activation == pytest.approx(float(cols[c.text_index][p]), rel=1e-4)
                 if drop:
                     assert not bool(per_text[c.text_index][2][p])  # never a sink
     # the case matters: kept, the sinks take the latent's top contexts and stretch its histogram
