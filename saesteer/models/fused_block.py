@@ -18,9 +18,11 @@ from one function per block: the block's modules and hook points are checked onc
 nothing attached), the per-forward tensors (rotary cos/sin, causal mask) are shared through the model's mask
 memo, and the hook points between ``hook_resid_pre`` and ``hook_resid_post`` are not called (nothing is attached
 to them, so upstream's would return their input). ``hook_resid_pre`` and ``hook_resid_post`` are called as
-upstream, so steering there takes this path. Anything else runs the lean path: a hook or a replaced module
-inside the block, gradients, ``torch.compile``, no preallocated cache entry, SASA's position override, devices
-other than the CPU or dtypes other than float32/float64 (the grouped products' bits are measured there only).
+upstream, so steering there takes this path, and so does SASA's candidate forward (its positions and isolation
+set through ``tl_fixes.rotary_position_mask`` and ``isolated_positions``, not hooks). Anything else runs the lean
+path: a hook or a replaced module inside the block, gradients, ``torch.compile``, no preallocated cache entry,
+devices other than the CPU or dtypes other than float32/float64 (the grouped products' bits are measured there
+only).
 
 It covers pre-norm blocks with RMS norms, grouped-query rotary attention (NeoX layout, global, without soft
 caps, QK norms or extra scalings) and a gated MLP: the Llama family (SmolLM, Llama, Mistral, Qwen).
@@ -191,22 +193,29 @@ class _Forward(NamedTuple):
 
 
 def _shared(attn: nn.Module, resid: Tensor, start: int, n: int, attention_mask: Tensor) -> _Forward | None:
-    """This forward's rotary tables and causal mask (those the lean path's helpers compute and share), looked up
-    once per layer; None where the lean path would not rotate through ``tl_fixes``' shared tables."""
+    """This forward's rotary tables and causal mask (those the lean path's helpers compute and share, under
+    ``tl_fixes.rotary_position_mask`` at the positions it sets, with ``isolated_positions``' mask), looked up once
+    per layer; None where the lean path would not rotate through ``tl_fixes``' shared tables."""
+    override = attn._saesteer_memo.rotary_mask
+    positions = attention_mask if override is None else override
 
     def compute() -> _Forward | None:
-        if not tl_fixes._rotates_here(attn, resid, start, attention_mask):
-            return None
+        if positions.shape != attention_mask.shape or not tl_fixes._rotates_here(attn, resid, start, positions):
+            return None  # (the lean path says what does not fit)
         key_len = start + n
         final_mask = tl_fixes._final_mask(attn, n, key_len, start, attention_mask)
         return _Forward(
-            *tl_fixes._shared_tables(attn, start, n, attention_mask),
+            *tl_fixes._shared_tables(attn, start, n, positions.to(attention_mask.device)),
             final_mask,
             tl_fixes._every_row_attends(attn, n, key_len, start, attention_mask),
             bool(final_mask.all()),  # (a host sync, once per forward)
         )
 
     key, refs = tl_fixes._tables_key(attn, "fused", start, n)
+    if override is not None:  # (the key's isolation is the memo's, in _final_mask's key)
+        key, refs = (*key, id(override), override._version, attn._saesteer_memo.isolated), (*refs, override)
+    else:
+        key = (*key, attn._saesteer_memo.isolated)
     return attn._saesteer_memo.get(key, refs, attention_mask, compute)
 
 
@@ -238,11 +247,7 @@ def fused_forward(
     params = attn._parameters
     batch, n, _ = resid_pre.shape
     start = entry._filled[0]
-    if (
-        attn._saesteer_memo.rotary_mask is not None
-        or params["W_Q"].device != resid_pre.device
-        or start + n > entry.capacity
-    ):
+    if params["W_Q"].device != resid_pre.device or start + n > entry.capacity:
         return None
     shared = _shared(attn, resid_pre, start, n, attention_mask)
     if shared is None:
@@ -268,13 +273,15 @@ def fused_forward(
     q = tl_fixes._rotate(q, shared.cos, shared.signed_sin, rd)
     tables = attn._buffers["rotary_cos"], attn._buffers["rotary_sin"]
     attention, key_order = _ATTENTION[block.__dict__.get("_saesteer_attn", "eager")]
-    rotated = entry and entry.rotated_keys(
-        k,
-        attention_mask,
-        functools.partial(_rotate_keys, attn, attention_mask, start, shared),
-        stamp=(id(tables[0]), id(tables[1]), tables[0]._version, tables[1]._version),
-        order=key_order,
-    )
+    rotated = None
+    if entry is not None and attn._saesteer_memo.rotary_mask is None:  # (an override's positions were not kept)
+        rotated = entry.rotated_keys(
+            k,
+            attention_mask,
+            functools.partial(_rotate_keys, attn, attention_mask, start, shared),
+            stamp=(id(tables[0]), id(tables[1]), tables[0]._version, tables[1]._version),
+            order=key_order,
+        )
     k = rotated if rotated is not None else tl_fixes._rotate_shared(attn, k, 0, attention_mask)
     z = attention(attn, q, k, v, shared)
 

@@ -27,6 +27,10 @@ position ids, rotary cos/sin and causal mask in every layer; the replacements bu
 
 Third fix, :func:`apply_norm_sharing`: ``TransformerBlock.forward`` computes the pre-attention norm three
 times (for the queries', keys' and values' inputs, one tensor); the replacement computes it once.
+
+"Bit for bit" for the grouped-query products (cause 4, :func:`apply_projection_fixes`) holds where the machine's
+batched matrix product is place-independent (:func:`saesteer.models.blas.batched_products_exact`: Intel CPUs with
+MKL); elsewhere (AMD EPYC) they equal upstream's within float32 rounding.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ __all__ = [
     "apply_mask_sharing",
     "apply_norm_sharing",
     "fixed_parameters",
+    "isolated_positions",
     "rotary_position_mask",
     "rotary_supports_position_mask",
+    "supports_isolated_positions",
 ]
 
 
@@ -166,6 +172,7 @@ class _MaskMemo:
     def __init__(self) -> None:
         self._entries: list[list] = []
         self.rotary_mask: torch.Tensor | None = None  # set by :func:`rotary_position_mask`
+        self.isolated = 0  # set by :func:`isolated_positions`
 
     def __reduce__(self):
         return (_MaskMemo, ())
@@ -297,10 +304,16 @@ def _tables_key(self, kind: str, past_kv_pos_offset: int, length: int) -> tuple[
 def _apply_causal_mask_shared(
     self, attn_scores: torch.Tensor, past_kv_pos_offset: int = 0, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``AbstractAttention.apply_causal_mask`` with the [batch, 1, query, key] mask shared across layers."""
+    """``AbstractAttention.apply_causal_mask`` with the [batch, 1, query, key] mask shared across layers (and the
+    positions :func:`isolated_positions` isolates kept apart)."""
     query_len, key_len = attn_scores.size(-2), attn_scores.size(-1)
     if attention_mask is None or query_len + past_kv_pos_offset != key_len:
-        return type(self).apply_causal_mask(self, attn_scores, past_kv_pos_offset, attention_mask)
+        scores = type(self).apply_causal_mask(self, attn_scores, past_kv_pos_offset, attention_mask)
+        isolated = self._saesteer_memo.isolated
+        if not isolated:
+            return scores
+        keep = _isolation(isolated, query_len, key_len, scores.device)
+        return scores.masked_fill(~keep, self.IGNORE.item())
     final_mask = _final_mask(self, query_len, key_len, past_kv_pos_offset, attention_mask)
     ignore = self.IGNORE.to(final_mask.device)
     return torch.where(final_mask, attn_scores.to(final_mask.device), ignore)
@@ -308,11 +321,25 @@ def _apply_causal_mask_shared(
 
 def _mask_key(self, kind: str, query_len: int, key_len: int, past_kv_pos_offset: int) -> tuple:
     window = self.cfg.window_size if self.attn_type == "local" else None
-    return (kind, self.attn_type, window, past_kv_pos_offset, query_len, key_len)
+    return (kind, self.attn_type, window, past_kv_pos_offset, query_len, key_len, self._saesteer_memo.isolated)
+
+
+def _isolation(n: int, query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """[query, key] keep-mask: True but among the last ``n`` queries and keys, where only the diagonal is kept
+    (:func:`isolated_positions`)."""
+    if n > query_len or n > key_len:
+        raise ValueError(
+            f"isolated_positions: {n} positions isolated in a forward of {query_len} new of {key_len} positions; "
+            "isolate at most as many positions as each forward adds."
+        )
+    keep = torch.ones(query_len, key_len, dtype=torch.bool, device=device)
+    keep[query_len - n :, key_len - n :] = torch.eye(n, dtype=torch.bool, device=device)
+    return keep
 
 
 def _final_mask(self, query_len: int, key_len: int, past_kv_pos_offset: int, attention_mask: torch.Tensor):
-    """The causal (or local) and padding mask [batch, 1, query, key] of one forward, built once for its layers."""
+    """The causal (or local) and padding mask [batch, 1, query, key] of one forward, built once for its layers
+    (without the other isolated positions' keys for each of them: :func:`isolated_positions`)."""
 
     def build() -> torch.Tensor:
         causal = self._make_causal_mask(
@@ -321,7 +348,9 @@ def _final_mask(self, query_len: int, key_len: int, past_kv_pos_offset: int, att
             past_kv_pos_offset=past_kv_pos_offset,
             device=attention_mask.device,
         )
-        return causal & attention_mask[:, None, None, :].bool()
+        mask = causal & attention_mask[:, None, None, :].bool()
+        isolated = self._saesteer_memo.isolated
+        return mask & _isolation(isolated, query_len, key_len, mask.device) if isolated else mask
 
     key = _mask_key(self, "causal", query_len, key_len, past_kv_pos_offset)
     return self._saesteer_memo.get(key, (), attention_mask, build)
@@ -421,17 +450,51 @@ def rotary_position_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]
         raise ValueError(
             "rotary_position_mask needs a rotary model prepared by apply_mask_sharing (load_model does this)."
         )
+    with _memos_set(model, rotary_mask=mask):
+        yield
+
+
+def supports_isolated_positions(model: nn.Module) -> bool:
+    """True when every attention module of ``model`` masks through :func:`apply_mask_sharing`'s replacement, so
+    that :func:`isolated_positions` governs all of them."""
+    from transformer_lens.components import AbstractAttention
+
+    attns = [m for m in model.modules() if isinstance(m, AbstractAttention)]
+    return bool(attns) and all(_bound(m, "apply_causal_mask") is _apply_causal_mask_shared for m in attns)
+
+
+@contextlib.contextmanager
+def isolated_positions(model: nn.Module, n: int) -> Iterator[None]:
+    """Inside the block, each of the last ``n`` new positions of a forward attends what the causal and padding
+    mask let it attend but the other ``n - 1``: ``score[i, j] = IGNORE`` for i != j among them (the softmax is
+    that of a forward of the rest and i alone). SASA's shared candidate forward runs C candidate next tokens as
+    C positions of one sequence this way (Ko et al. 2025, with :func:`rotary_position_mask` for their position).
+    The fused blocks read it too (no hook on ``hook_attn_scores``). Needs :func:`supports_isolated_positions`;
+    always restored."""
+    if not supports_isolated_positions(model):
+        raise ValueError("isolated_positions needs a model prepared by apply_mask_sharing (load_model does this).")
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"isolated_positions: n must be an int >= 0 (0: none isolated), got {n!r}.")
+    with _memos_set(model, isolated=n):
+        yield
+
+
+@contextlib.contextmanager
+def _memos_set(model: nn.Module, **values) -> Iterator[None]:
+    """Set the attributes ``values`` of every attention module's :class:`_MaskMemo` inside the block."""
     from transformer_lens.components import AbstractAttention
 
     memos = {id(m._saesteer_memo): m._saesteer_memo for m in model.modules() if isinstance(m, AbstractAttention)}
-    before = {k: memo.rotary_mask for k, memo in memos.items()}
+    before = {k: {name: getattr(memo, name) for name in values} for k, memo in memos.items()}
     for memo in memos.values():
-        memo.rotary_mask = mask
+        for name, value in values.items():
+            setattr(memo, name, value)
     try:
         yield
     finally:
         for k, memo in memos.items():
-            memo.rotary_mask = before[k]
+            for name, value in before[k].items():
+                setattr(memo, name, value)
 
 
 def _same_tables(a: nn.Module, b: nn.Module) -> bool:

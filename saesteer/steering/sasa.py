@@ -21,10 +21,13 @@ Candidate forward. Embedding the C candidates of a row means C single-token forw
 prefix. The ``"fork"`` path does exactly that: it copies the cache to b*C rows (``select_cache_rows``),
 which costs O(b*C*L) memory traffic per layer and step. The ``"shared"`` path (default where exact)
 never copies the cache: it feeds the C candidates as C query positions of ONE sequence per row, and
-TransformerLens hooks make each candidate behave exactly as the single next token would:
+hooks (or, on prepared models, the shared mask) make each candidate behave exactly as the single next token would:
 
-1. attention: candidate j attends to the prefix and itself only (``hook_attn_scores`` gets the
-   attention module's IGNORE value, -inf, at the other candidates' keys, so the softmax is unchanged);
+1. attention: candidate j attends to the prefix and itself only (the scores get the attention module's
+   IGNORE value, -inf, at the other candidates' keys, so the softmax is unchanged): in the causal mask on
+   models prepared by :func:`saesteer.models.tl_fixes.apply_mask_sharing`
+   (:func:`saesteer.models.tl_fixes.isolated_positions`; their fused blocks then run the candidates too), else
+   by a hook on ``hook_attn_scores``;
 2. positions: every candidate gets the next token's position. Rotary: the candidates' queries and keys
    are re-rotated by the module's own ``apply_rotary`` under the mask ``[prefix, 1, 0, ..., 0]`` (TL
    reads positions off the mask's cumsum, so all C get the next position); on models prepared by
@@ -65,7 +68,12 @@ from saesteer.data.digests import texts_digest
 from saesteer.generation import Decoder, DecodeState, pick, unembed_last
 from saesteer.hooks import forward_positions
 from saesteer.models.kv_cache import PreallocatedKVCache
-from saesteer.models.tl_fixes import rotary_position_mask, rotary_supports_position_mask
+from saesteer.models.tl_fixes import (
+    isolated_positions,
+    rotary_position_mask,
+    rotary_supports_position_mask,
+    supports_isolated_positions,
+)
 from saesteer.steering.sasa_subspace import (
     Subspace,
     SubspaceMismatchError,
@@ -576,12 +584,16 @@ class SASADecoder(Decoder):
             return fn
 
         hooks: list[tuple[str, Callable]] = []
-        positions = contextlib.nullcontext()
+        contexts: list[contextlib.AbstractContextManager] = []  # entered around the forward
         rerotate_by_hooks = model.cfg.positional_embedding_type == "rotary"
         if model.cfg.positional_embedding_type in ("standard", "shortformer"):
             hooks.append(("hook_pos_embed", lambda act, hook: act[:, :1].expand_as(act)))
         elif rerotate_by_hooks and rotary_supports_position_mask(model):  # rotated at the right position at once
-            positions, rerotate_by_hooks = rotary_position_mask(model, same_pos), False
+            contexts.append(rotary_position_mask(model, same_pos))
+            rerotate_by_hooks = False
+        isolate_by_hooks = not supports_isolated_positions(model)
+        if not isolate_by_hooks:  # the shared causal mask keeps the candidates apart (and the blocks may run fused)
+            contexts.append(isolated_positions(model, n_cand))
         for i, block in enumerate(model.blocks):
             name = f"blocks.{i}.attn"
             if rerotate_by_hooks:
@@ -591,7 +603,8 @@ class SASADecoder(Decoder):
                     (f"{name}.hook_rot_q", rerotate(block.attn, f"{name}.hook_q")),
                     (f"{name}.hook_rot_k", rerotate(block.attn, f"{name}.hook_k")),
                 ]
-            hooks.append((f"{name}.hook_attn_scores", isolate(block.attn)))
+            if isolate_by_hooks:
+                hooks.append((f"{name}.hook_attn_scores", isolate(block.attn)))
 
         before = [(e.past_keys, e.past_values) for e in cache.entries], prev_mask
 
@@ -602,7 +615,9 @@ class SASADecoder(Decoder):
             cache.previous_attention_mask = before[1]
 
         try:
-            with positions:
+            with contextlib.ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context)
                 hidden, normed = self._run(model, cand, cache, torch.ones_like(cand), hooks)
         except BaseException:
             undo()

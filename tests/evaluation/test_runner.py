@@ -521,17 +521,18 @@ def test_prompt_batch_does_not_change_a_bit(spec, rotary, resources, monkeypatch
     _check_prompt_batch_invariance(tiny_model(rotary=rotary, gated=rotary), spec, resources, monkeypatch)
 
 
+@pytest.mark.parametrize("spec", ["unsteered", "sasa:beta=10"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_prompt_batch_does_not_change_a_bit_in_fused_blocks(attn, resources, monkeypatch):
-    """The same on a Llama-like model prepared by load_model's fixes, whose blocks run fused, under either
-    attention implementation."""
+def test_prompt_batch_does_not_change_a_bit_in_fused_blocks(attn, spec, resources, monkeypatch):
+    """The same on a Llama-like model prepared by load_model's fixes, whose blocks run fused (SASA's candidate
+    forwards too), under either attention implementation."""
     from saesteer.models.fused_block import set_attn_implementation
     from saesteer.models.tl_fixes import apply_all_fixes
 
     model = tiny_model(rotary=True, gated=True, normalization_type="RMS", n_key_value_heads=2)
     model = set_attn_implementation(apply_all_fixes(model), attn)
     assert all(block._saesteer_fused is not None for block in model.blocks)
-    _check_prompt_batch_invariance(model, "unsteered", resources, monkeypatch)
+    _check_prompt_batch_invariance(model, spec, resources, monkeypatch)
 
 
 def _check_prompt_batch_invariance(model, spec, resources, monkeypatch) -> None:

@@ -14,7 +14,7 @@ from transformer_lens.hook_points import HookPoint
 
 import saesteer.models.fused_block as fused_block
 from saesteer.models.kv_cache import PreallocatedKVCache
-from saesteer.models.tl_fixes import apply_all_fixes, rotary_position_mask
+from saesteer.models.tl_fixes import apply_all_fixes, isolated_positions, rotary_position_mask
 
 _LLAMA = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
               act_fn="silu", rotary_dim=8)  # fmt: skip
@@ -137,7 +137,7 @@ def test_replaced_modules_global_hooks_gradients_and_overrides_take_the_lean_pat
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A hook point replaced in a block (as SAELens' HookedSAETransformer splices an SAE in), a global module
-    hook, gradients, a stock cache entry and SASA's rotary position override each keep the fused path out."""
+    hook, gradients and a stock cache entry each keep the fused path out."""
     fixed, _ = _pair(_LLAMA)
     tokens, mask = _batch(fixed, 2)
 
@@ -158,8 +158,6 @@ def test_replaced_modules_global_hooks_gradients_and_overrides_take_the_lean_pat
     fixed(tokens, attention_mask=mask, past_kv_cache=_preallocated(fixed, 2))  # gradients on
     with torch.no_grad():
         fixed(tokens, attention_mask=mask, past_kv_cache=TransformerLensKeyValueCache.init_cache(fixed.cfg, "cpu", 2))
-        with rotary_position_mask(fixed, mask):
-            fixed(tokens, attention_mask=mask, past_kv_cache=_preallocated(fixed, 2))
     assert count.n == 0
     assert _fused_blocks(fixed, monkeypatch, run())[0] == 2 * 3
 
@@ -192,6 +190,82 @@ def test_copies_fuse_their_own_modules(how: str, monkeypatch: pytest.MonkeyPatch
 def test_blocks_it_does_not_reproduce_get_no_plan(arch: dict) -> None:
     fixed, _ = _pair(arch)
     assert all(block._saesteer_fused is None for block in fixed.blocks)
+
+
+def test_position_and_isolation_overrides_run_fused_with_the_lean_paths_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SASA's candidate forward shape (C new positions given one position by rotary_position_mask, kept apart by
+    isolated_positions) runs in every fused block, with the lean path's logits bit for bit (the plans removed); the
+    overrides change the logits, and the next plain step (kept rotated keys) is the lean path's again."""
+    fixed, _ = _pair(_LLAMA)
+    lean = copy.deepcopy(fixed)
+    for block in lean.blocks:
+        block._saesteer_fused = None
+    tokens, mask = _batch(fixed, 3)
+    cand = torch.randint(3, fixed.cfg.d_vocab, (3, 4), generator=torch.Generator().manual_seed(1))
+    same_pos = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype), torch.zeros(3, 3, dtype=mask.dtype)], 1)
+
+    def run(model):
+        cache = _preallocated(model, 3)
+        with torch.no_grad():
+            model(tokens, attention_mask=mask, past_kv_cache=cache)
+            with rotary_position_mask(model, same_pos), isolated_positions(model, 4):
+                out = model(cand, attention_mask=torch.ones_like(cand), past_kv_cache=cache)
+            for e in cache.entries:  # keep the first candidate, as SASA keeps the chosen one
+                e.past_keys, e.past_values = e.past_keys[:, :8], e.past_values[:, :8]
+            cache.previous_attention_mask = cache.previous_attention_mask[:, :8]
+            after = model(cand[:, :1], attention_mask=torch.ones_like(cand[:, :1]), past_kv_cache=cache)
+        return out, after
+
+    count = _Count(monkeypatch)
+    fused = run(fixed)
+    assert count.n == 3 * fixed.cfg.n_layers
+    plain = run(lean)
+    assert count.n == 3 * fixed.cfg.n_layers
+    assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
+    with torch.no_grad():  # each candidate as the single next token: the first one here, positions and all
+        alone = fixed(torch.cat([tokens, cand[:, :1]], 1), attention_mask=torch.cat([mask, mask[:, -1:]], 1))
+    torch.testing.assert_close(fused[0][:, 0], alone[:, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fused[0][:, 1], alone[:, -1], atol=1e-3)  # (the others are other tokens)
+
+
+def test_sasa_decoding_runs_its_candidate_forwards_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SASA on a fused model: the prompt and every step's candidate forward run fused (no hook in any block), with
+    the tokens and scores of the lean path bit for bit."""
+    from helpers import tiny_subspace
+
+    from saesteer.generation import generate
+    from saesteer.steering.sasa import Attribute, SASADecoder
+
+    fixed, _ = _pair(_LLAMA)
+    lean = copy.deepcopy(fixed)
+    for block in lean.blocks:
+        block._saesteer_fused = None
+    tokens, mask = _batch(fixed, 3)
+    sub = tiny_subspace(fixed, torch.Generator().manual_seed(1))
+
+    def run(model):
+        decoder = SASADecoder([Attribute(sub, 5.0)], max_candidates=6)
+        kw = dict(attention_mask=mask, max_new_tokens=5, stop_at_eos=False, output_scores=True)
+        return generate(model, tokens, decoder=decoder, **kw)
+
+    count = _Count(monkeypatch)
+    ours = run(fixed)
+    assert count.n == (1 + 5) * fixed.cfg.n_layers  # the prompt, then one candidate forward per step
+    theirs = run(lean)
+    assert torch.equal(ours.tokens, theirs.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(ours.scores, theirs.scores))
+
+
+def test_isolated_positions_bad_input() -> None:
+    fixed, stock = _pair(_LLAMA)
+    with pytest.raises(ValueError, match="apply_mask_sharing"), isolated_positions(stock, 2):
+        pass
+    with pytest.raises(ValueError, match=">= 0"), isolated_positions(fixed, -1):
+        pass
+    tokens, mask = _batch(fixed, 1)
+    with pytest.raises(ValueError, match="isolate at most"), torch.no_grad(), isolated_positions(fixed, 8):
+        fixed(tokens, attention_mask=mask, past_kv_cache=_preallocated(fixed, 1))
+    assert all(block.attn._saesteer_memo.isolated == 0 for block in fixed.blocks)  # restored after the error
 
 
 # --- attn_implementation="sdpa": one scaled_dot_product_attention call, equal up to rounding ---------------------

@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_same_bits
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformerConfig
-from helpers import assert_same_bits
 from transformer_lens.components import GroupedQueryAttention
 
 from saesteer.models.tl_fixes import _gqa_scores, _gqa_z
