@@ -14,8 +14,8 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
   ``pip install --no-deps --target DIR steering-vectors nnsight greenlet websocket-client zstandard`` on
   ``PYTHONPATH``; steering-vectors pins transformers < 5 but runs with 5.x);
 - saesteer's :func:`saesteer.generate`: unsteered, with decoder steering (the proportional tier, latents
-  0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace); the first
-  three again with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused call, equal to
+  0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace); each again
+  with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused call, equal to
   TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit).
 
 Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
@@ -35,6 +35,8 @@ set size sampled while the row ran (the whole process: every model loaded), and 
     python experiments/bench_peers.py --rows "forward hook,saesteer unsteered,saesteer + " --top-p 0.9 \
         --out figures/bench_peers_top_p_sdpa.json
     python experiments/bench_peers.py --rows "saesteer unsteered" --repeats 20 --out figures/bench_peers_unsteered.json
+    # SASA against its floor, eager and sdpa (its candidate forward runs in the fused blocks)
+    python experiments/bench_peers.py --rows "SASA" --out figures/bench_peers_sasa.json
 """
 
 from __future__ import annotations
@@ -128,8 +130,8 @@ def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor, top_p: float
 def ours_rows(
     model, stock, fast, sae, prompts: list[str], n: int, vec: torch.Tensor, top_p: float | None = None
 ) -> dict:
-    """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting, and
-    unsteered and SAE-steered on ``fast`` (the same model with ``attn_implementation="sdpa"``)."""
+    """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting, each
+    also on ``fast`` (the same model with ``attn_implementation="sdpa"``)."""
     from saesteer.generation import generate
     from saesteer.steering.decoder import DecoderSteering
     from saesteer.steering.latent import LatentSteering
@@ -163,7 +165,7 @@ def ours_rows(
     rows = {"stock TransformerLens generate + hook": stock_tl}
     for name, extra in settings.items():
         rows[name] = lambda extra=extra: generate(model, prompts, **kw, **extra)
-    for name in ("saesteer unsteered", "saesteer + decoder steering", "saesteer + latent steering (swap)"):
+    for name in settings:
         rows[f"{name}, sdpa"] = lambda extra=settings[name]: generate(fast, prompts, **kw, **extra)
     return rows
 
