@@ -33,8 +33,10 @@ from saesteer.models.tl_fixes import (
     apply_mask_sharing,
     apply_norm_sharing,
     fixed_parameters,
+    isolated_positions,
     rotary_position_mask,
     rotary_supports_position_mask,
+    supports_isolated_positions,
 )
 
 WORDS = "the cat sat on a mat dog ran far away and big small red blue green sun rain day night".split()
@@ -688,6 +690,35 @@ def test_rotary_position_mask_sets_positions_only() -> None:
         with pytest.raises(ValueError, match="does not cover"), rotary_position_mask(model, positions[:, :4]):
             model(tokens, attention_mask=mask)
         assert model.blocks[0].attn._saesteer_memo.rotary_mask is None  # restored after the error
+
+
+@pytest.mark.parametrize("arch", ["full-gqa", "standard-ln"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_isolated_positions_keep_the_last_positions_apart(arch: str, masked: bool) -> None:
+    """Under isolated_positions(model, 3) the last 3 positions of a forward attend the rest and themselves only:
+    every logit equals the unprepared model's with hook_attn_scores set to IGNORE at the others' keys, bit for bit,
+    with an attention mask (the shared mask) and without (upstream's mask, isolated after); restored after."""
+    stock = _rotary_model(arch)
+    model = copy.deepcopy(stock)
+    assert not supports_isolated_positions(model)
+    apply_mask_sharing(model)
+    assert supports_isolated_positions(model)
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(attention_mask=torch.ones_like(tokens)) if masked else {}
+    keep = torch.ones(7, 7, dtype=torch.bool)
+    keep[4:, 4:] = torch.eye(3, dtype=torch.bool)
+
+    def isolate(scores, hook):
+        return scores.masked_fill(~keep, stock.blocks[0].attn.IGNORE.item())
+
+    with torch.no_grad():
+        want = stock.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("hook_attn_scores"), isolate)], **kw)
+        plain = model(tokens, **kw)
+        with isolated_positions(model, 3):
+            got = model(tokens, **kw)
+        assert torch.equal(got, want)
+        assert torch.equal(got[:, :5], plain[:, :5]) and not torch.equal(got[:, 5:], plain[:, 5:])
+        assert torch.equal(model(tokens, **kw), plain)  # restored
 
 
 def test_mask_sharing_leaves_overriding_classes_alone() -> None:
