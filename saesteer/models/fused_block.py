@@ -212,10 +212,9 @@ def _shared(attn: nn.Module, resid: Tensor, start: int, n: int, attention_mask: 
         )
 
     key, refs = tl_fixes._tables_key(attn, "fused", start, n)
-    if override is not None:  # (the key's isolation is the memo's, in _final_mask's key)
-        key, refs = (*key, id(override), override._version, attn._saesteer_memo.isolated), (*refs, override)
-    else:
-        key = (*key, attn._saesteer_memo.isolated)
+    key = (*key, attn._saesteer_memo.isolated)
+    if override is not None:  # (held by the entry, so its id is not reused while cached)
+        key, refs = (*key, id(override), override._version), (*refs, override)
     return attn._saesteer_memo.get(key, refs, attention_mask, compute)
 
 
