@@ -434,10 +434,15 @@ def _no_group() -> None:
 def rotary_supports_position_mask(model: nn.Module) -> bool:
     """True when every attention module of the rotary ``model`` rotates through :func:`apply_mask_sharing`'s
     replacement, so that :func:`rotary_position_mask` governs all of them."""
+    return _every_attention_bound(model, "apply_rotary", _apply_rotary_shared)
+
+
+def _every_attention_bound(model: nn.Module, method: str, fn) -> bool:
+    """``model`` has attention modules, and :func:`_bind` put ``fn`` behind ``method`` of every one of them."""
     from transformer_lens.components import AbstractAttention
 
     attns = [m for m in model.modules() if isinstance(m, AbstractAttention)]
-    return bool(attns) and all(_bound(m, "apply_rotary") is _apply_rotary_shared for m in attns)
+    return bool(attns) and all(_bound(m, method) is fn for m in attns)
 
 
 @contextlib.contextmanager
@@ -457,10 +462,7 @@ def rotary_position_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]
 def supports_isolated_positions(model: nn.Module) -> bool:
     """True when every attention module of ``model`` masks through :func:`apply_mask_sharing`'s replacement, so
     that :func:`isolated_positions` governs all of them."""
-    from transformer_lens.components import AbstractAttention
-
-    attns = [m for m in model.modules() if isinstance(m, AbstractAttention)]
-    return bool(attns) and all(_bound(m, "apply_causal_mask") is _apply_causal_mask_shared for m in attns)
+    return _every_attention_bound(model, "apply_causal_mask", _apply_causal_mask_shared)
 
 
 @contextlib.contextmanager
