@@ -7,7 +7,7 @@ batch than they would alone. Both give the same bits only where the BLAS compute
 would alone, whatever its place. Measured: Intel CPUs with MKL do (every such result equals stock
 TransformerLens' and the unbatched one, bit for bit); AMD EPYC with the same MKL does not for small matrices (the
 place of a matrix in its group of four picks the kernel), so there the same results are equal up to float32
-rounding (~1e-7 relative in the attention scores, ~1e-6 in logits), not bit for bit.
+rounding (~1e-7 relative in the attention scores, up to ~1e-5 in SmolLM2's logits), not bit for bit.
 """
 
 from __future__ import annotations
