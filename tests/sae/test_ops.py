@@ -67,3 +67,27 @@ def test_unsupported_normalisation_is_rejected():
     sae.cfg.normalize_activations = "covariance_whitening"
     with pytest.raises(ValueError, match="not supported"):
         sae_ops.check_supported(sae)
+
+
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_topk_encode_with_norms_given_reads_no_decoder_norm_and_keeps_the_bits(normalize):
+    """With the decoder norms computed once (as steerers do), a TopK SAE with ``rescale_acts_by_decoder_norm``
+    encodes without SAELens' per-call ||W_dec|| (it read the whole decoder at every decoding step), to the bit."""
+    sae = tiny_sae("topk", normalize=normalize)
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    x = torch.randn(3, 4, 32)
+    norms = sae_ops.decoder_norms(sae)
+    with torch.autograd.profiler.profile() as prof:
+        fast = sae_ops.encode(sae, x, norms)
+    assert not [e for e in prof.function_events if "norm" in e.name and "vector" in e.name]
+    slow = sae_ops.encode(sae, x)
+    assert torch.equal(fast.acts, slow.acts) and torch.equal(fast.pre, slow.pre)
+    assert torch.equal(fast.acts, sae.encode(x))
+    if normalize == "layer_norm":
+        assert torch.equal(fast.scale, slow.scale) and torch.equal(fast.shift, slow.shift)
+    assert torch.allclose(sae_ops.decode(sae, fast.acts, fast), sae.decode(sae.encode(x)), atol=1e-5)
+    # the SAE's own hooks are back and fire again
+    seen = []
+    sae.hook_sae_acts_pre.add_hook(lambda act, hook: seen.append(act.shape))
+    sae.encode(x)
+    assert seen == [(3, 4, 64)]
