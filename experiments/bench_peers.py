@@ -16,7 +16,9 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
 - saesteer's :func:`saesteer.generate`: unsteered, with decoder steering (the proportional tier, latents
   0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace); each again
   with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused call, equal to
-  TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit).
+  TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit), and with
+  ``weight_layout="input_major"`` besides (rows ending ", sdpa + input-major": the MLP's gate and input weights
+  stored input by input, :mod:`saesteer.models.weight_layout`).
 
 Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
 does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--repeats`` runs, and its ratio to
@@ -128,10 +130,19 @@ def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor, top_p: float
 
 
 def ours_rows(
-    model, stock, fast, sae, prompts: list[str], n: int, vec: torch.Tensor, top_p: float | None = None
+    model,
+    stock,
+    fast,
+    fastest,
+    sae,
+    prompts: list[str],
+    n: int,
+    vec: torch.Tensor,
+    top_p: float | None = None,
 ) -> dict:
     """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting, each
-    also on ``fast`` (the same model with ``attn_implementation="sdpa"``)."""
+    also on ``fast`` (the same model with ``attn_implementation="sdpa"``) and ``fastest`` (sdpa and
+    ``weight_layout="input_major"``)."""
     from saesteer.generation import generate
     from saesteer.steering.decoder import DecoderSteering
     from saesteer.steering.latent import LatentSteering
@@ -165,8 +176,9 @@ def ours_rows(
     rows = {"stock TransformerLens generate + hook": stock_tl}
     for name, extra in settings.items():
         rows[name] = lambda extra=extra: generate(model, prompts, **kw, **extra)
-    for name in settings:
-        rows[f"{name}, sdpa"] = lambda extra=settings[name]: generate(fast, prompts, **kw, **extra)
+    for suffix, other in ((", sdpa", fast), (", sdpa + input-major", fastest)):
+        for name in settings:
+            rows[name + suffix] = lambda extra=settings[name], m=other: generate(m, prompts, **kw, **extra)
     return rows
 
 
@@ -206,6 +218,7 @@ def main() -> None:
     model = load_model(args.model)
     stock = load_model(args.model, fix_layout=False)  # TransformerLens as installed
     fast = load_model(args.model, attn_implementation="sdpa")
+    fastest = load_model(args.model, attn_implementation="sdpa", weight_layout="input_major")
     sae = project_or_random_sae(model, args.sae, model_name=args.model)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.cfg.dtype).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -217,7 +230,7 @@ def main() -> None:
         prompts = bench.batch_prompts(b)
         rows = {
             **hf_rows(hf, tok, prompts, n, vec, args.top_p),
-            **ours_rows(model, stock, fast, sae.sae, prompts, n, vec, args.top_p),
+            **ours_rows(model, stock, fast, fastest, sae.sae, prompts, n, vec, args.top_p),
         }
         if args.rows:
             wanted = args.rows.split(",")

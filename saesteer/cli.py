@@ -113,6 +113,7 @@ def _demo(a: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     from saesteer.evaluation.runner import RTP_SAMPLING as rtp
     from saesteer.models.fused_block import ATTN_IMPLEMENTATIONS
+    from saesteer.models.weight_layout import WEIGHT_LAYOUTS
 
     sub = p.add_subparsers(dest="evaluate_command", required=True)
     r = sub.add_parser("run", help="evaluate one method (optionally one shard)")
@@ -143,6 +144,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         choices=ATTN_IMPLEMENTATIONS,
         default="eager",
         help="eager: TransformerLens' attention bit for bit; sdpa: one fused call, equal up to rounding, faster",
+    )
+    r.add_argument(
+        "--weight-layout",
+        choices=WEIGHT_LAYOUTS,
+        default="upstream",
+        help="upstream: the MLP's products bit for bit; input_major: faster batch-1 products on some CPUs, equal up "
+        "to rounding",
     )
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
     r.add_argument("--out-dir", required=True, help="results folder (resumable)")
@@ -185,7 +193,9 @@ def _evaluate_run(a: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    model = load_model(a.model, device=a.device, attn_implementation=a.attn_implementation)
+    model = load_model(
+        a.model, device=a.device, attn_implementation=a.attn_implementation, weight_layout=a.weight_layout
+    )
     sae = load_sae(a.sae, model=model, device=a.device) if a.sae else None
     res = prepare_resources(
         model,

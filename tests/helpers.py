@@ -108,7 +108,7 @@ def tiny_arch_model(arch: Mapping[str, Any], *, perturb: bool = False) -> Hooked
     """A 3-layer random model of the architecture ``arch`` (:class:`HookedTransformerConfig` fields) with
     TransformerLens' own initialisation and logits, in eval mode; ``perturb``: biases and norm gains moved off 0
     and 1 (seeded), so that a test sees them."""
-    model = tiny_model(n_layers=3, n_ctx=64, d_mlp=64, sharpen=False, eos_prob_low=False, **arch)
+    model = tiny_model(**{"n_layers": 3, "n_ctx": 64, "d_mlp": 64, "sharpen": False, "eos_prob_low": False, **arch})
     if perturb:
         with torch.no_grad():
             for name, p in model.named_parameters():

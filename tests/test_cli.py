@@ -76,20 +76,25 @@ def test_outputs_default_to_the_current_folder():
 
 
 def test_evaluate_run_loads_the_model_with_its_attention_implementation(monkeypatch, tmp_path):
-    """``evaluate run --attn-implementation sdpa`` reaches load_model (the default, eager, when not given)."""
+    """``evaluate run --attn-implementation sdpa`` and ``--weight-layout input_major`` reach load_model (the
+    defaults, eager and upstream, when not given)."""
     seen = []
 
     class Loaded(Exception):
         pass
 
     def capture(*a, **k):
-        seen.append(k.get("attn_implementation"))
+        seen.append((k.get("attn_implementation"), k.get("weight_layout")))
         raise Loaded
 
     monkeypatch.setattr("saesteer.models.loading.load_model", capture)
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello there\n")
-    for extra, want in (([], "eager"), (["--attn-implementation", "sdpa"], "sdpa")):
+    for extra, want in (
+        ([], ("eager", "upstream")),
+        (["--attn-implementation", "sdpa"], ("sdpa", "upstream")),
+        (["--weight-layout", "input_major"], ("eager", "input_major")),
+    ):
         with pytest.raises(Loaded):
             cli.main(["evaluate", "run", "--out-dir", str(tmp_path), "--prompts", str(prompts), *extra])
         assert seen.pop() == want

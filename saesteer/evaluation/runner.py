@@ -445,13 +445,14 @@ def _versions() -> dict:
 
 
 def _model_record(model: Any, name: str | None) -> dict:
-    """What identifies the model a run used; its attention implementation where not eager (the same function up
-    to rounding, other bits: a run is not continued under the other one)."""
+    """What identifies the model a run used; its attention implementation where not eager and its weight layout
+    where not upstream (the same function up to rounding, other bits: a run is not continued under another one)."""
     from saesteer.data.digests import module_digest
     from saesteer.models.fused_block import attn_implementation
+    from saesteer.models.weight_layout import weight_layout
 
     cfg = model.cfg
-    attn = attn_implementation(model)
+    attn, layout = attn_implementation(model), weight_layout(model)
     return {
         "name": name or cfg.model_name,
         "model_name": cfg.model_name,
@@ -462,6 +463,7 @@ def _model_record(model: Any, name: str | None) -> dict:
         "processing": _clean(getattr(model, "saesteer_processing", None)),
         "weights_sha256": module_digest(model),
         **({"attn_implementation": attn} if attn != "eager" else {}),
+        **({"weight_layout": layout} if layout != "upstream" else {}),
     }
 
 

@@ -175,12 +175,6 @@ def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
-def _gated_weight(w: Tensor) -> Tensor:
-    """``w.T.contiguous()``, the weight ``GatedMLP`` hands ``F.linear``: a view where ``w`` is stored transposed
-    (``tl_fixes.apply_layout_fixes``), a copy otherwise, as upstream."""
-    return w.T if w.stride() == (1, w.shape[0]) else w.T.contiguous()
-
-
 class _Forward(NamedTuple):
     """What every fused layer of one forward shares (positions ``start`` to ``start + n`` of the mask)."""
 
@@ -294,13 +288,13 @@ def fused_forward(
     resid_mid = resid_pre + attn_out
     normed = _norm(resid_mid, plan.ln2, plan.weighted_norms[1])
     weights = mlp._parameters
-    pre_act = _product(normed, _gated_weight(weights["W_gate"]), None)
-    pre_linear = _product(normed, _gated_weight(weights["W_in"]), None)
+    pre_act = _product(normed, tl_fixes._mlp_operand(mlp, "W_gate"), None)
+    pre_linear = _product(normed, tl_fixes._mlp_operand(mlp, "W_in"), None)
     post = mlp.act_fn(pre_act) * pre_linear
     b_in, b_out = weights["b_in"], weights["b_out"]
     if not tl_fixes._zero(mlp, b_in):
         post = post + b_in
-    mlp_out = _product(post, _gated_weight(weights["W_out"]), None if tl_fixes._zero(mlp, b_out) else b_out)
+    mlp_out = _product(post, tl_fixes._mlp_operand(mlp, "W_out"), None if tl_fixes._zero(mlp, b_out) else b_out)
     return block.hook_resid_post(resid_mid + mlp_out.view(resid_pre.shape))
 
 

@@ -87,6 +87,7 @@ def load_model(
     fix_layout: bool = True,
     cache: bool = True,
     attn_implementation: str = "eager",
+    weight_layout: str = "upstream",
     **kwargs: Any,
 ) -> HookedSAETransformer:
     """Load ``name_or_path`` as a HookedSAETransformer on ``device`` in ``dtype``, processed as
@@ -123,6 +124,9 @@ def load_model(
         attn_implementation: ``"eager"``, TransformerLens' attention bit for bit, or ``"sdpa"``, one fused
             ``scaled_dot_product_attention`` call, equal up to float rounding and faster (needs ``fix_layout``
             and a Llama-family model): :func:`saesteer.models.fused_block.set_attn_implementation`.
+        weight_layout: ``"upstream"``, the gated MLP's weights as TransformerLens' products read them (bit for bit),
+            or ``"input_major"``, stored input by input, faster batch-1 decoding on the CPUs measured and equal up to
+            float rounding (needs ``fix_layout`` and a gated MLP): :func:`saesteer.models.weight_layout.set_weight_layout`.
         **kwargs: ``default_prepend_bos``, ``default_padding_side``, ``first_n_layers``, ``n_ctx``
             configure the HookedTransformer; ``hf_model`` / ``tokenizer`` supply already loaded
             objects; anything else goes to Hugging Face's ``from_pretrained``.
@@ -136,10 +140,14 @@ def load_model(
             (the message names the file).
     """
     from saesteer.models.fused_block import check_attn_implementation, set_attn_implementation
+    from saesteer.models.weight_layout import check_weight_layout, set_weight_layout
 
     check_attn_implementation(attn_implementation)  # before the load
+    check_weight_layout(weight_layout)
     if attn_implementation != "eager" and not fix_layout:
         raise ValueError(f"attn_implementation={attn_implementation!r} needs fix_layout=True (the fused blocks).")
+    if weight_layout != "upstream" and not fix_layout:
+        raise ValueError(f"weight_layout={weight_layout!r} needs fix_layout=True (saesteer's MLP forward).")
     kind, source = resolve_model_source(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -178,6 +186,8 @@ def load_model(
         apply_all_fixes(model)
         if attn_implementation != "eager":
             set_attn_implementation(model, attn_implementation)
+        if weight_layout != "upstream":
+            set_weight_layout(model, weight_layout)
     return model
 
 

@@ -110,8 +110,9 @@ def fixed_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
     wanted: dict[str, tuple[int, ...]] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, GatedMLP):
-            for name in ("W_gate", "W_in", "W_out"):
+        if isinstance(module, GatedMLP):  # (W_gate, W_in stay as saesteer.models.weight_layout stored them)
+            names = ("W_out",) if module.__dict__.get("_saesteer_input_major") else ("W_gate", "W_in", "W_out")
+            for name in names:
                 wanted[prefix + name] = (1, 0)
         elif isinstance(module, Unembed):
             wanted[prefix + "W_U"] = (1, 0)
@@ -886,14 +887,24 @@ def _gqa_z(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     return self.hook_z(z.permute(0, 2, 1, 3))
 
 
+def _mlp_operand(mlp: nn.Module, name: str) -> torch.Tensor:
+    """The weight ``F.linear`` gets for ``mlp.<name>`` (``W_gate``, ``W_in``, ``W_out``): upstream's
+    ``W.T.contiguous()`` (a view once :func:`apply_layout_fixes` ran), or, for ``W_gate`` / ``W_in`` under
+    ``saesteer.models.weight_layout``'s ``"input_major"``, the view ``W.T``, whose product reads W as stored."""
+    w = mlp._parameters[name]
+    if name != "W_out" and mlp.__dict__.get("_saesteer_input_major"):
+        return w.T
+    return w.T.contiguous()
+
+
 def _gated_mlp_lean(self, x: torch.Tensor) -> torch.Tensor:
     """``GatedMLP.forward`` with all-zero ``b_in`` and ``b_out`` left out (causes 2 and 6; bound per module)."""
     if (self.cfg.is_layer_norm_activation() and self.hook_mid is not None and self.ln is not None) or (
         self.W_gate.device != x.device
     ):
         return type(self).forward(self, x)
-    pre_act = self.hook_pre(torch.nn.functional.linear(x, self.W_gate.T.contiguous()))
-    pre_linear = self.hook_pre_linear(torch.nn.functional.linear(x, self.W_in.T.contiguous()))
+    pre_act = self.hook_pre(torch.nn.functional.linear(x, _mlp_operand(self, "W_gate")))
+    pre_linear = self.hook_pre_linear(torch.nn.functional.linear(x, _mlp_operand(self, "W_in")))
     post = self.act_fn(pre_act) * pre_linear
     if not _zero(self, self.b_in):
         post = post + self.b_in

@@ -185,24 +185,30 @@ def test_other_settings_in_the_same_out_dir_are_refused(model, tmp_path):
         evaluate(model, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path, **{**KW, "seed": 8})
 
 
-def test_an_sdpa_run_is_recorded_and_not_continued_under_eager(tmp_path):
-    """attn_implementation="sdpa" (other bits than eager) is in the run's model record; eager runs' records are as
-    before (no key), and neither continues the other's results."""
+@pytest.mark.parametrize(
+    "key, value, default",
+    [("attn_implementation", "sdpa", "eager"), ("weight_layout", "input_major", "upstream")],
+)
+def test_a_run_in_other_numerics_is_recorded_and_not_continued_under_the_default(tmp_path, key, value, default):
+    """attn_implementation="sdpa" and weight_layout="input_major" (other bits than the defaults) are in the run's
+    model record; default runs' records are as before (no key), and neither continues the other's results."""
     from helpers import tiny_arch_model
 
     from saesteer.models.fused_block import set_attn_implementation
     from saesteer.models.tl_fixes import apply_all_fixes
+    from saesteer.models.weight_layout import set_weight_layout
 
+    setter = {"attn_implementation": set_attn_implementation, "weight_layout": set_weight_layout}[key]
     arch = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
                 act_fn="silu", rotary_dim=8)  # fmt: skip
-    llama = set_attn_implementation(apply_all_fixes(tiny_arch_model(arch)), "sdpa")
-    evaluate(llama, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path / "sdpa", **KW)
-    assert json.loads((tmp_path / "sdpa" / "settings.json").read_text())["model"]["attn_implementation"] == "sdpa"
-    set_attn_implementation(llama, "eager")
-    with pytest.raises(ValueError, match=r"other settings \(model.attn_implementation"):
-        evaluate(llama, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path / "sdpa", **KW)
-    evaluate(llama, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path / "eager", **KW)
-    assert "attn_implementation" not in json.loads((tmp_path / "eager" / "settings.json").read_text())["model"]
+    llama = setter(apply_all_fixes(tiny_arch_model(arch)), value)
+    evaluate(llama, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path / value, **KW)
+    assert json.loads((tmp_path / value / "settings.json").read_text())["model"][key] == value
+    setter(llama, default)
+    with pytest.raises(ValueError, match=rf"other settings \(model.{key}"):
+        evaluate(llama, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path / value, **KW)
+    evaluate(llama, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path / default, **KW)
+    assert key not in json.loads((tmp_path / default / "settings.json").read_text())["model"]
 
 
 def test_merge_checks_the_shards(model, tmp_path):

@@ -1,0 +1,134 @@
+"""The gated MLP's weight layout (saesteer.models.weight_layout): "input_major" stores W_gate / W_in input by
+input, its products read them so (no copy), within rounding of upstream's, the fused block and the lean path
+agreeing bit for bit; "upstream" gives stock TransformerLens' bits back."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from helpers import tiny_arch_model
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+import saesteer.models.fused_block as fused_block
+from saesteer.data.digests import module_digest
+from saesteer.models import tl_fixes
+from saesteer.models.kv_cache import PreallocatedKVCache
+from saesteer.models.weight_layout import set_weight_layout, weight_layout
+
+_LLAMA = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
+              act_fn="silu", rotary_dim=8, d_model=48, d_mlp=160)  # fmt: skip
+
+
+def _pair() -> tuple:
+    stock = tiny_arch_model(_LLAMA, perturb=True).eval()
+    return tl_fixes.apply_all_fixes(copy.deepcopy(stock)).eval(), stock
+
+
+def _decode(model, cache, rows: int = 3, steps: int = 4) -> list[torch.Tensor]:
+    """Logits of a left-padded prompt's forward and of ``steps`` one-token forwards of fixed tokens."""
+    g = torch.Generator().manual_seed(rows)
+    tokens = torch.randint(3, model.cfg.d_vocab, (rows, 7), generator=g)
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0
+    nexts = torch.randint(3, model.cfg.d_vocab, (steps, rows, 1), generator=g)
+    with torch.no_grad():
+        out = [model(tokens, attention_mask=mask, past_kv_cache=cache)]
+        out += [model(n, attention_mask=torch.ones_like(n), past_kv_cache=cache) for n in nexts]
+    return out
+
+
+def _fused_count(monkeypatch) -> list[int]:
+    count = [0]
+    inner = fused_block.fused_forward
+
+    def counting(*args):
+        out = inner(*args)
+        count[0] += out is not None
+        return out
+
+    monkeypatch.setattr(fused_block, "fused_forward", counting)
+    return count
+
+
+def test_input_major_is_stored_input_by_input_and_read_as_stored(monkeypatch) -> None:
+    """W_gate / W_in become [d_model, d_mlp]-contiguous (values unchanged, digest too); the operand the products get
+    is a view of that storage whose transpose is contiguous (no copy per call); W_out stays as upstream reads it."""
+    fixed, _ = _pair()
+    before = {n: p.detach().clone() for n, p in fixed.named_parameters()}
+    digest = module_digest(fixed)
+    assert weight_layout(fixed) == "upstream"
+    assert set_weight_layout(fixed, "input_major") is fixed
+    assert weight_layout(fixed) == "input_major"
+    for block in fixed.blocks:
+        mlp = block.mlp
+        for name in ("W_gate", "W_in"):
+            w = mlp._parameters[name]
+            assert w.is_contiguous() and w.shape == (48, 160)
+            operand = tl_fixes._mlp_operand(mlp, name)
+            assert operand.data_ptr() == w.data_ptr() and operand.t().is_contiguous()
+        assert mlp.W_out.T.is_contiguous() and tl_fixes._mlp_operand(mlp, "W_out").data_ptr() == mlp.W_out.data_ptr()
+    assert all(torch.equal(p, before[n]) for n, p in fixed.named_parameters())
+    assert module_digest(fixed) == digest
+    tl_fixes.apply_layout_fixes(fixed)  # (re-run after replacing parameters) keeps the chosen layout
+    assert fixed.blocks[0].mlp.W_gate.is_contiguous() and weight_layout(fixed) == "input_major"
+    for other in (copy.deepcopy(fixed), pickle.loads(pickle.dumps(fixed))):
+        assert weight_layout(other) == "input_major" and other.blocks[1].mlp.W_in.is_contiguous()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_input_major_decodes_fused_within_rounding_and_the_lean_path_agrees_bit_for_bit(attn, monkeypatch) -> None:
+    """Every block runs fused under "input_major"; the logits are within float rounding of stock TransformerLens'
+    (not its bits); a hook inside every MLP (the lean path, same stored weights) gives the fused logits bit for bit
+    (eager attention); "upstream" again gives its own bits before, and stock's under eager."""
+    fixed, stock = _pair()
+    fused_block.set_attn_implementation(fixed, attn)
+    theirs = _decode(stock, TransformerLensKeyValueCache.init_cache(stock.cfg, "cpu", 3))
+    upstream = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
+    set_weight_layout(fixed, "input_major")
+    count = _fused_count(monkeypatch)
+    ours = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
+    assert count[0] == 5 * fixed.cfg.n_layers
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    seen = []
+
+    def hook(x, hook):
+        seen.append(hook.name)
+        return x
+
+    names = [f"blocks.{i}.mlp.hook_pre" for i in range(fixed.cfg.n_layers)]
+    with fixed.hooks(fwd_hooks=[(name, hook) for name in names]):
+        count[0] = 0
+        lean = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
+    assert count[0] == 0 and len(seen) == 5 * fixed.cfg.n_layers
+    if attn == "eager":  # (a hooked block's lean path computes eager attention)
+        assert all(torch.equal(a, b) for a, b in zip(lean, ours))
+        assert any(not torch.equal(a, b) for a, b in zip(ours, theirs))  # another summation, not the same one
+    set_weight_layout(fixed, "upstream")
+    assert weight_layout(fixed) == "upstream" and fixed.blocks[0].mlp.W_gate.T.is_contiguous()
+    back = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
+    assert all(torch.equal(a, b) for a, b in zip(back, upstream))
+    if attn == "eager":
+        assert all(torch.equal(a, b) for a, b in zip(back, theirs))
+
+
+def test_weight_layout_bad_input(tmp_path) -> None:
+    from saesteer.models.loading import load_model
+
+    fixed, stock = _pair()
+    with pytest.raises(ValueError, match="use one of"):
+        set_weight_layout(fixed, "column_major")
+    gpt2 = tl_fixes.apply_all_fixes(
+        tiny_arch_model(dict(positional_embedding_type="standard", normalization_type="LN", act_fn="gelu_new"))
+    )
+    for model in (gpt2, stock):  # no gated MLP; a gated MLP without saesteer's fixes
+        with pytest.raises(ValueError, match="has none"):
+            set_weight_layout(model, "input_major")
+        assert set_weight_layout(model, "upstream") is model and weight_layout(model) == "upstream"
+    with pytest.raises(ValueError, match="use one of"):  # before anything is loaded
+        load_model(tmp_path / "missing", weight_layout="input-major")
+    with pytest.raises(ValueError, match="fix_layout=True"):
+        load_model(tmp_path / "missing", weight_layout="input_major", fix_layout=False)
