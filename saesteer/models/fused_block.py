@@ -288,13 +288,13 @@ def fused_forward(
     resid_mid = resid_pre + attn_out
     normed = _norm(resid_mid, plan.ln2, plan.weighted_norms[1])
     weights = mlp._parameters
-    pre_act = _product(normed, tl_fixes._mlp_operand(mlp, "W_gate"), None)
-    pre_linear = _product(normed, tl_fixes._mlp_operand(mlp, "W_in"), None)
+    pre_act = _product(normed, tl_fixes._operand(mlp, "W_gate"), None)
+    pre_linear = _product(normed, tl_fixes._operand(mlp, "W_in"), None)
     post = mlp.act_fn(pre_act) * pre_linear
     b_in, b_out = weights["b_in"], weights["b_out"]
     if not tl_fixes._zero(mlp, b_in):
         post = post + b_in
-    mlp_out = _product(post, tl_fixes._mlp_operand(mlp, "W_out"), None if tl_fixes._zero(mlp, b_out) else b_out)
+    mlp_out = _product(post, tl_fixes._operand(mlp, "W_out"), None if tl_fixes._zero(mlp, b_out) else b_out)
     return block.hook_resid_post(resid_mid + mlp_out.view(resid_pre.shape))
 
 

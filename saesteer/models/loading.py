@@ -124,9 +124,10 @@ def load_model(
         attn_implementation: ``"eager"``, TransformerLens' attention bit for bit, or ``"sdpa"``, one fused
             ``scaled_dot_product_attention`` call, equal up to float rounding and faster (needs ``fix_layout``
             and a Llama-family model): :func:`saesteer.models.fused_block.set_attn_implementation`.
-        weight_layout: ``"upstream"``, the gated MLP's weights as TransformerLens' products read them (bit for bit),
-            or ``"input_major"``, stored input by input, faster batch-1 decoding on the CPUs measured and equal up to
-            float rounding (needs ``fix_layout`` and a gated MLP): :func:`saesteer.models.weight_layout.set_weight_layout`.
+        weight_layout: ``"upstream"``, the weights as TransformerLens' products read them (bit for bit), or
+            ``"input_major"``, the gated MLP's gate and input weights and the unembedding stored input by input,
+            faster batch-1 decoding on the CPUs measured and equal up to float rounding (needs ``fix_layout``):
+            :func:`saesteer.models.weight_layout.set_weight_layout`.
         **kwargs: ``default_prepend_bos``, ``default_padding_side``, ``first_n_layers``, ``n_ctx``
             configure the HookedTransformer; ``hf_model`` / ``tokenizer`` supply already loaded
             objects; anything else goes to Hugging Face's ``from_pretrained``.
@@ -147,7 +148,7 @@ def load_model(
     if attn_implementation != "eager" and not fix_layout:
         raise ValueError(f"attn_implementation={attn_implementation!r} needs fix_layout=True (the fused blocks).")
     if weight_layout != "upstream" and not fix_layout:
-        raise ValueError(f"weight_layout={weight_layout!r} needs fix_layout=True (saesteer's MLP forward).")
+        raise ValueError(f"weight_layout={weight_layout!r} needs fix_layout=True (the forwards that read it).")
     kind, source = resolve_model_source(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -110,11 +110,12 @@ def fixed_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
     wanted: dict[str, tuple[int, ...]] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, GatedMLP):  # (W_gate, W_in stay as saesteer.models.weight_layout stored them)
-            names = ("W_out",) if module.__dict__.get("_saesteer_input_major") else ("W_gate", "W_in", "W_out")
-            for name in names:
-                wanted[prefix + name] = (1, 0)
-        elif isinstance(module, Unembed):
+        kept = module.__dict__.get("_saesteer_input_major", ())  # (as saesteer.models.weight_layout stored them)
+        if isinstance(module, GatedMLP):
+            for name in ("W_gate", "W_in", "W_out"):
+                if name not in kept:
+                    wanted[prefix + name] = (1, 0)
+        elif isinstance(module, Unembed) and "W_U" not in kept:
             wanted[prefix + "W_U"] = (1, 0)
         elif isinstance(module, AbstractAttention):
             cfg = module.cfg
@@ -887,14 +888,13 @@ def _gqa_z(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     return self.hook_z(z.permute(0, 2, 1, 3))
 
 
-def _mlp_operand(mlp: nn.Module, name: str) -> torch.Tensor:
-    """The weight ``F.linear`` gets for ``mlp.<name>`` (``W_gate``, ``W_in``, ``W_out``): upstream's
-    ``W.T.contiguous()`` (a view once :func:`apply_layout_fixes` ran), or, for ``W_gate`` / ``W_in`` under
-    ``saesteer.models.weight_layout``'s ``"input_major"``, the view ``W.T``, whose product reads W as stored."""
-    w = mlp._parameters[name]
-    if name != "W_out" and mlp.__dict__.get("_saesteer_input_major"):
-        return w.T
-    return w.T.contiguous()
+def _operand(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight ``F.linear`` gets for ``module.<name>`` (a gated MLP's ``W_gate``, ``W_in``, ``W_out``, the
+    unembedding's ``W_U``): upstream's ``W.T.contiguous()`` (a view once :func:`apply_layout_fixes` ran), or, for
+    a weight ``saesteer.models.weight_layout`` stored input by input, the view ``W.T``, whose product reads W as
+    stored."""
+    w = module._parameters[name]
+    return w.T if name in module.__dict__.get("_saesteer_input_major", ()) else w.T.contiguous()
 
 
 def _gated_mlp_lean(self, x: torch.Tensor) -> torch.Tensor:
@@ -903,19 +903,19 @@ def _gated_mlp_lean(self, x: torch.Tensor) -> torch.Tensor:
         self.W_gate.device != x.device
     ):
         return type(self).forward(self, x)
-    pre_act = self.hook_pre(torch.nn.functional.linear(x, _mlp_operand(self, "W_gate")))
-    pre_linear = self.hook_pre_linear(torch.nn.functional.linear(x, _mlp_operand(self, "W_in")))
+    pre_act = self.hook_pre(torch.nn.functional.linear(x, _operand(self, "W_gate")))
+    pre_linear = self.hook_pre_linear(torch.nn.functional.linear(x, _operand(self, "W_in")))
     post = self.act_fn(pre_act) * pre_linear
     if not _zero(self, self.b_in):
         post = post + self.b_in
-    return _linear(self, self.hook_post(post), self.W_out.T.contiguous(), self.b_out)
+    return _linear(self, self.hook_post(post), _operand(self, "W_out"), self.b_out)
 
 
 def _unembed_lean(self, residual: torch.Tensor) -> torch.Tensor:
     """``Unembed.forward`` with an all-zero ``b_U`` left out (cause 2; bound)."""
     if residual.device != self.W_U.device:
         return type(self).forward(self, residual)
-    return _linear(self, residual, self.W_U.T.contiguous(), self.b_U)
+    return _linear(self, residual, _operand(self, "W_U"), self.b_U)
 
 
 _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")

@@ -1,6 +1,6 @@
-"""The gated MLP's weight layout (saesteer.models.weight_layout): "input_major" stores W_gate / W_in input by
-input, its products read them so (no copy), within rounding of upstream's, the fused block and the lean path
-agreeing bit for bit; "upstream" gives stock TransformerLens' bits back."""
+"""The weight layout (saesteer.models.weight_layout): "input_major" stores the gated MLP's W_gate / W_in and the
+unembedding's W_U input by input, their products read them so (no copy), within rounding of upstream's, the
+fused block and the lean path agreeing bit for bit; "upstream" gives stock TransformerLens' bits back."""
 
 from __future__ import annotations
 
@@ -54,26 +54,29 @@ def _fused_count(monkeypatch) -> list[int]:
 
 
 def test_input_major_is_stored_input_by_input_and_read_as_stored(monkeypatch) -> None:
-    """W_gate / W_in become [d_model, d_mlp]-contiguous (values unchanged, digest too); the operand the products get
-    is a view of that storage whose transpose is contiguous (no copy per call); W_out stays as upstream reads it."""
+    """W_gate / W_in become [d_model, d_mlp]-contiguous and W_U [d_model, d_vocab]-contiguous (values unchanged,
+    digest too); the operand each product gets is a view of that storage whose transpose is contiguous (no copy
+    per call); W_out stays as upstream reads it."""
     fixed, _ = _pair()
     before = {n: p.detach().clone() for n, p in fixed.named_parameters()}
     digest = module_digest(fixed)
     assert weight_layout(fixed) == "upstream"
     assert set_weight_layout(fixed, "input_major") is fixed
     assert weight_layout(fixed) == "input_major"
+    relaid = [(block.mlp, name) for block in fixed.blocks for name in ("W_gate", "W_in")] + [(fixed.unembed, "W_U")]
+    for module, name in relaid:
+        w = module._parameters[name]
+        assert w.is_contiguous() and w.shape[0] == fixed.cfg.d_model
+        operand = tl_fixes._operand(module, name)
+        assert operand.data_ptr() == w.data_ptr() and operand.t().is_contiguous()
     for block in fixed.blocks:
-        mlp = block.mlp
-        for name in ("W_gate", "W_in"):
-            w = mlp._parameters[name]
-            assert w.is_contiguous() and w.shape == (48, 160)
-            operand = tl_fixes._mlp_operand(mlp, name)
-            assert operand.data_ptr() == w.data_ptr() and operand.t().is_contiguous()
-        assert mlp.W_out.T.is_contiguous() and tl_fixes._mlp_operand(mlp, "W_out").data_ptr() == mlp.W_out.data_ptr()
+        assert block.mlp.W_out.T.is_contiguous()
+        assert tl_fixes._operand(block.mlp, "W_out").data_ptr() == block.mlp.W_out.data_ptr()
     assert all(torch.equal(p, before[n]) for n, p in fixed.named_parameters())
     assert module_digest(fixed) == digest
     tl_fixes.apply_layout_fixes(fixed)  # (re-run after replacing parameters) keeps the chosen layout
-    assert fixed.blocks[0].mlp.W_gate.is_contiguous() and weight_layout(fixed) == "input_major"
+    assert fixed.blocks[0].mlp.W_gate.is_contiguous() and fixed.unembed.W_U.is_contiguous()
+    assert weight_layout(fixed) == "input_major"
     for other in (copy.deepcopy(fixed), pickle.loads(pickle.dumps(fixed))):
         assert weight_layout(other) == "input_major" and other.blocks[1].mlp.W_in.is_contiguous()
 
@@ -115,19 +118,28 @@ def test_input_major_decodes_fused_within_rounding_and_the_lean_path_agrees_bit_
         assert all(torch.equal(a, b) for a, b in zip(back, theirs))
 
 
-def test_weight_layout_bad_input(tmp_path) -> None:
+def test_other_architectures_relay_their_unembedding_and_unfixed_models_are_refused(tmp_path) -> None:
+    """A fixed GPT-2-style model (no gated MLP) re-lays its unembedding, within rounding; a model without saesteer's
+    fixes is refused for "input_major" (nothing reads the layout) and left as it is for "upstream"."""
     from saesteer.models.loading import load_model
 
     fixed, stock = _pair()
     with pytest.raises(ValueError, match="use one of"):
         set_weight_layout(fixed, "column_major")
+    with pytest.raises(ValueError, match="has none"):
+        set_weight_layout(stock, "input_major")
+    assert set_weight_layout(stock, "upstream") is stock and weight_layout(stock) == "upstream"
     gpt2 = tl_fixes.apply_all_fixes(
         tiny_arch_model(dict(positional_embedding_type="standard", normalization_type="LN", act_fn="gelu_new"))
     )
-    for model in (gpt2, stock):  # no gated MLP; a gated MLP without saesteer's fixes
-        with pytest.raises(ValueError, match="has none"):
-            set_weight_layout(model, "input_major")
-        assert set_weight_layout(model, "upstream") is model and weight_layout(model) == "upstream"
+    tokens = torch.randint(3, gpt2.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        upstream = gpt2(tokens)
+        set_weight_layout(gpt2, "input_major")
+        assert weight_layout(gpt2) == "input_major" and gpt2.unembed.W_U.is_contiguous()
+        torch.testing.assert_close(gpt2(tokens), upstream, atol=1e-5, rtol=1e-5)
+        set_weight_layout(gpt2, "upstream")
+        assert torch.equal(gpt2(tokens), upstream)
     with pytest.raises(ValueError, match="use one of"):  # before anything is loaded
         load_model(tmp_path / "missing", weight_layout="input-major")
     with pytest.raises(ValueError, match="fix_layout=True"):
