@@ -528,15 +528,16 @@ def test_prompt_batch_does_not_change_a_bit(spec, rotary, resources, monkeypatch
 
 
 @pytest.mark.parametrize("spec", ["unsteered", "sasa:beta=10"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_prompt_batch_does_not_change_a_bit_in_fused_blocks(attn, spec, resources, monkeypatch):
+@pytest.mark.parametrize("attn, layout", [("eager", "upstream"), ("sdpa", "upstream"), ("sdpa", "input_major")])
+def test_prompt_batch_does_not_change_a_bit_in_fused_blocks(attn, layout, spec, resources, monkeypatch):
     """The same on a Llama-like model prepared by load_model's fixes, whose blocks run fused (SASA's candidate
-    forwards too), under either attention implementation."""
+    forwards too), under either attention implementation and weight layout."""
     from saesteer.models.fused_block import set_attn_implementation
     from saesteer.models.tl_fixes import apply_all_fixes
+    from saesteer.models.weight_layout import set_weight_layout
 
     model = tiny_model(rotary=True, gated=True, normalization_type="RMS", n_key_value_heads=2)
-    model = set_attn_implementation(apply_all_fixes(model), attn)
+    model = set_weight_layout(set_attn_implementation(apply_all_fixes(model), attn), layout)
     assert all(block._saesteer_fused is not None for block in model.blocks)
     _check_prompt_batch_invariance(model, spec, resources, monkeypatch)
 
