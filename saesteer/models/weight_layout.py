@@ -7,10 +7,12 @@ dot product over a row of d_model numbers. Stored [d_model, d_out] instead (``"i
 the same product y = x W = sum_i x_i W[i, :] streams the weight row by row. Measured on an AMD EPYC with MKL, one
 thread, SmolLM2-135M (d_model 576): a one-row product with the gated MLP's 576 x 1536 weights took 168 us against
 296 us, with the 576 x 49,152 unembedding 5.7 ms against 10.3 ms. ``"input_major"`` re-lays those (the gated MLP's
-``W_gate`` and ``W_in``, the unembedding's ``W_U``); the output projection (d_mlp inputs) was faster as upstream
-stores it, the attention projections no faster either way. At batch 8 the input-major products were no faster
-(the unembedding slower): it is the layout for batch-1 decoding. Another CPU or BLAS can rank the layouts
-otherwise: measure (``experiments/bench_peers.py``, rows "input-major") before choosing.
+``W_gate`` and ``W_in``, the unembedding's ``W_U``); the MLP's output projection (d_mlp inputs) was faster as
+upstream stores it, the attention's key/value projections slower input by input at batch 1 and its query/output
+ones 6-11% faster (not re-laid yet). At batch 8 the re-laid products were no faster (the unembedding slower): it is
+the layout for batch-1 decoding. Another CPU or BLAS can rank the layouts otherwise: measure
+(``experiments/bench_layout.py`` per weight, ``experiments/bench_peers.py`` rows "input-major" end to end) before
+choosing.
 
 It is a different summation order, so logits equal upstream's up to float rounding (~1e-7 relative), not bit for
 bit; the module-by-module path (a hook inside a block) and the fused block (:mod:`saesteer.models.fused_block`)
