@@ -104,6 +104,29 @@ def tiny_model(
     return model
 
 
+LLAMA_ARCH = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
+                  act_fn="silu", rotary_dim=8)  # fmt: skip
+"""A tiny Llama-family architecture (:func:`tiny_arch_model`): every block of it runs the fused forward."""
+
+
+class FusedCount:
+    """Counts the blocks that :func:`saesteer.models.fused_block.fused_forward` ran (not None) while ``monkeypatch``
+    holds; ``n`` may be reset between runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import saesteer.models.fused_block as fused_block
+
+        self.n = 0
+        inner = fused_block.fused_forward
+
+        def counting(*args):
+            out = inner(*args)
+            self.n += out is not None
+            return out
+
+        monkeypatch.setattr(fused_block, "fused_forward", counting)
+
+
 def tiny_arch_model(arch: Mapping[str, Any], *, perturb: bool = False) -> HookedTransformer:
     """A 3-layer random model of the architecture ``arch`` (:class:`HookedTransformerConfig` fields) with
     TransformerLens' own initialisation and logits, in eval mode; ``perturb``: biases and norm gains moved off 0

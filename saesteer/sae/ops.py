@@ -99,9 +99,7 @@ def _topk_encode(
     f = TopK((process(x) @ W_enc + b_enc) * ||W_dec||). SAELens (6.x) recomputes ||W_dec|| at every call,
     which doubled the encode's time in a decoding step (it reads the whole decoder); the bits are the same.
     Returns (acts, the pre-activations as ranked). Delete once SAELens caches the norms."""
-    pre = sae.hook_sae_acts_pre(sae.process_sae_in(x) @ sae.W_enc + sae.b_enc)
-    if sae.cfg.rescale_acts_by_decoder_norm:
-        pre = pre * norms
+    pre = ranking_pre(sae, sae.hook_sae_acts_pre(sae.process_sae_in(x) @ sae.W_enc + sae.b_enc), norms)
     return sae.hook_sae_acts_post(sae.activation_fn(pre)), pre
 
 
@@ -121,8 +119,7 @@ def encode(sae: SAE, x: Float[Tensor, "... d_in"], norms: Float[Tensor, " d_sae"
         if norms is not None and type(sae).encode is TopKSAE.encode:
             acts, pre = _topk_encode(sae, x, norms)
         else:
-            acts = sae.encode(x)
-            pre = None
+            acts, pre = sae.encode(x), None
     finally:
         for name, hook in saved.items():
             setattr(sae, name, hook)

@@ -192,16 +192,14 @@ def test_other_settings_in_the_same_out_dir_are_refused(model, tmp_path):
 def test_a_run_in_other_numerics_is_recorded_and_not_continued_under_the_default(tmp_path, key, value, default):
     """attn_implementation="sdpa" and weight_layout="input_major" (other bits than the defaults) are in the run's
     model record; default runs' records are as before (no key), and neither continues the other's results."""
-    from helpers import tiny_arch_model
+    from helpers import LLAMA_ARCH, tiny_arch_model
 
     from saesteer.models.fused_block import set_attn_implementation
     from saesteer.models.tl_fixes import apply_all_fixes
     from saesteer.models.weight_layout import set_weight_layout
 
     setter = {"attn_implementation": set_attn_implementation, "weight_layout": set_weight_layout}[key]
-    arch = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
-                act_fn="silu", rotary_dim=8)  # fmt: skip
-    llama = setter(apply_all_fixes(tiny_arch_model(arch)), value)
+    llama = setter(apply_all_fixes(tiny_arch_model(LLAMA_ARCH)), value)
     evaluate(llama, PROMPTS[:2], scorer=WordScorer(), out_dir=tmp_path / value, **KW)
     assert json.loads((tmp_path / value / "settings.json").read_text())["model"][key] == value
     setter(llama, default)

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import tiny_arch_model
+from helpers import LLAMA_ARCH, FusedCount, tiny_arch_model
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.hook_points import HookPoint
 
@@ -16,8 +16,7 @@ import saesteer.models.fused_block as fused_block
 from saesteer.models.kv_cache import PreallocatedKVCache
 from saesteer.models.tl_fixes import apply_all_fixes, isolated_positions, rotary_position_mask
 
-_LLAMA = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
-              act_fn="silu", rotary_dim=8)  # fmt: skip
+_LLAMA = LLAMA_ARCH
 VARIANTS = {
     "llama": _LLAMA,
     "pre-norm folded (RMSPre)": dict(_LLAMA, normalization_type="RMSPre"),
@@ -30,21 +29,6 @@ VARIANTS = {
 def _pair(arch: dict) -> tuple:
     stock = tiny_arch_model(arch, perturb=True).eval()
     return apply_all_fixes(copy.deepcopy(stock)).eval(), stock
-
-
-class _Count:
-    """Counts the blocks that :func:`fused_forward` ran (not None) while active."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.n = 0
-        inner = fused_block.fused_forward
-
-        def counting(*args):
-            out = inner(*args)
-            self.n += out is not None
-            return out
-
-        monkeypatch.setattr(fused_block, "fused_forward", counting)
 
 
 def _batch(model, rows: int):
@@ -80,7 +64,7 @@ def test_fused_forward_is_taken_and_equals_the_lean_path_and_stock(
     fixed, stock = _pair(VARIANTS[variant])
     assert all(block._saesteer_fused is not None for block in fixed.blocks)
     tokens, mask = _batch(fixed, rows)
-    count = _Count(monkeypatch)
+    count = FusedCount(monkeypatch)
     fused = _decode(fixed, _preallocated(fixed, rows), tokens, mask)
     assert count.n == 6 * fixed.cfg.n_layers
     lean_model = copy.deepcopy(fixed)
@@ -98,7 +82,7 @@ def _double(x, hook):
 
 
 def _fused_blocks(model, monkeypatch, run) -> tuple[int, list[torch.Tensor]]:
-    count = _Count(monkeypatch)
+    count = FusedCount(monkeypatch)
     out = run()
     return count.n, out
 
@@ -154,7 +138,7 @@ def test_replaced_modules_global_hooks_gradients_and_overrides_take_the_lean_pat
         assert _fused_blocks(fixed, monkeypatch, run())[0] == 0
     finally:
         handle.remove()
-    count = _Count(monkeypatch)
+    count = FusedCount(monkeypatch)
     fixed(tokens, attention_mask=mask, past_kv_cache=_preallocated(fixed, 2))  # gradients on
     with torch.no_grad():
         fixed(tokens, attention_mask=mask, past_kv_cache=TransformerLensKeyValueCache.init_cache(fixed.cfg, "cpu", 2))
@@ -216,7 +200,7 @@ def test_position_and_isolation_overrides_run_fused_with_the_lean_paths_bits(mon
             after = model(cand[:, :1], attention_mask=torch.ones_like(cand[:, :1]), past_kv_cache=cache)
         return out, after
 
-    count = _Count(monkeypatch)
+    count = FusedCount(monkeypatch)
     fused = run(fixed)
     assert count.n == 3 * fixed.cfg.n_layers
     plain = run(lean)
@@ -248,7 +232,7 @@ def test_sasa_decoding_runs_its_candidate_forwards_fused(monkeypatch: pytest.Mon
         kw = dict(attention_mask=mask, max_new_tokens=5, stop_at_eos=False, output_scores=True)
         return generate(model, tokens, decoder=decoder, **kw)
 
-    count = _Count(monkeypatch)
+    count = FusedCount(monkeypatch)
     ours = run(fixed)
     assert count.n == (1 + 5) * fixed.cfg.n_layers  # the prompt, then one candidate forward per step
     theirs = run(lean)
@@ -293,7 +277,7 @@ def test_sdpa_is_taken_and_equals_eager_up_to_rounding(variant: str, rows: int, 
     eager = _forced(fixed, _preallocated(fixed, rows), tokens, mask, nexts)
     assert fused_block.set_attn_implementation(fixed, "sdpa") is fixed
     assert fused_block.attn_implementation(fixed) == "sdpa"
-    count = _Count(monkeypatch)
+    count = FusedCount(monkeypatch)
     sdpa = _forced(fixed, _preallocated(fixed, rows), tokens, mask, nexts)
     assert count.n == len(nexts + [tokens]) * fixed.cfg.n_layers
     tol = dict(atol=1e-5, rtol=1e-5) if fixed.cfg.dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)

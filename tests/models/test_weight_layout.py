@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import tiny_arch_model
+from helpers import LLAMA_ARCH, FusedCount, tiny_arch_model
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 import saesteer.models.fused_block as fused_block
@@ -18,8 +18,7 @@ from saesteer.models import tl_fixes
 from saesteer.models.kv_cache import PreallocatedKVCache
 from saesteer.models.weight_layout import set_weight_layout, weight_layout
 
-_LLAMA = dict(gated_mlp=True, positional_embedding_type="rotary", normalization_type="RMS", n_key_value_heads=2,
-              act_fn="silu", rotary_dim=8, d_model=48, d_mlp=160)  # fmt: skip
+_LLAMA = dict(LLAMA_ARCH, d_model=48, d_mlp=160)
 
 
 def _pair() -> tuple:
@@ -38,19 +37,6 @@ def _decode(model, cache, rows: int = 3, steps: int = 4) -> list[torch.Tensor]:
         out = [model(tokens, attention_mask=mask, past_kv_cache=cache)]
         out += [model(n, attention_mask=torch.ones_like(n), past_kv_cache=cache) for n in nexts]
     return out
-
-
-def _fused_count(monkeypatch) -> list[int]:
-    count = [0]
-    inner = fused_block.fused_forward
-
-    def counting(*args):
-        out = inner(*args)
-        count[0] += out is not None
-        return out
-
-    monkeypatch.setattr(fused_block, "fused_forward", counting)
-    return count
 
 
 def test_input_major_is_stored_input_by_input_and_read_as_stored(monkeypatch) -> None:
@@ -91,9 +77,9 @@ def test_input_major_decodes_fused_within_rounding_and_the_lean_path_agrees_bit_
     theirs = _decode(stock, TransformerLensKeyValueCache.init_cache(stock.cfg, "cpu", 3))
     upstream = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
     set_weight_layout(fixed, "input_major")
-    count = _fused_count(monkeypatch)
+    count = FusedCount(monkeypatch)
     ours = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
-    assert count[0] == 5 * fixed.cfg.n_layers
+    assert count.n == 5 * fixed.cfg.n_layers
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     seen = []
@@ -104,9 +90,9 @@ def test_input_major_decodes_fused_within_rounding_and_the_lean_path_agrees_bit_
 
     names = [f"blocks.{i}.mlp.hook_pre" for i in range(fixed.cfg.n_layers)]
     with fixed.hooks(fwd_hooks=[(name, hook) for name in names]):
-        count[0] = 0
+        count.n = 0
         lean = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
-    assert count[0] == 0 and len(seen) == 5 * fixed.cfg.n_layers
+    assert count.n == 0 and len(seen) == 5 * fixed.cfg.n_layers
     if attn == "eager":  # (a hooked block's lean path computes eager attention)
         assert all(torch.equal(a, b) for a, b in zip(lean, ours))
         assert any(not torch.equal(a, b) for a, b in zip(ours, theirs))  # another summation, not the same one
