@@ -18,7 +18,7 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
   with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused call, equal to
   TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit), and with
   ``weight_layout="input_major"`` besides (rows ending ", sdpa + input-major": the MLP's gate and input weights
-  stored input by input, :mod:`saesteer.models.weight_layout`).
+  and the unembedding stored input by input, :mod:`saesteer.models.weight_layout`).
 
 Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
 does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--repeats`` runs, and its ratio to

@@ -5,8 +5,9 @@ TransformerLens' ``GatedMLP`` and ``Unembed`` hand ``F.linear`` the weight ``W.T
 d_model] (one row per output; :func:`saesteer.models.tl_fixes.apply_layout_fixes` keeps it so): each output is a
 dot product over a row of d_model numbers. Stored [d_model, d_out] instead (``"input_major"``, one row per input),
 the same product y = x W = sum_i x_i W[i, :] streams the weight row by row. Measured on an AMD EPYC with MKL, one
-thread, SmolLM2-135M (d_model 576): a one-row product with the gated MLP's 576 x 1536 weights took 168 us against
-296 us, with the 576 x 49,152 unembedding 5.7 ms against 10.3 ms. ``"input_major"`` re-lays those (the gated MLP's
+thread, SmolLM2-135M (d_model 576; ``experiments/bench_layout.py``, ``figures/bench_layout.json``): one row's
+products with the gated MLP's 576 x 1536 weights took 0.65x the time input by input, with the 576 x 49,152
+unembedding 0.48x. ``"input_major"`` re-lays those (the gated MLP's
 ``W_gate`` and ``W_in``, the unembedding's ``W_U``); the MLP's output projection (d_mlp inputs) was faster as
 upstream stores it, the attention's key/value projections slower input by input at batch 1 and its query/output
 ones 6-11% faster (not re-laid yet). At batch 8 the re-laid products were no faster (the unembedding slower): it is
