@@ -132,8 +132,7 @@ def hf_rows(hf, tok, prompts: list[str], n: int, vec: torch.Tensor, top_p: float
 def ours_rows(
     model,
     stock,
-    fast,
-    fastest,
+    variants: dict,
     sae,
     prompts: list[str],
     n: int,
@@ -141,9 +140,9 @@ def ours_rows(
     top_p: float | None = None,
 ) -> dict:
     """Name -> callable for stock TransformerLens generate + hook and saesteer's generate in every setting, each
-    also on ``fast`` (the same model with ``attn_implementation="sdpa"``) and ``fastest`` (sdpa and
-    ``weight_layout="input_major"``)."""
+    also on every model of ``variants`` (row-name suffix -> the same model loaded with other numerics)."""
     from saesteer.generation import generate
+    from saesteer.hooks import resid_post
     from saesteer.steering.decoder import DecoderSteering
     from saesteer.steering.latent import LatentSteering
     from saesteer.steering.sasa import Attribute, SASADecoder
@@ -168,17 +167,21 @@ def ours_rows(
     kw = dict(max_new_tokens=n, stop_at_eos=False, **sampling_kwargs(top_p))
     settings = {
         "saesteer unsteered": {},
+        "saesteer + vector hook": dict(fwd_hooks=[(resid_post(LAYER), add)]),
         "saesteer + decoder steering": dict(steerers=[DecoderSteering(sae, list(range(10)), tier="proportional")]),
         "saesteer + latent steering (swap)": dict(steerers=[LatentSteering(sae, scores, mode="swap")]),
         "saesteer SASA, 10 candidates": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=10)),
         "saesteer SASA, 50 candidates": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=50)),
     }
+    def run(m, extra: dict):
+        extra = dict(extra)
+        with m.hooks(fwd_hooks=extra.pop("fwd_hooks", [])):  # (a plain vector: the hook as TransformerLens attaches it)
+            return generate(m, prompts, **kw, **extra)
+
     rows = {"stock TransformerLens generate + hook": stock_tl}
-    for name, extra in settings.items():
-        rows[name] = lambda extra=extra: generate(model, prompts, **kw, **extra)
-    for suffix, other in ((", sdpa", fast), (", sdpa + input-major", fastest)):
-        for name in settings:
-            rows[name + suffix] = lambda extra=settings[name], m=other: generate(m, prompts, **kw, **extra)
+    for suffix, other in {"": model, **variants}.items():
+        for name, extra in settings.items():
+            rows[name + suffix] = lambda extra=extra, m=other: run(m, extra)
     return rows
 
 
@@ -198,6 +201,7 @@ def main() -> None:
     )
     ap.add_argument("--vector-norm", type=float, default=4.0, help="length of the vector the hook rows add")
     ap.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name has one")
+    ap.add_argument("--skip", default=None, help="comma-separated substrings: leave out rows whose name has one")
     ap.add_argument(
         "--top-p",
         type=float,
@@ -217,8 +221,15 @@ def main() -> None:
         raise SystemExit(f"--model {args.model!r}: a short name or a local Hugging Face folder (HF needs its files).")
     model = load_model(args.model)
     stock = load_model(args.model, fix_layout=False)  # TransformerLens as installed
-    fast = load_model(args.model, attn_implementation="sdpa")
-    fastest = load_model(args.model, attn_implementation="sdpa", weight_layout="input_major")
+    variants = {  # row-name suffix -> the same weights with other numerics
+        ", sdpa": load_model(args.model, attn_implementation="sdpa"),
+        **{
+            f", sdpa + {layout.replace('_', '-')}": load_model(
+                args.model, attn_implementation="sdpa", weight_layout=layout
+            )
+            for layout in ("input_major", "onednn")
+        },
+    }
     sae = project_or_random_sae(model, args.sae, model_name=args.model)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.cfg.dtype).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -230,11 +241,14 @@ def main() -> None:
         prompts = bench.batch_prompts(b)
         rows = {
             **hf_rows(hf, tok, prompts, n, vec, args.top_p),
-            **ours_rows(model, stock, fast, fastest, sae.sae, prompts, n, vec, args.top_p),
+            **ours_rows(model, stock, variants, sae.sae, prompts, n, vec, args.top_p),
         }
         if args.rows:
             wanted = args.rows.split(",")
             rows = {k: v for k, v in rows.items() if k == "HF generate" or any(w in k for w in wanted)}
+        if args.skip:
+            unwanted = args.skip.split(",")
+            rows = {k: v for k, v in rows.items() if k == "HF generate" or not any(w in k for w in unwanted)}
         base_fn = rows["HF generate"]
         base_fn()
         hf_best = None

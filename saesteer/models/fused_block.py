@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from saesteer.models import tl_fixes
+from saesteer.models import onednn, tl_fixes
 from saesteer.models.kv_cache import PreallocatedKVCacheEntry, entry_holding
 
 __all__ = [
@@ -167,11 +167,15 @@ def _norm(x: Tensor, norm: nn.Module, weighted: bool) -> Tensor:
     return out * norm._parameters["w"] if weighted else out
 
 
-def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for a contiguous ``x`` [rows, pos, in] as the product it runs, on ``x``'s
-    [rows * pos, in] view: ``x @ weight.t()`` (``mm``, or ``addmm`` with a bias), the same operands and kernel,
-    without ``linear``'s and ``matmul``'s dispatch and reshapes. [rows * pos, out]."""
+def _product(module: nn.Module, name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a contiguous ``x`` [rows, pos, in] and ``weight`` read from
+    ``module.<name>``, as the product it runs, on ``x``'s [rows * pos, in] view: ``x @ weight.t()`` (``mm``, or
+    ``addmm`` with a bias), the same operands and kernel, without ``linear``'s and ``matmul``'s dispatch and
+    reshapes; oneDNN's product where ``weight_layout`` packed the weight, as the lean path's. [rows * pos, out]."""
     x = x.view(-1, x.shape[-1])
+    y = onednn.product(module, name, x, weight, bias)
+    if y is not None:
+        return y
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
@@ -254,7 +258,7 @@ def fused_forward(
     for w_name, b_name in zip(names[:3], names[3:]):
         w, b = params[w_name], params[b_name]
         bias = None if tl_fixes._zero(attn, b) else b.reshape(-1)
-        y = _product(normed, w.permute(0, 2, 1).reshape(-1, w.shape[1]), bias)
+        y = _product(attn, w_name, normed, w.permute(0, 2, 1).reshape(-1, w.shape[1]), bias)
         qkv.append(y.view(batch, n, b.shape[0], b.shape[1]))
     q, k, v = qkv
     k, v = entry.append(k, v)
@@ -282,19 +286,19 @@ def fused_forward(
     w_o = params["W_O"]
     w_o = w_o.permute(2, 0, 1).reshape(w_o.shape[2], -1).contiguous()
     b_o = params["b_O"]
-    attn_out = _product(z, w_o, None if tl_fixes._zero(attn, b_o) else b_o).view(resid_pre.shape)
+    attn_out = _product(attn, "W_O", z, w_o, None if tl_fixes._zero(attn, b_o) else b_o).view(resid_pre.shape)
 
     # the MLP (_gated_mlp_lean) and the residual stream
     resid_mid = resid_pre + attn_out
     normed = _norm(resid_mid, plan.ln2, plan.weighted_norms[1])
     weights = mlp._parameters
-    pre_act = _product(normed, tl_fixes._operand(mlp, "W_gate"), None)
-    pre_linear = _product(normed, tl_fixes._operand(mlp, "W_in"), None)
+    pre_act = _product(mlp, "W_gate", normed, tl_fixes._operand(mlp, "W_gate"), None)
+    pre_linear = _product(mlp, "W_in", normed, tl_fixes._operand(mlp, "W_in"), None)
     post = mlp.act_fn(pre_act) * pre_linear
     b_in, b_out = weights["b_in"], weights["b_out"]
     if not tl_fixes._zero(mlp, b_in):
         post = post + b_in
-    mlp_out = _product(post, tl_fixes._operand(mlp, "W_out"), None if tl_fixes._zero(mlp, b_out) else b_out)
+    mlp_out = _product(mlp, "W_out", post, tl_fixes._operand(mlp, "W_out"), None if tl_fixes._zero(mlp, b_out) else b_out)
     return block.hook_resid_post(resid_mid + mlp_out.view(resid_pre.shape))
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.modules import module as _module_registries
 from transformer_lens.hook_points import HookPoint
 
+from saesteer.models import onednn
 from saesteer.models.kv_cache import entry_holding
 
 __all__ = [
@@ -767,9 +768,12 @@ def _zero(module: nn.Module, t: torch.Tensor | None) -> bool:
     return held[1]
 
 
-def _linear(module: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, w, b)``, without ``b`` where it is all zeros (cause 2)."""
-    return torch.nn.functional.linear(x, w, None if _zero(module, b) else b)
+def _linear(module: nn.Module, name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` with ``w`` read from ``module.<name>``, without ``b`` where it is all zeros (cause 2);
+    through oneDNN where ``set_weight_layout(model, "onednn")`` packed that weight (:mod:`saesteer.models.onednn`)."""
+    bias = None if _zero(module, b) else b
+    y = onednn.product(module, name, x, w, bias)
+    return torch.nn.functional.linear(x, w, bias) if y is None else y
 
 
 def _qkv_lean(self, query_input, key_input, value_input):
@@ -789,7 +793,9 @@ def _qkv_lean(self, query_input, key_input, value_input):
         if w.dim() != 3 or b.shape != (w.shape[0], w.shape[2]):
             return type(self).calculate_qkv_matrices(self, query_input, key_input, value_input)
         bias = None if _zero(self, b) else b.reshape(-1)
-        y = torch.nn.functional.linear(x, w.permute(0, 2, 1).reshape(-1, w.shape[1]), bias)  # "(h d_head) d_model"
+        operand = w.permute(0, 2, 1).reshape(-1, w.shape[1])  # "(h d_head) d_model"
+        y = onednn.product(self, w_name, x, operand, bias)
+        y = torch.nn.functional.linear(x, operand, bias) if y is None else y
         out.append(hook(y.reshape(x.shape[0], x.shape[1], b.shape[0], b.shape[1])))
     q, k, v = out
     if self.cfg.use_qk_norm:
@@ -903,19 +909,19 @@ def _gated_mlp_lean(self, x: torch.Tensor) -> torch.Tensor:
         self.W_gate.device != x.device
     ):
         return type(self).forward(self, x)
-    pre_act = self.hook_pre(torch.nn.functional.linear(x, _operand(self, "W_gate")))
-    pre_linear = self.hook_pre_linear(torch.nn.functional.linear(x, _operand(self, "W_in")))
+    pre_act = self.hook_pre(_linear(self, "W_gate", x, _operand(self, "W_gate"), None))
+    pre_linear = self.hook_pre_linear(_linear(self, "W_in", x, _operand(self, "W_in"), None))
     post = self.act_fn(pre_act) * pre_linear
     if not _zero(self, self.b_in):
         post = post + self.b_in
-    return _linear(self, self.hook_post(post), _operand(self, "W_out"), self.b_out)
+    return _linear(self, "W_out", self.hook_post(post), _operand(self, "W_out"), self.b_out)
 
 
 def _unembed_lean(self, residual: torch.Tensor) -> torch.Tensor:
     """``Unembed.forward`` with an all-zero ``b_U`` left out (cause 2; bound)."""
     if residual.device != self.W_U.device:
         return type(self).forward(self, residual)
-    return _linear(self, residual, _operand(self, "W_U"), self.b_U)
+    return _linear(self, "W_U", residual, _operand(self, "W_U"), self.b_U)
 
 
 _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -1003,7 +1009,7 @@ def _attention_forward_lean(
     if z.dtype != w.dtype:
         z = z.to(w.dtype)
     z = z.reshape(z.shape[0], z.shape[1], cfg.d_head * cfg.n_heads)
-    return _linear(self, z, w, self.b_O)
+    return _linear(self, "W_O", z, w, self.b_O)
 
 
 def apply_projection_fixes(model: nn.Module) -> nn.Module:

@@ -1,39 +1,50 @@
-"""How the weights of a decoding step's widest one-row products are stored: as TransformerLens' products read
-them (bit for bit), or input by input, the layout a one-row product streams fastest on the CPUs measured (issue 16).
+"""How the weights of a decoding step's widest products are stored: as TransformerLens' products read them (bit for
+bit), input by input, or packed for oneDNN's kernel; the layout that multiplies fastest depends on the CPU, its BLAS
+and the batch size (issue 16).
 
 TransformerLens' ``GatedMLP`` and ``Unembed`` hand ``F.linear`` the weight ``W.T.contiguous()``, stored [d_out,
 d_model] (one row per output; :func:`saesteer.models.tl_fixes.apply_layout_fixes` keeps it so): each output is a
-dot product over a row of d_model numbers. Stored [d_model, d_out] instead (``"input_major"``, one row per input),
-the same product y = x W = sum_i x_i W[i, :] streams the weight row by row. Measured on an AMD EPYC with MKL, one
-thread, SmolLM2-135M (d_model 576; ``experiments/bench_layout.py``, ``figures/bench_layout.json``): one row's
-products with the gated MLP's 576 x 1536 weights took 0.65x the time input by input, with the 576 x 49,152
-unembedding 0.48x. ``"input_major"`` re-lays those (the gated MLP's
-``W_gate`` and ``W_in``, the unembedding's ``W_U``); the MLP's output projection (d_mlp inputs) was faster as
-upstream stores it, the attention's key/value projections slower input by input at batch 1 and its query/output
-ones 6-11% faster (not re-laid yet). At batch 8 the re-laid products were no faster (the unembedding slower): it is
-the layout for batch-1 decoding. Another CPU or BLAS can rank the layouts otherwise: measure
-(``experiments/bench_layout.py`` per weight, ``experiments/bench_peers.py`` rows "input-major" end to end) before
-choosing.
+dot product over a row of d_model numbers.
 
-It is a different summation order, so logits equal upstream's up to float rounding (~1e-7 relative), not bit for
+- ``"input_major"``: stored [d_model, d_out] instead (one row per input), the same product y = x W = sum_i x_i
+  W[i, :] streams the weight row by row. Measured on an AMD EPYC with MKL, one thread, SmolLM2-135M (d_model 576;
+  ``experiments/bench_layout.py``, ``figures/bench_layout.json``): one row's products with the gated MLP's 576 x
+  1536 weights took 0.65x the time input by input, with the 576 x 49,152 unembedding 0.48x. It re-lays those (the
+  gated MLP's ``W_gate`` and ``W_in``, the unembedding's ``W_U``); the MLP's output projection (d_mlp inputs) was
+  faster as upstream stores it, the attention's key/value projections slower input by input at batch 1 and its
+  query/output ones 6-11% faster (not re-laid yet). At batch 8 the re-laid products were no faster (the
+  unembedding slower): it is the layout for batch-1 decoding.
+- ``"onednn"``: the stored weights as upstream's, and a copy of the gated MLP's three weights and the unembedding
+  packed once for oneDNN's product (:mod:`saesteer.models.onednn`), which does not repack the weight at every call
+  as the BLAS does: the layout for batched decoding on the CPU measured (see that module), at the cost of a second
+  copy of those weights in memory (0.43 GB for SmolLM2-135M in float32).
+
+Another CPU or BLAS can rank the layouts otherwise: measure (``experiments/bench_layout.py`` per weight,
+``experiments/bench_peers.py`` rows "input-major" and "onednn" end to end) before choosing.
+
+Both are other summation orders, so logits equal upstream's up to float rounding (~1e-7 relative), not bit for
 bit; the module-by-module path (a hook inside a block) and the fused block (:mod:`saesteer.models.fused_block`)
-read the same stored weights, so they agree bit for bit with each other under either layout. Values, shapes, the
-weights' digest and everything saved are unchanged.
+read the same stored (or packed) weights, so they agree bit for bit with each other under every layout. Values,
+shapes, the weights' digest and everything saved are unchanged.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from saesteer.models import tl_fixes
+from saesteer.models import onednn, tl_fixes
 
 __all__ = ["WEIGHT_LAYOUTS", "check_weight_layout", "set_weight_layout", "weight_layout"]
 
-WEIGHT_LAYOUTS = ("upstream", "input_major")
-"""How a decoding step's widest one-row products read their weights (:func:`set_weight_layout`)."""
+WEIGHT_LAYOUTS = ("upstream", "input_major", "onednn")
+"""How a decoding step's widest products read their weights (:func:`set_weight_layout`)."""
 
-_REPLACED = {tl_fixes._gated_mlp_lean: ("W_gate", "W_in"), tl_fixes._unembed_lean: ("W_U",)}
-"""The forward that reads a module's weights through ``tl_fixes._operand`` -> the weights input_major re-lays."""
+_REPLACED = {
+    tl_fixes._gated_mlp_lean: {"input_major": ("W_gate", "W_in"), "onednn": ("W_gate", "W_in", "W_out")},
+    tl_fixes._unembed_lean: {"input_major": ("W_U",), "onednn": ("W_U",)},
+}
+"""The forward that reads a module's weights through ``tl_fixes._operand`` -> layout -> the weights it changes."""
 
 
 def check_weight_layout(layout: str) -> str:
@@ -43,8 +54,8 @@ def check_weight_layout(layout: str) -> str:
     return layout
 
 
-def _relayable(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
-    """(module, the names of the weights input_major re-lays) for every module of ``model`` whose forward reads
+def _relayable(model: nn.Module) -> list[tuple[nn.Module, dict[str, tuple[str, ...]]]]:
+    """(module, layout -> the names of the weights it changes) for every module of ``model`` whose forward reads
     them through ``tl_fixes._operand`` (saesteer's fixes bound it)."""
     out = []
     for module in model.modules():
@@ -55,34 +66,56 @@ def _relayable(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
 
 
 def set_weight_layout(model: nn.Module, layout: str = "upstream") -> nn.Module:
-    """Store ``model``'s gated MLP gate and input weights and its unembedding in ``layout`` (in place); returns
-    ``model``.
+    """Store ``model``'s gated MLP weights and its unembedding in ``layout`` (in place); returns ``model``.
 
     - ``"upstream"`` (the default): as TransformerLens' forward reads them; every logit equals stock
       TransformerLens' (with ``attn_implementation="eager"``).
-    - ``"input_major"``: one row per input feature, the products read them so (see the module docstring): faster
-      batch-1 products on the CPUs measured, equal up to float rounding.
+    - ``"input_major"``: the MLP's gate and input weights and the unembedding one row per input feature, the
+      products read them so (see the module docstring): faster batch-1 products on the CPUs measured.
+    - ``"onednn"``: those and the MLP's output weight packed for oneDNN's product besides (a second copy):
+      faster batched products on the CPUs measured; float32 models on the CPU.
 
-    Raises ValueError for another value, and for ``"input_major"`` on a model without saesteer's fixes
-    (:func:`saesteer.models.tl_fixes.apply_all_fixes`, ``load_model(..., fix_layout=True)``).
+    The last two equal upstream up to float rounding. Raises ValueError for another value, for a layout other than
+    ``"upstream"`` on a model without saesteer's fixes (:func:`saesteer.models.tl_fixes.apply_all_fixes`,
+    ``load_model(..., fix_layout=True)``), and for ``"onednn"`` where this PyTorch has no oneDNN or the model is not
+    float32 on the CPU.
     """
     check_weight_layout(layout)
     modules = _relayable(model)
-    if layout == "input_major" and not modules:
+    if layout != "upstream" and not modules:
         raise ValueError(
-            "weight_layout='input_major' re-lays weights that saesteer's fixes read, and this model has none "
+            f"weight_layout={layout!r} changes weights that saesteer's fixes read, and this model has none "
             "(load it with saesteer.models.load_model, fix_layout=True, or apply tl_fixes.apply_all_fixes). Keep "
             "'upstream'."
         )
-    inputs = layout == "input_major"
+    if layout == "onednn":
+        if not onednn.available():
+            raise ValueError(
+                "weight_layout='onednn' needs a PyTorch build with oneDNN (torch.backends.mkldnn.is_available(): "
+                "x86 builds have it); use 'upstream' or 'input_major'."
+            )
+        placed = {(p.device.type, p.dtype) for m, _ in modules for p in m.parameters(recurse=False)}
+        if placed != {("cpu", torch.float32)}:
+            raise ValueError(
+                f"weight_layout='onednn' packs float32 weights on the CPU; this model's are {sorted(map(str, placed))}. "
+                "Load it on the CPU in float32 (or move it there first), or keep 'upstream'."
+            )
     for module, names in modules:
-        for name in names:
-            tl_fixes._relayout(module._parameters[name], (0, 1) if inputs else (1, 0))
-        module._saesteer_input_major = names if inputs else ()
+        relaid = names["input_major"] if layout == "input_major" else ()
+        for name in names["input_major"]:
+            tl_fixes._relayout(module._parameters[name], (0, 1) if name in relaid else (1, 0))
+        module._saesteer_input_major = relaid
+        if layout == "onednn":
+            module._saesteer_packed = onednn.PackedWeights(names["onednn"])
+        else:
+            module.__dict__.pop("_saesteer_packed", None)
     return model
 
 
 def weight_layout(model: nn.Module) -> str:
     """``model``'s layout as :func:`set_weight_layout` set it: ``"input_major"`` where any weight is stored so,
-    else ``"upstream"``."""
-    return "input_major" if any(m.__dict__.get("_saesteer_input_major") for m, _ in _relayable(model)) else "upstream"
+    ``"onednn"`` where any is packed, else ``"upstream"``."""
+    modules = [m for m, _ in _relayable(model)]
+    if any(m.__dict__.get("_saesteer_input_major") for m in modules):
+        return "input_major"
+    return "onednn" if any("_saesteer_packed" in m.__dict__ for m in modules) else "upstream"

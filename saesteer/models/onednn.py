@@ -1,0 +1,83 @@
+"""Weights packed once in oneDNN's blocked layout, multiplied by oneDNN's kernel instead of the BLAS (issue 16).
+
+``F.linear`` on the CPU hands the product to the BLAS (MKL), which repacks the weight into its kernel's panels at
+every call; a decoding step's products have a few rows, so that repacking is paid for a handful of rows. oneDNN can
+take the weight packed once (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile``'s CPU freezing
+uses) and compute y = x W^T + b from it (``torch.ops.mkldnn._linear_pointwise``). Measured on an AMD EPYC, one
+thread (``experiments/bench_layout.py``, ``figures/bench_layout.json``): at batch 8 the gated MLP's products took
+~0.55x and the 576 x 49,152 unembedding ~0.45x their ``F.linear`` time; at batch 1 the gain is smaller and a small
+product (the attention's key/value projections) is slower, oneDNN's fixed cost per call (~15 us) outweighing it.
+
+A different kernel: results equal ``F.linear``'s up to float rounding, not bit for bit. Each row's result does not
+depend on the other rows of the product (measured at 1, 3, 8 and 37 rows, unlike MKL's), and the packing's shape
+is fixed (:data:`PREPACK_ROWS`), so the bits do not change with the batch size.
+
+The packed copy is a second copy of the weight (oneDNN's opaque tensor: not a parameter, not saved, not copied).
+It is packed on first use and packed again when the parameter changes: trusted by the parameter's storage and
+version counter (an in-place edit, ``load_state_dict``, a new tensor), never by its name alone; an edit through
+``param.data`` bypasses the version counter (call ``set_weight_layout`` again after one).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PREPACK_ROWS", "PackedWeights", "available", "product"]
+
+PREPACK_ROWS = 8
+"""The row count oneDNN packs for (measured: packed for 8 rows, batch-1 and batch-8 products were both faster than
+packed for 1; for 64, no faster than for 8)."""
+
+
+def available() -> bool:
+    """True where this PyTorch build has oneDNN's packed linear product (x86 builds with oneDNN)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class PackedWeights:
+    """The oneDNN-packed copies of some of a module's weights (``names``), each packed on first use and again when
+    its parameter changes. A copy or an unpickled holder names the same weights and packs them again on first use
+    (oneDNN's tensors cannot be pickled)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._held: dict[str, tuple[tuple, Tensor]] = {}
+
+    def __reduce__(self):
+        return (PackedWeights, (self.names,))
+
+    def weight(self, param: Tensor, name: str, operand: Tensor) -> Tensor:
+        """``operand`` (the [out, in] weight ``F.linear`` gets, a view of ``param``) packed; the held copy while
+        ``param``'s storage, version and the operand's shape are those it was packed from."""
+        stamp = (param.data_ptr(), param._version, operand.shape, operand.stride())
+        held = self._held.get(name)
+        if held is None or held[0] != stamp:
+            held = (stamp, torch.ops.mkldnn._reorder_linear_weight(operand.detach(), PREPACK_ROWS))
+            self._held[name] = held
+        return held[1]
+
+
+def product(
+    module: nn.Module, name: str, x: Tensor, operand: Tensor, bias: Tensor | None
+) -> Tensor | None:
+    """``F.linear(x, operand, bias)`` through oneDNN with ``module.<name>`` packed, where ``set_weight_layout(model,
+    "onednn")`` packed it and the product allows (float32 on the CPU, nothing for autograd to record, not while
+    ``torch.compile`` traces); None otherwise (the caller multiplies as before)."""
+    packed = module.__dict__.get("_saesteer_packed")
+    if (
+        packed is None
+        or name not in packed.names
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or operand.dtype != torch.float32
+        or (torch.is_grad_enabled() and (x.requires_grad or operand.requires_grad))
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    w = packed.weight(module._parameters[name], name, operand)
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
