@@ -1,12 +1,14 @@
 """Which storage of each weight a decoding step's products read fastest on this machine: as upstream stores it (one
-row per output, the ``F.linear`` layout TransformerLens and HF hand the BLAS) or input by input (one row per input,
-``saesteer.models.weight_layout``'s ``"input_major"``). What to run before choosing ``weight_layout`` on another CPU.
+row per output, the ``F.linear`` layout TransformerLens and HF hand the BLAS), input by input (one row per input,
+``saesteer.models.weight_layout``'s ``"input_major"``) or packed once for oneDNN's product (``"onednn"``,
+:mod:`saesteer.models.onednn`). What to run before choosing ``weight_layout`` on another CPU.
 
 For each projection of the model (attention query, key, output; the gated MLP's gate, input, output; the
-unembedding) and each batch size, the products ``x @ W`` of ``batch`` rows with that weight of every layer (the
-unembedding once), so that the weights stream from memory as in a decoding step, in both storages: the ratio
-input-major / upstream is the median over ``--pairs`` back-to-back pairs of this process' CPU seconds, with its
-distribution-free interval (:func:`saesteer.benchmark.paired`). Below 1.0: input by input is faster.
+unembedding) and each batch size, the products of ``batch`` rows with that weight of every layer (the unembedding
+once), so that the weights stream from memory as in a decoding step, in each storage: each ratio layout / upstream
+is the median over ``--pairs`` back-to-back pairs of this process' CPU seconds, with its distribution-free
+interval (:func:`saesteer.benchmark.paired`). Below 1.0: that layout is faster. (``weight_layout`` changes the
+gated MLP's and the unembedding's weights only; the attention's rows say what re-laying those would give.)
 
     python experiments/bench_layout.py                  # writes figures/bench_layout.json
 """
@@ -24,6 +26,7 @@ from saesteer import benchmark as bench
 from saesteer import experiment
 from saesteer.data.atomic import write_text_atomic
 from saesteer.experiment import seed_everything
+from saesteer.models import onednn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +58,22 @@ def products(xs: torch.Tensor, weights: list[torch.Tensor]):
     return run
 
 
+def packed_products(xs: torch.Tensor, weights: list[torch.Tensor]):
+    """oneDNN's products with ``weights`` ([in, out] each) packed as ``weight_layout="onednn"`` packs them."""
+    from saesteer.models.onednn import PREPACK_ROWS
+
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), PREPACK_ROWS) for w in weights]
+
+    def run() -> None:
+        for w in packed:
+            torch.ops.mkldnn._linear_pointwise(xs, w, None, "none", [], "")
+
+    return run
+
+
+LAYOUTS = {"input_major": "input-major", "onednn": "oneDNN-packed"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=experiment.DEFAULT_MODEL, help="short name or Hugging Face folder")
@@ -77,28 +96,31 @@ def main() -> None:
             inputs = [w.contiguous() for w in weights]  # one row per input
             for rows in (int(b) for b in args.batches.split(",")):
                 xs = torch.randn(rows, weights[0].shape[0], generator=torch.Generator().manual_seed(rows))
-                p = bench.paired(products(xs, upstream), products(xs, inputs), args.pairs, clock="cpu")
-                row = dict(
-                    weight=kind,
-                    shape=list(weights[0].shape),
-                    layers=len(weights),
-                    batch=rows,
-                    upstream_ms=p.base_s * 1e3,
-                    input_major_ms=p.s * 1e3,
-                    **p.fields("input_major_vs_upstream"),
-                )
+                row = dict(weight=kind, shape=list(weights[0].shape), layers=len(weights), batch=rows)
+                others = {"input_major": products(xs, inputs)}
+                if onednn.available():
+                    others["onednn"] = packed_products(xs, weights)
+                for name, fn in others.items():
+                    p = bench.paired(products(xs, upstream), fn, args.pairs, clock="cpu")
+                    row.setdefault("upstream_ms", p.base_s * 1e3)
+                    row.update({f"{name}_ms": p.s * 1e3, **p.fields(f"{name}_vs_upstream")})
                 results.append(row)
                 print(
-                    f"{kind} {tuple(weights[0].shape)} x{len(weights)}, batch {rows}: upstream {row['upstream_ms']:.2f} "
-                    f"ms, input-major {row['input_major_ms']:.2f} ms (best); input-major / upstream "
-                    f"{bench.fmt_interval(row, 'input_major_vs_upstream', '.3f')}",
+                    f"{kind} {tuple(weights[0].shape)} x{len(weights)}, batch {rows}: upstream {row['upstream_ms']:.2f} ms"
+                    + "".join(
+                        f"; {label} {row[name + '_ms']:.2f} ms, / upstream "
+                        f"{bench.fmt_interval(row, name + '_vs_upstream', '.3f')}"
+                        for name, label in LAYOUTS.items()
+                        if name in others
+                    ),
                     flush=True,
                 )
             del upstream, inputs
-    header = ["weight [in, out] x layers", "batch", "upstream ms (best)", "input-major ms (best)"]
-    header.append(
-        f"input-major / upstream (paired median [{bench.interval_level(results, 'input_major_vs_upstream')}])"
-    )
+    shown = [name for name in LAYOUTS if f"{name}_ms" in results[0]]
+    header = ["weight [in, out] x layers", "batch", "upstream ms (best)"]
+    for name in shown:
+        level = bench.interval_level(results, f"{name}_vs_upstream")
+        header += [f"{LAYOUTS[name]} ms (best)", f"{LAYOUTS[name]} / upstream (paired median [{level}])"]
     table = bench.markdown_table(
         header,
         [
@@ -106,8 +128,7 @@ def main() -> None:
                 f"{r['weight']} {r['shape'][0]} x {r['shape'][1]} x {r['layers']}",
                 r["batch"],
                 f"{r['upstream_ms']:.2f}",
-                f"{r['input_major_ms']:.2f}",
-                bench.fmt_interval(r, "input_major_vs_upstream", ".3f"),
+                *[c for n in shown for c in (f"{r[n + '_ms']:.2f}", bench.fmt_interval(r, f"{n}_vs_upstream", ".3f"))],
             )
             for r in results
         ],

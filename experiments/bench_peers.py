@@ -173,6 +173,7 @@ def ours_rows(
         "saesteer SASA, 10 candidates": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=10)),
         "saesteer SASA, 50 candidates": dict(decoder=SASADecoder([Attribute(sub, 10.0)], max_candidates=50)),
     }
+
     def run(m, extra: dict):
         extra = dict(extra)
         with m.hooks(fwd_hooks=extra.pop("fwd_hooks", [])):  # (a plain vector: the hook as TransformerLens attaches it)

@@ -212,8 +212,13 @@ def hf_folder(model_arg: str) -> str | None:
 def matmul_products(model, rows: int, out_rows: int) -> Callable[[], None]:
     """A function doing one decoding step's matrix products alone: ``rows`` rows through fresh copies of every
     block's weight matrices (the shapes ``F.linear`` gets: q, k, v, o and the MLP's), in layer order, and
-    ``out_rows`` rows through the unembedding. A step of SASA with C candidates at batch b does at least this with
-    rows = b * C (every candidate is a full-model row), whatever the code: its floor."""
+    ``out_rows`` rows through the unembedding, each stored and multiplied as ``model``'s
+    :func:`~saesteer.models.weight_layout.weight_layout` has it (input by input, or packed for oneDNN, where it
+    changes that weight). A step of SASA with C candidates at batch b does at least this with rows = b * C (every
+    candidate is a full-model row), whatever the code: its floor."""
+    from saesteer.models import onednn
+    from saesteer.models.weight_layout import weight_layout
+
     check_positive_int("rows", rows)
     check_positive_int("out_rows", out_rows)
     if out_rows > rows:
@@ -221,20 +226,32 @@ def matmul_products(model, rows: int, out_rows: int) -> Callable[[], None]:
             f"out_rows ({out_rows}) must not exceed rows ({rows}): the unembedding reads the rows' first ones."
         )
     cfg = model.cfg
+    layout = weight_layout(model)
     d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
-    shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]
-    shapes += [(cfg.d_mlp, d)] * (2 if cfg.gated_mlp else 1) + [(d, cfg.d_mlp)]
+    n_in = 2 if cfg.gated_mlp else 1
+    # (out, in, changed by the layout: input_major re-lays the gated MLP's inputs, onednn packs the whole gated MLP)
+    shapes = [(cfg.n_heads * dh, d, False), (kv * dh, d, False), (kv * dh, d, False), (d, cfg.n_heads * dh, False)]
+    shapes += [(cfg.d_mlp, d, cfg.gated_mlp)] * n_in + [(d, cfg.d_mlp, cfg.gated_mlp and layout == "onednn")]
     kw = dict(device=cfg.device, dtype=cfg.dtype)
-    weights = [[torch.randn(o, i, **kw) for o, i in shapes] for _ in range(cfg.n_layers)]
-    unembed = torch.randn(cfg.d_vocab_out, d, **kw)
-    x = {n: torch.randn(rows, n, **kw) for n in {i for _, i in shapes}}
+    x = {n: torch.randn(rows, n, **kw) for n in {i for _, i, _ in shapes}}
+
+    def product(n_out: int, n_in: int, changed: bool, m: int) -> Callable[[], torch.Tensor]:
+        w, inputs = torch.randn(n_out, n_in, **kw), x[n_in][:m]
+        if changed and layout == "input_major":
+            w = w.t().contiguous()
+            return lambda: torch.mm(inputs, w)
+        if changed and layout == "onednn":
+            w = torch.ops.mkldnn._reorder_linear_weight(w, onednn.PREPACK_ROWS)
+            return lambda: torch.ops.mkldnn._linear_pointwise(inputs, w, None, "none", [], "")
+        return lambda: torch.nn.functional.linear(inputs, w)
+
+    products = [product(o, i, changed, rows) for _ in range(cfg.n_layers) for o, i, changed in shapes]
+    products.append(product(cfg.d_vocab_out, d, layout != "upstream", out_rows))
 
     @torch.no_grad()
     def step() -> None:
-        for layer in weights:
-            for w in layer:
-                torch.nn.functional.linear(x[w.shape[1]], w)
-        torch.nn.functional.linear(x[d][:out_rows], unembed)
+        for f in products:
+            f()
 
     return step
 

@@ -149,8 +149,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         "--weight-layout",
         choices=WEIGHT_LAYOUTS,
         default="upstream",
-        help="upstream: TransformerLens' products bit for bit; input_major: faster batch-1 products on some CPUs, "
-        "equal up to rounding",
+        help="upstream: TransformerLens' products bit for bit; input_major: faster batch-1 products on some CPUs; "
+        "onednn: weights packed for oneDNN, faster batched products on some CPUs (both equal up to rounding)",
     )
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared machine)")
     r.add_argument("--out-dir", required=True, help="results folder (resumable)")

@@ -94,6 +94,7 @@ def test_evaluate_run_loads_the_model_with_its_attention_implementation(monkeypa
         ([], ("eager", "upstream")),
         (["--attn-implementation", "sdpa"], ("sdpa", "upstream")),
         (["--weight-layout", "input_major"], ("eager", "input_major")),
+        (["--weight-layout", "onednn"], ("eager", "onednn")),
     ):
         with pytest.raises(Loaded):
             cli.main(["evaluate", "run", "--out-dir", str(tmp_path), "--prompts", str(prompts), *extra])

@@ -421,6 +421,35 @@ def test_matmul_products_are_one_steps_weight_products(monkeypatch):
         bench.matmul_products(model, 12, 13)
 
 
+@pytest.mark.parametrize("layout", ["input_major", "onednn"])
+def test_matmul_products_multiply_as_the_models_weight_layout_does(layout, monkeypatch):
+    """Under "input_major" the gated MLP's gate/input products and the unembedding read input-major weights
+    (``torch.mm`` on a [in, out] matrix); under "onednn" the gated MLP's three products and the unembedding are
+    oneDNN's on packed weights; the attention's stay ``F.linear``'s."""
+    from saesteer.models import onednn
+    from saesteer.models.tl_fixes import apply_all_fixes
+    from saesteer.models.weight_layout import set_weight_layout
+
+    if layout == "onednn" and not onednn.available():
+        pytest.skip("this PyTorch has no oneDNN")
+    model = set_weight_layout(apply_all_fixes(tiny_model(n_layers=2, gated=True, n_key_value_heads=2)), layout)
+    cfg = model.cfg
+    step = bench.matmul_products(model, rows=12, out_rows=3)
+    calls = []
+    for owner, name in ((torch.nn.functional, "linear"), (torch, "mm"), (torch.ops.mkldnn, "_linear_pointwise")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(
+            owner, name, lambda *a, real=real, name=name: calls.append((name, a[0].shape[0])) or real(*a)
+        )
+    step()
+    attention = [("linear", 12)] * 4
+    if layout == "input_major":
+        want = (attention + [("mm", 12)] * 2 + [("linear", 12)]) * cfg.n_layers + [("mm", 3)]
+    else:
+        want = (attention + [("_linear_pointwise", 12)] * 3) * cfg.n_layers + [("_linear_pointwise", 3)]
+    assert calls == want
+
+
 def test_random_subspace_and_steering_settings_run_on_a_model():
     model, sae = tiny_model(), tiny_sae("topk", layer=1)
     sub = bench.random_subspace(model)

@@ -298,7 +298,9 @@ def fused_forward(
     b_in, b_out = weights["b_in"], weights["b_out"]
     if not tl_fixes._zero(mlp, b_in):
         post = post + b_in
-    mlp_out = _product(mlp, "W_out", post, tl_fixes._operand(mlp, "W_out"), None if tl_fixes._zero(mlp, b_out) else b_out)
+    mlp_out = _product(
+        mlp, "W_out", post, tl_fixes._operand(mlp, "W_out"), None if tl_fixes._zero(mlp, b_out) else b_out
+    )
     return block.hook_resid_post(resid_mid + mlp_out.view(resid_pre.shape))
 
 

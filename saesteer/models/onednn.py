@@ -8,9 +8,10 @@ thread (``experiments/bench_layout.py``, ``figures/bench_layout.json``): at batc
 ~0.55x and the 576 x 49,152 unembedding ~0.45x their ``F.linear`` time; at batch 1 the gain is smaller and a small
 product (the attention's key/value projections) is slower, oneDNN's fixed cost per call (~15 us) outweighing it.
 
-A different kernel: results equal ``F.linear``'s up to float rounding, not bit for bit. Each row's result does not
-depend on the other rows of the product (measured at 1, 3, 8 and 37 rows, unlike MKL's), and the packing's shape
-is fixed (:data:`PREPACK_ROWS`), so the bits do not change with the batch size.
+A different kernel: results equal ``F.linear``'s up to float rounding, not bit for bit. Whether a row's result
+depends on the other rows of the product (their number, its place among them) is probed once per process
+(:func:`rows_independent`; on the AMD EPYC measured it does not, unlike MKL's, whose kernel changes with the row
+count); the packing's shape is fixed (:data:`PREPACK_ROWS`) whatever the batch.
 
 The packed copy is a second copy of the weight (oneDNN's opaque tensor: not a parameter, not saved, not copied).
 It is packed on first use and packed again when the parameter changes: trusted by the parameter's storage and
@@ -20,10 +21,12 @@ version counter (an in-place edit, ``load_state_dict``, a new tensor), never by 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PREPACK_ROWS", "PackedWeights", "available", "product"]
+__all__ = ["PREPACK_ROWS", "PackedWeights", "available", "product", "rows_independent"]
 
 PREPACK_ROWS = 8
 """The row count oneDNN packs for (measured: packed for 8 rows, batch-1 and batch-8 products were both faster than
@@ -62,9 +65,7 @@ class PackedWeights:
         return held[1]
 
 
-def product(
-    module: nn.Module, name: str, x: Tensor, operand: Tensor, bias: Tensor | None
-) -> Tensor | None:
+def product(module: nn.Module, name: str, x: Tensor, operand: Tensor, bias: Tensor | None) -> Tensor | None:
     """``F.linear(x, operand, bias)`` through oneDNN with ``module.<name>`` packed, where ``set_weight_layout(model,
     "onednn")`` packed it and the product allows (float32 on the CPU, nothing for autograd to record, not while
     ``torch.compile`` traces); None otherwise (the caller multiplies as before)."""
@@ -81,3 +82,26 @@ def product(
         return None
     w = packed.weight(module._parameters[name], name, operand)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+@functools.cache
+def rows_independent() -> bool:
+    """True where oneDNN's packed product gives each row the bits it gets alone, whatever the number of rows and
+    the row's place among them (float32, this thread count); False where it does not or oneDNN is missing. Probed
+    once per process on decoding-sized products."""
+    if not available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n_out, n_in in ((160, 48), (48, 160), (1536, 576)):
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n_out, n_in, generator=gen), PREPACK_ROWS)
+            x = torch.randn(16, n_in, generator=gen)
+            together = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            flipped = torch.ops.mkldnn._linear_pointwise(x.flip(0), w, None, "none", [], "").flip(0)
+            if not torch.equal(flipped, together):
+                return False
+            for rows in (slice(0, 1), slice(3, 6), slice(5, 13)):
+                alone = torch.ops.mkldnn._linear_pointwise(x[rows], w, None, "none", [], "")
+                if not torch.equal(alone, together[rows]):
+                    return False
+    return True
