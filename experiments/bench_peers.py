@@ -13,12 +13,14 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
   saesteer dependencies: install them beside it, or put a folder filled with
   ``pip install --no-deps --target DIR steering-vectors nnsight greenlet websocket-client zstandard`` on
   ``PYTHONPATH``; steering-vectors pins transformers < 5 but runs with 5.x);
-- saesteer's :func:`saesteer.generate`: unsteered, with decoder steering (the proportional tier, latents
-  0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded random subspace); each again
-  with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused call, equal to
-  TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit), and with
-  ``weight_layout="input_major"`` besides (rows ending ", sdpa + input-major": the MLP's gate and input weights
-  and the unembedding stored input by input, :mod:`saesteer.models.weight_layout`).
+- saesteer's :func:`saesteer.generate`: unsteered, with the same vector added by a hook at
+  ``blocks.15.hook_resid_post`` (``model.hooks``, as a TransformerLens user attaches one), with decoder steering
+  (the proportional tier, latents 0..9), with latent steering (swap), and SASA with 10 and 50 candidates (a seeded
+  random subspace); each again with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused
+  call, equal to TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit), and with
+  a ``weight_layout`` besides (:mod:`saesteer.models.weight_layout`): rows ending ", sdpa + input-major" (the
+  MLP's gate and input weights and the unembedding stored input by input) and ", sdpa + onednn" (the MLP's weights
+  and the unembedding packed for oneDNN's product).
 
 Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
 does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--repeats`` runs, and its ratio to
@@ -32,6 +34,8 @@ set size sampled while the row ran (the whole process: every model loaded), and 
 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py          # writes figures/bench_peers.json
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py --top-p 0.9 --out figures/bench_peers_top_p.json
+    python experiments/bench_peers.py --rows "forward hook,unsteered, sdpa,vector hook, sdpa,onednn" --repeats 12 \
+        --out figures/bench_peers_onednn.json      # the weight layouts (``--skip SASA`` leaves SASA out)
     # eager against sdpa, our rows only (greedy, then top-p; then unsteered with 20 pairs)
     python experiments/bench_peers.py --rows "forward hook,saesteer unsteered,saesteer + " --out figures/bench_peers_sdpa.json
     python experiments/bench_peers.py --rows "forward hook,saesteer unsteered,saesteer + " --top-p 0.9 \

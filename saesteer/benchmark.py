@@ -228,10 +228,12 @@ def matmul_products(model, rows: int, out_rows: int) -> Callable[[], None]:
     cfg = model.cfg
     layout = weight_layout(model)
     d, dh, kv = cfg.d_model, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads
-    n_in = 2 if cfg.gated_mlp else 1
-    # (out, in, changed by the layout: input_major re-lays the gated MLP's inputs, onednn packs the whole gated MLP)
-    shapes = [(cfg.n_heads * dh, d, False), (kv * dh, d, False), (kv * dh, d, False), (d, cfg.n_heads * dh, False)]
-    shapes += [(cfg.d_mlp, d, cfg.gated_mlp)] * n_in + [(d, cfg.d_mlp, cfg.gated_mlp and layout == "onednn")]
+    n_in, packed = (2 if cfg.gated_mlp else 1), layout == "onednn"
+    # (out, in, changed by the layout: input_major re-lays the gated MLP's inputs, onednn packs the attention's
+    # projections and the whole gated MLP)
+    shapes = [(cfg.n_heads * dh, d), (kv * dh, d), (kv * dh, d), (d, cfg.n_heads * dh)]
+    shapes = [(o, i, packed) for o, i in shapes] + [(cfg.d_mlp, d, cfg.gated_mlp)] * n_in
+    shapes += [(d, cfg.d_mlp, cfg.gated_mlp and packed)]
     kw = dict(device=cfg.device, dtype=cfg.dtype)
     x = {n: torch.randn(rows, n, **kw) for n in {i for _, i, _ in shapes}}
 

@@ -126,8 +126,8 @@ def load_model(
             and a Llama-family model): :func:`saesteer.models.fused_block.set_attn_implementation`.
         weight_layout: ``"upstream"``, the weights as TransformerLens' products read them (bit for bit);
             ``"input_major"``, the gated MLP's gate and input weights and the unembedding stored input by input
-            (faster batch-1 decoding on the CPUs measured); ``"onednn"``, the gated MLP's weights and the
-            unembedding packed for oneDNN's product besides (faster batched decoding on the CPUs measured, a second
+            (faster batch-1 decoding on the CPUs measured); ``"onednn"``, the attention's projections, the gated
+            MLP's weights and the unembedding packed for oneDNN's product besides (faster batched decoding on the CPUs measured, a second
             copy of those weights in memory). The last two equal upstream up to float rounding and need
             ``fix_layout``: :func:`saesteer.models.weight_layout.set_weight_layout`.
         **kwargs: ``default_prepend_bos``, ``default_padding_side``, ``first_n_layers``, ``n_ctx``

@@ -14,10 +14,12 @@ dot product over a row of d_model numbers.
   faster as upstream stores it, the attention's key/value projections slower input by input at batch 1 and its
   query/output ones 6-11% faster (not re-laid yet). At batch 8 the re-laid products were no faster (the
   unembedding slower): it is the layout for batch-1 decoding.
-- ``"onednn"``: the stored weights as upstream's, and a copy of the gated MLP's three weights and the unembedding
-  packed once for oneDNN's product (:mod:`saesteer.models.onednn`), which does not repack the weight at every call
-  as the BLAS does: the layout for batched decoding on the CPU measured (see that module), at the cost of a second
-  copy of those weights in memory (0.43 GB for SmolLM2-135M in float32).
+- ``"onednn"``: the stored weights as upstream's, and a copy of the attention's four projections, the gated MLP's
+  three weights and the unembedding packed once for oneDNN's product (:mod:`saesteer.models.onednn`), which does
+  not repack the weight at every call as the BLAS does: the layout for batched decoding on the CPU measured (at
+  batch 8 every one of those products was faster, 0.42x to 0.86x; at batch 1 the MLP's input products and the
+  unembedding 0.70x-0.83x, the attention's key/value ones 1.16x), at the cost of a second copy of those weights in
+  memory (0.54 GB for SmolLM2-135M in float32).
 
 Another CPU or BLAS can rank the layouts otherwise: measure (``experiments/bench_layout.py`` per weight,
 ``experiments/bench_peers.py`` rows "input-major" and "onednn" end to end) before choosing.
@@ -59,21 +61,24 @@ def _relayable(model: nn.Module) -> list[tuple[nn.Module, dict[str, tuple[str, .
     them through ``tl_fixes._operand`` (saesteer's fixes bound it)."""
     out = []
     for module in model.modules():
-        names = _REPLACED.get(tl_fixes._bound(module, "forward"))
+        forward = tl_fixes._bound(module, "forward")
+        names = _REPLACED.get(forward)
+        if forward is tl_fixes._attention_forward_lean:  # (q, k, v as _qkv_lean names them, and the output)
+            names = {"input_major": (), "onednn": (*module._saesteer_qkv[:3], "W_O")}
         if names is not None:
             out.append((module, names))
     return out
 
 
 def set_weight_layout(model: nn.Module, layout: str = "upstream") -> nn.Module:
-    """Store ``model``'s gated MLP weights and its unembedding in ``layout`` (in place); returns ``model``.
+    """Store (or pack) ``model``'s widest products' weights in ``layout`` (in place); returns ``model``.
 
     - ``"upstream"`` (the default): as TransformerLens' forward reads them; every logit equals stock
       TransformerLens' (with ``attn_implementation="eager"``).
     - ``"input_major"``: the MLP's gate and input weights and the unembedding one row per input feature, the
       products read them so (see the module docstring): faster batch-1 products on the CPUs measured.
-    - ``"onednn"``: those and the MLP's output weight packed for oneDNN's product besides (a second copy):
-      faster batched products on the CPUs measured; float32 models on the CPU.
+    - ``"onednn"``: the attention's projections, the gated MLP's weights and the unembedding packed for oneDNN's
+      product besides (a second copy): faster batched products on the CPUs measured; float32 models on the CPU.
 
     The last two equal upstream up to float rounding. Raises ValueError for another value, for a layout other than
     ``"upstream"`` on a model without saesteer's fixes (:func:`saesteer.models.tl_fixes.apply_all_fixes`,

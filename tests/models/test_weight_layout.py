@@ -1,6 +1,6 @@
 """The weight layout (saesteer.models.weight_layout): "input_major" stores the gated MLP's W_gate / W_in and the
-unembedding's W_U input by input, their products read them so (no copy); "onednn" packs the gated MLP's weights
-and W_U for oneDNN's product (packed again when a weight changes); both within rounding of upstream's, the fused
+unembedding's W_U input by input, their products read them so (no copy); "onednn" packs the attention's, the gated
+MLP's weights and W_U for oneDNN's product (packed again when a weight changes); both within rounding of upstream's, the fused
 block and the lean path agreeing bit for bit; "upstream" gives stock TransformerLens' bits back."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_other_layouts_decode_fused_within_rounding_and_the_lean_path_agrees_bit
     ours = _decode(fixed, PreallocatedKVCache.allocate(fixed.cfg, 3, 20))
     assert count.n == 5 * fixed.cfg.n_layers
     if layout == "onednn":  # (every packed weight was read packed)
-        assert sum(map(len, _packed(fixed).values())) == 3 * fixed.cfg.n_layers + 1
+        assert sum(map(len, _packed(fixed).values())) == 7 * fixed.cfg.n_layers + 1
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     seen = []
@@ -160,12 +160,13 @@ def test_onednn_packs_copies_leaves_the_weights_and_packs_again_when_a_weight_ch
     with torch.no_grad():
         upstream = fixed(tokens)
         set_weight_layout(fixed, "onednn")
-        assert weight_layout(fixed) == "onednn" and len(_packed(fixed)) == fixed.cfg.n_layers + 1
+        assert weight_layout(fixed) == "onednn" and len(_packed(fixed)) == 2 * fixed.cfg.n_layers + 1
         assert _packed(fixed) == dict.fromkeys(_packed(fixed), set())  # (packed on first use)
         ours = fixed(tokens)
         torch.testing.assert_close(ours, upstream, atol=1e-5, rtol=1e-5)
         mlp = {f"blocks.{i}.mlp": {"W_gate", "W_in", "W_out"} for i in range(fixed.cfg.n_layers)}
-        assert _packed(fixed) == {**mlp, "unembed": {"W_U"}}
+        attn = {f"blocks.{i}.attn": {"W_Q", "_W_K", "_W_V", "W_O"} for i in range(fixed.cfg.n_layers)}
+        assert _packed(fixed) == {**attn, **mlp, "unembed": {"W_U"}}
         assert {n: (p.data_ptr(), p.stride()) for n, p in fixed.named_parameters()} == storage
         assert module_digest(fixed) == digest
         for other in (copy.deepcopy(fixed), pickle.loads(pickle.dumps(fixed))):
@@ -205,7 +206,7 @@ def test_onednn_falls_back_where_its_product_does_not_apply_and_refuses_what_it_
     operand = tl_fixes._operand(fixed.blocks[0].mlp, "W_in").double()
     with torch.no_grad():
         assert onednn.product(fixed.blocks[0].mlp, "W_in", x, operand, None) is None
-        assert onednn.product(fixed.blocks[0].attn, "W_Q", x.float(), operand.float(), None) is None
+        assert onednn.product(fixed.blocks[0].mlp, "b_in", x.float(), operand.float(), None) is None  # (not packed)
 
     wide = tl_fixes.apply_all_fixes(tiny_arch_model(_LLAMA).double())
     with pytest.raises(ValueError, match="packs float32 weights on the CPU"):
