@@ -7,8 +7,9 @@ For each projection of the model (attention query, key, output; the gated MLP's 
 unembedding) and each batch size, the products of ``batch`` rows with that weight of every layer (the unembedding
 once), so that the weights stream from memory as in a decoding step, in each storage: each ratio layout / upstream
 is the median over ``--pairs`` back-to-back pairs of this process' CPU seconds, with its distribution-free
-interval (:func:`saesteer.benchmark.paired`). Below 1.0: that layout is faster. (``weight_layout`` changes the
-gated MLP's and the unembedding's weights only; the attention's rows say what re-laying those would give.)
+interval (:func:`saesteer.benchmark.paired`). Below 1.0: that layout is faster. (``"input_major"`` re-lays the
+gated MLP's gate and input weights and the unembedding only, its other rows say what re-laying those would give;
+``"onednn"`` packs every weight measured here.)
 
     python experiments/bench_layout.py                  # writes figures/bench_layout.json
 """
@@ -60,13 +61,11 @@ def products(xs: torch.Tensor, weights: list[torch.Tensor]):
 
 def packed_products(xs: torch.Tensor, weights: list[torch.Tensor]):
     """oneDNN's products with ``weights`` ([in, out] each) packed as ``weight_layout="onednn"`` packs them."""
-    from saesteer.models.onednn import PREPACK_ROWS
-
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), PREPACK_ROWS) for w in weights]
+    packed = [onednn.pack(w.t().contiguous()) for w in weights]
 
     def run() -> None:
         for w in packed:
-            torch.ops.mkldnn._linear_pointwise(xs, w, None, "none", [], "")
+            onednn.linear(xs, w)
 
     return run
 

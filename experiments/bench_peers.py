@@ -19,8 +19,8 @@ Rows (each generates ``--new-tokens`` tokens, EOS ignored, at batch 1 and 8, fro
   random subspace); each again with ``attn_implementation="sdpa"`` (rows ending ", sdpa": attention in one fused
   call, equal to TransformerLens' up to rounding; the others are TransformerLens' attention bit for bit), and with
   a ``weight_layout`` besides (:mod:`saesteer.models.weight_layout`): rows ending ", sdpa + input-major" (the
-  MLP's gate and input weights and the unembedding stored input by input) and ", sdpa + onednn" (the MLP's weights
-  and the unembedding packed for oneDNN's product).
+  MLP's gate and input weights and the unembedding stored input by input) and ", sdpa + onednn" (the attention's
+  projections, the MLP's weights and the unembedding packed for oneDNN's product).
 
 Times are this process' CPU seconds by default (``--clock cpu``: on a shared CPU, time spent waiting for a core
 does not count; ``--clock wall`` for GPUs). Each row's time is the best of ``--repeats`` runs, and its ratio to

@@ -243,8 +243,8 @@ def matmul_products(model, rows: int, out_rows: int) -> Callable[[], None]:
             w = w.t().contiguous()
             return lambda: torch.mm(inputs, w)
         if changed and layout == "onednn":
-            w = torch.ops.mkldnn._reorder_linear_weight(w, onednn.PREPACK_ROWS)
-            return lambda: torch.ops.mkldnn._linear_pointwise(inputs, w, None, "none", [], "")
+            w = onednn.pack(w)
+            return lambda: onednn.linear(inputs, w)
         return lambda: torch.nn.functional.linear(inputs, w)
 
     products = [product(o, i, changed, rows) for _ in range(cfg.n_layers) for o, i, changed in shapes]

@@ -5,8 +5,9 @@ every call; a decoding step's products have a few rows, so that repacking is pai
 take the weight packed once (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile``'s CPU freezing
 uses) and compute y = x W^T + b from it (``torch.ops.mkldnn._linear_pointwise``). Measured on an AMD EPYC, one
 thread (``experiments/bench_layout.py``, ``figures/bench_layout.json``): at batch 8 the gated MLP's products took
-~0.55x and the 576 x 49,152 unembedding ~0.45x their ``F.linear`` time; at batch 1 the gain is smaller and a small
-product (the attention's key/value projections) is slower, oneDNN's fixed cost per call (~15 us) outweighing it.
+0.60-0.67x, the attention's 0.73-0.86x and the 576 x 49,152 unembedding 0.42x their ``F.linear`` time; at batch 1
+the gain is smaller and a small product (the attention's key/value projections, 1.16x) is slower, oneDNN's fixed
+cost per call (~15 us) outweighing it.
 
 A different kernel: results equal ``F.linear``'s up to float rounding, not bit for bit. Whether a row's result
 depends on the other rows of the product (their number, its place among them) is probed once per process
@@ -26,7 +27,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PREPACK_ROWS", "PackedWeights", "available", "product", "rows_independent"]
+__all__ = ["PREPACK_ROWS", "PackedWeights", "available", "linear", "pack", "product", "rows_independent"]
 
 PREPACK_ROWS = 8
 """The row count oneDNN packs for (measured: packed for 8 rows, batch-1 and batch-8 products were both faster than
@@ -40,6 +41,17 @@ def available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def pack(operand: Tensor) -> Tensor:
+    """``operand`` (an [out, in] weight as ``F.linear`` takes it) packed for :func:`linear` (oneDNN's opaque tensor,
+    packed for :data:`PREPACK_ROWS` rows)."""
+    return torch.ops.mkldnn._reorder_linear_weight(operand.detach(), PREPACK_ROWS)
+
+
+def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + b by oneDNN's kernel, W :func:`pack` ed."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class PackedWeights:
@@ -60,7 +72,7 @@ class PackedWeights:
         stamp = (param.data_ptr(), param._version, operand.shape, operand.stride())
         held = self._held.get(name)
         if held is None or held[0] != stamp:
-            held = (stamp, torch.ops.mkldnn._reorder_linear_weight(operand.detach(), PREPACK_ROWS))
+            held = (stamp, pack(operand))
             self._held[name] = held
         return held[1]
 
@@ -80,8 +92,7 @@ def product(module: nn.Module, name: str, x: Tensor, operand: Tensor, bias: Tens
         or torch.compiler.is_compiling()
     ):
         return None
-    w = packed.weight(module._parameters[name], name, operand)
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return linear(x, packed.weight(module._parameters[name], name, operand), bias)
 
 
 @functools.cache
@@ -94,14 +105,11 @@ def rows_independent() -> bool:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n_out, n_in in ((160, 48), (48, 160), (1536, 576)):
-            w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n_out, n_in, generator=gen), PREPACK_ROWS)
+            w = pack(torch.randn(n_out, n_in, generator=gen))
             x = torch.randn(16, n_in, generator=gen)
-            together = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-            flipped = torch.ops.mkldnn._linear_pointwise(x.flip(0), w, None, "none", [], "").flip(0)
-            if not torch.equal(flipped, together):
+            together = linear(x, w)
+            if not torch.equal(linear(x.flip(0), w).flip(0), together):
                 return False
-            for rows in (slice(0, 1), slice(3, 6), slice(5, 13)):
-                alone = torch.ops.mkldnn._linear_pointwise(x[rows], w, None, "none", [], "")
-                if not torch.equal(alone, together[rows]):
-                    return False
+            if any(not torch.equal(linear(x[r], w), together[r]) for r in (slice(0, 1), slice(3, 6), slice(5, 13))):
+                return False
     return True

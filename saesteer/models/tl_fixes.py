@@ -768,12 +768,16 @@ def _zero(module: nn.Module, t: torch.Tensor | None) -> bool:
     return held[1]
 
 
-def _linear(module: nn.Module, name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` with ``w`` read from ``module.<name>``, without ``b`` where it is all zeros (cause 2);
-    through oneDNN where ``set_weight_layout(model, "onednn")`` packed that weight (:mod:`saesteer.models.onednn`)."""
-    bias = None if _zero(module, b) else b
+def _project(module: nn.Module, name: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` with ``w`` read from ``module.<name>``; through oneDNN where
+    ``set_weight_layout(model, "onednn")`` packed that weight (:mod:`saesteer.models.onednn`)."""
     y = onednn.product(module, name, x, w, bias)
     return torch.nn.functional.linear(x, w, bias) if y is None else y
+
+
+def _linear(module: nn.Module, name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_project` without ``b`` where it is all zeros (cause 2)."""
+    return _project(module, name, x, w, None if _zero(module, b) else b)
 
 
 def _qkv_lean(self, query_input, key_input, value_input):
@@ -793,9 +797,7 @@ def _qkv_lean(self, query_input, key_input, value_input):
         if w.dim() != 3 or b.shape != (w.shape[0], w.shape[2]):
             return type(self).calculate_qkv_matrices(self, query_input, key_input, value_input)
         bias = None if _zero(self, b) else b.reshape(-1)
-        operand = w.permute(0, 2, 1).reshape(-1, w.shape[1])  # "(h d_head) d_model"
-        y = onednn.product(self, w_name, x, operand, bias)
-        y = torch.nn.functional.linear(x, operand, bias) if y is None else y
+        y = _project(self, w_name, x, w.permute(0, 2, 1).reshape(-1, w.shape[1]), bias)  # "(h d_head) d_model"
         out.append(hook(y.reshape(x.shape[0], x.shape[1], b.shape[0], b.shape[1])))
     q, k, v = out
     if self.cfg.use_qk_norm:

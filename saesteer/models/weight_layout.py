@@ -9,10 +9,10 @@ dot product over a row of d_model numbers.
 - ``"input_major"``: stored [d_model, d_out] instead (one row per input), the same product y = x W = sum_i x_i
   W[i, :] streams the weight row by row. Measured on an AMD EPYC with MKL, one thread, SmolLM2-135M (d_model 576;
   ``experiments/bench_layout.py``, ``figures/bench_layout.json``): one row's products with the gated MLP's 576 x
-  1536 weights took 0.65x the time input by input, with the 576 x 49,152 unembedding 0.48x. It re-lays those (the
-  gated MLP's ``W_gate`` and ``W_in``, the unembedding's ``W_U``); the MLP's output projection (d_mlp inputs) was
-  faster as upstream stores it, the attention's key/value projections slower input by input at batch 1 and its
-  query/output ones 6-11% faster (not re-laid yet). At batch 8 the re-laid products were no faster (the
+  1536 weights took 0.64-0.65x the time input by input, with the 576 x 49,152 unembedding 0.53x. It re-lays those
+  (the gated MLP's ``W_gate`` and ``W_in``, the unembedding's ``W_U``); the MLP's output projection (d_mlp inputs)
+  was faster as upstream stores it, the attention's key/value projections slower input by input at batch 1 and its
+  query/output ones 12-13% faster (not re-laid yet). At batch 8 the re-laid products were no faster (the
   unembedding slower): it is the layout for batch-1 decoding.
 - ``"onednn"``: the stored weights as upstream's, and a copy of the attention's four projections, the gated MLP's
   three weights and the unembedding packed once for oneDNN's product (:mod:`saesteer.models.onednn`), which does
