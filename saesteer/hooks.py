@@ -50,6 +50,7 @@ point with the SAE, whose own hook points are ``H.hook_sae_input``, ``H.hook_sae
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -441,3 +442,15 @@ class HookSteerer:
     def apply(self, model: HookedTransformer):
         """Context manager attaching this steerer alone (see :func:`steering`)."""
         return steering(model, [self])
+
+
+def sae_hook_fn(steerer: Any, model: HookedTransformer) -> HookFn:
+    """An SAE steerer's ``hook_fn`` as attached to ``model``: given the SAE's encoder packed for oneDNN
+    (``packed=steerer._encoder``, :func:`saesteer.sae.ops.packed_encoder`) where ``model``'s products are oneDNN's
+    (``weight_layout="onednn"``: its numerics are already not upstream's bits), else as it is."""
+    from saesteer.models.weight_layout import weight_layout
+
+    packed = getattr(steerer, "_encoder", None)
+    if packed is None or weight_layout(model) != "onednn":
+        return steerer.hook_fn
+    return functools.partial(steerer.hook_fn, packed=packed)

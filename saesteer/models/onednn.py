@@ -76,23 +76,29 @@ class PackedWeights:
             self._held[name] = held
         return held[1]
 
+    def product(self, name: str, param: Tensor | None, x: Tensor, operand: Tensor, bias: Tensor | None) -> Tensor | None:
+        """``F.linear(x, operand, bias)`` through oneDNN with ``operand`` (a view of ``param``) packed as ``name``,
+        where ``name`` is one of :attr:`names` and the product allows (float32 on the CPU, nothing for autograd to
+        record, not while ``torch.compile`` traces); None otherwise."""
+        if (
+            param is None
+            or name not in self.names
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or operand.dtype != torch.float32
+            or (torch.is_grad_enabled() and (x.requires_grad or operand.requires_grad))
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        return linear(x, self.weight(param, name, operand), bias)
+
 
 def product(module: nn.Module, name: str, x: Tensor, operand: Tensor, bias: Tensor | None) -> Tensor | None:
     """``F.linear(x, operand, bias)`` through oneDNN with ``module.<name>`` packed, where ``set_weight_layout(model,
-    "onednn")`` packed it and the product allows (float32 on the CPU, nothing for autograd to record, not while
-    ``torch.compile`` traces); None otherwise (the caller multiplies as before)."""
+    "onednn")`` packed it and the product allows (:meth:`PackedWeights.product`); None otherwise (the caller
+    multiplies as before)."""
     packed = module.__dict__.get("_saesteer_packed")
-    if (
-        packed is None
-        or name not in packed.names
-        or x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or operand.dtype != torch.float32
-        or (torch.is_grad_enabled() and (x.requires_grad or operand.requires_grad))
-        or torch.compiler.is_compiling()
-    ):
-        return None
-    return linear(x, packed.weight(module._parameters[name], name, operand), bias)
+    return None if packed is None else packed.product(name, module._parameters.get(name), x, operand, bias)
 
 
 @functools.cache

@@ -22,7 +22,14 @@ from jaxtyping import Float
 from sae_lens import SAE, TopKSAE
 from torch import Tensor
 
+from saesteer.models import onednn
+
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
+
+SPARSE_DENSITY = 1 / 8
+"""Below this share of nonzero latents, :func:`latent_product` sums the decoder rows of the nonzero latents instead
+of multiplying the whole matrix (measured, one CPU thread, a 4,608 x 576 decoder: at 8 rows sparse took 0.1-0.3x the
+dense product's time up to 1/8 nonzero, 0.5x at 1/4; at 64 rows 0.6x at 1/8, 1.5x at 1/4)."""
 
 
 @dataclass
@@ -93,22 +100,36 @@ def ranking_pre(
 
 
 def _topk_encode(
-    sae: TopKSAE, x: Float[Tensor, "... d_in"], norms: Float[Tensor, " d_sae"]
+    sae: TopKSAE,
+    x: Float[Tensor, "... d_in"],
+    norms: Float[Tensor, " d_sae"] | None,
+    packed: onednn.PackedWeights | None = None,
 ) -> tuple[Float[Tensor, "... d_sae"], Float[Tensor, "... d_sae"]]:
     """``TopKSAE.encode`` line for line, with the decoder row norms ``norms`` computed once by the caller:
     f = TopK((process(x) @ W_enc + b_enc) * ||W_dec||). SAELens (6.x) recomputes ||W_dec|| at every call,
     which doubled the encode's time in a decoding step (it reads the whole decoder); the bits are the same.
+    With ``packed`` (holding ``"W_enc"``), the product is oneDNN's on the packed encoder where it applies
+    (:meth:`saesteer.models.onednn.PackedWeights.product`): equal up to float rounding, not bit for bit.
     Returns (acts, the pre-activations as ranked). Delete once SAELens caches the norms."""
-    pre = ranking_pre(sae, sae.hook_sae_acts_pre(sae.process_sae_in(x) @ sae.W_enc + sae.b_enc), norms)
+    sae_in = sae.process_sae_in(x)
+    y = None if packed is None else packed.product("W_enc", sae.W_enc, sae_in, sae.W_enc.T, sae.b_enc)
+    pre = ranking_pre(sae, sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc if y is None else y), norms)
     return sae.hook_sae_acts_post(sae.activation_fn(pre)), pre
 
 
-def encode(sae: SAE, x: Float[Tensor, "... d_in"], norms: Float[Tensor, " d_sae"] | None = None) -> Encoded:
+def encode(
+    sae: SAE,
+    x: Float[Tensor, "... d_in"],
+    norms: Float[Tensor, " d_sae"] | None = None,
+    packed: onednn.PackedWeights | None = None,
+) -> Encoded:
     """Run ``sae.encode(x)`` and capture its pre-activations and the normalisation state.
 
     The SAE's own hook points are bypassed for the call (hooks attached to them do not fire), so a steerer
     may encode with an SAE that is attached to the model it steers (SAELens ``add_sae``) from inside one of
-    that SAE's hooks without re-entering them. ``norms``: :func:`decoder_norms` computed before.
+    that SAE's hooks without re-entering them. ``norms``: :func:`decoder_norms` computed before. ``packed``:
+    a TopK SAE's encoder packed for oneDNN (:func:`packed_encoder`; steerers pass it on models under
+    ``weight_layout="onednn"``), else the product is SAELens'.
     """
     names = list(sae.hook_dict)
     saved = {name: getattr(sae, name) for name in names}
@@ -116,8 +137,8 @@ def encode(sae: SAE, x: Float[Tensor, "... d_in"], norms: Float[Tensor, " d_sae"
     try:
         for name in names:
             setattr(sae, name, capture if name == "hook_sae_acts_pre" else torch.nn.Identity())
-        if norms is not None and type(sae).encode is TopKSAE.encode:
-            acts, pre = _topk_encode(sae, x, norms)
+        if (norms is not None or packed is not None) and type(sae).encode is TopKSAE.encode:
+            acts, pre = _topk_encode(sae, x, norms, packed)
         else:
             acts, pre = sae.encode(x), None
     finally:
@@ -141,12 +162,46 @@ def encode(sae: SAE, x: Float[Tensor, "... d_in"], norms: Float[Tensor, " d_sae"
     return Encoded(acts=acts, pre=pre, scale=scale, shift=shift)
 
 
+def packed_encoder(sae: SAE) -> onednn.PackedWeights | None:
+    """A holder that packs ``sae``'s encoder for oneDNN on first use (:func:`encode`'s ``packed``), where the
+    SAE's encode is saesteer's (TopK) and this PyTorch has oneDNN; else None. Measured (one thread, 8 rows, a
+    576 x 4,608 encoder): 0.55 ms against 2.2 ms for SAELens' ``sae_in @ W_enc``."""
+    if type(sae).encode is not TopKSAE.encode or not onednn.available():
+        return None
+    return onednn.PackedWeights(("W_enc",))
+
+
+def latent_product(f: Float[Tensor, "... d_sae"], w: Float[Tensor, "d_sae d_in"]) -> Float[Tensor, "... d_in"]:
+    """f @ w; on the CPU, where at most :data:`SPARSE_DENSITY` of ``f`` is nonzero (an SAE's latents, a steering
+    edit of a few of them), as sum_{i: f_i != 0} f_i w_i per row (``embedding_bag``): each row summed on its own
+    in latent order, so a row's bits do not depend on the other rows. Equal to the dense product up to float
+    rounding."""
+    if (
+        f.device.type != "cpu"
+        or f.dtype != w.dtype
+        or f.shape[-1] == 0
+        or f.numel() == 0
+        or (torch.is_grad_enabled() and (f.requires_grad or w.requires_grad))
+    ):
+        return f @ w
+    flat = f.reshape(-1)
+    idx = flat.nonzero().squeeze(1)
+    if idx.numel() > flat.numel() * SPARSE_DENSITY:
+        return f @ w
+    d_sae = f.shape[-1]
+    rows = idx // d_sae
+    offsets = torch.searchsorted(rows, torch.arange(flat.numel() // d_sae, device=f.device))
+    out = torch.nn.functional.embedding_bag(idx - rows * d_sae, w, offsets, mode="sum", per_sample_weights=flat[idx])
+    return out.view(*f.shape[:-1], w.shape[-1])
+
+
 def decode_delta(
     sae: SAE, delta: Float[Tensor, "... d_sae"], enc: Encoded, w_dec: Float[Tensor, "d_sae d_in"] | None = None
 ) -> Float[Tensor, "... d_in"]:
-    """Residual-stream change caused by changing the latents by ``delta``: scale * (Δf @ W_dec_eff);
-    ``w_dec``: :func:`decoder_matrix` computed before."""
-    out = delta @ (decoder_matrix(sae) if w_dec is None else w_dec)
+    """Residual-stream change caused by changing the latents by ``delta``: scale * (Δf @ W_dec_eff)
+    (:func:`latent_product`: a steering edit changes a few latents); ``w_dec``: :func:`decoder_matrix` computed
+    before."""
+    out = latent_product(delta, decoder_matrix(sae) if w_dec is None else w_dec)
     return out if enc.scale is None else out * enc.scale
 
 
@@ -155,7 +210,7 @@ def decode(
 ) -> Float[Tensor, "... d_in"]:
     """decode(f) = scale * (f @ W_dec_eff + b_dec) + shift, with the state captured by :func:`encode`;
     ``w_dec``: :func:`decoder_matrix` computed before."""
-    out = acts @ (decoder_matrix(sae) if w_dec is None else w_dec) + sae.b_dec
+    out = latent_product(acts, decoder_matrix(sae) if w_dec is None else w_dec) + sae.b_dec
     if enc.scale is not None:
         out = out * enc.scale
     if enc.shift is not None:

@@ -37,10 +37,12 @@ import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
+from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from saesteer.checks import check_positive_int, check_strength, sae_hook_name
-from saesteer.hooks import HookSteerer, check_sink_factor, sink_mask
+from saesteer.hooks import HookFn, HookSteerer, check_sink_factor, sae_hook_fn, sink_mask
+from saesteer.models.onednn import PackedWeights
 from saesteer.sae import ops as sae_ops
 
 Tier = Literal["conditional", "proportional", "constant"]
@@ -123,24 +125,34 @@ class DecoderSteering(HookSteerer):
         self._norms = sae_ops.decoder_norms(self.sae)  # once, not per step (the decoder is read when built)
         self._dirs = sae_ops.decoder_matrix(self.sae, self._norms)[self._idx]  # [n, d_in]
         self._units = torch.nn.functional.normalize(self._dirs, dim=-1).sum(0)  # sum_i d_i / ||d_i||
+        self._encoder = sae_ops.packed_encoder(self.sae)  # used on models under weight_layout="onednn"
         if not self.hook_name:
             self.hook_name = sae_hook_name(self.sae) or ""
             if not self.hook_name:
                 raise ValueError("The SAE does not name its hook; pass hook_name='blocks.L.hook_resid_post'.")
 
-    def delta(self, h: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
-        """The change added to h (already multiplied by -alpha)."""
+    def delta(self, h: Float[Tensor, "... d_in"], packed: PackedWeights | None = None) -> Float[Tensor, "... d_in"]:
+        """The change added to h (already multiplied by -alpha); ``packed``: the SAE's encoder packed for oneDNN
+        (:func:`saesteer.sae.ops.encode`)."""
         if self.tier == "constant":
             return -self.alpha * h.norm(dim=-1, keepdim=True) * self._units.to(h.dtype)
-        enc = sae_ops.encode(self.sae, h.to(self.sae.W_dec.dtype), self._norms)
+        enc = sae_ops.encode(self.sae, h.to(self.sae.W_dec.dtype), self._norms, packed)
         f = enc.acts[..., self._idx]
         if self.tier == "conditional":
             f = f * (f > self.threshold).to(f.dtype)
         out = (f @ self._dirs) if enc.scale is None else (f @ self._dirs) * enc.scale
         return (-self.alpha * out).to(h.dtype)
 
-    def hook_fn(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        delta = self.delta(activation)
+    def fwd_hooks(self, model: HookedTransformer) -> list[tuple[str, HookFn]]:
+        """Check this steerer against ``model`` and return its hook: :meth:`hook_fn` (with the SAE's encoder packed
+        for oneDNN on a model under ``weight_layout="onednn"``, :func:`saesteer.hooks.sae_hook_fn`)."""
+        return [(self.check_model(model).name, sae_hook_fn(self, model))]
+
+    def hook_fn(
+        self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint, *, packed: PackedWeights | None = None
+    ) -> Tensor:
+        """h + delta(h) where h is not an attention sink (module docstring)."""
+        delta = self.delta(activation, packed)
         sinks = sink_mask(activation, self.sink_factor)
         if sinks is not None:
             delta = delta.masked_fill(sinks.unsqueeze(-1), 0.0)

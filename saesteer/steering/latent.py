@@ -38,7 +38,16 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from saesteer.checks import check_positive_int, check_strength, sae_hook_name
-from saesteer.hooks import HookFn, HookSite, HookSteerer, check_sink_factor, check_steerable, sink_mask
+from saesteer.hooks import (
+    HookFn,
+    HookSite,
+    HookSteerer,
+    check_sink_factor,
+    check_steerable,
+    sae_hook_fn,
+    sink_mask,
+)
+from saesteer.models.onednn import PackedWeights
 from saesteer.sae import ops as sae_ops
 from saesteer.sae.alignment import LatentScores
 
@@ -151,6 +160,7 @@ class LatentSteering(HookSteerer):
         # the decoder, read once when built (not at every step: its norms cost ~7% of a step)
         self._norms = sae_ops.decoder_norms(self.sae)
         self._w_dec = sae_ops.decoder_matrix(self.sae, self._norms)
+        self._encoder = sae_ops.packed_encoder(self.sae)  # used on models under weight_layout="onednn"
         if not self.hook_name:
             self.hook_name = sae_hook_name(self.sae) or ""
             if not self.hook_name:
@@ -191,12 +201,13 @@ class LatentSteering(HookSteerer):
     def fwd_hooks(self, model: HookedTransformer) -> list[tuple[str, HookFn]]:
         """The hooks that attach this steerer to ``model`` (checked first, :meth:`check_model`).
 
-        At a residual hook: :meth:`hook_fn` there. At an attached SAE's ``hook_sae_acts_post``: three hooks of
+        At a residual hook: :meth:`hook_fn` there (with the SAE's encoder packed for oneDNN on a model under
+        ``weight_layout="onednn"``, :func:`saesteer.hooks.sae_hook_fn`). At an attached SAE's ``hook_sae_acts_post``: three hooks of
         that SAE, one forward's state kept between them: its input (for the sink positions), its
         pre-activations (for ``swap``) and its latents, which are edited (:meth:`edit_latents`)."""
         site = self.check_model(model)
         if not site.latents:
-            return [(site.name, self.hook_fn)]
+            return [(site.name, sae_hook_fn(self, model))]
         seen: dict[str, Tensor] = {}
 
         def grab(name: str) -> HookFn:
@@ -229,8 +240,12 @@ class LatentSteering(HookSteerer):
         sinks = None if sae_input is None else sink_mask(sae_input, self.sink_factor)
         return new if sinks is None else torch.where(sinks.unsqueeze(-1), acts, new)
 
-    def hook_fn(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
-        enc = sae_ops.encode(self.sae, activation, self._norms)
+    def hook_fn(
+        self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint, *, packed: PackedWeights | None = None
+    ) -> Tensor:
+        """The steered residual stream (module docstring); ``packed``: the SAE's encoder packed for oneDNN
+        (:func:`saesteer.sae.ops.encode`)."""
+        enc = sae_ops.encode(self.sae, activation, self._norms, packed)
         f = enc.acts
         f_new = f + self.strength * (self.target_latents(enc) - f)
         if self.use_error_term:

@@ -216,3 +216,39 @@ def test_onednn_falls_back_where_its_product_does_not_apply_and_refuses_what_it_
         set_weight_layout(copy.deepcopy(fixed), "onednn")
     with pytest.raises(ValueError, match="has none"):
         set_weight_layout(stock, "onednn")
+
+
+@needs_onednn
+@pytest.mark.parametrize("method", ["swap", "decoder"])
+def test_sae_steering_on_a_onednn_model_encodes_with_the_packed_encoder(method) -> None:
+    """On a model under "onednn" an SAE steerer (TopK SAE) is attached with its SAE's encoder packed for oneDNN and
+    steers within float rounding of the same steerer on the upstream layout; on "upstream" its plain ``hook_fn``."""
+    from helpers import tiny_sae
+
+    from saesteer.steering.decoder import DecoderSteering
+    from saesteer.steering.latent import LatentSteering
+
+    fixed, _ = _pair()
+    sae = tiny_sae("topk", d_in=fixed.cfg.d_model, k=6)
+    scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
+    steer = (
+        LatentSteering(sae, scores, mode="swap", sink_factor=None)
+        if method == "swap"
+        else DecoderSteering(sae, [0, 3, 5], alpha=2.0, sink_factor=None)
+    )
+    tokens = torch.randint(3, fixed.cfg.d_vocab, (3, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = fixed(tokens)
+        [(_, hook)] = steer.fwd_hooks(fixed)
+        assert hook == steer.hook_fn
+        with steer.apply(fixed):
+            upstream = fixed(tokens)
+        set_weight_layout(fixed, "onednn")
+        [(_, hook)] = steer.fwd_hooks(fixed)
+        assert hook.func == steer.hook_fn and hook.keywords["packed"] is steer._encoder
+        assert not steer._encoder._held
+        with steer.apply(fixed):
+            ours = fixed(tokens)
+    assert set(steer._encoder._held) == {"W_enc"}
+    assert (upstream - clean).abs().max() > 1e-2  # (it steers)
+    torch.testing.assert_close(ours, upstream, atol=1e-4, rtol=1e-4)

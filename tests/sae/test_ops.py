@@ -2,6 +2,7 @@ import pytest
 import torch
 from helpers import tiny_sae
 
+from saesteer.models import onednn
 from saesteer.sae import ops as sae_ops
 
 
@@ -91,3 +92,81 @@ def test_topk_encode_with_norms_given_reads_no_decoder_norm_and_keeps_the_bits(n
     sae.hook_sae_acts_pre.add_hook(lambda act, hook: seen.append(act.shape))
     sae.encode(x)
     assert seen == [(3, 4, 64)]
+
+
+def _sparse_rows(rows: int, d_sae: int, nonzero: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    f = torch.zeros(rows, d_sae)
+    for r in range(rows):
+        f[r, torch.randperm(d_sae, generator=g)[:nonzero]] = torch.randn(nonzero, generator=g)
+    return f
+
+
+def test_latent_product_sums_the_nonzero_rows_and_each_row_alone() -> None:
+    """Sparse rows (a steering edit of a few latents): the decoder rows of the nonzero latents summed, within float
+    rounding of the dense product (float64 reference), each row's bits those it gets alone or in another order;
+    all-zero rows give exact zeros; leading dimensions kept."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 24, generator=g)
+    f = _sparse_rows(6, 256, 12).view(2, 3, 256)
+    f[1, 2] = 0.0
+    with torch.no_grad():
+        out = sae_ops.latent_product(f, w)
+        assert out.shape == (2, 3, 24)
+        torch.testing.assert_close(out, (f.double() @ w.double()).float(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[1, 2], torch.zeros(24))
+        flat = f.view(6, 256)
+        together = out.view(6, 24)
+        assert torch.equal(sae_ops.latent_product(flat.flip(0), w).flip(0), together)
+        assert all(torch.equal(sae_ops.latent_product(flat[r : r + 1], w)[0], together[r]) for r in range(6))
+        assert torch.equal(sae_ops.latent_product(torch.zeros(4, 256), w), torch.zeros(4, 24))
+
+
+def test_latent_product_is_the_dense_product_where_dense_or_differentiated() -> None:
+    """Above SPARSE_DENSITY nonzero, or with autograd recording, it is ``f @ w`` itself (its bits; gradients flow)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 16, generator=g)
+    dense = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(sae_ops.latent_product(dense, w), dense @ w)
+        at_most = _sparse_rows(5, 64, int(64 * sae_ops.SPARSE_DENSITY) + 1)
+        assert torch.equal(sae_ops.latent_product(at_most, w), at_most @ w)
+    sparse = _sparse_rows(5, 64, 2).requires_grad_(True)
+    out = sae_ops.latent_product(sparse, w)
+    assert torch.equal(out, sparse @ w)
+    out.sum().backward()
+    torch.testing.assert_close(sparse.grad, w.sum(-1).expand(5, 64))
+
+
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_decode_and_decode_delta_of_sparse_latents_match_saelens(normalize) -> None:
+    """A TopK SAE's latents (8 of 64 nonzero, the sparse product): decode equals SAELens' within float rounding."""
+    sae = tiny_sae("topk", normalize=normalize, k=4)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        enc = sae_ops.encode(sae, x)
+        torch.testing.assert_close(sae_ops.decode(sae, enc.acts, enc), sae.decode(sae.encode(x)), atol=1e-5, rtol=1e-5)
+        delta = _sparse_rows(15, 64, 3).view(3, 5, 64)
+        diff = sae_ops.decode(sae, enc.acts + delta, enc) - sae_ops.decode(sae, enc.acts, enc)
+        torch.testing.assert_close(sae_ops.decode_delta(sae, delta, enc), diff, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize("rescale", [False, True])
+def test_packed_encoder_encodes_within_rounding_and_packs_again_after_an_edit(rescale) -> None:
+    """A TopK SAE's encoder packed for oneDNN: pre-activations within float rounding of SAELens', the same latents
+    chosen; after an in-place edit of W_enc the next encode reads the edited weights; other SAEs get no holder."""
+    sae = tiny_sae("topk", k=6)
+    sae.cfg.rescale_acts_by_decoder_norm = rescale
+    norms = sae_ops.decoder_norms(sae)
+    packed = sae_ops.packed_encoder(sae)
+    assert packed is not None and sae_ops.packed_encoder(tiny_sae("standard")) is None
+    x = torch.randn(4, 3, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            ours, theirs = sae_ops.encode(sae, x, norms, packed), sae_ops.encode(sae, x, norms)
+            torch.testing.assert_close(ours.pre, theirs.pre, atol=1e-5, rtol=1e-5)
+            assert torch.equal(ours.acts != 0, theirs.acts != 0)
+            torch.testing.assert_close(ours.acts, sae.encode(x), atol=1e-5, rtol=1e-5)
+            assert "W_enc" in packed._held
+            sae.W_enc.mul_(-1.5)
