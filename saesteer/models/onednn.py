@@ -76,7 +76,9 @@ class PackedWeights:
             self._held[name] = held
         return held[1]
 
-    def product(self, name: str, param: Tensor | None, x: Tensor, operand: Tensor, bias: Tensor | None) -> Tensor | None:
+    def product(
+        self, name: str, param: Tensor | None, x: Tensor, operand: Tensor, bias: Tensor | None
+    ) -> Tensor | None:
         """``F.linear(x, operand, bias)`` through oneDNN with ``operand`` (a view of ``param``) packed as ``name``,
         where ``name`` is one of :attr:`names` and the product allows (float32 on the CPU, nothing for autograd to
         record, not while ``torch.compile`` traces); None otherwise."""
