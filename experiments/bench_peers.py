@@ -36,6 +36,8 @@ set size sampled while the row ran (the whole process: every model loaded), and 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py --top-p 0.9 --out figures/bench_peers_top_p.json
     python experiments/bench_peers.py --rows "forward hook,unsteered,vector hook,onednn" --repeats 12 \
         --out figures/bench_peers_onednn.json      # the weight layouts (``--skip SASA`` leaves SASA out)
+    python experiments/bench_peers.py --rows "forward hook,onednn" --skip SASA --batches 8 --repeats 12 \
+        --versus-unsteered --out figures/bench_peers_steering_cost.json   # steered rows x unsteered, paired
 
 ``--rows`` and ``--skip`` split on commas, so a row name's own ", sdpa" cannot be one of their substrings.
     # eager against sdpa, our rows only (greedy, then top-p; then unsteered with 20 pairs)
@@ -215,6 +217,11 @@ def main() -> None:
         default=None,
         help="sample with nucleus top-p (every row alike; the evaluation protocol uses 0.9) instead of greedy",
     )
+    ap.add_argument(
+        "--versus-unsteered",
+        action="store_true",
+        help="also time each saesteer steered row in pairs with saesteer unsteered on the same model (x unsteered)",
+    )
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_peers.json"))
     args = ap.parse_args()
     started = time.time()
@@ -250,6 +257,7 @@ def main() -> None:
             **hf_rows(hf, tok, prompts, n, vec, args.top_p),
             **ours_rows(model, stock, variants, sae.sae, prompts, n, vec, args.top_p),
         }
+        unsteered = {k: v for k, v in rows.items() if k.startswith("saesteer unsteered")}
         if args.rows:
             wanted = args.rows.split(",")
             rows = {k: v for k, v in rows.items() if k == "HF generate" or any(w in k for w in wanted)}
@@ -287,11 +295,17 @@ def main() -> None:
                 del products
                 row.update(matmul_floor_s=floor.base_s, matmul_floor_vs_hf=floor.base_s / hf_best)
                 row.update(floor.fields("vs_floor"))
+            suffix = name[name.index(",") :] if "," in name else ""  # (", sdpa + onednn": the model it ran on)
+            plain = unsteered.get("saesteer unsteered" + suffix)
+            if args.versus_unsteered and name.startswith("saesteer + ") and plain is not None:
+                vs = bench.paired(plain, fn, args.repeats, args.clock)  # (the same model, unsteered)
+                row.update(unsteered_s=vs.base_s, **vs.fields("vs_unsteered"))
             results.append(row)
             print(
                 f"batch {b} {name}: {sec:.2f} s, {row['tok_per_s']:.1f} tok/s, x{bench.fmt_interval(row, 'vs_hf')} "
                 f"HF generate (paired), peak RSS {peak.peak_mb:.0f} MB"
-                + (f", x{bench.fmt_interval(row, 'vs_floor')} its floor" if "vs_floor" in row else ""),
+                + (f", x{bench.fmt_interval(row, 'vs_floor')} its floor" if "vs_floor" in row else "")
+                + (f", x{bench.fmt_interval(row, 'vs_unsteered')} unsteered" if "vs_unsteered" in row else ""),
                 flush=True,
             )
     settings = ("model", "new_tokens", "batches", "repeats", "threads", "clock", "vector_norm", "top_p")
@@ -308,11 +322,15 @@ def markdown(results: list[dict]) -> str:
         f"row | batch | s (best) | tok/s | × HF generate (paired median [{level}]) | best / HF best | "
         f"peak RSS MB (rise) | × matrix-product floor (paired median [{level}])"
     ).split(" | ")
+    versus = any("vs_unsteered" in r for r in results)
+    if versus:
+        header.append(f"× unsteered, same model (paired median [{level}])")
     rows = []
     for r in results:
         rss = f"{r['peak_rss_mb']:.0f} (+{r['rss_rise_mb']:.0f})"
         cells = (bench.fmt(r["seconds"], ".2f"), bench.fmt(r["tok_per_s"], ".1f"), bench.fmt_interval(r, "vs_hf"))
         cells += (bench.fmt(r["best_vs_hf"], ".2f"), rss, bench.fmt_interval(r, "vs_floor"))
+        cells += (bench.fmt_interval(r, "vs_unsteered"),) if versus else ()
         rows.append((r["row"], r["batch"], *cells))
     return bench.markdown_table(header, rows)
 
