@@ -11,6 +11,11 @@ with ``W_dec_eff = W_dec`` (or ``W_dec / ||W_dec||`` for TopK SAEs with
 :func:`encode` returns that state with the latents, so a steering edit Δf maps to the residual stream
 as ``scale * (Δf @ W_dec_eff)`` exactly. ``tests/test_sae_ops.py`` checks the reconstruction against
 ``sae.decode(sae.encode(x))`` for every architecture and normalisation we accept.
+
+Speed (issue 16). A steering edit changes a few latents, so Δf @ W_dec_eff is summed over the changed latents'
+decoder rows (:func:`latent_product`) rather than multiplied through the whole decoder; and a TopK SAE's encoder
+can be packed once for oneDNN (:func:`packed_encoder`), which steerers do on a model under
+``weight_layout="onednn"``. ``experiments/bench_sae_products.py`` times both against the plain products.
 """
 
 from __future__ import annotations
