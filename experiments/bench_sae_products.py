@@ -54,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=experiment.DEFAULT_MODEL, help="short name or Hugging Face folder")
     experiment.add_sae_argument(ap)
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--sweep-rows", default="1,8,64", help="row counts of the density sweep")
     ap.add_argument("--densities", default="0.015625,0.03125,0.0625,0.125,0.25,0.5")
     ap.add_argument("--pairs", type=int, default=20, help="pairs per ratio (6 or more: a 95%% interval)")
@@ -98,7 +98,7 @@ def main() -> None:
                         "encoder product (SAELens matmul -> oneDNN, packed)",
                         rows,
                         lambda: sae_in @ sae.W_enc + sae.b_enc,
-                        lambda: packed.product("W_enc", sae.W_enc, sae_in, sae.W_enc.T, sae.b_enc),
+                        lambda: packed.product("W_enc", sae.W_enc, sae_in, sae.W_enc.T, sae.b_enc),  # (any rows)
                     )
                 enc = sae_ops.encode(sae, x, norms)
                 edit = steer.target_latents(enc) - enc.acts
@@ -116,9 +116,7 @@ def main() -> None:
                     steer.hook_fn(x, None)
                     sae_ops.SPARSE_DENSITY = dense_density
 
-                measure(
-                    "swap hook (both products)", rows, old_hook, lambda: steer.hook_fn(x, None, packed=packed)
-                )
+                measure("swap hook (both products)", rows, old_hook, lambda: steer.hook_fn(x, None, packed=packed))
             sae_ops.SPARSE_DENSITY = 1.0  # (the sweep: the sparse sum at every density)
             for rows in (int(r) for r in args.sweep_rows.split(",")):
                 for density in (float(d) for d in args.densities.split(",")):
@@ -134,7 +132,14 @@ def main() -> None:
         sae_ops.SPARSE_DENSITY = dense_density
     level = bench.interval_level(results, "new_vs_old")
     table = bench.markdown_table(
-        ["product", "rows", "nonzero latents", "old ms (best)", "new ms (best)", f"new / old (paired median [{level}])"],
+        [
+            "product",
+            "rows",
+            "nonzero latents",
+            "old ms (best)",
+            "new ms (best)",
+            f"new / old (paired median [{level}])",
+        ],
         [
             (
                 r["what"],

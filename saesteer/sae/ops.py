@@ -32,9 +32,14 @@ from saesteer.models import onednn
 SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
 
 SPARSE_DENSITY = 1 / 8
-"""Below this share of nonzero latents, :func:`latent_product` sums the decoder rows of the nonzero latents instead
-of multiplying the whole matrix (measured, one CPU thread, a 4,608 x 576 decoder: at 8 rows sparse took 0.1-0.3x the
-dense product's time up to 1/8 nonzero, 0.5x at 1/4; at 64 rows 0.6x at 1/8, 1.5x at 1/4)."""
+"""Up to this share of nonzero latents, :func:`latent_product` sums the decoder rows of the nonzero latents instead
+of multiplying the whole matrix. Measured (``experiments/bench_sae_products.py``, one CPU thread, a 4,608 x 576
+decoder), sparse / dense time at 1/8 nonzero: 0.33 (1 row), 0.34 (8 rows), 0.86 (64 rows); at 1/4: 0.45, 0.72,
+1.46."""
+
+PACKED_MIN_ROWS = 2
+"""The fewest rows :func:`encode` multiplies by a packed encoder (measured, a 576 x 4,608 encoder, one CPU thread:
+oneDNN's packed product took 1.27x SAELens' ``sae_in @ W_enc`` for 1 row, 0.87x for 2, 0.32x for 4 and 8)."""
 
 
 @dataclass
@@ -113,11 +118,14 @@ def _topk_encode(
     """``TopKSAE.encode`` line for line, with the decoder row norms ``norms`` computed once by the caller:
     f = TopK((process(x) @ W_enc + b_enc) * ||W_dec||). SAELens (6.x) recomputes ||W_dec|| at every call,
     which doubled the encode's time in a decoding step (it reads the whole decoder); the bits are the same.
-    With ``packed`` (holding ``"W_enc"``), the product is oneDNN's on the packed encoder where it applies
-    (:meth:`saesteer.models.onednn.PackedWeights.product`): equal up to float rounding, not bit for bit.
+    With ``packed`` (holding ``"W_enc"``), the product of :data:`PACKED_MIN_ROWS` rows or more is oneDNN's on the
+    packed encoder where it applies (:meth:`saesteer.models.onednn.PackedWeights.product`): equal up to float
+    rounding, not bit for bit.
     Returns (acts, the pre-activations as ranked). Delete once SAELens caches the norms."""
     sae_in = sae.process_sae_in(x)
-    y = None if packed is None else packed.product("W_enc", sae.W_enc, sae_in, sae.W_enc.T, sae.b_enc)
+    y = None
+    if packed is not None and sae_in.numel() >= PACKED_MIN_ROWS * sae_in.shape[-1]:
+        y = packed.product("W_enc", sae.W_enc, sae_in, sae.W_enc.T, sae.b_enc)
     pre = ranking_pre(sae, sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc if y is None else y), norms)
     return sae.hook_sae_acts_post(sae.activation_fn(pre)), pre
 
@@ -170,7 +178,7 @@ def encode(
 def packed_encoder(sae: SAE) -> onednn.PackedWeights | None:
     """A holder that packs ``sae``'s encoder for oneDNN on first use (:func:`encode`'s ``packed``), where the
     SAE's encode is saesteer's (TopK) and this PyTorch has oneDNN; else None. Measured (one thread, 8 rows, a
-    576 x 4,608 encoder): 0.55 ms against 2.2 ms for SAELens' ``sae_in @ W_enc``."""
+    576 x 4,608 encoder; ``experiments/bench_sae_products.py``): 0.37x the time of SAELens' ``sae_in @ W_enc``."""
     if type(sae).encode is not TopKSAE.encode or not onednn.available():
         return None
     return onednn.PackedWeights(("W_enc",))

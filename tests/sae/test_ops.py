@@ -163,6 +163,8 @@ def test_packed_encoder_encodes_within_rounding_and_packs_again_after_an_edit(re
     assert packed is not None and sae_ops.packed_encoder(tiny_sae("standard")) is None
     x = torch.randn(4, 3, 32)
     with torch.no_grad():
+        one = sae_ops.encode(sae, x[:1, :1], norms, packed)  # (one row: SAELens' product, faster there)
+        assert not packed._held and torch.equal(one.pre, sae_ops.encode(sae, x[:1, :1], norms).pre)
         for _ in range(2):
             ours, theirs = sae_ops.encode(sae, x, norms, packed), sae_ops.encode(sae, x, norms)
             torch.testing.assert_close(ours.pre, theirs.pre, atol=1e-5, rtol=1e-5)
