@@ -36,8 +36,11 @@ set size sampled while the row ran (the whole process: every model loaded), and 
     PYTHONPATH=/tmp/peers python experiments/bench_peers.py --top-p 0.9 --out figures/bench_peers_top_p.json
     python experiments/bench_peers.py --rows "forward hook,unsteered,vector hook,onednn" --repeats 12 \
         --out figures/bench_peers_onednn.json      # the weight layouts (``--skip SASA`` leaves SASA out)
-    python experiments/bench_peers.py --rows "forward hook,onednn" --skip SASA --batches 8 --repeats 12 \
-        --versus-unsteered --out figures/bench_peers_steering_cost.json   # steered rows x unsteered, paired
+    # the SAE methods x unsteered on the same model (paired), each batch size on its faster layout
+    python experiments/bench_peers.py --rows "forward hook,onednn" --skip "SASA,vector" --batches 8 --repeats 20 \
+        --versus-unsteered --out figures/bench_peers_steering_cost_b8.json
+    python experiments/bench_peers.py --rows "forward hook,input-major" --skip "SASA,vector" --batches 1 \
+        --repeats 20 --versus-unsteered --out figures/bench_peers_steering_cost_b1.json
 
 ``--rows`` and ``--skip`` split on commas, so a row name's own ", sdpa" cannot be one of their substrings.
     # eager against sdpa, our rows only (greedy, then top-p; then unsteered with 20 pairs)
