@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -40,6 +41,45 @@ def repeat(fn, calls: int):
     return run
 
 
+class TimedSteerer:
+    """A steerer's hooks, each timed (this process' CPU seconds, summed into ``seconds``) while it runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.hook_name, self.seconds = inner, inner.hook_name, 0.0
+
+    def hook_fn(self, activation, hook):  # (the Steerer protocol; attached through fwd_hooks)
+        raise NotImplementedError
+
+    def fwd_hooks(self, model) -> list:
+        def timed(fn):
+            def run(activation, hook):
+                start = time.process_time()
+                out = fn(activation, hook)
+                self.seconds += time.process_time() - start
+                return out
+
+            return run
+
+        return [(name, timed(fn)) for name, fn in self.inner.fwd_hooks(model)]
+
+
+def hook_share(model, steerer, prompts: list[str], new_tokens: int, runs: int) -> dict:
+    """The share of a steered generation's CPU time spent in the steerer's hook (``runs`` generations, greedy, EOS
+    ignored): its median with the distribution-free interval, and the x unsteered it implies, 1 / (1 - share)."""
+    from saesteer.generation import generate
+
+    timed, shares = TimedSteerer(steerer), []
+    generate(model, prompts, steerers=[timed], max_new_tokens=2, stop_at_eos=False)  # (warm-up)
+    for _ in range(runs):
+        timed.seconds = 0.0
+        start = time.process_time()
+        generate(model, prompts, steerers=[timed], max_new_tokens=new_tokens, stop_at_eos=False)
+        shares.append(timed.seconds / (time.process_time() - start))
+    low, high, coverage = bench.median_interval(shares)
+    median = statistics.median(shares)
+    return dict(share=median, share_low=low, share_high=high, coverage=coverage, implied=1 / (1 - median))
+
+
 def sparse_rows(rows: int, d_sae: int, density: float, seed: int = 0) -> torch.Tensor:
     """``rows`` rows of ``d_sae`` latents, ``density`` of each row nonzero (random places and values, seeded)."""
     g = torch.Generator().manual_seed(seed)
@@ -60,6 +100,13 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20, help="pairs per ratio (6 or more: a 95%% interval)")
     ap.add_argument("--calls", type=int, default=20, help="calls per timing")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=48, help="tokens per generation (the hook-share runs)")
+    ap.add_argument("--runs", type=int, default=8, help="generations per hook share (6 or more: a 95%% interval)")
+    ap.add_argument(
+        "--share-batches",
+        default="1:input_major,8:onednn",
+        help="BATCH:LAYOUT pairs: the hook share of steered generation at that batch on the model under that layout",
+    )
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_sae_products.json"))
     args = ap.parse_args()
     started = time.time()
@@ -130,6 +177,19 @@ def main() -> None:
                     )
     finally:
         sae_ops.SPARSE_DENSITY = dense_density
+    from saesteer.steering.decoder import DecoderSteering
+
+    shares = []
+    steerers = {"decoder steering (proportional, latents 0..9)": DecoderSteering(sae, list(range(10))), "swap": steer}
+    for spec in args.share_batches.split(",") if args.share_batches else []:
+        batch, layout = spec.split(":")
+        other = load_model(args.model, attn_implementation="sdpa", weight_layout=layout)
+        for method, steerer in steerers.items():
+            share = hook_share(other, steerer, bench.batch_prompts(int(batch)), args.new_tokens, args.runs)
+            shares.append(dict(method=method, batch=int(batch), layout=layout, **share))
+            print(f"hook share, {method}, batch {batch}, sdpa + {layout}: {share['share']:.4f} [{share['share_low']:.4f}, "
+                  f"{share['share_high']:.4f}] -> x{share['implied']:.3f} unsteered", flush=True)  # fmt: skip
+        del other
     level = bench.interval_level(results, "new_vs_old")
     table = bench.markdown_table(
         [
@@ -152,6 +212,20 @@ def main() -> None:
             for r in results
         ],
     )
+    if shares:
+        table += "\n\n" + bench.markdown_table(
+            ["method", "batch", "model", "hook share of CPU time (median [interval])", "x unsteered implied"],
+            [
+                (
+                    r["method"],
+                    r["batch"],
+                    f"sdpa + {r['layout']}",
+                    f"{r['share']:.4f} [{r['share_low']:.4f}, {r['share_high']:.4f}]",
+                    f"{r['implied']:.3f}",
+                )
+                for r in shares
+            ],
+        )
     meta = dict(
         model=args.model,
         sae=found.note,
@@ -161,10 +235,15 @@ def main() -> None:
         onednn=onednn.available(),
         pairs=args.pairs,
         calls=args.calls,
+        new_tokens=args.new_tokens,
+        runs=args.runs,
         threads=args.threads,
         **bench.machine_meta(started),
     )
-    write_text_atomic(Path(args.out), json.dumps(dict(meta=meta, results=results, markdown=table), indent=1) + "\n")
+    write_text_atomic(
+        Path(args.out),
+        json.dumps(dict(meta=meta, results=results, hook_shares=shares, markdown=table), indent=1) + "\n",
+    )
     print(table)
     print(f"wrote {args.out}")
 
