@@ -34,12 +34,12 @@ SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "c
 SPARSE_DENSITY = 1 / 8
 """Up to this share of nonzero latents, :func:`latent_product` sums the decoder rows of the nonzero latents instead
 of multiplying the whole matrix. Measured (``experiments/bench_sae_products.py``, one CPU thread, a 4,608 x 576
-decoder; ``figures/bench_sae_products.json``), sparse / dense time at 1/8 nonzero: 0.36 (1 row), 0.41 (8 rows),
-0.75 (64 rows); at 1/4: 0.48, 0.70, 1.46."""
+decoder; ``figures/bench_sae_products.json``), sparse / dense time at 1/8 nonzero: 0.35 (1 row), 0.39 (8 rows),
+0.91 (64 rows); at 1/4: 0.49, 0.70, 1.52."""
 
 PACKED_MIN_ROWS = 2
 """The fewest rows :func:`encode` multiplies by a packed encoder (measured, a 576 x 4,608 encoder, one CPU thread:
-oneDNN's packed product took 1.28x SAELens' ``sae_in @ W_enc`` for 1 row, 0.89x for 2, 0.35x for 4, 0.46x for 8;
+oneDNN's packed product took 1.22x SAELens' ``sae_in @ W_enc`` for 1 row, 0.69x for 2, 0.35x for 4, 0.46x for 8;
 ``figures/bench_sae_products.json``)."""
 
 
