@@ -1,9 +1,9 @@
 """Timing and memory helpers, and the shared rows, of the benchmarks under ``experiments/``.
 
 - :func:`best_of`: the best time of ``repeats`` runs, wall-clock or CPU (:data:`CLOCKS`; waits for queued GPU work);
-- :func:`paired`: (base, setting) run back to back ``repeats`` times, the per-pair ratio's median and its
-  distribution-free interval (:func:`median_interval`): a slow spell of a shared machine then lands on both sides
-  of a ratio, not on one row;
+- :func:`paired`: (base, setting) run back to back ``repeats`` times, each first in half the pairs, the per-pair
+  ratio's median and its distribution-free interval (:func:`median_interval`): a slow spell of a shared machine
+  then lands on both sides of a ratio, not on one row;
 - :func:`rss_mb` / :class:`PeakRSS`: the resident set size now / its peak while a block runs;
 - :data:`PROMPTS`, :func:`batch_prompts`, :func:`random_subspace`, :func:`steering_settings`: the prompts,
   the SASA subspace and the SAE interventions every generation benchmark times;
@@ -148,14 +148,19 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float
 
 
 def paired(fn_base: Callable[[], object], fn: Callable[[], object], repeats: int, clock: str = "wall") -> Paired:
-    """Run ``fn_base`` then ``fn`` back to back, ``repeats`` times, timed by ``clock``: the best times, the median
-    of the per-pair ratios fn / fn_base and its 95% interval (:func:`median_interval`; 6 pairs or more for
-    0.95 coverage)."""
+    """Run ``fn_base`` and ``fn`` back to back, ``repeats`` times, timed by ``clock``, the base first in the even
+    pairs and second in the odd ones (so that whatever favours the first or the second run of a pair lands on both
+    sides): the best times, the median of the per-pair ratios fn / fn_base and its 95% interval
+    (:func:`median_interval`; 6 pairs or more for 0.95 coverage)."""
     check_positive_int("repeats", repeats)
     base, other, ratios = [], [], []
-    for _ in range(repeats):
-        base.append(best_of(fn_base, 1, clock))
-        other.append(best_of(fn, 1, clock))
+    for i in range(repeats):
+        if i % 2:
+            other.append(best_of(fn, 1, clock))
+            base.append(best_of(fn_base, 1, clock))
+        else:
+            base.append(best_of(fn_base, 1, clock))
+            other.append(best_of(fn, 1, clock))
         ratios.append(other[-1] / base[-1])
     return Paired(min(base), min(other), statistics.median(ratios), *median_interval(ratios))
 

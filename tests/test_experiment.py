@@ -351,6 +351,17 @@ def test_best_of_and_paired(monkeypatch):
         bench.best_of(lambda: None, 0)
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         bench.paired(lambda: None, lambda: None, 0)
+    order = []
+
+    def run(name: str):
+        def fn() -> None:
+            order.append(name)
+            clock.now += 1.0
+
+        return fn
+
+    bench.paired(run("base"), run("fn"), 4)
+    assert order == ["base", "fn", "fn", "base", "base", "fn", "fn", "base"]  # (each first in half the pairs)
 
 
 def test_median_interval_is_the_order_statistic_interval():
