@@ -134,7 +134,7 @@ def main() -> None:
         print(f"{what}, {rows} rows {extra or ''}: old {row['old_ms']:.3f} ms, new {row['new_ms']:.3f} ms, new / old "
               f"{bench.fmt_interval(row, 'new_vs_old', '.3f')}", flush=True)  # fmt: skip
 
-    dense_density = sae_ops.SPARSE_DENSITY
+    dense_density, sparse_sum = sae_ops.SPARSE_DENSITY, sae_ops.latent_product
     try:
         with torch.no_grad():
             for rows in batches:
@@ -159,9 +159,9 @@ def main() -> None:
                 )
 
                 def old_hook() -> None:
-                    sae_ops.SPARSE_DENSITY = 0.0  # (every edit dense: the hook as before)
+                    sae_ops.latent_product = torch.matmul  # (the dense product, as the hook was before)
                     steer.hook_fn(x, None)
-                    sae_ops.SPARSE_DENSITY = dense_density
+                    sae_ops.latent_product = sparse_sum
 
                 measure("swap hook (both products)", rows, old_hook, lambda: steer.hook_fn(x, None, packed=packed))
             sae_ops.SPARSE_DENSITY = 1.0  # (the sweep: the sparse sum at every density)
@@ -176,7 +176,7 @@ def main() -> None:
                         density=density,
                     )
     finally:
-        sae_ops.SPARSE_DENSITY = dense_density
+        sae_ops.SPARSE_DENSITY, sae_ops.latent_product = dense_density, sparse_sum
     from saesteer.steering.decoder import DecoderSteering
 
     shares = []

@@ -436,8 +436,9 @@ class HookSteerer:
         return check_steerable(model, self.hook_name, sae=sae, what=type(self).__name__)
 
     def fwd_hooks(self, model: HookedTransformer) -> list[tuple[str, HookFn]]:
-        """Check this steerer against ``model`` and return the (hook point, function) pairs that attach it."""
-        return [(self.check_model(model).name, self.hook_fn)]
+        """Check this steerer against ``model`` and return the (hook point, function) pairs that attach it
+        (:func:`sae_hook_fn`: an SAE steerer's packed encoder on a model under ``weight_layout="onednn"``)."""
+        return [(self.check_model(model).name, sae_hook_fn(self, model))]
 
     def apply(self, model: HookedTransformer):
         """Context manager attaching this steerer alone (see :func:`steering`)."""

@@ -37,11 +37,10 @@ import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from saesteer.checks import check_positive_int, check_strength, sae_hook_name
-from saesteer.hooks import HookFn, HookSteerer, check_sink_factor, sae_hook_fn, sink_mask
+from saesteer.hooks import HookSteerer, check_sink_factor, sink_mask
 from saesteer.models.onednn import PackedWeights
 from saesteer.sae import ops as sae_ops
 
@@ -143,15 +142,11 @@ class DecoderSteering(HookSteerer):
         out = (f @ self._dirs) if enc.scale is None else (f @ self._dirs) * enc.scale
         return (-self.alpha * out).to(h.dtype)
 
-    def fwd_hooks(self, model: HookedTransformer) -> list[tuple[str, HookFn]]:
-        """Check this steerer against ``model`` and return its hook: :meth:`hook_fn` (with the SAE's encoder packed
-        for oneDNN on a model under ``weight_layout="onednn"``, :func:`saesteer.hooks.sae_hook_fn`)."""
-        return [(self.check_model(model).name, sae_hook_fn(self, model))]
-
     def hook_fn(
         self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint, *, packed: PackedWeights | None = None
     ) -> Tensor:
-        """h + delta(h) where h is not an attention sink (module docstring)."""
+        """h + delta(h) where h is not an attention sink (module docstring); attached with the SAE's encoder packed
+        for oneDNN on a model under ``weight_layout="onednn"`` (:func:`saesteer.hooks.sae_hook_fn`)."""
         delta = self.delta(activation, packed)
         sinks = sink_mask(activation, self.sink_factor)
         if sinks is not None:

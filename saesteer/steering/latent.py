@@ -202,9 +202,10 @@ class LatentSteering(HookSteerer):
         """The hooks that attach this steerer to ``model`` (checked first, :meth:`check_model`).
 
         At a residual hook: :meth:`hook_fn` there (with the SAE's encoder packed for oneDNN on a model under
-        ``weight_layout="onednn"``, :func:`saesteer.hooks.sae_hook_fn`). At an attached SAE's ``hook_sae_acts_post``: three hooks of
-        that SAE, one forward's state kept between them: its input (for the sink positions), its
-        pre-activations (for ``swap``) and its latents, which are edited (:meth:`edit_latents`)."""
+        ``weight_layout="onednn"``, :func:`saesteer.hooks.sae_hook_fn`). At an attached SAE's
+        ``hook_sae_acts_post``: three hooks of that SAE, one forward's state kept between them: its input (for the
+        sink positions), its pre-activations (for ``swap``) and its latents, which are edited
+        (:meth:`edit_latents`)."""
         site = self.check_model(model)
         if not site.latents:
             return [(site.name, sae_hook_fn(self, model))]
