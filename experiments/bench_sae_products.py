@@ -28,6 +28,7 @@ from saesteer import experiment
 from saesteer.data.atomic import write_text_atomic
 from saesteer.experiment import project_or_random_sae, seed_everything
 from saesteer.models import onednn
+from saesteer.models.weight_layout import check_weight_layout
 from saesteer.sae import ops as sae_ops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +110,13 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(REPO / "figures" / "bench_sae_products.json"))
     args = ap.parse_args()
+    share_specs = [spec.partition(":")[::2] for spec in args.share_batches.split(",")] if args.share_batches else []
+    for batch, layout in share_specs:
+        if not batch.isdigit() or not layout:
+            raise SystemExit(
+                f"--share-batches {args.share_batches!r}: BATCH:LAYOUT pairs, e.g. '1:input_major,8:onednn'."
+            )
+        check_weight_layout(layout)  # (a ValueError naming the layouts, before anything is timed)
     started = time.time()
     seed_everything(0, threads=args.threads)
     from saesteer.models.loading import load_model
@@ -181,8 +189,7 @@ def main() -> None:
 
     shares = []
     steerers = {"decoder steering (proportional, latents 0..9)": DecoderSteering(sae, list(range(10))), "swap": steer}
-    for spec in args.share_batches.split(",") if args.share_batches else []:
-        batch, layout = spec.split(":")
+    for batch, layout in share_specs:
         other = load_model(args.model, attn_implementation="sdpa", weight_layout=layout)
         for method, steerer in steerers.items():
             share = hook_share(other, steerer, bench.batch_prompts(int(batch)), args.new_tokens, args.runs)
