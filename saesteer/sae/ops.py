@@ -34,12 +34,13 @@ SUPPORTED_NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "c
 SPARSE_DENSITY = 1 / 8
 """Up to this share of nonzero latents, :func:`latent_product` sums the decoder rows of the nonzero latents instead
 of multiplying the whole matrix. Measured (``experiments/bench_sae_products.py``, one CPU thread, a 4,608 x 576
-decoder; ``figures/bench_sae_products.json``), sparse / dense time at 1/8 nonzero: 0.35 (1 row), 0.39 (8 rows),
-0.91 (64 rows); at 1/4: 0.49, 0.70, 1.52."""
+decoder; ``figures/bench_sae_products.json``), sparse / dense time at 1/8 nonzero: 0.36 (1 row), 0.44 (8 rows),
+0.73 (64 rows); at 1/4: 0.49, 0.64, 1.39."""
 
 PACKED_MIN_ROWS = 2
 """The fewest rows :func:`encode` multiplies by a packed encoder (measured, a 576 x 4,608 encoder, one CPU thread:
-oneDNN's packed product took 1.22x SAELens' ``sae_in @ W_enc`` for 1 row, 0.69x for 2, 0.35x for 4, 0.46x for 8;
+oneDNN's packed product took 1.13x [0.94, 1.37] SAELens' ``sae_in @ W_enc`` for 1 row, 0.63x for 2, 0.36x for 4,
+0.47x for 8;
 ``figures/bench_sae_products.json``)."""
 
 
@@ -179,7 +180,7 @@ def encode(
 def packed_encoder(sae: SAE) -> onednn.PackedWeights | None:
     """A holder that packs ``sae``'s encoder for oneDNN on first use (:func:`encode`'s ``packed``), where the
     SAE's encode is saesteer's (TopK) and this PyTorch has oneDNN; else None. Measured (one thread, 8 rows, a
-    576 x 4,608 encoder; ``experiments/bench_sae_products.py``): 0.46x the time of SAELens' ``sae_in @ W_enc``."""
+    576 x 4,608 encoder; ``experiments/bench_sae_products.py``): 0.47x the time of SAELens' ``sae_in @ W_enc``."""
     if type(sae).encode is not TopKSAE.encode or not onednn.available():
         return None
     return onednn.PackedWeights(("W_enc",))
